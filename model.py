@@ -1,0 +1,899 @@
+"""
+Qwen3-VL-MoE (and Kimi-VL) in plain PyTorch, loaded straight from an unmodified Hugging Face checkpoint folder.
+
+Notable features
+- Qwen3-VL-MoE: ViT with Conv3d-as-linear patches, bilinear-resampled learned positions, 2-D rotary, per-image
+  attention, patch merger and DeepStack mergers; decoder with q/k-norm, GQA, interleaved MRoPE, 128-expert MoE.
+- One choke point for routed-expert compute, `expert_compute(..., impl)`: "ref" is the readable per-expert loop
+  below, anything else is a path of kernels.moe_experts. Skipped (token, slot) pairs carry the expert id SKIP.
+- Every MoE layer has a replaceable `policy` (router.py) and reports to an explicit stats collector.
+- Lazy, strict loading: the model is built on the meta device, each parameter is allocated once on the target
+  device and filled tensor by tensor from safetensors; every problem is reported at once.
+- A static KV cache with tensor positions, greedy decoding with stop tokens.
+
+Examples
+    python model.py --prompt hi                                   # tiny built-in checkpoint, made on first use
+    python model.py --model ~/Qwen3-VL-30B-A3B-Instruct --prompt "What is this?" --image cat.jpg \
+        --device cuda --dtype bfloat16 --max-new-tokens 64
+    python model.py --prompt "Describe the clip" --video frames/ --json
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from router import Routing
+
+SKIP = -1  # expert id of a skipped (token, slot) pair
+TEXT, VISION, SPECIAL = 0, 1, 2  # token modality codes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class QwenVisionConfig:
+    depth: int = 27
+    hidden_size: int = 1152
+    num_heads: int = 16
+    intermediate_size: int = 4304
+    in_channels: int = 3
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    out_hidden_size: int = 2048
+    num_position_embeddings: int = 2304  # a square learned grid, 48 x 48
+    deepstack_visual_indexes: tuple = (8, 16, 24)
+    rope_theta: float = 10000.0  # not in config.json; the reference hard-codes it
+    eps: float = 1e-6
+
+
+@dataclass
+class QwenConfig:
+    vocab_size: int = 151936
+    hidden_size: int = 2048
+    num_hidden_layers: int = 48
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 4
+    head_dim: int = 128
+    intermediate_size: int = 6144  # dense SwiGLU width, used only by layers in mlp_only_layers
+    moe_intermediate_size: int = 768
+    num_experts: int = 128
+    num_experts_per_tok: int = 8
+    norm_topk_prob: bool = True
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple = ()
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 5e6
+    mrope_section: tuple = (24, 20, 20)  # frequency channels given to the T, H and W position streams
+    mrope_interleaved: bool = True  # THWTHW... channel map (Qwen3-VL) instead of TT..HH..WW.. (Qwen2-VL)
+    attention_bias: bool = False
+    tie_word_embeddings: bool = False
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    eos_token_id: int = 151645
+    vision: QwenVisionConfig = field(default_factory=QwenVisionConfig)
+    model_type = "qwen3_vl_moe"
+
+    def is_moe_layer(self, i):
+        return i not in self.mlp_only_layers and self.num_experts > 0 and (i + 1) % self.decoder_sparse_step == 0
+
+    @classmethod
+    def from_hf(cls, raw, where):
+        """Both dialects in the wild: the hub's rope_scaling + rope_theta and num_experts, and transformers 5's
+        rope_parameters and num_local_experts."""
+        t, v = raw.get("text_config"), raw.get("vision_config")
+        if t is None or v is None:
+            raise ValueError(f"{where}: qwen3_vl_moe config.json needs text_config and vision_config")
+        rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
+        try:
+            vision = QwenVisionConfig(
+                depth=v["depth"], hidden_size=v["hidden_size"], num_heads=v["num_heads"],
+                intermediate_size=v["intermediate_size"], in_channels=v.get("in_channels", 3),
+                patch_size=v["patch_size"], temporal_patch_size=v["temporal_patch_size"],
+                spatial_merge_size=v["spatial_merge_size"], out_hidden_size=v["out_hidden_size"],
+                num_position_embeddings=v["num_position_embeddings"],
+                deepstack_visual_indexes=tuple(v["deepstack_visual_indexes"]),
+                rope_theta=(v.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+            cfg = cls(
+                vocab_size=t["vocab_size"], hidden_size=t["hidden_size"], num_hidden_layers=t["num_hidden_layers"],
+                num_attention_heads=t["num_attention_heads"], num_key_value_heads=t["num_key_value_heads"],
+                head_dim=t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"],
+                intermediate_size=t.get("intermediate_size", 0), moe_intermediate_size=t["moe_intermediate_size"],
+                num_experts=t["num_experts"] if "num_experts" in t else t["num_local_experts"],
+                num_experts_per_tok=t["num_experts_per_tok"], norm_topk_prob=t.get("norm_topk_prob", True),
+                decoder_sparse_step=t.get("decoder_sparse_step", 1),
+                mlp_only_layers=tuple(t.get("mlp_only_layers") or ()), rms_norm_eps=t["rms_norm_eps"],
+                rope_theta=rope.get("rope_theta", t.get("rope_theta", 5e6)),
+                mrope_section=tuple(rope["mrope_section"]), mrope_interleaved=rope.get("mrope_interleaved", False),
+                attention_bias=t.get("attention_bias", False),
+                tie_word_embeddings=raw.get("tie_word_embeddings", False),
+                image_token_id=raw["image_token_id"], video_token_id=raw["video_token_id"],
+                vision_start_token_id=raw["vision_start_token_id"], vision_end_token_id=raw["vision_end_token_id"],
+                eos_token_id=t.get("eos_token_id", raw.get("eos_token_id", 151645)), vision=vision)
+        except KeyError as e:
+            raise ValueError(f"{where}: missing key {e.args[0]!r} in qwen3_vl_moe config") from None
+        if sum(cfg.mrope_section) * 2 != cfg.head_dim:
+            raise ValueError(f"{where}: mrope_section {list(cfg.mrope_section)} must sum to head_dim/2 "
+                             f"= {cfg.head_dim // 2}")
+        return cfg
+
+
+def read_config(path):
+    """The dataclass config of the checkpoint folder `path`, chosen by its model_type."""
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{path}: no config.json (is this a Hugging Face checkpoint folder?)")
+    try:
+        with open(file) as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    kinds = {"qwen3_vl_moe": QwenConfig}
+    kind = raw.get("model_type")
+    if kind not in kinds:
+        raise ValueError(f"{file}: unknown model_type {kind!r} (supported: {', '.join(kinds)})")
+    return kinds[kind].from_hf(raw, file)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared primitives: RMSNorm, rotary, SwiGLU, routed-expert compute, KV cache, forward context
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # statistics in fp32, cast back before the weight, as both reference implementations do
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def rotate_half(x):
+    # NeoX pairing: channel j rotates with channel j + d/2
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)): dense MLP layers and shared experts."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x, step=None):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Experts(nn.Module):
+    """E routed SwiGLU experts stacked in nn.Linear orientation: gate rows then up rows in gate_up_proj."""
+
+    def __init__(self, n_experts, dim, hidden):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * hidden, dim))  # [E, 2I, H]
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden))  # [E, H, I]
+
+
+def expert_compute(x, w_gate_up, w_down, ids, weights, impl="ref"):
+    """Σ_k weights[t, k] · expert_{ids[t, k]}(x[t]) over kept slots. The single choke point for routed experts."""
+    if impl != "ref":
+        import kernels
+        return kernels.moe_experts(x, w_gate_up, w_down, ids, weights, path=impl)
+    # T tokens, K slots, H hidden, I expert hidden. DeepSeek-V3's loop: only routed pairs are computed, but
+    # .tolist() and torch.where make this eager-only; kernels.py has the sync-free paths.
+    T, H = x.shape
+    I = w_down.shape[-1]
+    out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
+    for e in ids.unique().tolist():
+        if e == SKIP:
+            continue
+        tok, slot = torch.where(ids == e)
+        gate_up = x[tok] @ w_gate_up[e].T  # [n, 2I]
+        act = F.silu(gate_up[:, :I]) * gate_up[:, I:]  # [n, I]
+        out.index_add_(0, tok, (act @ w_down[e].T).float() * weights[tok, slot, None])
+    return out.to(x.dtype)
+
+
+@dataclass
+class Step:
+    """What every MoE layer needs to know about the tokens of one forward: modality [B, S] (TEXT / VISION /
+    SPECIAL), valid [B, S] (False at padding), the phase, and the optional statistics collector."""
+    modality: torch.Tensor
+    valid: torch.Tensor
+    phase: str  # "prefill" or "decode"
+    stats: object = None
+
+
+class KVCache:
+    """Static per-layer K/V buffers [L, B, kv_heads, S_max, D]. Positions are written by index tensors, so one
+    decode step has the same shapes at every position."""
+
+    def __init__(self, n_layers, batch, n_kv_heads, max_len, head_dim, device, dtype):
+        self.k = torch.zeros(n_layers, batch, n_kv_heads, max_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)  # rope position of the next token
+        self.length = 0  # tokens written so far (host side, for the decode loop)
+        self.max_len = max_len
+
+
+def causal_mask(cache_pos, key_valid):
+    """[B, 1, S, S_kv] bool: causal over cache indices, padding keys hidden. A padding query may always see itself
+    so that no row is empty (an empty softmax row is NaN, and 0·NaN would leak into real rows through V)."""
+    keys = torch.arange(key_valid.shape[1], device=key_valid.device)
+    causal = keys[None, :] <= cache_pos[:, None]  # [S, S_kv]
+    mask = causal[None] & key_valid[:, None, :]  # [B, S, S_kv]
+    mask = mask | (keys[None, :] == cache_pos[:, None])[None]
+    return mask[:, None]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Qwen3-VL-MoE vision tower
+
+
+class QwenVisionBlock(nn.Module):
+    def __init__(self, cfg: QwenVisionConfig):
+        super().__init__()
+        D = cfg.hidden_size
+        self.num_heads = cfg.num_heads
+        self.norm1 = nn.LayerNorm(D, eps=cfg.eps)
+        self.norm2 = nn.LayerNorm(D, eps=cfg.eps)
+        self.attn = nn.Module()
+        self.attn.qkv = nn.Linear(D, 3 * D)
+        self.attn.proj = nn.Linear(D, D)
+        self.mlp = nn.Module()
+        self.mlp.linear_fc1 = nn.Linear(D, cfg.intermediate_size)
+        self.mlp.linear_fc2 = nn.Linear(cfg.intermediate_size, D)
+
+    def forward(self, x, cos, sin, segments):
+        N, D = x.shape
+        h = self.num_heads
+        q, k, v = self.attn.qkv(self.norm1(x)).view(N, 3, h, D // h).unbind(1)  # 3 x [N, h, d]
+        # rotary in fp32, as the reference does
+        q = (q.float() * cos + rotate_half(q.float()) * sin).to(x.dtype)
+        k = (k.float() * cos + rotate_half(k.float()) * sin).to(x.dtype)
+        out = torch.empty_like(q)
+        for s, e in segments:  # each image / temporal group attends only to itself
+            out[s:e] = F.scaled_dot_product_attention(
+                q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1)).transpose(0, 1)
+        x = x + self.attn.proj(out.reshape(N, D))
+        return x + self.mlp.linear_fc2(F.gelu(self.mlp.linear_fc1(self.norm2(x)), approximate="tanh"))
+
+
+class QwenPatchMerger(nn.Module):
+    """Groups each 2x2 block of patches (4 consecutive rows) into one token of the text width. The main merger
+    normalises per patch before grouping; the DeepStack mergers normalise the grouped 4D vector."""
+
+    def __init__(self, cfg: QwenVisionConfig, postshuffle_norm):
+        super().__init__()
+        D, M = cfg.hidden_size, cfg.hidden_size * cfg.spatial_merge_size ** 2
+        self.postshuffle_norm = postshuffle_norm
+        self.norm = nn.LayerNorm(M if postshuffle_norm else D, eps=cfg.eps)
+        self.linear_fc1 = nn.Linear(M, M)
+        self.linear_fc2 = nn.Linear(M, cfg.out_hidden_size)
+
+    def forward(self, x):
+        M = self.linear_fc1.in_features
+        x = self.norm(x.view(-1, M)) if self.postshuffle_norm else self.norm(x).view(-1, M)  # [N/4, 4D]
+        return self.linear_fc2(F.gelu(self.linear_fc1(x)))
+
+
+class QwenVision(nn.Module):
+    def __init__(self, cfg: QwenVisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        C, P, Tp = cfg.in_channels, cfg.patch_size, cfg.temporal_patch_size
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv3d(C, cfg.hidden_size, (Tp, P, P), (Tp, P, P))
+        self.pos_embed = nn.Embedding(cfg.num_position_embeddings, cfg.hidden_size)
+        self.blocks = nn.ModuleList(QwenVisionBlock(cfg) for _ in range(cfg.depth))
+        self.merger = QwenPatchMerger(cfg, postshuffle_norm=False)
+        self.deepstack_merger_list = nn.ModuleList(
+            QwenPatchMerger(cfg, postshuffle_norm=True) for _ in cfg.deepstack_visual_indexes)
+
+    def block_major(self, a, h, w):
+        """Raster [h, w, ...] -> the 2x2-merge-block-major order of the pixel rows, flattened."""
+        m = self.cfg.spatial_merge_size
+        a = a.view(h // m, m, w // m, m, *a.shape[2:]).transpose(1, 2)  # [h/m, w/m, m, m, ...]
+        return a.reshape(h * w, *a.shape[4:])
+
+    def position_embedding(self, h, w):
+        """The learned G x G table resampled bilinearly (align_corners) to an h x w grid."""
+        G = math.isqrt(self.cfg.num_position_embeddings)
+        table = self.pos_embed.weight.float().view(G, G, -1)
+        ys = torch.linspace(0, G - 1, h, device=table.device)
+        xs = torch.linspace(0, G - 1, w, device=table.device)
+        y0, x0 = ys.floor().long(), xs.floor().long()
+        y1, x1 = (y0 + 1).clamp(max=G - 1), (x0 + 1).clamp(max=G - 1)
+        dy, dx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
+        pe = ((1 - dy) * (1 - dx) * table[y0][:, x0] + (1 - dy) * dx * table[y0][:, x1]
+              + dy * (1 - dx) * table[y1][:, x0] + dy * dx * table[y1][:, x1])  # [h, w, D]
+        return self.block_major(pe, h, w)
+
+    def rotary(self, h, w, device):
+        """cos, sin [h*w, 1, d]: the first half of the frequencies rotate by row, the second by column."""
+        d = self.cfg.hidden_size // self.cfg.num_heads
+        inv_freq = 1.0 / self.cfg.rope_theta ** (torch.arange(0, d // 2, 2, device=device).float() / (d // 2))
+        rows = torch.arange(h, device=device)[:, None].expand(h, w)
+        cols = torch.arange(w, device=device)[None, :].expand(h, w)
+        pos = self.block_major(torch.stack([rows, cols], -1), h, w).float()  # [h*w, 2]
+        angles = (pos[:, :, None] * inv_freq).flatten(1)  # [h*w, d/2]: row freqs then column freqs
+        emb = torch.cat([angles, angles], -1)[:, None]  # [h*w, 1, d]
+        return emb.cos(), emb.sin()
+
+    def forward(self, pixels, grid_thw):
+        """pixels [N, C*Tp*P*P] in block-major row order, grid_thw [n, 3] in patches -> (tokens [N/4, D_text],
+        DeepStack features list of [N/4, D_text])."""
+        proj = self.patch_embed.proj
+        x = pixels.to(proj.weight.dtype) @ proj.weight.view(proj.out_channels, -1).T + proj.bias  # Conv3d as linear
+        pos, cos, sin, segments, start = [], [], [], [], 0
+        for t, h, w in grid_thw.tolist():
+            pe = self.position_embedding(h, w)
+            c, s = self.rotary(h, w, x.device)
+            pos += [pe] * t
+            cos += [c] * t
+            sin += [s] * t
+            for _ in range(t):  # every temporal group is its own attention segment
+                segments.append((start, start + h * w))
+                start += h * w
+        x = x + torch.cat(pos).to(x.dtype)
+        cos, sin = torch.cat(cos), torch.cat(sin)
+        deepstack = []
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, segments)
+            if i in self.cfg.deepstack_visual_indexes:
+                deepstack.append(self.deepstack_merger_list[self.cfg.deepstack_visual_indexes.index(i)](x))
+        return self.merger(x), deepstack
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Qwen3-VL-MoE text decoder
+
+
+def mrope_axis(cfg: QwenConfig):
+    """Which position stream (0 = T, 1 = H, 2 = W) drives each of the head_dim/2 frequency channels.
+    Interleaved (Qwen3-VL): THWTHW...THW then T for the rest, e.g. [24, 20, 20] -> 'THW' x 20 + 'TTTT'.
+    Chunked (Qwen2-VL): 24 T, then 20 H, then 20 W."""
+    sT, sH, sW = cfg.mrope_section
+    i = torch.arange(sT + sH + sW)
+    if not cfg.mrope_interleaved:
+        return (i >= sT).long() + (i >= sT + sH).long()
+    axis = torch.zeros_like(i)
+    axis[(i % 3 == 1) & (i < 3 * sH)] = 1
+    axis[(i % 3 == 2) & (i < 3 * sW)] = 2
+    return axis
+
+
+def mrope_cos_sin(cfg: QwenConfig, positions, dtype):
+    """positions [3, B, S] -> cos, sin [B, S, head_dim] (made in fp32, then cast like the reference)."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, device=positions.device).float() / d)  # [d/2]
+    angles = positions[..., None].float() * inv_freq  # [3, B, S, d/2]
+    axis = mrope_axis(cfg).to(positions.device)
+    angles = angles.gather(0, axis.expand_as(angles[:1]))[0]  # [B, S, d/2]
+    emb = torch.cat([angles, angles], -1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class QwenAttention(nn.Module):
+    def __init__(self, cfg: QwenConfig):
+        super().__init__()
+        H, nh, nkv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.nh, self.nkv, self.d = nh, nkv, d
+        self.q_proj = nn.Linear(H, nh * d, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(H, nkv * d, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(H, nkv * d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(nh * d, H, bias=cfg.attention_bias)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps)  # one weight shared by all heads, applied before rotary
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, kv):
+        B, S, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, S, self.nh, self.d))
+        k = self.k_norm(self.k_proj(x).view(B, S, self.nkv, self.d))
+        v = self.v_proj(x).view(B, S, self.nkv, self.d)
+        cos, sin = cos[:, :, None], sin[:, :, None]  # [B, S, 1, d]
+        q = (q * cos + rotate_half(q) * sin).transpose(1, 2)  # [B, nh, S, d]
+        k = (k * cos + rotate_half(k) * sin).transpose(1, 2)  # [B, nkv, S, d]
+        v = v.transpose(1, 2)
+        if kv is not None:
+            k_cache, v_cache, cache_pos = kv
+            k_cache[:, :, cache_pos] = k
+            v_cache[:, :, cache_pos] = v
+            k, v = k_cache, v_cache  # [B, nkv, S_max, d]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # [B, nh, S, d]
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, self.nh * self.d))
+
+
+class QwenMoE(nn.Module):
+    """Softmax over all experts in fp32, then top-k, then renormalise the k weights to sum 1 (softmax before top-k,
+    as in DeepSeek/Qwen; gpt-oss does top-k first). No shared expert."""
+
+    def __init__(self, cfg: QwenConfig, layer_idx):
+        super().__init__()
+        self.k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.layer_idx = layer_idx
+        self.policy = None  # a router.py skip policy, installed by router.install
+        self.impl = "ref"
+
+    def route(self, x):
+        probs = self.gate(x).float().softmax(-1)  # [T, E]
+        top, ids = probs.topk(self.k, dim=-1)  # [T, K]
+        pi_hat = top / top.sum(-1, keepdim=True)
+        return Routing(weights=pi_hat if self.norm_topk_prob else top, ids=ids, pi_hat=pi_hat, probs=probs)
+
+    def forward(self, x, step):
+        B, S, H = x.shape
+        x = x.view(B * S, H)
+        routing = self.route(x)
+        weights, ids = routing.weights, routing.ids
+        modality = step.modality.reshape(-1)
+        if self.policy is not None:
+            weights, ids = self.policy(routing, modality, self.layer_idx)
+        if step.stats is not None:
+            step.stats.record(self.layer_idx, ids, modality, step.valid.reshape(-1), step.phase)
+        y = expert_compute(x, self.experts.gate_up_proj, self.experts.down_proj, ids, weights, self.impl)
+        return y.view(B, S, H)
+
+
+class QwenDecoderLayer(nn.Module):
+    def __init__(self, cfg: QwenConfig, i):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = QwenAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = QwenMoE(cfg, i) if cfg.is_moe_layer(i) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, h, cos, sin, mask, kv, step):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, kv)
+        return h + self.mlp(self.post_attention_layernorm(h), step)
+
+
+@dataclass
+class QwenState:
+    """Everything the decoder layers need besides the hidden states; built once per forward by `embed`."""
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor
+    step: Step
+    cache: KVCache = None
+    cache_pos: torch.Tensor = None
+    visual: torch.Tensor = None  # [B, S] bool, positions of image/video pads
+    deepstack: list = field(default_factory=list)  # per injected layer: [n_visual, H]
+
+
+class Qwen3VLMoe(nn.Module):
+    def __init__(self, cfg: QwenConfig):
+        super().__init__()
+        self.cfg = cfg
+        lm = nn.Module()
+        lm.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        lm.layers = nn.ModuleList(QwenDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        lm.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.model = nn.ModuleDict(dict(visual=QwenVision(cfg.vision), language_model=lm))
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.special_ids = ()  # set by the loader from the tokenizer files
+
+    def checkpoint_names(self):
+        """checkpoint tensor name -> (parameter name, index into it); here the names coincide."""
+        names = {n: (n, None) for n, _ in self.named_parameters()}
+        if self.cfg.tie_word_embeddings:
+            del names["lm_head.weight"]
+        return names
+
+    def modality(self, input_ids, phase):
+        vision = (input_ids == self.cfg.image_token_id) | (input_ids == self.cfg.video_token_id)
+        special = torch.isin(input_ids, torch.tensor(self.special_ids, dtype=torch.long, device=input_ids.device))
+        m = torch.full_like(input_ids, TEXT)
+        m[special] = SPECIAL
+        if phase == "prefill":  # a generated vision pad is text
+            m[vision] = VISION
+        return m
+
+    def rope_index(self, input_ids, valid, image_grid_thw, video_grid_thw):
+        """3-D positions [3, B, S] and each row's next position [B]. Text advances all three streams by one; a
+        block of visual pads with merged grid (gh, gw) gets (p, p + row, p + col), then p += max(gh, gw). Every
+        temporal group of a video is its own block. Padding is skipped (and gets position 0)."""
+        m = self.cfg.vision.spatial_merge_size
+        images = [] if image_grid_thw is None else image_grid_thw.tolist()
+        videos = [] if video_grid_thw is None else video_grid_thw.tolist()
+        grids = {self.cfg.image_token_id: iter(images),
+                 self.cfg.video_token_id: iter([g for t, h, w in videos for g in [(1, h, w)] * t])}
+        B, S = input_ids.shape
+        positions = torch.zeros(3, B, S, dtype=torch.long)
+        next_pos = torch.zeros(B, dtype=torch.long)
+        for b in range(B):
+            ids = input_ids[b].tolist()
+            keep = valid[b].tolist()
+            s, p = 0, 0
+            while s < S:
+                if not keep[s]:
+                    s += 1
+                elif ids[s] in grids:
+                    _, gh, gw = next(grids[ids[s]])
+                    gh, gw = gh // m, gw // m
+                    rows = torch.arange(gh).repeat_interleave(gw)
+                    cols = torch.arange(gw).repeat(gh)
+                    positions[:, b, s:s + gh * gw] = torch.stack([torch.zeros_like(rows), rows, cols]) + p
+                    s, p = s + gh * gw, p + max(gh, gw)
+                else:
+                    positions[:, b, s] = p
+                    s, p = s + 1, p + 1
+            next_pos[b] = p
+        return positions.to(input_ids.device), next_pos.to(input_ids.device)
+
+    def new_cache(self, batch, max_len, device=None, dtype=None):
+        w = self.lm_head.weight
+        c = self.cfg
+        return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim,
+                       device or w.device, dtype or w.dtype)
+
+    def embed(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+              pixel_values_videos=None, video_grid_thw=None, cache=None, stats=None):
+        """Token embeddings with vision features spliced in, positions, mask: the state of the first layer."""
+        B, S = input_ids.shape
+        dev = input_ids.device
+        lm = self.model["language_model"]
+        valid = torch.ones(B, S, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
+        decode = cache is not None and cache.length > 0
+        step = Step(self.modality(input_ids, "decode" if decode else "prefill"), valid,
+                    "decode" if decode else "prefill", stats)
+        h = lm.embed_tokens(input_ids)  # [B, S, H]
+        visual, deepstack = None, []
+        if not decode and (pixel_values is not None or pixel_values_videos is not None):
+            visual = torch.zeros(B, S, dtype=torch.bool, device=dev)
+            extra_full = None
+            h = h.clone()
+            for pix, grid, token in ((pixel_values, image_grid_thw, self.cfg.image_token_id),
+                                     (pixel_values_videos, video_grid_thw, self.cfg.video_token_id)):
+                if pix is None:
+                    continue
+                pads = input_ids == token
+                main, extra = self.model["visual"](pix, grid)
+                if main.shape[0] != int(pads.sum()):
+                    raise ValueError(f"{int(pads.sum())} pad tokens (id {token}) for {main.shape[0]} visual features")
+                h[pads] = main.to(h.dtype)  # replaces the pad embeddings, in order of appearance
+                if extra_full is None:
+                    extra_full = [torch.zeros_like(h) for _ in extra]
+                for full, e in zip(extra_full, extra):
+                    full[pads] = e.to(h.dtype)
+                visual |= pads
+            deepstack = [full[visual] for full in extra_full]  # images and videos merged by position
+        if cache is None:
+            positions, _ = self.rope_index(input_ids, valid, image_grid_thw, video_grid_thw)
+            cache_pos = torch.arange(S, device=dev)
+            mask = causal_mask(cache_pos, valid)
+        else:
+            cache_pos = torch.arange(cache.length, cache.length + S, device=dev)
+            if decode:
+                positions = (cache.next_pos[:, None] + torch.arange(S, device=dev)).expand(3, B, S)
+                cache.next_pos += S
+            else:
+                positions, cache.next_pos = self.rope_index(input_ids, valid, image_grid_thw, video_grid_thw)
+            cache.key_valid[:, cache_pos] = valid
+            cache.length += S
+            mask = causal_mask(cache_pos, cache.key_valid)
+        cos, sin = mrope_cos_sin(self.cfg, positions, h.dtype)
+        return h, QwenState(cos, sin, mask, step, cache, cache_pos, visual, deepstack)
+
+    def layer(self, i, h, state: QwenState):
+        kv = None if state.cache is None else (state.cache.k[i], state.cache.v[i], state.cache_pos)
+        h = self.model["language_model"].layers[i](h, state.cos, state.sin, state.mask, kv, state.step)
+        if i < len(state.deepstack):  # DeepStack: features of early ViT blocks added after the first layers
+            h = h.clone()
+            h[state.visual] += state.deepstack[i]
+        return h
+
+    def head(self, h):
+        return self.lm_head(self.model["language_model"].norm(h))
+
+    def forward(self, input_ids, attention_mask=None, *, cache=None, stats=None, **vision):
+        """input_ids [B, S] (left padding marked 0 in attention_mask) -> logits [B, S, V]. With a cache, appends
+        the tokens to it (prefill when it is empty, decode otherwise)."""
+        h, state = self.embed(input_ids, attention_mask, cache=cache, stats=stats, **vision)
+        for i in range(self.cfg.num_hidden_layers):
+            h = self.layer(i, h, state)
+        return self.head(h)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading: meta-device build, one allocation per parameter, tensor-by-tensor fill from safetensors
+
+
+MODELS = {QwenConfig: Qwen3VLMoe}
+
+
+def read_special_ids(path, cfg):
+    """Ids of the tokens marked special in the tokenizer files, minus the vision pads (they are VISION tokens)."""
+    ids = set()
+    tok, tok_cfg = os.path.join(path, "tokenizer.json"), os.path.join(path, "tokenizer_config.json")
+    if os.path.isfile(tok):
+        with open(tok) as f:
+            ids |= {t["id"] for t in json.load(f).get("added_tokens", []) if t.get("special")}
+    elif os.path.isfile(tok_cfg):
+        with open(tok_cfg) as f:
+            added = json.load(f).get("added_tokens_decoder", {})
+        ids |= {int(i) for i, t in added.items() if t.get("special")}
+    return tuple(sorted(ids - {cfg.image_token_id, cfg.video_token_id}))
+
+
+def checkpoint_files(path):
+    """checkpoint tensor name -> safetensors file, from the index or the single model.safetensors."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
+        missing = sorted({f for f in weight_map.values() if not os.path.isfile(os.path.join(path, f))})
+        if missing:
+            raise FileNotFoundError(f"{index}: {len(missing)} shard(s) listed but missing: {', '.join(missing)}")
+        return {n: os.path.join(path, f) for n, f in weight_map.items()}
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(single):
+        raise FileNotFoundError(f"{path}: no model.safetensors.index.json or model.safetensors")
+    return {n: single for n in safetensors_keys(single)}
+
+
+def open_safetensors(file):
+    from safetensors import safe_open
+    with open(file, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"version https://git-lfs"):
+        raise ValueError(f"{file}: a git-lfs pointer file, not the weights (run `git lfs pull` in that folder)")
+    try:
+        return safe_open(file, framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt headers
+        raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def safetensors_keys(file):
+    with open_safetensors(file) as f:
+        return list(f.keys())
+
+
+def load(path, device="cpu", dtype=torch.bfloat16):
+    """The model of checkpoint folder `path` with its weights on `device` in `dtype`, strictly checked."""
+    cfg = read_config(path)
+    with torch.device("meta"):
+        model = MODELS[type(cfg)](cfg)
+    model.to(dtype).to_empty(device=device)  # the only allocation of the weights
+    model.special_ids = read_special_ids(path, cfg)
+    fill_from_checkpoint(model, path)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model["language_model"].embed_tokens.weight
+    return model.eval().requires_grad_(False)
+
+
+def fill_from_checkpoint(model, path):
+    """Copy every checkpoint tensor into its parameter slice, reading one tensor (or one expert) at a time.
+    A stored [.., a, b] tensor whose parameter slot is [.., b, a] is transposed: the hub stores experts as
+    x @ W ([E, H, 2I]), transformers 5 re-saves them as [E, 2I, H]; H != 2I, so the shape decides."""
+    files = checkpoint_files(path)
+    wanted = model.checkpoint_names()
+    params = dict(model.named_parameters())
+    problems = [f"missing tensor {n}" for n in sorted(set(wanted) - set(files))]
+    problems += [f"unexpected tensor {n} in {os.path.basename(files[n])}" for n in sorted(set(files) - set(wanted))]
+    by_file = {}
+    for name in wanted:
+        if name in files:
+            by_file.setdefault(files[name], []).append(name)
+    for file, names in by_file.items():
+        with open_safetensors(file) as f:
+            for name in names:
+                pname, index = wanted[name]
+                target = params[pname].data if index is None else params[pname].data[index]
+                src = f.get_slice(name)
+                shape = tuple(src.get_shape())
+                if shape == tuple(target.shape):
+                    transpose = False
+                elif len(shape) >= 2 and shape[:-2] + shape[-2:][::-1] == tuple(target.shape):
+                    transpose = True
+                else:
+                    problems.append(f"{name}: expected shape {tuple(target.shape)}, found {shape} "
+                                    f"in {os.path.basename(file)}")
+                    continue
+                try:
+                    if len(shape) == 3:  # one expert at a time keeps the host copy small
+                        for e in range(shape[0]):
+                            target[e].copy_(src[e].T if transpose else src[e])
+                    else:
+                        t = src[:] if shape else f.get_tensor(name)
+                        target.copy_(t.T if transpose else t)
+                except Exception as e:
+                    problems.append(f"{name}: unreadable in {os.path.basename(file)} ({e})")
+                    continue
+    if problems:
+        raise ValueError(f"{path}: {len(problems)} checkpoint problem(s): " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation
+
+
+@torch.no_grad()
+def generate(model, input_ids, attention_mask=None, *, max_new_tokens=32, stop_ids=(), stats=None, **vision):
+    """Greedy decoding with the KV cache. input_ids [B, S] (left padded) -> new token ids [B, n]; a row that hit
+    a stop id keeps emitting it."""
+    B, S = input_ids.shape
+    cache = model.new_cache(B, S + max_new_tokens)
+    logits = model(input_ids, attention_mask, cache=cache, stats=stats, **vision)
+    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=input_ids.device)
+    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    out = []
+    for i in range(max_new_tokens):
+        token = logits[:, -1].argmax(-1)  # [B]
+        token = torch.where(done, out[-1] if out else token, token)
+        out.append(token)
+        done |= torch.isin(token, stop)
+        if bool(done.all()) or i == max_new_tokens - 1:
+            break
+        logits = model(token[:, None], cache=cache, stats=stats)
+    return torch.stack(out, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The embedded default: a tiny deterministic checkpoint in the exact Hugging Face layout, made on first use
+
+
+def cache_dir():
+    return os.environ.get("MODES_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "modes")
+
+
+def tiny_qwen_config():
+    """config.json of the tiny default, in the hub dialect, with the real special-token ids."""
+    return {
+        "architectures": ["Qwen3VLMoeForConditionalGeneration"], "model_type": "qwen3_vl_moe",
+        "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+        "vision_end_token_id": 151653, "tie_word_embeddings": False,
+        "text_config": {
+            "model_type": "qwen3_vl_moe_text", "vocab_size": 151936, "hidden_size": 128, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "intermediate_size": 256,
+            "moe_intermediate_size": 64, "num_experts": 32, "num_experts_per_tok": 4, "norm_topk_prob": True,
+            "decoder_sparse_step": 1, "mlp_only_layers": [], "hidden_act": "silu", "rms_norm_eps": 1e-6,
+            "rope_theta": 5000000, "attention_bias": False, "max_position_embeddings": 32768,
+            "rope_scaling": {"rope_type": "default", "mrope_section": [6, 5, 5], "mrope_interleaved": True},
+            "bos_token_id": 151643, "eos_token_id": 151645, "dtype": "bfloat16"},
+        "vision_config": {
+            "model_type": "qwen3_vl_moe", "depth": 4, "hidden_size": 64, "num_heads": 4, "intermediate_size": 128,
+            "hidden_act": "gelu_pytorch_tanh", "in_channels": 3, "patch_size": 16, "temporal_patch_size": 2,
+            "spatial_merge_size": 2, "out_hidden_size": 128, "num_position_embeddings": 256,
+            "deepstack_visual_indexes": [1, 2, 3]},
+    }
+
+
+# the real Qwen3-VL preprocessor_config.json values
+TINY_QWEN_PREPROCESSOR = {"size": {"longest_edge": 16777216, "shortest_edge": 65536}, "patch_size": 16,
+                          "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5, 0.5, 0.5],
+                          "image_std": [0.5, 0.5, 0.5], "processor_class": "Qwen3VLProcessor",
+                          "image_processor_type": "Qwen2VLImageProcessorFast"}
+
+
+def random_weights(model, seed=0):
+    """Variance-preserving random weights. Routers are scaled up and share a low-rank preference so that routing
+    is peaked and uneven across experts, as in real Qwen3 routers (uniform routing makes skipping degenerate)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_((1.0 if "norm" in name else 0.0) + 0.05 * torch.randn(p.shape, generator=g))
+            elif name.endswith("mlp.gate.weight"):
+                E, H = p.shape
+                popular = torch.randn(E, 1, generator=g) @ torch.randn(1, H, generator=g)
+                p.copy_((2.0 * torch.randn(E, H, generator=g) + popular) / H ** 0.5)
+            else:
+                fan_in = p.shape[-1] if p.ndim != 5 else p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
+
+
+def save_checkpoint(model, raw_config, path, dtype=torch.bfloat16):
+    """Write `model` as a Hugging Face checkpoint folder in the hub dialect (experts as x @ W, [E, H, 2I])."""
+    from safetensors.torch import save_file
+    tensors = {}
+    for name, (pname, index) in model.checkpoint_names().items():
+        t = dict(model.named_parameters())[pname].data
+        t = t if index is None else t[index]
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            t = t.transpose(1, 2)
+        tensors[name] = t.to(dtype).contiguous()
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(raw_config, f, indent=2)
+
+
+def default_checkpoint(kind="qwen"):
+    """Folder of the tiny built-in checkpoint, written on first use (atomically: a temp folder renamed)."""
+    import shutil
+    import tempfile
+    import processor
+    path = os.path.join(cache_dir(), "tiny-qwen3-vl-moe-v1")
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        return path
+    os.makedirs(cache_dir(), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=cache_dir(), prefix=".tmp-")
+    try:
+        raw = tiny_qwen_config()
+        model = Qwen3VLMoe(QwenConfig.from_hf(raw, "tiny default"))
+        random_weights(model)
+        processor.write_tiny_tokenizer(tmp)
+        with open(os.path.join(tmp, "tokenizer.json")) as f:
+            known = list(json.load(f)["model"]["vocab"].values())
+        unused = torch.ones(model.cfg.vocab_size, dtype=torch.bool)
+        unused[known] = False
+        with torch.no_grad():  # like the real padding rows: ids the tokenizer lacks are never predicted
+            model.lm_head.weight[unused] = 0.0
+        save_checkpoint(model, raw, tmp)
+        with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
+            json.dump(TINY_QWEN_PREPROCESSOR, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(args):
+    import processor
+    path = args.model or default_checkpoint()
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    t0 = time.perf_counter()
+    model = load(path, device=args.device, dtype=dtype)
+    proc = processor.QwenProcessor.from_dir(path)
+    load_s = time.perf_counter() - t0
+    batch = proc.from_cli(args.prompt, images=args.image, video=args.video, system=args.system)
+    vision = {k: (batch[k].to(args.device) if batch.get(k) is not None else None)
+              for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")}
+    input_ids = batch["input_ids"][None].to(args.device)
+    t0 = time.perf_counter()
+    tokens = generate(model, input_ids, max_new_tokens=args.max_new_tokens, stop_ids=proc.stop_token_ids, **vision)
+    gen_s = time.perf_counter() - t0
+    token_ids = tokens[0].tolist()
+    if token_ids and token_ids[-1] in proc.stop_token_ids:
+        token_ids = token_ids[: token_ids.index(token_ids[-1]) + 1]
+    text = proc.decode(token_ids)
+    print(text)
+    if args.json:
+        print(json.dumps(dict(text=text, token_ids=token_ids, prompt_tokens=input_ids.shape[1], model=path,
+                              load_s=round(load_s, 3), generate_s=round(gen_s, 3))))
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Greedy generation with Qwen3-VL-MoE from a Hugging Face folder.")
+    p.add_argument("--model", help="checkpoint folder (default: the tiny built-in checkpoint, made on first use)")
+    p.add_argument("--prompt", required=True, help="user text")
+    p.add_argument("--image", action="append", default=[], help="image file; repeat for several images")
+    p.add_argument("--video", help="a folder of frame images or an animated GIF")
+    p.add_argument("--system", help="optional system message")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--json", action="store_true", help="last stdout line: a JSON object with text and token ids")
+    args = p.parse_args()
+    try:
+        main(args)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

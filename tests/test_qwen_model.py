@@ -1,0 +1,160 @@
+"""Qwen3-VL-MoE against transformers' Qwen3VLMoeForConditionalGeneration (fp32, tiny random configs)."""
+import json
+import os
+
+import pytest
+import torch
+
+import model as M
+from qwen_oracle import (IMAGE, image_prompt, make_oracle, mm_token_type_ids, pixels, video_prompt)
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "qwen3_vl_moe")
+
+
+@pytest.fixture(scope="module")
+def oracle(tmp_path_factory):
+    return make_oracle(str(tmp_path_factory.mktemp("qwen")))
+
+
+def assert_logits_close(ours, ref):
+    scale = ref.abs().max()
+    err = (ours - ref).abs().max()
+    assert err <= 1e-4 * scale, f"max |Δlogit| {err:.3g} vs logit scale {scale:.3g}"
+
+
+def hf_logits(hf, ids, **kw):
+    with torch.no_grad():
+        return hf(input_ids=ids, mm_token_type_ids=mm_token_type_ids(ids), **kw).logits
+
+
+CASES = {
+    "two_images": dict(grids=[(1, 4, 6), (1, 6, 4)]),
+    "odd_grid": dict(grids=[(1, 10, 6)]),  # not the table's 4x4 grid: the position table is resampled
+    "video": dict(video=(2, 4, 4)),
+    "text_only": dict(),
+}
+
+
+@pytest.mark.parametrize("layout", ["transformers5", "hub"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_oracle(oracle, layout, case):
+    hf, saved, hub = oracle
+    ours = M.load(saved if layout == "transformers5" else hub, dtype=torch.float32)
+    c = CASES[case]
+    if "grids" in c:
+        ids = torch.tensor([image_prompt(c["grids"])])
+        pv, thw = pixels(c["grids"])
+        kw = dict(pixel_values=pv, image_grid_thw=thw)
+    elif "video" in c:
+        ids = torch.tensor([video_prompt(c["video"])])
+        pv, thw = pixels([c["video"]])
+        kw = dict(pixel_values_videos=pv, video_grid_thw=thw)
+    else:
+        ids, kw = torch.tensor([[5, 17, 33, 2, 250, 9, 9, 41]]), {}
+    with torch.no_grad():
+        out = ours(ids, **kw)
+    assert_logits_close(out, hf_logits(hf, ids, **kw))
+
+
+def left_padded_batch():
+    rows = [image_prompt([(1, 4, 4)]), image_prompt([(1, 2, 4)], text_before=(5,), text_after=(8,))]
+    S = max(map(len, rows))
+    ids = torch.tensor([[0] * (S - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (S - len(r)) + [1] * len(r) for r in rows])
+    pv, thw = pixels([(1, 4, 4), (1, 2, 4)])
+    return ids, mask, dict(pixel_values=pv, image_grid_thw=thw)
+
+
+def test_left_padded_batch_matches_oracle(oracle):
+    hf, saved, _ = oracle
+    ours = M.load(saved, dtype=torch.float32)
+    ids, mask, kw = left_padded_batch()
+    with torch.no_grad():
+        out = ours(ids, mask, **kw)
+    ref = hf_logits(hf, ids, attention_mask=mask, **kw)
+    real = mask.bool()
+    assert_logits_close(out[real], ref[real])
+    assert torch.isfinite(out).all()
+
+
+def test_cached_decode_equals_recompute(oracle):
+    _, saved, _ = oracle
+    ours = M.load(saved, dtype=torch.float32)
+    ids, mask, kw = left_padded_batch()
+    new = torch.tensor([[7, 3, 99], [42, 5, 6]])
+    full_ids = torch.cat([ids, new], 1)
+    full_mask = torch.cat([mask, torch.ones_like(new)], 1)
+    with torch.no_grad():
+        full = ours(full_ids, full_mask, **kw)
+        cache = ours.new_cache(2, full_ids.shape[1] + 4)
+        steps = [ours(ids, mask, cache=cache, **kw)[:, -1]]
+        for j in range(new.shape[1]):
+            steps.append(ours(new[:, j:j + 1], cache=cache)[:, -1])
+    S = ids.shape[1]
+    for j, logits in enumerate(steps):
+        assert_logits_close(logits, full[:, S - 1 + j])
+
+
+def test_greedy_generation_matches_oracle(oracle):
+    hf, saved, _ = oracle
+    ours = M.load(saved, dtype=torch.float32)
+    grids = [(1, 4, 6)]
+    ids = torch.tensor([image_prompt(grids)])
+    pv, thw = pixels(grids)
+    ref = hf.generate(input_ids=ids, pixel_values=pv, image_grid_thw=thw, mm_token_type_ids=mm_token_type_ids(ids),
+                      max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:]
+    out = M.generate(ours, ids, max_new_tokens=8, pixel_values=pv, image_grid_thw=thw)[0]
+    assert out.tolist() == ref.tolist()
+    assert len(set(out.tolist())) > 1, "degenerate generation cannot catch mistakes"
+
+
+def test_rope_index_worked_example():
+    # qwen3_vl_moe.md §4: <|im_start|>user\n<|vision_start|> then a merged 2x4 image, then text; 22 tokens
+    cfg = M.QwenConfig(image_token_id=IMAGE)
+    model = M.Qwen3VLMoe.__new__(M.Qwen3VLMoe)
+    model.cfg = cfg
+    ids = torch.tensor([[1, 2, 3, 4] + [IMAGE] * 8 + list(range(30, 40))])
+    pos, next_pos = model.rope_index(ids, torch.ones_like(ids, dtype=torch.bool), torch.tensor([[1, 4, 8]]), None)
+    assert pos[0, 0, :14].tolist() == [0, 1, 2, 3] + [4] * 8 + [8, 9]
+    assert pos[1, 0, :14].tolist() == [0, 1, 2, 3] + [4] * 4 + [5] * 4 + [8, 9]
+    assert pos[2, 0, :14].tolist() == [0, 1, 2, 3] + [4, 5, 6, 7] * 2 + [8, 9]
+    assert next_pos.item() - ids.shape[1] == -4  # rope_delta
+
+
+def test_mrope_interleaved_layout():
+    axis = M.mrope_axis(M.QwenConfig())
+    assert "".join("THW"[a] for a in axis.tolist()) == "THW" * 20 + "TTTT"
+
+
+def test_real_config_tensor_names_and_shapes():
+    cfg = M.read_config(FIXTURES)
+    with torch.device("meta"):
+        model = M.Qwen3VLMoe(cfg)
+    params = dict(model.named_parameters())
+    ours = {}
+    for name, (pname, _) in model.checkpoint_names().items():
+        shape = tuple(params[pname].shape)
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):  # hub stores x @ W
+            shape = shape[:1] + shape[1:][::-1]
+        ours[name] = shape
+    expected = {}
+    with open(os.path.join(FIXTURES, "checkpoint_tensors.tsv")) as f:
+        for line in f:
+            if line.startswith("#") or line.startswith("name\t"):
+                continue
+            name, shape = line.split("\t")[:2]
+            expected[name] = tuple(json.loads(shape))
+    assert len(expected) == 882
+    assert ours == expected
+    assert sum(p.numel() for p in params.values()) == 31_070_754_032
+
+
+def test_both_config_dialects_agree():
+    hub = M.read_config(FIXTURES)
+    with open(os.path.join(FIXTURES, "config.json")) as f:
+        raw = json.load(f)
+    t = raw["text_config"]
+    t["rope_parameters"] = dict(t.pop("rope_scaling"), rope_theta=t.pop("rope_theta"))
+    t["num_local_experts"] = t.pop("num_experts")
+    assert M.QwenConfig.from_hf(raw, "transformers 5 dialect") == hub
+    assert hub.num_experts == 128 and hub.rope_theta == 5e6 and hub.mrope_section == (24, 20, 20)
