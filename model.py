@@ -671,6 +671,21 @@ def safetensors_keys(file):
         return list(f.keys())
 
 
+def copy_chunked(src, target, shape, transpose, chunk_bytes=16 << 20):
+    """target <- src (a safetensors slice) in pieces of at most chunk_bytes along the first axis, so the host
+    never holds more than one piece beside the parameters."""
+    if not shape:
+        target.copy_(src[...])
+        return
+    row_bytes = max(1, math.prod(shape[1:]) * target.element_size())
+    step = max(1, chunk_bytes // row_bytes)
+    for a in range(0, shape[0], step):
+        piece = src[a:a + step]
+        if transpose:
+            piece = piece.transpose(-2, -1)
+        (target[:, a:a + step] if transpose and len(shape) == 2 else target[a:a + step]).copy_(piece)
+
+
 def load(path, device="cpu", dtype=torch.bfloat16):
     """The model of checkpoint folder `path` with its weights on `device` in `dtype`, strictly checked."""
     cfg = read_config(path)
@@ -713,15 +728,9 @@ def fill_from_checkpoint(model, path):
                                     f"in {os.path.basename(file)}")
                     continue
                 try:
-                    if len(shape) == 3:  # one expert at a time keeps the host copy small
-                        for e in range(shape[0]):
-                            target[e].copy_(src[e].T if transpose else src[e])
-                    else:
-                        t = src[:] if shape else f.get_tensor(name)
-                        target.copy_(t.T if transpose else t)
+                    copy_chunked(src, target, shape, transpose)
                 except Exception as e:
                     problems.append(f"{name}: unreadable in {os.path.basename(file)} ({e})")
-                    continue
     if problems:
         raise ValueError(f"{path}: {len(problems)} checkpoint problem(s): " + "; ".join(problems))
 
