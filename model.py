@@ -546,9 +546,32 @@ class Qwen3VLMoe(nn.Module):
         return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim,
                        device or w.device, dtype or w.dtype)
 
-    def embed(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-              pixel_values_videos=None, video_grid_thw=None, cache=None, stats=None):
-        """Token embeddings with vision features spliced in, positions, mask: the state of the first layer."""
+    def encode_vision(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
+                      video_grid_thw=None):
+        """Run the vision tower -> (visual [B, S] bool, features [n, H], DeepStack features list of [n, H]), the
+        rows in sequence order of the image and video pads they replace."""
+        B, S = input_ids.shape
+        H = self.cfg.hidden_size
+        visual = torch.zeros(B, S, dtype=torch.bool, device=input_ids.device)
+        n_extra = len(self.cfg.vision.deepstack_visual_indexes)
+        full = input_ids.new_zeros(1 + n_extra, B, S, H, dtype=self.lm_head.weight.dtype)  # main, deepstack...
+        for pix, grid, token in ((pixel_values, image_grid_thw, self.cfg.image_token_id),
+                                 (pixel_values_videos, video_grid_thw, self.cfg.video_token_id)):
+            if pix is None:
+                continue
+            pads = input_ids == token
+            main, extra = self.model["visual"](pix, grid)
+            if main.shape[0] != int(pads.sum()):
+                raise ValueError(f"{int(pads.sum())} pad tokens (id {token}) for {main.shape[0]} visual features")
+            for j, feats in enumerate([main] + extra):
+                full[j][pads] = feats.to(full.dtype)
+            visual |= pads
+        main, *deepstack = full[:, visual]  # images and videos merged by position
+        return visual, main, deepstack
+
+    def embed(self, input_ids, attention_mask=None, cache=None, stats=None, media=None, **pixels):
+        """Token embeddings with the vision features (`media` from encode_vision, computed here when pixels are
+        given instead) in place of the pads, positions, mask: the state of the first layer."""
         B, S = input_ids.shape
         dev = input_ids.device
         lm = self.model["language_model"]
@@ -557,26 +580,14 @@ class Qwen3VLMoe(nn.Module):
         step = Step(self.modality(input_ids, "decode" if decode else "prefill"), valid,
                     "decode" if decode else "prefill", stats)
         h = lm.embed_tokens(input_ids)  # [B, S, H]
+        if media is None and any(v is not None for k, v in pixels.items() if k.startswith("pixel")):
+            media = self.encode_vision(input_ids, **pixels)
         visual, deepstack = None, []
-        if not decode and (pixel_values is not None or pixel_values_videos is not None):
-            visual = torch.zeros(B, S, dtype=torch.bool, device=dev)
-            extra_full = None
+        if media is not None and not decode:
+            visual, main, deepstack = media
             h = h.clone()
-            for pix, grid, token in ((pixel_values, image_grid_thw, self.cfg.image_token_id),
-                                     (pixel_values_videos, video_grid_thw, self.cfg.video_token_id)):
-                if pix is None:
-                    continue
-                pads = input_ids == token
-                main, extra = self.model["visual"](pix, grid)
-                if main.shape[0] != int(pads.sum()):
-                    raise ValueError(f"{int(pads.sum())} pad tokens (id {token}) for {main.shape[0]} visual features")
-                h[pads] = main.to(h.dtype)  # replaces the pad embeddings, in order of appearance
-                if extra_full is None:
-                    extra_full = [torch.zeros_like(h) for _ in extra]
-                for full, e in zip(extra_full, extra):
-                    full[pads] = e.to(h.dtype)
-                visual |= pads
-            deepstack = [full[visual] for full in extra_full]  # images and videos merged by position
+            h[visual] = main  # the main features replace the pad embeddings
+        image_grid_thw, video_grid_thw = pixels.get("image_grid_thw"), pixels.get("video_grid_thw")
         if cache is None:
             positions, _ = self.rope_index(input_ids, valid, image_grid_thw, video_grid_thw)
             cache_pos = torch.arange(S, device=dev)
@@ -605,10 +616,11 @@ class Qwen3VLMoe(nn.Module):
     def head(self, h):
         return self.lm_head(self.model["language_model"].norm(h))
 
-    def forward(self, input_ids, attention_mask=None, *, cache=None, stats=None, **vision):
+    def forward(self, input_ids, attention_mask=None, *, cache=None, stats=None, media=None, **pixels):
         """input_ids [B, S] (left padding marked 0 in attention_mask) -> logits [B, S, V]. With a cache, appends
-        the tokens to it (prefill when it is empty, decode otherwise)."""
-        h, state = self.embed(input_ids, attention_mask, cache=cache, stats=stats, **vision)
+        the tokens to it (prefill when it is empty, decode otherwise). pixels: pixel_values, image_grid_thw,
+        pixel_values_videos, video_grid_thw, as the processor returns them."""
+        h, state = self.embed(input_ids, attention_mask, cache=cache, stats=stats, media=media, **pixels)
         for i in range(self.cfg.num_hidden_layers):
             h = self.layer(i, h, state)
         return self.head(h)
