@@ -605,6 +605,10 @@ class Qwen3VLMoe(nn.Module):
         cos, sin = mrope_cos_sin(self.cfg, positions, h.dtype)
         return h, QwenState(cos, sin, mask, step, cache, cache_pos, visual, deepstack)
 
+    @property
+    def layers(self):
+        return self.model["language_model"].layers
+
     def layer(self, i, h, state: QwenState):
         kv = None if state.cache is None else (state.cache.k[i], state.cache.v[i], state.cache_pos)
         h = self.model["language_model"].layers[i](h, state.cos, state.sin, state.mask, kv, state.step)
