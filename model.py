@@ -569,38 +569,39 @@ class Qwen3VLMoe(nn.Module):
         main, *deepstack = full[:, visual]  # images and videos merged by position
         return visual, main, deepstack
 
-    def embed(self, input_ids, attention_mask=None, cache=None, stats=None, media=None, **pixels):
+    def embed(self, input_ids, attention_mask=None, *, cache=None, cache_pos=None, phase=None, stats=None,
+              media=None, **pixels):
         """Token embeddings with the vision features (`media` from encode_vision, computed here when pixels are
-        given instead) in place of the pads, positions, mask: the state of the first layer."""
+        given instead) in place of the pads, positions, mask: the state of the first layer. With a cache, the
+        tokens go to cache indices cache_pos [S]; a decode step reads its positions from the cache, so with
+        phase="decode" given nothing here depends on host-side state."""
         B, S = input_ids.shape
         dev = input_ids.device
         lm = self.model["language_model"]
         valid = torch.ones(B, S, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
-        decode = cache is not None and cache.length > 0
-        step = Step(self.modality(input_ids, "decode" if decode else "prefill"), valid,
-                    "decode" if decode else "prefill", stats)
+        phase = phase or ("decode" if cache is not None and cache.length > 0 else "prefill")
+        step = Step(self.modality(input_ids, phase), valid, phase, stats)
         h = lm.embed_tokens(input_ids)  # [B, S, H]
         if media is None and any(v is not None for k, v in pixels.items() if k.startswith("pixel")):
             media = self.encode_vision(input_ids, **pixels)
         visual, deepstack = None, []
-        if media is not None and not decode:
+        if media is not None and phase == "prefill":
             visual, main, deepstack = media
             h = h.clone()
             h[visual] = main  # the main features replace the pad embeddings
-        image_grid_thw, video_grid_thw = pixels.get("image_grid_thw"), pixels.get("video_grid_thw")
+        if phase == "decode":
+            positions = (cache.next_pos[:, None] + torch.arange(S, device=dev)).expand(3, B, S)
+            cache.next_pos += S
+        else:
+            positions, next_pos = self.rope_index(input_ids, valid, pixels.get("image_grid_thw"),
+                                                  pixels.get("video_grid_thw"))
         if cache is None:
-            positions, _ = self.rope_index(input_ids, valid, image_grid_thw, video_grid_thw)
             cache_pos = torch.arange(S, device=dev)
             mask = causal_mask(cache_pos, valid)
         else:
-            cache_pos = torch.arange(cache.length, cache.length + S, device=dev)
-            if decode:
-                positions = (cache.next_pos[:, None] + torch.arange(S, device=dev)).expand(3, B, S)
-                cache.next_pos += S
-            else:
-                positions, cache.next_pos = self.rope_index(input_ids, valid, image_grid_thw, video_grid_thw)
+            if phase == "prefill":
+                cache.next_pos.copy_(next_pos)
             cache.key_valid[:, cache_pos] = valid
-            cache.length += S
             mask = causal_mask(cache_pos, cache.key_valid)
         cos, sin = mrope_cos_sin(self.cfg, positions, h.dtype)
         return h, QwenState(cos, sin, mask, step, cache, cache_pos, visual, deepstack)
@@ -624,10 +625,24 @@ class Qwen3VLMoe(nn.Module):
         """input_ids [B, S] (left padding marked 0 in attention_mask) -> logits [B, S, V]. With a cache, appends
         the tokens to it (prefill when it is empty, decode otherwise). pixels: pixel_values, image_grid_thw,
         pixel_values_videos, video_grid_thw, as the processor returns them."""
-        h, state = self.embed(input_ids, attention_mask, cache=cache, stats=stats, media=media, **pixels)
+        cache_pos = None
+        if cache is not None:
+            cache_pos = torch.arange(cache.length, cache.length + input_ids.shape[1], device=input_ids.device)
+        h, state = self.embed(input_ids, attention_mask, cache=cache, cache_pos=cache_pos, stats=stats, media=media,
+                              **pixels)
         for i in range(self.cfg.num_hidden_layers):
             h = self.layer(i, h, state)
+        if cache is not None:
+            cache.length += input_ids.shape[1]
         return self.head(h)
+
+    def decode_step(self, token, cache, cache_pos, stats=None):
+        """One decode step with tensors only (token [B, 1], cache_pos [1]): the function the entry scripts compile
+        and capture in a CUDA graph. The caller advances cache.length."""
+        h, state = self.embed(token, cache=cache, cache_pos=cache_pos, phase="decode", stats=stats)
+        for i in range(self.cfg.num_hidden_layers):
+            h = self.layer(i, h, state)
+        return self.head(h)[:, -1]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -755,24 +770,71 @@ def fill_from_checkpoint(model, path):
 # Generation
 
 
+def set_expert_impl(model, impl):
+    """Route every MoE layer's expert compute through `impl`: "ref" (the loop above) or a kernels.py path."""
+    for layer in model.layers:
+        if hasattr(layer.mlp, "impl"):
+            layer.mlp.impl = impl
+    return model
+
+
+def decode_step_fn(model, cache, *, compile=False, cuda_graph=False, stats=None):
+    """step(token [B, 1], cache_pos [1]) -> logits [B, V] for `cache`. compile: torch.compile with fullgraph, so a
+    graph break is an error; cuda_graph: capture the compiled step once and replay it (the cache tensors are
+    written in place, so their addresses stay fixed as a graph requires)."""
+    def step(token, cache_pos):
+        return model.decode_step(token, cache, cache_pos, stats)
+    if compile:
+        step = torch.compile(step, fullgraph=True, dynamic=False)
+    if not cuda_graph:
+        return step
+    B = cache.k.shape[1]
+    static_token = torch.zeros(B, 1, dtype=torch.long, device=cache.k.device)
+    static_pos = torch.zeros(1, dtype=torch.long, device=cache.k.device)
+    saved = (cache.next_pos.clone(), cache.key_valid.clone(), None if stats is None else stats.state_dict())
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up runs (compilation, autotuning) outside the capture
+        for _ in range(2):
+            step(static_token, static_pos)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_logits = step(static_token, static_pos)
+    cache.next_pos.copy_(saved[0])  # undo what warm-up and capture wrote
+    cache.key_valid.copy_(saved[1])
+    if stats is not None:
+        stats.load_state_dict(saved[2])
+
+    def replay(token, cache_pos):
+        static_token.copy_(token)
+        static_pos.copy_(cache_pos)
+        graph.replay()
+        return static_logits
+    return replay
+
+
 @torch.no_grad()
-def generate(model, input_ids, attention_mask=None, *, max_new_tokens=32, stop_ids=(), stats=None, **vision):
+def generate(model, input_ids, attention_mask=None, *, max_new_tokens=32, stop_ids=(), stats=None, compile=False,
+             cuda_graph=False, **pixels):
     """Greedy decoding with the KV cache. input_ids [B, S] (left padded) -> new token ids [B, n]; a row that hit
     a stop id keeps emitting it."""
     B, S = input_ids.shape
     cache = model.new_cache(B, S + max_new_tokens)
-    logits = model(input_ids, attention_mask, cache=cache, stats=stats, **vision)
+    logits = model(input_ids, attention_mask, cache=cache, stats=stats, **pixels)[:, -1]
+    step = decode_step_fn(model, cache, compile=compile, cuda_graph=cuda_graph, stats=stats)
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=input_ids.device)
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     out = []
     for i in range(max_new_tokens):
-        token = logits[:, -1].argmax(-1)  # [B]
+        token = logits.argmax(-1)  # [B]
         token = torch.where(done, out[-1] if out else token, token)
         out.append(token)
         done |= torch.isin(token, stop)
         if bool(done.all()) or i == max_new_tokens - 1:
             break
-        logits = model(token[:, None], cache=cache, stats=stats)
+        logits = step(token[:, None], torch.tensor([cache.length], device=input_ids.device))
+        cache.length += 1
     return torch.stack(out, 1)
 
 
