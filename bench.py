@@ -1,16 +1,24 @@
 """
-Speed and memory of the handwritten forward: load, vision tower, language-model prefill, decode.
+Speed, memory and skip ratios of the handwritten forward, one row per skip policy, measured in the same run.
 
 Prefill is compute-bound and decode is bandwidth-bound, so they are timed apart: the vision tower and the language
-model prefill separately, then decode steps with the KV cache. Every number is a median over --repeats runs after
---warmup runs; on CUDA each timing is synchronised. The last stdout line is one JSON object.
+model prefill separately, then decode steps with the static KV cache (compiled, CUDA-graphed on GPU, unless
+--no-compile). Every number is a median over --repeats runs after --warmup runs (their time is reported apart);
+on CUDA each timing is synchronised. Decode GB/s counts the bytes a step must read (all non-expert weights, the
+kept experts, the KV cache); its floor is those bytes at the bandwidth measured by a device copy. The last stdout
+line is one JSON object.
 
 Examples
-    python bench.py                                          # tiny built-in checkpoint, CPU, fp32
-    python bench.py --model ~/Qwen3-VL-30B-A3B-Instruct --device cuda --dtype bfloat16 --image-size 1024
+    python bench.py                                                  # tiny built-in checkpoint, CPU
+    python bench.py --model ~/Qwen3-VL-30B-A3B-Instruct --device cuda --dtype bfloat16 --thresholds thr.json
+    python bench.py --config configs/qwen3_vl_30b_a3b.json --random-weights --device cuda --dtype bfloat16 \
+        --policy full,threshold --target 0.88 --batch 8 --image-size 1280 --text-tokens 400
+    python bench.py --config configs/qwen3_vl_moe_cpu_bench.json --random-weights --policy full,threshold \
+        --compare-transformers --no-compile
 """
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -20,16 +28,9 @@ import time
 import torch
 
 import model as M
-import processor
+import router
 
-
-def synthetic_image(size, seed=0):
-    """A deterministic colourful test card (no files needed)."""
-    from PIL import Image
-    g = torch.Generator().manual_seed(seed)
-    y, x = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
-    rgb = torch.stack([x, y, (x * 7).sin().abs()], -1) * 200 + torch.rand(size, size, 3, generator=g) * 55
-    return Image.fromarray(rgb.to(torch.uint8).numpy())
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def sync(device):
@@ -50,95 +51,271 @@ def host_peak_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def make_inputs(proc, args, device):
-    """One user turn: a synthetic image and a question padded with filler words to about --text-tokens."""
-    words = "Describe the picture in detail, then say what colours you see"
-    filler = (" and more" * max(0, args.text_tokens - len(proc.encode(words)))).strip()
-    messages = [{"role": "user", "content": [{"type": "image", "image": synthetic_image(args.image_size)},
-                                             {"type": "text", "text": f"{words} {filler}".strip()}]}]
-    batch = proc(messages)
-    ids = batch["input_ids"][None].repeat(args.batch, 1).to(device)
-    pixels = {k: None if batch.get(k) is None else batch[k].to(device)
-              for k in ("pixel_values", "image_grid_thw")}
-    if args.batch > 1:  # the same image once per row
-        pixels["pixel_values"] = pixels["pixel_values"].repeat(args.batch, 1)
-        pixels["image_grid_thw"] = pixels["image_grid_thw"].repeat(args.batch, 1)
-    return ids, pixels
+def copy_bandwidth(device, n_bytes=1 << 28):
+    """Bytes/s of a device-to-device copy (read + write), the ceiling a decode step can reach."""
+    x = torch.empty(n_bytes // 4, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    times = [timed(lambda: y.copy_(x), device)[1] for _ in range(5)]
+    return 2 * n_bytes / statistics.median(times[1:])
+
+
+def build(args):
+    """(model, source, load seconds, host peak growth)."""
+    dtype = DTYPES[args.dtype]
+    before = host_peak_bytes()
+    if args.config:
+        def make():
+            cfg = M.read_config(args.config)
+            with torch.device("meta"):
+                m = M.MODELS[type(cfg)](cfg)
+            return M.random_weights(m.to(dtype).to_empty(device=args.device)).eval().requires_grad_(False)
+        model, seconds = timed(make, args.device)
+        source = args.config
+    else:
+        source = args.model or M.default_checkpoint()
+        model, seconds = timed(lambda: M.load(source, device=args.device, dtype=dtype), args.device)
+    return M.set_expert_impl(model, args.expert_impl), source, seconds, host_peak_bytes() - before
+
+
+def synthetic_inputs(model, args):
+    """A batch of identical rows <vision_start><image pads><vision_end><text>: a square random image of
+    --image-size pixels (rounded to the merge grid) and --text-tokens random text ids."""
+    cfg, v = model.cfg, model.cfg.vision
+    g = torch.Generator().manual_seed(0)
+    unit = v.patch_size * v.spatial_merge_size
+    side = max(1, round(args.image_size / unit)) * v.spatial_merge_size  # patches per side
+    n_pads = side * side // v.spatial_merge_size ** 2
+    text = torch.randint(0, min(cfg.vocab_size, 1000), (args.text_tokens,), generator=g).tolist()
+    row = [cfg.vision_start_token_id] + [cfg.image_token_id] * n_pads + [cfg.vision_end_token_id] + text
+    ids = torch.tensor([row] * args.batch, device=args.device)
+    pixels = torch.randn(args.batch * side * side, v.in_channels * v.temporal_patch_size * v.patch_size ** 2,
+                         generator=g).to(args.device)
+    grid = torch.tensor([[1, side, side]] * args.batch, device=args.device)
+    return ids, dict(pixel_values=pixels, image_grid_thw=grid)
+
+
+def prefill_ratio(model, ids, pixels):
+    stats = router.SkipStats(len(model.layers))
+    with torch.no_grad():
+        model(ids, stats=stats, last_only=True, **pixels)
+    return stats.summary()["prefill"]["all"] or 0.0
+
+
+def fit_threshold(model, ids, pixels, target):
+    """A single-threshold policy (no alpha) whose prefill skip ratio on this prompt is `target`: bisection on tau.
+    For random-weight speed runs, where no calibration data exist."""
+    policy = router.Threshold(0.0)
+    router.install(model, policy)
+    lo, hi = 0.0, 1.0
+    for _ in range(20):
+        policy.tau.fill_((lo + hi) / 2)
+        lo, hi = ((lo + hi) / 2, hi) if prefill_ratio(model, ids, pixels) < target else (lo, (lo + hi) / 2)
+    policy.tau.fill_(hi)
+    return policy
+
+
+def make_policy(name, model, ids, pixels, args):
+    if name == "full":
+        return None
+    if name == "modes":
+        if not args.thresholds:
+            raise ValueError("--policy modes needs --thresholds FILE (made by search.py)")
+        import search
+        return search.load_thresholds(args.thresholds, model)
+    if name == "threshold":
+        return fit_threshold(model, ids, pixels, args.target)
+    if name == "reduce-k":
+        return router.ReduceK(args.keep)
+    raise ValueError(f"--policy: unknown policy {name!r} (full, modes, threshold, reduce-k)")
 
 
 @torch.no_grad()
 def measure(model, ids, pixels, args):
-    """Median seconds of the vision tower, the language-model prefill and one decode step."""
+    """Median times of the vision tower, the language-model prefill, time to first token and one decode step;
+    the skip ratios from one separate, untimed pass with a SkipStats collector."""
     dev = args.device
     B, S = ids.shape
-    vision_s, prefill_s, decode_s = [], [], []
+    rows = {"vision": [], "prefill": [], "ttft": [], "decode": []}
+    warmup_s = 0.0
     for r in range(args.warmup + args.repeats):
-        media, tv = timed(lambda: model.encode_vision(ids, **pixels), dev)
         cache = model.new_cache(B, S + args.decode_steps + 1)
-        logits, tp = timed(lambda: model(ids, cache=cache, media=media, **pixels), dev)
+        media, tv = timed(lambda: model.encode_vision(ids, **pixels), dev)
+        logits, tp = timed(lambda: model(ids, cache=cache, media=media, last_only=True, **pixels), dev)
         token = logits[:, -1:].argmax(-1)
+        step, tc = timed(lambda: M.decode_step_fn(model, cache, compile=args.compile,
+                                                  cuda_graph=args.compile and dev.startswith("cuda")), dev)
         steps = []
         for _ in range(args.decode_steps):
-            logits, td = timed(lambda: model(token, cache=cache), dev)
-            token = logits[:, -1:].argmax(-1)
+            logits, td = timed(lambda: step(token, torch.tensor([cache.length], device=dev)), dev)
+            cache.length += 1
+            token = logits.argmax(-1, keepdim=True)
+            steps.append(td)
+        if r < args.warmup:
+            warmup_s += tv + tp + tc + sum(steps)
+            continue
+        rows["vision"].append(tv)
+        rows["prefill"].append(tp)
+        rows["ttft"].append(tv + tp)
+        rows["decode"].append(statistics.median(steps[1:] if len(steps) > 1 else steps))
+    out = {f"{k}_ms": 1e3 * statistics.median(v) for k, v in rows.items()}
+    stats = router.SkipStats(len(model.layers))
+    cache = model.new_cache(B, S + args.decode_steps + 1)
+    token = model(ids, cache=cache, stats=stats, last_only=True, **pixels)[:, -1:].argmax(-1)
+    for _ in range(args.decode_steps):
+        token = model(token, cache=cache, stats=stats)[:, -1:].argmax(-1)
+    summary = stats.summary()
+    for phase in ("prefill", "decode"):
+        for m in ("text", "vision", "all"):
+            out[f"skip_{phase}_{m}"] = summary[phase][m]
+    out["warmup_s"] = warmup_s
+    return out
+
+
+def roofline(model, args, row, bandwidth, context):
+    """Bytes a decode step must read and FLOPs of the prefill, from the shapes and the measured kept fraction."""
+    cfg = model.cfg
+    elem = torch.finfo(DTYPES[args.dtype]).bits // 8
+    moe = [layer.mlp for layer in model.layers if hasattr(layer.mlp, "experts")]
+    E, two_i, H = moe[0].experts.gate_up_proj.shape
+    expert_params = 3 * (two_i // 2) * H
+    lm_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("model.visual"))
+    embed = model.model["language_model"].embed_tokens.weight.numel()
+    fixed = lm_params - embed - len(moe) * E * expert_params  # read once per step whatever the batch
+    kept = 1 - (row["skip_decode_all"] or 0.0)
+    slots = args.batch * cfg.num_experts_per_tok * kept  # batch 1: kept slots are distinct experts
+    kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * elem * args.batch * context
+    step_bytes = (fixed + len(moe) * min(E, slots) * expert_params) * elem + kv_bytes
+    kept_prefill = 1 - (row["skip_prefill_all"] or 0.0)
+    tokens = row["prompt_tokens"] * args.batch
+    attn = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * row["prompt_tokens"] ** 2 / 2
+    flops = 2 * tokens * (fixed - cfg.vocab_size * H + len(moe) * cfg.num_experts_per_tok * kept_prefill
+                          * expert_params) + attn * args.batch + 2 * args.batch * cfg.vocab_size * H
+    return dict(decode_bytes_per_step=step_bytes, decode_gb_per_s=step_bytes / row["decode_ms"] * 1e-6,
+                decode_floor_ms=step_bytes / bandwidth * 1e3,
+                decode_pct_of_floor=100 * step_bytes / bandwidth * 1e3 / row["decode_ms"],
+                prefill_tflops=flops / row["prefill_ms"] * 1e-9)
+
+
+@torch.no_grad()
+def transformers_row(model, source, ids, pixels, args):
+    """The same config, weights (shared, not copied) and inputs through transformers' own implementation."""
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+    if not isinstance(model, M.Qwen3VLMoe):
+        raise ValueError("--compare-transformers: only Qwen3-VL-MoE is wired up")
+    with open(source if source.endswith(".json") else os.path.join(source, "config.json")) as f:
+        hf_cfg = Qwen3VLMoeConfig(**json.load(f))
+    with torch.device("meta"):
+        hf = Qwen3VLMoeForConditionalGeneration(hf_cfg)
+    hf.load_state_dict(model.state_dict(), strict=True, assign=True)
+    for mod in hf.modules():  # rotary tables are buffers that the state dict does not carry: rebuild them
+        for name, buf in list(mod.named_buffers(recurse=False)):
+            if buf.is_meta:
+                setattr(mod, name, getattr(type(mod)(mod.config), name).to(args.device))
+    hf.eval()
+    mm = (ids == model.cfg.image_token_id).long()
+    dev = args.device
+    prefill, decode = [], []
+    for r in range(args.warmup + args.repeats):
+        out, tp = timed(lambda: hf(input_ids=ids, mm_token_type_ids=mm, use_cache=True, logits_to_keep=1,
+                                   **pixels), dev)
+        token, past, steps = out.logits[:, -1:].argmax(-1), out.past_key_values, []
+        for _ in range(args.decode_steps):
+            out, td = timed(lambda: hf(input_ids=token, past_key_values=past, use_cache=True), dev)
+            token, past = out.logits[:, -1:].argmax(-1), out.past_key_values
             steps.append(td)
         if r >= args.warmup:
-            vision_s.append(tv)
-            prefill_s.append(tp)
-            decode_s.append(statistics.median(steps))
-    return dict(vision_ms=1e3 * statistics.median(vision_s), prefill_lm_ms=1e3 * statistics.median(prefill_s),
-                decode_ms_per_token=1e3 * statistics.median(decode_s))
+            prefill.append(tp)
+            decode.append(statistics.median(steps))
+    return dict(ttft_ms=1e3 * statistics.median(prefill), decode_ms=1e3 * statistics.median(decode))
 
 
 def main(args):
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    path = args.model or M.default_checkpoint()
-    host_before = host_peak_bytes()
-    model, load_s = timed(lambda: M.load(path, device=args.device, dtype=dtype), args.device)
+    if args.random_weights != bool(args.config):
+        raise ValueError("--config FILE and --random-weights go together (real-size architecture, random weights)")
+    model, source, load_s, host_load = build(args)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    host_load_peak = host_peak_bytes() - host_before
-    proc = processor.QwenProcessor.from_dir(path)
-    ids, pixels = make_inputs(proc, args, args.device)
-    if args.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    result = measure(model, ids, pixels, args)
-    cfg = model.cfg
-    row = dict(
-        model=path, device=torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor()
-        or platform.machine(), torch=torch.__version__, dtype=args.dtype, batch=args.batch, prompt_tokens=ids.shape[1],
-        visual_tokens=int((ids[0] == cfg.image_token_id).sum()), image_size=args.image_size,
-        decode_steps=args.decode_steps, repeats=args.repeats, warmup=args.warmup,
-        load_s=load_s, weight_bytes=weight_bytes, host_load_peak_bytes=host_load_peak, **result,
-        decode_tokens_per_s=args.batch * 1e3 / result["decode_ms_per_token"],
-        peak_memory_bytes=torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else host_peak_bytes())
-    print(f"# {row['device']} | torch {row['torch']} | {args.dtype} | batch {args.batch} | prompt {row['prompt_tokens']} "
-          f"tokens ({row['visual_tokens']} visual, image {args.image_size}px) | {args.decode_steps} decode steps | "
-          f"median of {args.repeats} after {args.warmup} warm-up")
-    print(f"# model {path}")
-    table = [("load", f"{load_s:.2f} s", f"host peak +{host_load_peak / 2**20:.0f} MiB for "
-                                         f"{weight_bytes / 2**20:.0f} MiB of weights"),
-             ("vision tower", f"{result['vision_ms']:.1f} ms", ""),
-             ("language-model prefill", f"{result['prefill_lm_ms']:.1f} ms", f"{ids.numel()} tokens"),
-             ("decode", f"{result['decode_ms_per_token']:.2f} ms/token", f"{row['decode_tokens_per_s']:.1f} tokens/s"),
-             ("peak memory", f"{row['peak_memory_bytes'] / 2**20:.0f} MiB",
-              "CUDA allocated" if args.device.startswith("cuda") else "host RSS")]
-    for name, value, note in table:
-        print(f"{name:<24} {value:>16}   {note}")
-    print(json.dumps(row))
+    ids, pixels = synthetic_inputs(model, args)
+    device_name = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+                   else platform.processor() or platform.machine())
+    bandwidth = copy_bandwidth(args.device)
+    header = dict(source=source, device=device_name, torch=torch.__version__, dtype=args.dtype, batch=args.batch,
+                  prompt_tokens=ids.shape[1], visual_tokens=int((ids[0] == model.cfg.image_token_id).sum()),
+                  decode_steps=args.decode_steps, repeats=args.repeats, warmup=args.warmup, compile=args.compile,
+                  expert_impl=args.expert_impl, threads=torch.get_num_threads(), load_s=load_s,
+                  weight_bytes=weight_bytes, host_load_peak_bytes=host_load, copy_bandwidth_gb_s=bandwidth / 1e9)
+    print(f"# {device_name} | torch {torch.__version__} | {args.dtype} | batch {args.batch} | prompt "
+          f"{header['prompt_tokens']} tokens ({header['visual_tokens']} visual) | {args.decode_steps} decode steps | "
+          f"compile {'on' if args.compile else 'off'} | experts {args.expert_impl} | median of {args.repeats} "
+          f"after {args.warmup} warm-up")
+    print(f"# {source}: loaded in {load_s:.2f} s, host peak +{host_load / 2**20:.0f} MiB for "
+          f"{weight_bytes / 2**20:.0f} MiB of weights; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    rows = []
+    for name in args.policy.split(","):
+        router.uninstall(model)
+        policy = make_policy(name, model, ids, pixels, args)
+        router.install(model, lambda i: policy)
+        if args.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        row = dict(policy=name, prompt_tokens=ids.shape[1], **measure(model, ids, pixels, args))
+        row.update(roofline(model, args, row, bandwidth, ids.shape[1] + args.decode_steps // 2))
+        row["decode_tokens_per_s"] = args.batch * 1e3 / row["decode_ms"]
+        row["peak_memory_bytes"] = (torch.cuda.max_memory_allocated() if args.device.startswith("cuda")
+                                    else host_peak_bytes())
+        rows.append(row)
+    router.uninstall(model)
+    if args.compare_transformers:
+        rows.append(dict(policy="transformers", **transformers_row(model, source, ids, pixels, args)))
+    full = next((r for r in rows if r["policy"] == "full"), None)
+    cols = ("policy", "skip pre", "skip dec", "vision ms", "LM prefill ms", "TTFT ms", "decode ms", "tok/s",
+            "GB/s", "% floor", "TFLOP/s", "peak MiB", "x prefill", "x decode")
+    print(" | ".join(cols))
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    for r in rows:
+        if full:
+            r["speedup_prefill"] = full["ttft_ms"] / r["ttft_ms"] if r["policy"] == "transformers" else \
+                full["prefill_ms"] / r["prefill_ms"]
+            r["speedup_decode"] = full["decode_ms"] / r["decode_ms"]
+        print(" | ".join([r["policy"], fmt(r.get("skip_prefill_all"), ".3f"), fmt(r.get("skip_decode_all"), ".3f"),
+                          fmt(r.get("vision_ms"), ".1f"), fmt(r.get("prefill_ms"), ".1f"), fmt(r["ttft_ms"], ".1f"),
+                          fmt(r["decode_ms"], ".2f"), fmt(args.batch * 1e3 / r["decode_ms"], ".1f"),
+                          fmt(r.get("decode_gb_per_s"), ".1f"), fmt(r.get("decode_pct_of_floor"), ".0f"),
+                          fmt(r.get("prefill_tflops"), ".3f"), fmt((r.get("peak_memory_bytes") or 0) / 2**20, ".0f"),
+                          fmt(r.get("speedup_prefill"), ".2f"), fmt(r.get("speedup_decode"), ".2f")]))
+    result = dict(header, rows=rows)
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(tmp, args.json)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Time the vision tower, prefill and decode of a checkpoint.")
+    p = argparse.ArgumentParser(description="Time vision, prefill and decode per skip policy.")
     p.add_argument("--model", help="checkpoint folder (default: the tiny built-in checkpoint)")
+    p.add_argument("--config", help="a config.json: benchmark that architecture (with --random-weights)")
+    p.add_argument("--random-weights", action="store_true", help="random weights, no checkpoint needed")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--policy", default="full", help="comma list of: full, modes (needs --thresholds), threshold "
+                   "(single tau fitted to --target on the prompt), reduce-k (keeps --keep slots)")
+    p.add_argument("--thresholds", help="thresholds file from search.py, for --policy modes")
+    p.add_argument("--target", type=float, default=0.88, help="skip ratio for --policy threshold")
+    p.add_argument("--keep", type=int, default=1, help="slots kept by --policy reduce-k")
+    p.add_argument("--expert-impl", default="auto", help="ref (readable loop) or a kernels.py path: auto, grouped, "
+                   "gather, loop, triton")
     p.add_argument("--batch", type=int, default=1, help="rows of the same prompt")
-    p.add_argument("--image-size", type=int, default=256, help="side of the square synthetic image, pixels")
-    p.add_argument("--text-tokens", type=int, default=32, help="approximate text tokens of the question")
+    p.add_argument("--image-size", type=int, default=256, help="side of the square image, pixels")
+    p.add_argument("--text-tokens", type=int, default=32, help="text tokens after the image")
     p.add_argument("--decode-steps", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the decode step and capture it in a CUDA graph (default: on for cuda)")
+    p.add_argument("--compare-transformers", action="store_true", help="also time transformers' implementation")
+    p.add_argument("--json", help="also write the result to this file")
     args = p.parse_args()
+    args.compile = args.device.startswith("cuda") if args.compile is None else args.compile
     try:
         main(args)
     except (OSError, ValueError) as e:

@@ -130,8 +130,8 @@ class QwenConfig:
 
 
 def read_config(path):
-    """The dataclass config of the checkpoint folder `path`, chosen by its model_type."""
-    file = os.path.join(path, "config.json")
+    """The dataclass config of a checkpoint folder (or of a config.json file), chosen by its model_type."""
+    file = path if path.endswith(".json") else os.path.join(path, "config.json")
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{path}: no config.json (is this a Hugging Face checkpoint folder?)")
     try:
@@ -621,10 +621,11 @@ class Qwen3VLMoe(nn.Module):
     def head(self, h):
         return self.lm_head(self.model["language_model"].norm(h))
 
-    def forward(self, input_ids, attention_mask=None, *, cache=None, stats=None, media=None, **pixels):
-        """input_ids [B, S] (left padding marked 0 in attention_mask) -> logits [B, S, V]. With a cache, appends
-        the tokens to it (prefill when it is empty, decode otherwise). pixels: pixel_values, image_grid_thw,
-        pixel_values_videos, video_grid_thw, as the processor returns them."""
+    def forward(self, input_ids, attention_mask=None, *, cache=None, stats=None, media=None, last_only=False,
+                **pixels):
+        """input_ids [B, S] (left padding marked 0 in attention_mask) -> logits [B, S, V] ([B, 1, V] with
+        last_only). With a cache, appends the tokens to it (prefill when it is empty, decode otherwise). pixels:
+        pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, as the processor returns them."""
         cache_pos = None
         if cache is not None:
             cache_pos = torch.arange(cache.length, cache.length + input_ids.shape[1], device=input_ids.device)
@@ -634,7 +635,7 @@ class Qwen3VLMoe(nn.Module):
             h = self.layer(i, h, state)
         if cache is not None:
             cache.length += input_ids.shape[1]
-        return self.head(h)
+        return self.head(h[:, -1:] if last_only else h)
 
     def decode_step(self, token, cache, cache_pos, stats=None):
         """One decode step with tensors only (token [B, 1], cache_pos [1]): the function the entry scripts compile
@@ -821,7 +822,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=32, stop_i
     a stop id keeps emitting it."""
     B, S = input_ids.shape
     cache = model.new_cache(B, S + max_new_tokens)
-    logits = model(input_ids, attention_mask, cache=cache, stats=stats, **pixels)[:, -1]
+    logits = model(input_ids, attention_mask, cache=cache, stats=stats, last_only=True, **pixels)[:, -1]
     step = decode_step_fn(model, cache, compile=compile, cuda_graph=cuda_graph, stats=stats)
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=input_ids.device)
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
@@ -876,20 +877,23 @@ TINY_QWEN_PREPROCESSOR = {"size": {"longest_edge": 16777216, "shortest_edge": 65
 
 
 def random_weights(model, seed=0):
-    """Variance-preserving random weights. Routers are scaled up and share a low-rank preference so that routing
-    is peaked and uneven across experts, as in real Qwen3 routers (uniform routing makes skipping degenerate)."""
-    g = torch.Generator().manual_seed(seed)
+    """Variance-preserving random weights, drawn on the parameters' device. Routers are scaled up and share a
+    low-rank preference so that routing is peaked and uneven across experts, as in real Qwen3 routers (uniform
+    routing makes skipping degenerate)."""
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for i, (name, p) in enumerate(model.named_parameters()):
+            g = torch.Generator(device=p.device).manual_seed(seed * 100003 + i)
             if p.ndim == 1:
-                p.copy_((1.0 if "norm" in name else 0.0) + 0.05 * torch.randn(p.shape, generator=g))
+                p.normal_(generator=g).mul_(0.05).add_(1.0 if "norm" in name else 0.0)
             elif name.endswith("mlp.gate.weight"):
                 E, H = p.shape
-                popular = torch.randn(E, 1, generator=g) @ torch.randn(1, H, generator=g)
-                p.copy_((2.0 * torch.randn(E, H, generator=g) + popular) / H ** 0.5)
+                popular = torch.randn(E, 1, generator=g, device=p.device) @ torch.randn(1, H, generator=g,
+                                                                                      device=p.device)
+                p.copy_((2.0 * torch.randn(E, H, generator=g, device=p.device) + popular) / H ** 0.5)
             else:
                 fan_in = p.shape[-1] if p.ndim != 5 else p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
+                p.normal_(generator=g).mul_(fan_in ** -0.5)
+    return model
 
 
 def save_checkpoint(model, raw_config, path, dtype=torch.bfloat16):

@@ -50,10 +50,16 @@ def test_missing_model_folder_is_one_line_error(env, tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_bench_reports_json(env):
-    r = run(env, "bench.py", "--repeats", "1", "--warmup", "0", "--decode-steps", "2")
+def test_bench_reports_json(env, tmp_path):
+    r = run(env, "bench.py", "--repeats", "1", "--warmup", "0", "--decode-steps", "2", "--policy", "full,reduce-k",
+            "--json", str(tmp_path / "b.json"))
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    for key in ("load_s", "vision_ms", "prefill_lm_ms", "decode_ms_per_token", "peak_memory_bytes"):
-        assert out[key] > 0
-    assert out["visual_tokens"] == 64
+    assert out == json.loads((tmp_path / "b.json").read_text())
+    assert out["visual_tokens"] == 64 and out["load_s"] > 0
+    full, reduced = out["rows"]
+    for key in ("vision_ms", "prefill_ms", "ttft_ms", "decode_ms", "decode_gb_per_s", "prefill_tflops"):
+        assert full[key] > 0 and reduced[key] > 0
+    assert full["skip_prefill_all"] == 0.0 and full["speedup_decode"] == 1.0
+    # reduce-k keeps 1 of the tiny model's 4 slots, except at the 2 special tokens (vision start and end)
+    assert reduced["skip_prefill_all"] == pytest.approx((out["prompt_tokens"] - 2) * 3 / (out["prompt_tokens"] * 4))
