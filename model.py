@@ -177,7 +177,7 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
-    def forward(self, x, step=None):
+    def forward(self, x, step=None, importance=None):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -231,6 +231,18 @@ class KVCache:
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)  # rope position of the next token
         self.length = 0  # tokens written so far (host side, for the decode loop)
         self.max_len = max_len
+
+
+def token_importance(q, k, mask, x, valid):
+    """MC-MoE's token importance: ||x_j||_1 times the attention token j receives, averaged over heads and over the
+    queries that can see it; padding gets -inf. q [B, h, S, d], k [B, h_kv, S_kv, d] of this call's keys only."""
+    B, h, S, d = q.shape
+    k = k.repeat_interleave(h // k.shape[1], dim=1)[:, :, :S]  # [B, h, S, d]
+    scores = torch.einsum("bhsd,bhtd->bhst", q.float(), k.float()) / d ** 0.5
+    probs = scores.masked_fill(~mask[..., :S], float("-inf")).softmax(-1)  # [B, h, S, S]
+    seen_by = mask[:, 0, :, :S].float().sum(1)  # [B, S]: how many queries attend to each key
+    received = probs.sum((1, 2)) / (h * seen_by.clamp(min=1))
+    return (received * x.float().abs().sum(-1)).masked_fill(~valid, float("-inf"))
 
 
 def causal_mask(cache_pos, key_valid):
@@ -403,7 +415,7 @@ class QwenAttention(nn.Module):
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps)  # one weight shared by all heads, applied before rotary
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, kv):
+    def forward(self, x, cos, sin, mask, kv, step=None, want_importance=False):
         B, S, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, S, self.nh, self.d))
         k = self.k_norm(self.k_proj(x).view(B, S, self.nkv, self.d))
@@ -412,13 +424,14 @@ class QwenAttention(nn.Module):
         q = (q * cos + rotate_half(q) * sin).transpose(1, 2)  # [B, nh, S, d]
         k = (k * cos + rotate_half(k) * sin).transpose(1, 2)  # [B, nkv, S, d]
         v = v.transpose(1, 2)
+        importance = token_importance(q, k, mask, x, step.valid) if want_importance else None
         if kv is not None:
             k_cache, v_cache, cache_pos = kv
             k_cache[:, :, cache_pos] = k
             v_cache[:, :, cache_pos] = v
             k, v = k_cache, v_cache  # [B, nkv, S_max, d]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # [B, nh, S, d]
-        return self.o_proj(out.transpose(1, 2).reshape(B, S, self.nh * self.d))
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, self.nh * self.d)), importance
 
 
 class QwenMoE(nn.Module):
@@ -440,10 +453,12 @@ class QwenMoE(nn.Module):
         pi_hat = top / top.sum(-1, keepdim=True)
         return Routing(weights=pi_hat if self.norm_topk_prob else top, ids=ids, pi_hat=pi_hat, probs=probs)
 
-    def forward(self, x, step):
+    def forward(self, x, step, importance=None):
         B, S, H = x.shape
         x = x.view(B * S, H)
         routing = self.route(x)
+        if importance is not None:
+            routing.importance = importance.reshape(-1)
         weights, ids = routing.weights, routing.ids
         modality = step.modality.reshape(-1)
         if self.policy is not None:
@@ -463,8 +478,11 @@ class QwenDecoderLayer(nn.Module):
         self.mlp = QwenMoE(cfg, i) if cfg.is_moe_layer(i) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, h, cos, sin, mask, kv, step):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, kv)
-        return h + self.mlp(self.post_attention_layernorm(h), step)
+        # MC-MoE ranks prefill tokens by the attention they receive in this layer
+        want = step.phase == "prefill" and getattr(getattr(self.mlp, "policy", None), "wants_importance", False)
+        a, importance = self.self_attn(self.input_layernorm(h), cos, sin, mask, kv, step, want)
+        h = h + a
+        return h + self.mlp(self.post_attention_layernorm(h), step, importance)
 
 
 @dataclass
@@ -954,21 +972,35 @@ def main(args):
     model = load(path, device=args.device, dtype=dtype)
     proc = processor.QwenProcessor.from_dir(path)
     load_s = time.perf_counter() - t0
+    stats = None
+    if args.thresholds:
+        import router
+        import search
+        router.install(model, search.load_thresholds(args.thresholds, model))
+        stats = router.SkipStats(len(model.layers))
     batch = proc.from_cli(args.prompt, images=args.image, video=args.video, system=args.system)
     vision = {k: (batch[k].to(args.device) if batch.get(k) is not None else None)
               for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")}
     input_ids = batch["input_ids"][None].to(args.device)
     t0 = time.perf_counter()
-    tokens = generate(model, input_ids, max_new_tokens=args.max_new_tokens, stop_ids=proc.stop_token_ids, **vision)
+    tokens = generate(model, input_ids, max_new_tokens=args.max_new_tokens, stop_ids=proc.stop_token_ids,
+                      stats=stats, **vision)
     gen_s = time.perf_counter() - t0
     token_ids = tokens[0].tolist()
     if token_ids and token_ids[-1] in proc.stop_token_ids:
         token_ids = token_ids[: token_ids.index(token_ids[-1]) + 1]
     text = proc.decode(token_ids)
     print(text)
+    report = dict(text=text, token_ids=token_ids, prompt_tokens=input_ids.shape[1], model=path,
+                  load_s=round(load_s, 3), generate_s=round(gen_s, 3))
+    if stats is not None:
+        s = stats.summary()
+        report["skip_ratio"] = {phase: {m: s[phase][m] for m in ("text", "vision", "all")}
+                                for phase in ("prefill", "decode", "total")}
+        print(f"skipped routed-expert slots: prefill {s['prefill']['all']:.1%} (text {s['prefill']['text']:.1%}, "
+              f"vision {s['prefill']['vision'] or 0:.1%}), decode {s['decode']['all'] or 0:.1%}", file=sys.stderr)
     if args.json:
-        print(json.dumps(dict(text=text, token_ids=token_ids, prompt_tokens=input_ids.shape[1], model=path,
-                              load_s=round(load_s, 3), generate_s=round(gen_s, 3))))
+        print(json.dumps(report))
 
 
 if __name__ == "__main__":
@@ -981,6 +1013,7 @@ if __name__ == "__main__":
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--thresholds", help="MoDES thresholds file from search.py: skip experts while generating")
     p.add_argument("--json", action="store_true", help="last stdout line: a JSON object with text and token ids")
     args = p.parse_args()
     try:

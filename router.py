@@ -213,6 +213,8 @@ class MCMoE(NAEE):
     Tokens are ranked over all T rows of the call, so the model should give padding rows importance -inf.
     """
 
+    wants_importance = True  # asks the model to compute attention-based token importance in prefill
+
     def __init__(self, beta, protect_frac: float = 0.1, drop_frac: float = 0.1):
         super().__init__(beta)
         for name, frac in (("protect_frac", protect_frac), ("drop_frac", drop_frac)):

@@ -158,3 +158,32 @@ def test_both_config_dialects_agree():
     t["num_local_experts"] = t.pop("num_experts")
     assert M.QwenConfig.from_hf(raw, "transformers 5 dialect") == hub
     assert hub.num_experts == 128 and hub.rope_theta == 5e6 and hub.mrope_section == (24, 20, 20)
+
+
+def test_token_importance_hand_example():
+    # one head, three tokens, causal: q·k = 0 everywhere, so each query spreads uniformly over what it sees
+    q = torch.zeros(1, 1, 3, 2)
+    k = torch.zeros(1, 1, 3, 2)
+    mask = M.causal_mask(torch.arange(3), torch.ones(1, 3, dtype=torch.bool))
+    x = torch.tensor([[[1.0, -1.0], [2.0, 0.0], [0.0, 3.0]]])  # L1 norms 2, 2, 3
+    valid = torch.tensor([[True, True, False]])
+    got = M.token_importance(q, k, mask, x, valid)
+    # token 0 receives 1 + 1/2 + 1/3 from its 3 viewers, token 1 receives 1/2 + 1/3 from 2
+    assert torch.allclose(got[0, :2], torch.tensor([2 * (11 / 6) / 3, 2 * (5 / 6) / 2]))
+    assert got[0, 2] == float("-inf")
+
+
+def test_mcmoe_policy_gets_importance(oracle):
+    import router
+    _, saved, _ = oracle
+    ours = M.load(saved, dtype=torch.float32)
+    ids = torch.tensor([image_prompt([(1, 4, 4)])])
+    pv, thw = pixels([(1, 4, 4)])
+    stats = {}
+    for name, policy in (("naee", router.NAEE(0.3)), ("mcmoe", router.MCMoE(0.3, protect_frac=0.25, drop_frac=0.0))):
+        router.install(ours, policy)
+        stats[name] = router.SkipStats(ours.cfg.num_hidden_layers)
+        with torch.no_grad():
+            ours(ids, stats=stats[name], pixel_values=pv, image_grid_thw=thw)
+    # protecting a quarter of the tokens keeps strictly more slots than the bare tail rule
+    assert stats["mcmoe"].summary()["prefill"]["skipped"] < stats["naee"].summary()["prefill"]["skipped"]

@@ -1,0 +1,228 @@
+"""kernels.moe_experts: every path against the fp32 loop (itself checked against a dense fp64 reference), skip
+semantics, NaN safety, graph counts under torch.compile, bad input. CPU, tiny sizes; the triton path runs here only
+with triton installed and TRITON_INTERPRET=1, and on CUDA when a GPU is present."""
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.testing import CompileCounter
+
+import kernels
+from kernels import SKIP, moe_experts
+
+H, I = 64, 32  # hidden and expert sizes: multiples of 8, so grouped_mm's 16-byte stride rule holds in bf16 too
+TRITON_ON_CPU = kernels.HAS_TRITON and kernels._TRITON_INTERPRET
+FAST_PATHS = ["grouped", "gather", "auto"] + (["triton"] if TRITON_ON_CPU else [])
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # relative L2 error against the fp32 loop
+# (T, K, E, skip pattern): every T, K, E and pattern appears at least once
+CASES = [(1, 8, 16, "none"), (1, 6, 64, "random"), (2, 8, 64, "all"), (7, 6, 16, "one_expert"),
+         (33, 8, 64, "empty_tokens"), (33, 6, 16, "sparse88"), (257, 8, 64, "random"), (257, 6, 16, "none")]
+
+
+def make_case(T, K, E, pattern, dtype=torch.float32, seed=0, h=H, i=I):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, h, generator=g).to(dtype)
+    w_gate_up = (torch.randn(E, 2 * i, h, generator=g) / h ** 0.5).to(dtype)
+    w_down = (torch.randn(E, h, i, generator=g) / i ** 0.5).to(dtype)
+    ids = torch.rand(T, E, generator=g).topk(K).indices  # distinct experts per token, as top-k routing gives
+    weights = torch.rand(T, K, generator=g)
+    u = torch.rand(T, K, generator=g)
+    keep = {"none": u >= 0, "all": u < 0, "random": u < 0.5, "sparse88": u < 0.12,
+            "empty_tokens": (u < 0.6) & (torch.arange(T)[:, None] % 3 != 0),
+            "one_expert": torch.arange(K).expand(T, K) == 0}[pattern]
+    if pattern == "one_expert":
+        ids[:, 0] = E // 2  # every kept pair lands on one expert
+    ids = ids.masked_fill(~keep, SKIP).to(torch.int32 if seed % 2 else torch.int64)
+    return x, w_gate_up, w_down, ids, weights
+
+
+def dense_reference(x, w_gate_up, w_down, ids, weights):
+    """fp64: every expert on every token, mixed by a dense [T, E] weight matrix; shares no code with kernels.py."""
+    x, w_gate_up, w_down = x.double(), w_gate_up.double(), w_down.double()
+    T, E, i = x.shape[0], w_gate_up.shape[0], w_down.shape[2]
+    h = torch.einsum("th,ejh->tej", x, w_gate_up)                           # [T, E, 2I]
+    y = torch.einsum("tei,ehi->teh", F.silu(h[..., :i]) * h[..., i:], w_down)  # [T, E, H]
+    keep = ids != SKIP
+    mix = torch.zeros(T, E, dtype=torch.float64).scatter_add_(
+        1, ids.long().clamp(min=0), torch.where(keep, weights.double(), 0.0))   # [T, E]
+    return torch.einsum("te,teh->th", mix, y)
+
+
+def assert_close(out, ref, tol, what=""):
+    out, ref = out.double(), ref.double()
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert out.isfinite().all(), f"{what}: non-finite output"
+    diff = (out - ref).abs()
+    if ref.abs().max() == 0:
+        assert diff.max() == 0, f"{what}: expected exact zeros, max diff {diff.max():.2e}"
+        return
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel <= tol, f"{what}: rel err {rel:.2e} > {tol:.0e}, max diff {diff.max():.2e}, mean {diff.mean():.2e}"
+
+
+@functools.cache
+def loop_result(case, dtype):
+    return moe_experts(*make_case(*case, dtype), path="loop")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES)
+def test_loop_matches_dense_reference(case, dtype):
+    out = loop_result(case, dtype)
+    assert out.dtype == dtype
+    # the loop is fp32 inside, so its only bf16 error is the final rounding
+    assert_close(out, dense_reference(*make_case(*case, dtype)), 1e-6 if dtype == torch.float32 else 8e-3, "loop")
+
+
+@pytest.mark.parametrize("path", FAST_PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES)
+def test_path_matches_loop(case, dtype, path):
+    if path == "triton" and case[0] * case[1] > 64:
+        pytest.skip("the Triton interpreter is too slow for prefill sizes")
+    out = moe_experts(*make_case(*case, dtype), path=path)
+    assert out.dtype == dtype
+    assert_close(out, loop_result(case, dtype), TOL[dtype], f"{path} {case}")
+
+
+def test_grouped_falls_back_on_unaligned_sizes():
+    # I=30 fp32 rows are 120 bytes, not a multiple of 16: grouped_mm refuses them, the path must still be right
+    args = make_case(7, 6, 16, "random", h=40, i=30)
+    assert not kernels._grouped_mm_usable(args[0], 30)
+    assert_close(moe_experts(*args, path="grouped"), dense_reference(*args), TOL[torch.float32], "fallback")
+
+
+@pytest.mark.parametrize("path", ["loop"] + FAST_PATHS)
+def test_skip_equals_zero_weight(path):
+    x, w_gate_up, w_down, ids, weights = make_case(33 if path != "triton" else 5, 8, 64, "none", seed=3)
+    skipped = torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) < 0.7
+    out_skip = moe_experts(x, w_gate_up, w_down, ids.masked_fill(skipped, SKIP), weights, path=path)
+    out_zero = moe_experts(x, w_gate_up, w_down, ids, weights.masked_fill(skipped, 0.0), path=path)
+    assert_close(out_skip, out_zero, 1e-6, path)
+
+
+@pytest.mark.parametrize("path", FAST_PATHS)
+@pytest.mark.parametrize("pattern", ["random", "all", "empty_tokens"])
+def test_nan_in_unused_experts_and_skipped_slots_is_ignored(path, pattern):
+    x, w_gate_up, w_down, ids, weights = make_case(7, 6, 64, pattern, seed=5)
+    clean = moe_experts(x, w_gate_up, w_down, ids, weights, path=path)
+    unused = torch.ones(64, dtype=torch.bool)
+    unused[ids[ids != SKIP].long()] = False
+    poisoned = (w_gate_up.clone(), w_down.clone(), weights.masked_fill(ids == SKIP, float("nan")))
+    poisoned[0][unused] = float("nan")
+    poisoned[1][unused] = float("nan")
+    x_nan = x.masked_fill((ids == SKIP).all(1, keepdim=True), float("nan"))  # tokens that keep nothing
+    assert unused.any()
+    assert_close(moe_experts(x_nan, *poisoned[:2], ids, poisoned[2], path=path), clean, 1e-6, path)
+
+
+def test_masked_combine_ignores_uninitialised_tail():
+    # grouped_mm leaves rows past offs[-1] uninitialised; emulate the worst case, NaN there
+    y = torch.randn(10, H)
+    keep = torch.arange(10) < 6
+    w = torch.rand(10).masked_fill(~keep, float("nan"))
+    y[~keep] = float("nan")
+    out = kernels._masked_combine(y, keep, w)
+    assert out.isfinite().all() and (out[~keep] == 0).all()
+    torch.testing.assert_close(out[keep], y[keep] * w[keep, None])
+    assert (y * (keep * w.nan_to_num())[:, None]).isnan().any()  # the "* 0" mask would have let the NaN through
+
+
+def test_redirect_reads_only_kept_experts():
+    for pattern in ["random", "empty_tokens", "sparse88"]:
+        ids = make_case(33, 8, 64, pattern)[3].long()
+        redirected = kernels._redirect_skipped(ids, 64)
+        kept_any = set(ids[ids != SKIP].tolist())
+        for t in range(ids.shape[0]):
+            kept = set(ids[t][ids[t] != SKIP].tolist())
+            assert set(redirected[t].tolist()) <= (kept or kept_any), (pattern, t)
+        assert torch.equal(redirected[ids != SKIP], ids[ids != SKIP])
+
+
+@pytest.mark.parametrize("path", ["loop"] + FAST_PATHS)
+def test_shared_mlp_is_added_unweighted(path):
+    x, w_gate_up, w_down, ids, weights = make_case(7, 6, 16, "random", seed=7)
+    g = torch.Generator().manual_seed(8)
+    shared = (torch.randn(2 * 48, H, generator=g) / 8, torch.randn(H, 48, generator=g) / 7)
+    gate, up = (x.double() @ shared[0].double().T).chunk(2, dim=-1)
+    expected = dense_reference(x, w_gate_up, w_down, ids, weights) + (F.silu(gate) * up) @ shared[1].double().T
+    assert_close(moe_experts(x, w_gate_up, w_down, ids, weights, shared=shared, path=path), expected, 1e-5, path)
+
+
+@pytest.mark.parametrize("path,dtype", [("grouped", torch.float32), ("grouped", torch.bfloat16),
+                                        ("gather", torch.float32), ("auto", torch.bfloat16)])
+def test_one_graph_across_skip_patterns(path, dtype):
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    f = torch.compile(functools.partial(moe_experts, path=path), backend=counter, fullgraph=True)
+    for pattern in ["none", "random", "all", "one_expert", "sparse88"]:
+        args = make_case(9, 8, 16, pattern, dtype)
+        assert_close(f(*args), loop_result((9, 8, 16, pattern), dtype), TOL[dtype], pattern)
+    assert counter.frame_count == 1
+    for T in [3, 17, 40]:  # auto crosses DECODE_MAX_SLOTS here, which adds one graph
+        f(*make_case(T, 8, 16, "random", dtype))
+    assert counter.frame_count <= 3
+
+
+@pytest.mark.parametrize("backend,dtype", [("aot_eager", torch.float32), ("aot_eager", torch.bfloat16),
+                                           ("inductor", torch.bfloat16)])  # one Inductor build: a cold one costs ~20 s
+def test_compiled_grouped_matches_loop(backend, dtype):
+    torch._dynamo.reset()
+    f = torch.compile(functools.partial(moe_experts, path="grouped"), backend=backend, fullgraph=True)
+    case = (33, 8, 16, "empty_tokens")
+    assert_close(f(*make_case(*case, dtype)), loop_result(case, dtype), TOL[dtype], backend)
+
+
+BAD_INPUTS = [  # (argument name, replacement, words the message must contain)
+    ("x", lambda a: a["x"][None], "x must"),
+    ("x", lambda a: a["x"].long(), "x must"),
+    ("w_gate_up", lambda a: a["w_gate_up"][:, :, :-8], "w_gate_up must be"),
+    ("w_gate_up", lambda a: a["w_gate_up"][:, :-1].contiguous(), "w_gate_up must be"),
+    ("w_gate_up", lambda a: a["w_gate_up"].transpose(1, 2).contiguous().transpose(1, 2), "w_gate_up must be contig"),
+    ("w_down", lambda a: a["w_down"][:, :, :-8].contiguous(), "w_down must be"),
+    ("w_down", lambda a: a["w_down"].bfloat16(), "w_down must have x's dtype"),
+    ("ids", lambda a: a["ids"].float(), "ids must be"),
+    ("ids", lambda a: a["ids"][:-1], "ids must be"),
+    ("weights", lambda a: a["weights"].bfloat16(), "weights must be"),
+    ("weights", lambda a: a["weights"][:, :-1], "weights must be"),
+    ("shared", lambda a: (torch.randn(16, H), torch.randn(H, 4)), "shared must be"),
+    ("shared", lambda a: (torch.randn(16, H).bfloat16(), torch.randn(H, 8).bfloat16()), r"shared\[0\] must have"),
+    ("path", lambda a: "fast", "path must be one of"),
+]
+
+
+@pytest.mark.parametrize("name,replace,words", BAD_INPUTS)
+def test_bad_input_names_the_argument(name, replace, words):
+    args = dict(zip(["x", "w_gate_up", "w_down", "ids", "weights"], make_case(3, 4, 8, "random")))
+    args |= {"shared": None, "path": "grouped"}
+    args[name] = replace(args)
+    with pytest.raises(ValueError, match=words):
+        moe_experts(**args)
+
+
+def test_bad_expert_id_is_reported_by_the_loop():
+    x, w_gate_up, w_down, ids, weights = make_case(3, 4, 8, "none")
+    ids[1, 2] = 8
+    with pytest.raises(ValueError, match=r"ids\[1, 2\] = 8"):
+        moe_experts(x, w_gate_up, w_down, ids, weights, path="loop")
+
+
+@pytest.mark.skipif(TRITON_ON_CPU or torch.cuda.is_available(), reason="triton can run here")
+def test_triton_path_needs_cuda():
+    with pytest.raises(ValueError, match="path='triton' needs CUDA"):
+        moe_experts(*make_case(1, 4, 8, "random"), path="triton")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("path", ["grouped", "gather", "triton", "auto"])
+def test_cuda_bf16_paths_match_loop(path):
+    if path == "triton" and not kernels.HAS_TRITON:
+        pytest.skip("triton is not installed")
+    for case in [(1, 8, 64, "random"), (1, 8, 64, "all"), (7, 6, 16, "empty_tokens"), (257, 8, 64, "sparse88")]:
+        args = [a.cuda() for a in make_case(*case, torch.bfloat16)]
+        eager = moe_experts(*args, path=path).cpu()
+        assert_close(eager, loop_result(case, torch.bfloat16), TOL[torch.bfloat16], f"{path} {case}")
+        torch._dynamo.reset()
+        compiled = torch.compile(functools.partial(moe_experts, path=path), fullgraph=True)(*args).cpu()
+        assert_close(compiled, eager, TOL[torch.bfloat16], f"compiled {path} {case}")
