@@ -187,3 +187,24 @@ def test_mcmoe_policy_gets_importance(oracle):
             ours(ids, stats=stats[name], pixel_values=pv, image_grid_thw=thw)
     # protecting a quarter of the tokens keeps strictly more slots than the bare tail rule
     assert stats["mcmoe"].summary()["prefill"]["skipped"] < stats["naee"].summary()["prefill"]["skipped"]
+
+
+@pytest.mark.parametrize("impl", ["grouped", "gather", "auto"])
+def test_kernel_paths_reproduce_reference(oracle, impl):
+    import router
+    _, saved, _ = oracle
+    ours = M.load(saved, dtype=torch.float32)
+    grids = [(1, 4, 6)]
+    ids = torch.tensor([image_prompt(grids)])
+    pv, thw = pixels(grids)
+    with torch.no_grad():
+        ref_logits = ours(ids, pixel_values=pv, image_grid_thw=thw)
+        ref_tokens = M.generate(ours, ids, max_new_tokens=6, pixel_values=pv, image_grid_thw=thw)
+        M.set_expert_impl(ours, impl)
+        torch.testing.assert_close(ours(ids, pixel_values=pv, image_grid_thw=thw), ref_logits, rtol=1e-5, atol=1e-5)
+        assert M.generate(ours, ids, max_new_tokens=6, pixel_values=pv, image_grid_thw=thw).tolist() == \
+            ref_tokens.tolist()
+        router.install(ours, router.Threshold(0.3))  # and with skipping on, the same skipped slots
+        fast = ours(ids, pixel_values=pv, image_grid_thw=thw)
+        M.set_expert_impl(ours, "ref")
+        torch.testing.assert_close(fast, ours(ids, pixel_values=pv, image_grid_thw=thw), rtol=1e-5, atol=1e-5)
