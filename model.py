@@ -1,9 +1,12 @@
 """
-Qwen3-VL-MoE (and Kimi-VL) in plain PyTorch, loaded straight from an unmodified Hugging Face checkpoint folder.
+Qwen3-VL-MoE and Kimi-VL in plain PyTorch, loaded straight from an unmodified Hugging Face checkpoint folder.
 
 Notable features
 - Qwen3-VL-MoE: ViT with Conv3d-as-linear patches, bilinear-resampled learned positions, 2-D rotary, per-image
   attention, patch merger and DeepStack mergers; decoder with q/k-norm, GQA, interleaved MRoPE, 128-expert MoE.
+- Kimi-VL: MoonViT (bicubic-resampled positions, 2-D rotary, per-image attention, pixel-shuffle merge, projector);
+  DeepSeek-V3 decoder with multi-head latent attention (naive, or absorbed with a latent-only cache), a dense
+  first layer, sigmoid group-limited routing with a selection-only bias, and always-on shared experts.
 - One choke point for routed-expert compute, `expert_compute(..., impl)`: "ref" is the readable per-expert loop
   below, anything else is a path of kernels.moe_experts. Skipped (token, slot) pairs carry the expert id SKIP.
 - Every MoE layer has a replaceable `policy` (router.py) and reports to an explicit stats collector.
@@ -23,7 +26,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
@@ -139,7 +142,7 @@ def read_config(path):
             raw = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    kinds = {"qwen3_vl_moe": QwenConfig}
+    kinds = {"qwen3_vl_moe": QwenConfig, "kimi_vl": KimiVLConfig}
     kind = raw.get("model_type")
     if kind not in kinds:
         raise ValueError(f"{file}: unknown model_type {kind!r} (supported: {', '.join(kinds)})")
@@ -508,14 +511,16 @@ class Qwen3VLMoe(nn.Module):
         lm.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.model = nn.ModuleDict(dict(visual=QwenVision(cfg.vision), language_model=lm))
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
         self.special_ids = ()  # set by the loader from the tokenizer files
+
+    def tie_weights(self):
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model["language_model"].embed_tokens.weight
 
     def checkpoint_names(self):
         """checkpoint tensor name -> (parameter name, index into it); here the names coincide."""
-        names = {n: (n, None) for n, _ in self.named_parameters()}
-        if self.cfg.tie_word_embeddings:
-            del names["lm_head.weight"]
-        return names
+        return {n: (n, None) for n, _ in self.named_parameters()}  # a tied lm_head is listed once, as embed
 
     def modality(self, input_ids, phase):
         vision = (input_ids == self.cfg.image_token_id) | (input_ids == self.cfg.video_token_id)
@@ -665,10 +670,590 @@ class Qwen3VLMoe(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Kimi-VL config
+
+
+@dataclass
+class KimiVLConfig:
+    # text decoder (text_config, model_type deepseek_v3)
+    vocab_size: int = 163840
+    hidden_size: int = 2048
+    intermediate_size: int = 11264            # dense MLP of the first_k_dense_replace layers
+    moe_intermediate_size: int = 1408         # one routed expert
+    num_hidden_layers: int = 27
+    num_attention_heads: int = 16
+    q_lora_rank: int | None = None            # None = full-rank q_proj (the only form Kimi-VL ships)
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    n_routed_experts: int = 64
+    num_experts_per_tok: int = 6
+    n_shared_experts: int = 2                 # run as one MLP of width n_shared_experts * moe_intermediate_size
+    first_k_dense_replace: int = 1
+    moe_layer_freq: int = 1
+    scoring_func: str = "sigmoid"
+    topk_method: str = "noaux_tc"             # noaux_tc: e_score_correction_bias picks experts; greedy: no bias
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 2.446
+    rms_norm_eps: float = 1e-5
+    kv_norm_eps: float = 1e-6                 # kv_a_layernorm: HF builds it with the class default, not rms_norm_eps
+    rope_theta: float = 800000.0
+    max_position_embeddings: int = 131072
+    tie_word_embeddings: bool = False
+    # vision tower (vision_config, model_type moonvit)
+    patch_size: int = 14
+    vision_hidden_size: int = 1152
+    vision_num_hidden_layers: int = 27
+    vision_num_attention_heads: int = 16
+    vision_intermediate_size: int = 4304
+    init_pos_emb_height: int = 64
+    init_pos_emb_width: int = 64
+    merge_kernel_size: tuple = (2, 2)
+    vision_rope_theta: float = 10000.0
+    vision_norm_eps: float = 1e-5             # every LayerNorm of the tower and the projector
+    # top level
+    media_placeholder_token_id: int = 163605
+    pad_token_id: int = 163839
+    bos_token_id: int = 163584
+    eos_token_id: int = 163585
+    model_type = "kimi_vl"
+
+    def __post_init__(self):
+        checks = [
+            (self.q_lora_rank is None, f"q_lora_rank={self.q_lora_rank} is not supported (Kimi-VL uses null)"),
+            (self.scoring_func == "sigmoid", f"scoring_func={self.scoring_func!r} is not supported (need 'sigmoid')"),
+            (self.topk_method in ("noaux_tc", "greedy"), f"topk_method={self.topk_method!r} is not supported"),
+            (self.n_routed_experts % self.n_group == 0, f"n_group={self.n_group} must divide n_routed_experts"),
+            (self.topk_group <= self.n_group, f"topk_group={self.topk_group} exceeds n_group={self.n_group}"),
+            (self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok exceeds n_routed_experts"),
+            (self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim={self.qk_rope_head_dim} must be even"),
+            (self.vision_head_dim % 4 == 0, f"vision head dim {self.vision_head_dim} must be a multiple of 4"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        self.merge_kernel_size = tuple(self.merge_kernel_size)
+
+    @property
+    def image_token_id(self) -> int:
+        # the name model.py's shared code (special-token bookkeeping) uses; Kimi-VL has one media placeholder
+        return self.media_placeholder_token_id
+
+    @property
+    def video_token_id(self) -> int:
+        return self.media_placeholder_token_id
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def vision_head_dim(self) -> int:
+        return self.vision_hidden_size // self.vision_num_attention_heads
+
+    def is_moe_layer(self, i: int) -> bool:
+        return i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0
+
+    @classmethod
+    def from_hf(cls, raw: dict, where: str) -> "KimiVLConfig":
+        """Translate the checkpoint's config.json (kimi_vl / deepseek_v3 / moonvit) into our fields."""
+        text, vision = raw.get("text_config"), raw.get("vision_config")
+        if raw.get("model_type") != cls.model_type:
+            raise ValueError(f"{where}: model_type {raw.get('model_type')!r}, expected 'kimi_vl'")
+        if not isinstance(text, dict) or text.get("model_type") != "deepseek_v3":
+            raise ValueError(f"{where}: text_config.model_type must be 'deepseek_v3'")
+        if not isinstance(vision, dict) or vision.get("model_type") != "moonvit":
+            raise ValueError(f"{where}: vision_config.model_type must be 'moonvit'")
+        if text.get("rope_scaling") is not None:
+            raise ValueError(f"{where}: text_config.rope_scaling {text['rope_scaling']} is not supported (no yarn)")
+        if text.get("attention_bias", False):
+            raise ValueError(f"{where}: text_config.attention_bias=true is not supported")
+        if text.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{where}: text_config.hidden_act {text['hidden_act']!r}, expected 'silu'")
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in text.items() if k in names}
+        kw.update({f"vision_{k}": vision[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                      "intermediate_size") if k in vision})
+        kw.update({k: vision[k] for k in ("patch_size", "init_pos_emb_height", "init_pos_emb_width",
+                                          "merge_kernel_size") if k in vision})
+        kw.update({k: raw[k] for k in ("media_placeholder_token_id", "pad_token_id", "tie_word_embeddings")
+                   if k in raw})
+        try:
+            return cls(**kw)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+
+
+def kimi_checkpoint_slots(cfg: KimiVLConfig):
+    """Yield (checkpoint name, parameter name, index) for every per-expert checkpoint tensor.
+
+    The checkpoint stores experts.{e}.{gate,up,down}_proj.weight; we hold one stacked gate_up_proj [E, 2I, H]
+    (gate rows, then up rows) and down_proj [E, H, I] per layer, so param[index] is where the tensor goes.
+    """
+    I = cfg.moe_intermediate_size
+    for i in range(cfg.num_hidden_layers):
+        if not cfg.is_moe_layer(i):
+            continue
+        prefix = f"language_model.model.layers.{i}.mlp.experts"
+        for e in range(cfg.n_routed_experts):
+            yield f"{prefix}.{e}.gate_proj.weight", f"{prefix}.gate_up_proj", (e, slice(0, I))
+            yield f"{prefix}.{e}.up_proj.weight", f"{prefix}.gate_up_proj", (e, slice(I, 2 * I))
+            yield f"{prefix}.{e}.down_proj.weight", f"{prefix}.down_proj", (e,)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kimi-VL text decoder (DeepSeek-V3): MLA, router, MoE
+
+
+def rope_interleaved(x, cos, sin):
+    """Rotate the interleaved pairs (x0, x1), (x2, x3), ... of the last dim, pair i by angle pos * theta_i.
+
+    DeepSeek checkpoints store the rope dims as interleaved pairs, not split halves, so no weight permutation is
+    needed. The output keeps that layout; q and k agree, so the dot products are those of the reference.
+    x [..., r], cos/sin broadcastable to [..., r/2].
+    """
+    a, b = x.unflatten(-1, (-1, 2)).unbind(-1)  # [..., r/2] each
+    return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+
+
+class MLACache:
+    """Static per-layer buffers written at index tensors, with KVCache's bookkeeping (key_valid, next_pos,
+    length). naive: k = per-head keys [L, B, h, S_max, d+r], v = values [L, B, h, S_max, d]. absorbed: k = the
+    normalised latent [L, B, S_max, c], v = the rotated shared rope key [L, B, S_max, r]; at full size 576
+    numbers per token and layer instead of 5120."""
+
+    def __init__(self, cfg, attn_impl, batch, max_len, device, dtype):
+        L, B, T, nh = cfg.num_hidden_layers, batch, max_len, cfg.num_attention_heads
+        if attn_impl == "naive":
+            k_shape, v_shape = (L, B, nh, T, cfg.qk_head_dim), (L, B, nh, T, cfg.v_head_dim)
+        else:
+            k_shape, v_shape = (L, B, T, cfg.kv_lora_rank), (L, B, T, cfg.qk_rope_head_dim)
+        self.k = torch.zeros(k_shape, device=device, dtype=dtype)
+        self.v = torch.zeros(v_shape, device=device, dtype=dtype)
+        self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)  # rope position of the next token
+        self.length = 0  # tokens written so far (host side, for the decode loop)
+        self.max_len = max_len
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention with a full-rank q_proj (q_lora_rank null)."""
+
+    def __init__(self, cfg: KimiVLConfig, attn_impl="naive"):
+        super().__init__()
+        if attn_impl not in ("naive", "absorbed"):
+            raise ValueError(f"attn_impl {attn_impl!r}, expected 'naive' or 'absorbed'")
+        self.attn_impl = attn_impl
+        self.nh, self.d, self.r, self.dv, self.c = (cfg.num_attention_heads, cfg.qk_nope_head_dim,
+                                                    cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank)
+        self.scale = cfg.qk_head_dim ** -0.5  # the full 192-d q/k head; no yarn, so no mscale
+        H = cfg.hidden_size
+        self.q_proj = nn.Linear(H, self.nh * (self.d + self.r), bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(H, self.c + self.r, bias=False)  # latent, then one shared rope key
+        self.kv_a_layernorm = RMSNorm(self.c, cfg.kv_norm_eps)
+        self.kv_b_proj = nn.Linear(self.c, self.nh * (self.d + self.dv), bias=False)  # per head: k_nope, v
+        self.o_proj = nn.Linear(self.nh * self.dv, H, bias=False)
+
+    def forward(self, x, cos, sin, mask, kv):
+        # b batch, s query pos, t key pos, h head, d nope / value head dim, r rope dim, c latent rank
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.nh, self.d + self.r)  # [b, s, h, d+r]
+        q_nope, q_rope = q.split([self.d, self.r], dim=-1)
+        q_rope = rope_interleaved(q_rope, cos[:, :, None], sin[:, :, None])
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.c, self.r], dim=-1)  # [b, s, c], [b, s, r]
+        latent = self.kv_a_layernorm(latent)
+        k_rope = rope_interleaved(k_rope, cos, sin)
+        if self.attn_impl == "absorbed" and kv is not None:
+            latent_cache, rope_cache, cache_pos = kv
+            latent_cache[:, cache_pos] = latent
+            rope_cache[:, cache_pos] = k_rope
+            latent, k_rope, kv = latent_cache, rope_cache, None  # [b, t, c], [b, t, r]
+            if S == 1:
+                return self.o_proj(self.absorbed(q_nope, q_rope, latent, k_rope, mask).reshape(B, S, -1))
+            # a multi-token call (prefill) is compute-bound: expand the cached latents to per-head K/V below
+        T = latent.shape[1]
+        k_nope, v = self.kv_b_proj(latent).view(B, T, self.nh, self.d + self.dv).split([self.d, self.dv], -1)
+        k = torch.cat([k_nope, k_rope[:, :, None].expand(-1, -1, self.nh, -1)], dim=-1)  # [b, t, h, d+r]
+        q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # [b, h, s, d+r]
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [b, h, t, d+r], [b, h, t, d]
+        if kv is not None:
+            k_cache, v_cache, cache_pos = kv
+            k_cache[:, :, cache_pos] = k
+            v_cache[:, :, cache_pos] = v
+            k, v = k_cache, v_cache
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale).transpose(1, 2)
+        return self.o_proj(out.reshape(B, S, self.nh * self.dv))  # heads concatenated, as o_proj's columns
+
+    def absorbed(self, q_nope, q_rope, latent, k_rope, mask):
+        """Decode in the latent space. kv_b_proj holds per head W_UK [d, c] and W_UV [d, c]: k_nope = W_UK c and
+        v = W_UV c. So q_nope . k_nope = (W_UK^T q_nope) . c, and sum_t a_t v_t = W_UV (sum_t a_t c_t): the query
+        moves into the latent space once, scores and the weighted sum run against the cached latents, and only
+        the result is lifted to per-head values. No per-head K/V is ever built."""
+        w_kv = self.kv_b_proj.weight.view(self.nh, self.d + self.dv, self.c)  # [h, d+d, c]
+        w_uk, w_uv = w_kv.split([self.d, self.dv], dim=1)  # [h, d, c] each
+        q_latent = torch.einsum("bshd,hdc->bhsc", q_nope, w_uk)
+        scores = (torch.einsum("bhsc,btc->bhst", q_latent, latent)
+                  + torch.einsum("bshr,btr->bhst", q_rope, k_rope)) * self.scale
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.float32).to(q_nope.dtype)
+        return torch.einsum("bhsc,hdc->bshd", torch.einsum("bhst,btc->bhsc", probs, latent), w_uv)
+
+
+class KimiGate(nn.Module):
+    """Sigmoid scores in fp32. noaux_tc: the correction bias is added only to choose the experts (group-limited
+    top-k); the weights are the unbiased scores of the chosen experts, renormalised, times routed_scaling_factor."""
+
+    def __init__(self, cfg: KimiVLConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.n_routed_experts))
+
+    def forward(self, x):
+        # T tokens, E experts, G groups, K top-k
+        cfg = self.cfg
+        T, E, G, K = x.shape[0], cfg.n_routed_experts, cfg.n_group, cfg.num_experts_per_tok
+        probs = F.linear(x.float(), self.weight.float()).sigmoid()  # [T, E]
+        choice = probs + self.e_score_correction_bias.float() if cfg.topk_method == "noaux_tc" else probs
+        if cfg.topk_method == "noaux_tc" and G > 1:
+            # a group scores the sum of its two best biased scores; all but the topk_group best groups are
+            # dropped with -inf (the remote code's 0.0 would let a dropped expert beat a negative biased score)
+            grouped = choice.view(T, G, E // G)  # [T, G, E/G]
+            best = grouped.topk(2, dim=-1).values.sum(-1).topk(cfg.topk_group, dim=-1).indices  # [T, topk_group]
+            keep = torch.zeros(T, G, dtype=torch.bool, device=x.device).scatter(1, best, True)
+            choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(T, E)
+        ids = choice.topk(K, dim=-1).indices  # [T, K], by descending biased score
+        top = probs.gather(1, ids)
+        pi_hat = top / (top.sum(-1, keepdim=True) + 1e-20)
+        weights = (pi_hat if cfg.norm_topk_prob else top) * cfg.routed_scaling_factor
+        return Routing(weights=weights, ids=ids, pi_hat=pi_hat, probs=probs)
+
+
+class KimiMoE(nn.Module):
+    """Routed experts (skippable by the policy) plus shared experts that every token always runs, unweighted."""
+
+    def __init__(self, cfg: KimiVLConfig, layer_idx):
+        super().__init__()
+        self.gate = KimiGate(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = SwiGLU(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size)
+        self.layer_idx = layer_idx
+        self.policy = None  # a router.py skip policy, installed by router.install
+        self.impl = "ref"
+
+    def forward(self, x, step):
+        B, S, H = x.shape
+        x = x.view(B * S, H)  # [T, H]
+        routing = self.gate(x)
+        weights, ids = routing.weights, routing.ids
+        modality = step.modality.reshape(-1)
+        if self.policy is not None:
+            weights, ids = self.policy(routing, modality, self.layer_idx)
+        if step.stats is not None:
+            step.stats.record(self.layer_idx, ids, modality, step.valid.reshape(-1), step.phase)
+        y = expert_compute(x, self.experts.gate_up_proj, self.experts.down_proj, ids, weights, self.impl)
+        return (y + self.shared_experts(x)).view(B, S, H)
+
+
+class KimiDecoderLayer(nn.Module):
+    def __init__(self, cfg: KimiVLConfig, i, attn_impl):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg, attn_impl)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = KimiMoE(cfg, i) if cfg.is_moe_layer(i) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, h, cos, sin, mask, kv, step):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, kv)
+        return h + self.mlp(self.post_attention_layernorm(h), step)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MoonViT vision tower and projector
+
+
+class MoonViTPosEmb(nn.Module):
+    def __init__(self, cfg: KimiVLConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.init_pos_emb_height, cfg.init_pos_emb_width,
+                                               cfg.vision_hidden_size))
+
+    def forward(self, grid_hws: list) -> torch.Tensor:
+        # the learned (row, col, C) table is resampled to each image's grid: torch bicubic (Keys a=-0.75,
+        # align_corners=False, no antialias), also for downsampling; an exact-size grid uses the table as is
+        out = []
+        for h, w in grid_hws:
+            if (h, w) == tuple(self.weight.shape[:2]):
+                pos = self.weight
+            else:
+                pos = F.interpolate(self.weight.permute(2, 0, 1)[None], size=(h, w), mode="bicubic",
+                                    align_corners=False)[0].permute(1, 2, 0)     # [h, w, C]
+            out.append(pos.flatten(0, 1))                                         # [h*w, C], row-major
+        return torch.cat(out)
+
+
+class MoonViTPatchEmbed(nn.Module):
+    def __init__(self, cfg: KimiVLConfig):
+        super().__init__()
+        p = cfg.patch_size
+        self.proj = nn.Conv2d(3, cfg.vision_hidden_size, kernel_size=p, stride=p)
+        self.pos_emb = MoonViTPosEmb(cfg)
+
+    def forward(self, pixel_values, grid_hws: list):
+        L = pixel_values.shape[0]
+        x = self.proj(pixel_values).view(L, -1)                                   # [L, C]
+        return x + self.pos_emb(grid_hws).to(x.dtype)
+
+
+def apply_rope_2d(x, cos, sin):
+    """x [L, h, D]; rotate the D/2 (real, imag) pairs in fp32; cos/sin [L, D/2] (per-pair angles)."""
+    a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)                            # [L, h, D/2] each
+    cos, sin = cos[:, None], sin[:, None]
+    return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).to(x.dtype)
+
+
+class MoonViTBlock(nn.Module):
+    def __init__(self, cfg: KimiVLConfig):
+        super().__init__()
+        C, eps = cfg.vision_hidden_size, cfg.vision_norm_eps
+        self.n_heads = cfg.vision_num_attention_heads
+        self.norm0 = nn.LayerNorm(C, eps=eps)
+        self.wqkv = nn.Linear(C, 3 * C)                                           # rows: all q | all k | all v
+        self.wo = nn.Linear(C, C)
+        self.norm1 = nn.LayerNorm(C, eps=eps)
+        self.mlp = nn.ModuleDict(dict(fc0=nn.Linear(C, cfg.vision_intermediate_size),
+                                      fc1=nn.Linear(cfg.vision_intermediate_size, C)))
+
+    def forward(self, x, cos, sin, seqlens: list):
+        # L patches of all images, h heads, D head dim
+        L, C = x.shape
+        q, k, v = self.wqkv(self.norm0(x)).view(L, 3, self.n_heads, -1).unbind(1)  # [L, h, D] each
+        q, k = apply_rope_2d(q, cos, sin), apply_rope_2d(k, cos, sin)
+        # block-diagonal attention: each image attends only to its own patches (the remote eager path's
+        # additive boolean mask leaks across images; flash varlen, which everyone runs, does not)
+        out = torch.empty_like(q)
+        start = 0
+        for n in seqlens:
+            s = slice(start, start + n)
+            out[s] = F.scaled_dot_product_attention(q[s].transpose(0, 1), k[s].transpose(0, 1),
+                                                    v[s].transpose(0, 1)).transpose(0, 1)  # [n, h, D]
+            start += n
+        x = x + self.wo(out.reshape(L, C))
+        return x + self.mlp.fc1(F.gelu(self.mlp.fc0(self.norm1(x)), approximate="tanh"))
+
+
+class MoonViT(nn.Module):
+    def __init__(self, cfg: KimiVLConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = MoonViTPatchEmbed(cfg)
+        self.encoder = nn.ModuleDict(dict(
+            blocks=nn.ModuleList(MoonViTBlock(cfg) for _ in range(cfg.vision_num_hidden_layers)),
+            final_layernorm=nn.LayerNorm(cfg.vision_hidden_size, eps=cfg.vision_norm_eps)))
+
+    def rope_angles(self, grid_hws: list, device):
+        """cos, sin [L, D/2] of the 2-D rotary: pair 2i turns by col * f_i and pair 2i+1 by row * f_i, with
+        f_i = theta^(-4i/D). Column first, as the remote code does it (its docstring says the reverse)."""
+        quarter = self.cfg.vision_head_dim // 4
+        inv_freq = 1.0 / self.cfg.vision_rope_theta ** (torch.arange(0, 2 * quarter, 2, device=device).float()
+                                                        / (2 * quarter))
+        rows, cols = [], []
+        for h, w in grid_hws:  # positions restart at (0, 0) for every image, row-major
+            rows.append(torch.arange(h, device=device).repeat_interleave(w))
+            cols.append(torch.arange(w, device=device).repeat(h))
+        r, c = torch.cat(rows).float(), torch.cat(cols).float()  # [L]
+        angles = torch.stack((c[:, None] * inv_freq, r[:, None] * inv_freq), dim=-1).flatten(1)  # [L, D/2]
+        return angles.cos(), angles.sin()
+
+    def forward(self, pixel_values, grid_hws):
+        """pixel_values [L, 3, p, p], grid_hws [N, 2] (h, w) in patches -> merged tokens [sum h*w/4, 4, C]."""
+        grids = [tuple(g) for g in grid_hws.tolist()]
+        kh, kw = self.cfg.merge_kernel_size
+        x = self.patch_embed(pixel_values.to(self.patch_embed.proj.weight.dtype), grids)
+        cos, sin = self.rope_angles(grids, x.device)
+        seqlens = [h * w for h, w in grids]
+        for block in self.encoder.blocks:
+            x = block(x, cos, sin, seqlens)
+        x = self.encoder.final_layernorm(x)
+        merged = []
+        for xi, (h, w) in zip(x.split(seqlens), grids):
+            xi = xi.view(h // kh, kh, w // kw, kw, -1).permute(0, 2, 1, 3, 4)     # [h/2, w/2, 2, 2, C]
+            merged.append(xi.reshape((h // kh) * (w // kw), kh * kw, -1))         # [h*w/4, 4, C]; tl, tr, bl, br
+        return torch.cat(merged)
+
+
+class KimiProjector(nn.Module):
+    def __init__(self, cfg: KimiVLConfig):
+        super().__init__()
+        C = cfg.vision_hidden_size
+        n = C * cfg.merge_kernel_size[0] * cfg.merge_kernel_size[1]
+        self.pre_norm = nn.LayerNorm(C, eps=cfg.vision_norm_eps)                 # per sub-patch, not over 4C
+        self.linear_1 = nn.Linear(n, n)
+        self.linear_2 = nn.Linear(n, cfg.hidden_size)
+
+    def forward(self, x):
+        x = self.pre_norm(x).flatten(1)                                           # [M, 4C], sub-patch major
+        return self.linear_2(F.gelu(self.linear_1(x)))                            # exact erf GELU
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kimi-VL whole model
+
+
+@dataclass
+class KimiState:
+    """Everything the decoder layers need besides the hidden states; built once per forward by `embed`."""
+    cos: torch.Tensor  # [B, S, r/2]
+    sin: torch.Tensor
+    mask: torch.Tensor  # [B, 1, S, S_kv] bool
+    step: Step
+    cache: MLACache = None
+    cache_pos: torch.Tensor = None
+
+
+class KimiVL(nn.Module):
+    def __init__(self, cfg: KimiVLConfig, attn_impl="absorbed"):
+        super().__init__()
+        self.cfg = cfg
+        self.attn_impl = attn_impl
+        self.vision_tower = MoonViT(cfg)
+        self.multi_modal_projector = KimiProjector(cfg)
+        lm = nn.Module()
+        lm.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        lm.layers = nn.ModuleList(KimiDecoderLayer(cfg, i, attn_impl) for i in range(cfg.num_hidden_layers))
+        lm.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.language_model = nn.ModuleDict(dict(model=lm, lm_head=nn.Linear(cfg.hidden_size, cfg.vocab_size,
+                                                                             bias=False)))
+        self.tie_weights()
+        self.special_ids = ()  # set by the loader from the tokenizer files
+
+    def tie_weights(self):
+        """Share the embedding with lm_head when the config says so; again after to_empty, which unties them."""
+        if self.cfg.tie_word_embeddings:
+            self.language_model.lm_head.weight = self.language_model.model.embed_tokens.weight
+
+    def checkpoint_names(self):
+        """checkpoint tensor name -> (parameter name, index into it): the names coincide except the experts."""
+        names = {n: (n, None) for n, _ in self.named_parameters(remove_duplicate=False)}
+        for n, p, index in kimi_checkpoint_slots(self.cfg):
+            names.pop(p, None)  # the stacked parameter is filled slot by slot instead
+            names[n] = (p, index)
+        if self.cfg.tie_word_embeddings:
+            del names["language_model.lm_head.weight"]
+        return names
+
+    def modality(self, input_ids, phase):
+        media = input_ids == self.cfg.media_placeholder_token_id
+        special = torch.isin(input_ids, torch.tensor(self.special_ids, dtype=torch.long, device=input_ids.device))
+        m = torch.full_like(input_ids, TEXT)
+        m[special & ~media] = SPECIAL
+        if phase == "prefill":  # a generated media placeholder is text
+            m[media] = VISION
+        return m
+
+    def new_cache(self, batch, max_len, device=None, dtype=None):
+        w = self.language_model.lm_head.weight
+        return MLACache(self.cfg, self.attn_impl, batch, max_len, device or w.device, dtype or w.dtype)
+
+    def encode_vision(self, input_ids, pixel_values=None, image_grid_hws=None):
+        """Run MoonViT and the projector -> (media [B, S] bool, features [n, H]), the rows in sequence order of
+        the media placeholders they replace. pixel_values [L, 3, 14, 14], image_grid_hws [n_images, 2]."""
+        cfg = self.cfg
+        kh, kw = cfg.merge_kernel_size
+        if image_grid_hws is None or image_grid_hws.ndim != 2 or image_grid_hws.shape[1] != 2:
+            raise ValueError("image_grid_hws must be an integer tensor [n_images, 2] of (h, w) patch counts")
+        if bool(((image_grid_hws[:, 0] % kh) != 0).any() or ((image_grid_hws[:, 1] % kw) != 0).any()):
+            raise ValueError(f"image_grid_hws {image_grid_hws.tolist()} must be multiples of the {kh}x{kw} merge")
+        L, p = int(image_grid_hws.prod(-1).sum()), cfg.patch_size
+        if tuple(pixel_values.shape) != (L, 3, p, p):
+            raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}, image_grid_hws needs "
+                             f"{(L, 3, p, p)}")
+        media = input_ids == cfg.media_placeholder_token_id
+        feats = self.multi_modal_projector(self.vision_tower(pixel_values, image_grid_hws))  # [n, H]
+        if feats.shape[0] != int(media.sum()):
+            raise ValueError(f"{int(media.sum())} media placeholder tokens (id {cfg.media_placeholder_token_id}) "
+                             f"for {feats.shape[0]} image features")
+        return media, feats
+
+    def embed(self, input_ids, attention_mask=None, *, cache=None, cache_pos=None, phase=None, stats=None,
+              media=None, **pixels):
+        """Token embeddings with the image features (`media` from encode_vision, computed here when pixels are
+        given instead) in place of the placeholders, positions, mask: the state of the first layer. With a
+        cache, the tokens go to cache indices cache_pos [S]; a decode step reads its positions from the cache."""
+        B, S = input_ids.shape
+        dev = input_ids.device
+        valid = torch.ones(B, S, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
+        phase = phase or ("decode" if cache is not None and cache.length > 0 else "prefill")
+        step = Step(self.modality(input_ids, phase), valid, phase, stats)
+        h = self.language_model.model.embed_tokens(input_ids)  # [B, S, H]
+        if media is None and pixels.get("pixel_values") is not None:
+            media = self.encode_vision(input_ids, **pixels)
+        if media is not None and phase == "prefill":
+            where, feats = media
+            h = h.masked_scatter(where[..., None], feats.to(h.dtype))  # replaces the placeholders in order
+        # plain 1-D positions (no M-RoPE) that count only real tokens, so a left-padded row starts at 0
+        if phase == "decode":
+            positions = cache.next_pos[:, None] + torch.arange(S, device=dev)  # [B, S]
+            cache.next_pos += S
+        else:
+            positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        if cache is None:
+            cache_pos = torch.arange(S, device=dev)
+            mask = causal_mask(cache_pos, valid)
+        else:
+            if phase == "prefill":
+                cache.next_pos.copy_(valid.long().sum(-1))
+            cache.key_valid[:, cache_pos] = valid
+            mask = causal_mask(cache_pos, cache.key_valid)
+        r = self.cfg.qk_rope_head_dim
+        inv_freq = 1.0 / self.cfg.rope_theta ** (torch.arange(0, r, 2, device=dev).float() / r)  # [r/2]
+        angles = positions[..., None].float() * inv_freq  # [B, S, r/2], fp32 like the reference
+        cos, sin = angles.cos().to(h.dtype), angles.sin().to(h.dtype)  # then cast, as the reference does
+        return h, KimiState(cos, sin, mask, step, cache, cache_pos)
+
+    @property
+    def layers(self):
+        return self.language_model.model.layers
+
+    def layer(self, i, h, state: KimiState):
+        kv = None if state.cache is None else (state.cache.k[i], state.cache.v[i], state.cache_pos)
+        return self.language_model.model.layers[i](h, state.cos, state.sin, state.mask, kv, state.step)
+
+    def head(self, h):
+        # the remote code returns fp32 logits
+        return self.language_model.lm_head(self.language_model.model.norm(h)).float()
+
+    def forward(self, input_ids, attention_mask=None, *, cache=None, stats=None, media=None, last_only=False,
+                **pixels):
+        """input_ids [B, S] (left padding marked 0 in attention_mask) -> logits [B, S, V] ([B, 1, V] with
+        last_only). With a cache, appends the tokens to it (prefill when it is empty, decode otherwise). pixels:
+        pixel_values, image_grid_hws, as the processor returns them."""
+        cache_pos = None
+        if cache is not None:
+            cache_pos = torch.arange(cache.length, cache.length + input_ids.shape[1], device=input_ids.device)
+        h, state = self.embed(input_ids, attention_mask, cache=cache, cache_pos=cache_pos, stats=stats, media=media,
+                              **pixels)
+        for i in range(self.cfg.num_hidden_layers):
+            h = self.layer(i, h, state)
+        if cache is not None:
+            cache.length += input_ids.shape[1]
+        return self.head(h[:, -1:] if last_only else h)
+
+    def decode_step(self, token, cache, cache_pos, stats=None):
+        """One decode step with tensors only (token [B, 1], cache_pos [1]). The caller advances cache.length."""
+        h, state = self.embed(token, cache=cache, cache_pos=cache_pos, phase="decode", stats=stats)
+        for i in range(self.cfg.num_hidden_layers):
+            h = self.layer(i, h, state)
+        return self.head(h)[:, -1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Loading: meta-device build, one allocation per parameter, tensor-by-tensor fill from safetensors
 
 
-MODELS = {QwenConfig: Qwen3VLMoe}
+MODELS = {QwenConfig: Qwen3VLMoe, KimiVLConfig: KimiVL}
 
 
 def read_special_ids(path, cfg):
@@ -743,9 +1328,8 @@ def load(path, device="cpu", dtype=torch.bfloat16):
         model = MODELS[type(cfg)](cfg)
     model.to(dtype).to_empty(device=device)  # the only allocation of the weights
     model.special_ids = read_special_ids(path, cfg)
+    model.tie_weights()  # to_empty unties shared parameters
     fill_from_checkpoint(model, path)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model["language_model"].embed_tokens.weight
     return model.eval().requires_grad_(False)
 
 

@@ -12,24 +12,34 @@ Qwen3-VL-MoE (Qwen/Qwen3-VL-30B-A3B-Instruct):
 - `write_tiny_tokenizer(dir)`: a small byte-level BPE carrying the real Qwen special tokens at their real ids,
   for tiny test checkpoints
 
+Kimi-VL (moonshotai/Kimi-VL-A3B-Instruct):
+- tokenizer: the shipped tiktoken vocabulary (`tiktoken.model`, "base64 rank" lines) converted once into a
+  byte-level `tokenizers` BPE whose merges are recovered from the ranks, cached as JSON keyed by its hash
+- images: shrink to the patch budget with PIL bicubic, pad to multiples of 28 px, normalise, 14x14 patches
+- prompt: the Instruct chat template written out in Python; video as a sequence of image blocks
+
 Usage:
     proc = QwenProcessor.from_dir("Qwen3-VL-30B-A3B-Instruct")
     batch = proc.from_cli("What is in this image?", images=["cat.png"])
     batch["input_ids"], batch["modality"], batch["pixel_values"], batch["image_grid_thw"]
 """
 
+import base64
 import hashlib
 import json
 import math
 import os
 import tempfile
 import warnings
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, ImageSequence
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors,
+                        trainers)
 
 # Token modality codes shared by the whole project (router, calibration, statistics).
 TEXT, VISION, SPECIAL = 0, 1, 2
@@ -596,3 +606,656 @@ def write_tiny_tokenizer(out_dir, chat_template_path=DEFAULT_CHAT_TEMPLATE_PATH,
     os.makedirs(out_dir, exist_ok=True)
     _write_atomic(os.path.join(out_dir, "tokenizer.json"), json.dumps(spec, ensure_ascii=False, indent=1))
     _write_atomic(os.path.join(out_dir, "tokenizer_config.json"), json.dumps(tok_config, ensure_ascii=False, indent=2))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kimi-VL: tiktoken vocabulary converted to a `tokenizers` BPE, MoonViT preprocessing, the Instruct prompt
+
+# Kimi's pre-tokenizer split (Moonshot TikTokenTokenizer.pat_str). `&&` is a character-class intersection:
+# Oniguruma (tokenizers) and tiktoken's engine both support it; Python's `re` does not.
+KIMI_PAT_STR = "|".join([
+    r"""[\p{Han}]+""",
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""\p{N}{1,3}""",
+    r""" ?[^\s\p{L}\p{N}]+[\r\n]*""",
+    r"""\s*[\r\n]+""",
+    r"""\s+(?!\S)""",
+    r"""\s+""",
+])
+NUM_SPECIAL_IDS = 256  # the special block right after the BPE ranks: 163584..163839 in the real vocabulary
+KIMI_SPECIAL_TOKENS = {
+    163584: "[BOS]", 163585: "[EOS]", 163586: "<|im_end|>", 163587: "<|im_user|>", 163588: "<|im_assistant|>",
+    163590: "<|start_header_id|>", 163591: "<|end_header_id|>", 163593: "[EOT]", 163594: "<|im_system|>",
+    163601: "<|im_middle|>", 163602: "<|media_start|>", 163603: "<|media_content|>", 163604: "<|media_end|>",
+    163605: "<|media_pad|>", 163838: "[UNK]", 163839: "[PAD]",
+}
+MEDIA_PAD = "<|media_pad|>"
+IMAGE_BLOCK = "<|media_start|>image<|media_content|><|media_pad|><|media_end|>"
+DEFAULT_SYSTEM = "You are a helpful assistant"
+ROLE_TOKENS = {"system": "<|im_system|>", "user": "<|im_user|>", "assistant": "<|im_assistant|>"}
+KIMI_CHAT_TEMPLATE = """\
+{%- for message in messages -%}
+  {%- if loop.first and messages[0]['role'] != 'system' -%}
+    {{'<|im_system|>system<|im_middle|>You are a helpful assistant<|im_end|>'}}
+  {%- endif -%}
+  {%- if message['role'] == 'system' -%}
+    {{'<|im_system|>'}}
+  {%- endif -%}
+  {%- if message['role'] == 'user' -%}
+    {{'<|im_user|>'}}
+  {%- endif -%}
+  {%- if message['role'] == 'assistant' -%}
+    {{'<|im_assistant|>'}}
+  {%- endif -%}
+  {{- message['role'] -}}
+  {{'<|im_middle|>'}}
+  {%- if message['content'] is string -%}
+    {{- message['content'] + '<|im_end|>' -}}
+  {%- else -%}
+    {%- for content in message['content'] -%}
+      {%- if content['type'] == 'image' or 'image' in content or 'image_url' in content -%}
+        {{'<|media_start|>image<|media_content|><|media_pad|><|media_end|>'}}
+      {%- else -%}
+        {{content['text']}}
+      {%- endif -%}
+    {%- endfor -%}
+    {{'<|im_end|>'}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+  {{'<|im_assistant|>assistant<|im_middle|>'}}
+{%- endif -%}"""
+CACHE_FORMAT = "kimi-tiktoken-bpe-v1"  # bump when the conversion changes, so stale caches are not reused
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizer: tiktoken ranks -> tokenizers BPE
+
+
+def write_atomic(path, data: bytes):
+    """Write through a temp file in the same folder and rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def read_tiktoken_model(path) -> dict:
+    """Parse a tiktoken vocabulary: one "<base64 bytes> <rank>" per line -> {token bytes: rank}."""
+    path = Path(path)
+    ranks, seen = {}, set()
+    for lineno, line in enumerate(path.read_bytes().splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split()
+        try:
+            if len(fields) != 2:
+                raise ValueError("expected '<base64 token> <rank>'")
+            token, rank = base64.b64decode(fields[0], validate=True), int(fields[1])
+            if not token or rank < 0:
+                raise ValueError("empty token or negative rank")
+        except ValueError as e:  # binascii.Error is a ValueError too
+            raise ValueError(f"{path}:{lineno}: malformed tiktoken line {line[:60]!r} ({e})") from None
+        if token in ranks or rank in seen:
+            raise ValueError(f"{path}:{lineno}: duplicate token or rank {rank}")
+        ranks[token] = rank
+        seen.add(rank)
+    if not ranks:
+        raise ValueError(f"{path}: no tokens")
+    return ranks
+
+
+def byte_to_char() -> dict:
+    """GPT-2's reversible byte -> printable character map, the alphabet of the ByteLevel pre-tokenizer."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    out, n = {}, 0
+    for b in range(256):
+        if b in printable:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + n)
+            n += 1
+    return out
+
+
+def convert_tiktoken(ranks: dict, special_tokens: dict, pat_str: str = KIMI_PAT_STR) -> Tokenizer:
+    """Build the `tokenizers` equivalent of tiktoken.Encoding(pat_str, ranks, special_tokens).
+
+    tiktoken merges, inside each pre-token, the adjacent pair whose concatenation has the lowest rank. A BPE
+    with one merge (left, right) for *every* split of every token into two tokens, ordered by the rank of the
+    merged token, makes exactly the same choices. One merge per token is not enough: tiktoken can reach a
+    token through any split. `ignore_merges` looks a whole pre-token up first, as tiktoken does.
+    """
+    first_special = min(special_tokens)
+    if max(ranks.values()) >= first_special:
+        raise ValueError(f"BPE rank {max(ranks.values())} collides with the special-token block at {first_special}")
+    to_char = byte_to_char()
+
+    def as_str(token: bytes) -> str:
+        return "".join(to_char[b] for b in token)
+
+    vocab = {as_str(token): rank for token, rank in ranks.items()}
+    # Ids with no rank below the special block (the tiny test vocabulary) get placeholders that no input can
+    # produce: a literal space never survives the ByteLevel mapping (space becomes 'Ġ').
+    used = set(ranks.values())
+    vocab.update({f"<unused id {i}>": i for i in range(first_special) if i not in used})
+    merges = []
+    for token, rank in ranks.items():
+        for i in range(1, len(token)):
+            left, right = token[:i], token[i:]
+            if left in ranks and right in ranks:
+                merges.append((rank, ranks[left], ranks[right], as_str(left), as_str(right)))
+    merges.sort()
+    tok = Tokenizer(models.BPE(vocab, [(l, r) for *_, l, r in merges], ignore_merges=True, fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pat_str), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    # tokenizers numbers added tokens from the end of the vocabulary, so adding them in id order lands them
+    # on their ids; check it, a special string that is already a BPE token would silently reuse that id.
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for _, s in sorted(special_tokens.items())])
+    for i, s in special_tokens.items():
+        if tok.token_to_id(s) != i:
+            raise ValueError(f"special token {s!r} landed on id {tok.token_to_id(s)}, expected {i}")
+    return tok
+
+
+def read_special_tokens(config_path) -> dict:
+    """{id: string} for the whole special block, named from tokenizer_config.json's added_tokens_decoder.
+
+    The block starts at the lowest named id ([BOS]) and spans 256 ids, or more if the config names a higher
+    one (some Kimi tokenizers reserve 258); unnamed ids are `<|reserved_token_{id}|>` as in Kimi's
+    TikTokenTokenizer.
+    """
+    config_path = Path(config_path)
+    if not config_path.is_file():
+        raise FileNotFoundError(f"missing tokenizer config: {config_path}")
+    try:
+        decoder = json.loads(config_path.read_text())["added_tokens_decoder"]
+        named = {int(i): entry["content"] for i, entry in decoder.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{config_path}: cannot read added_tokens_decoder ({e!r})") from None
+    if not named:
+        raise ValueError(f"{config_path}: added_tokens_decoder is empty")
+    start = min(named)
+    end = max(start + NUM_SPECIAL_IDS, max(named) + 1)
+    return {i: named.get(i, f"<|reserved_token_{i}|>") for i in range(start, end)}
+
+
+def split_long_runs(text: str, max_run: int = 25_000) -> list:
+    """Cut text so that no piece holds more than max_run consecutive whitespace or non-whitespace characters.
+
+    Kimi's tokenizer does this before tiktoken (tiktoken issue #195: BPE on a huge pre-token is quadratic), so
+    it changes the ids of such texts and is part of the tokenizer's definition.
+    """
+    if len(text) <= max_run:
+        return [text]
+    pieces, start, run, run_is_space = [], 0, 0, text[0].isspace()
+    for i, ch in enumerate(text):
+        if ch.isspace() != run_is_space:
+            run, run_is_space = 1, ch.isspace()
+            continue
+        run += 1
+        if run > max_run:
+            pieces.append(text[start:i])
+            start, run = i, 1
+    pieces.append(text[start:])
+    return pieces
+
+
+class KimiTokenizer:
+    """The converted tokenizer plus Kimi's encode rules: special-token strings in the text become their ids
+    (allowed_special="all"), no BOS is added, long runs are pre-split."""
+
+    def __init__(self, tok: Tokenizer, special_tokens: dict):
+        self.tok = tok
+        self.special_tokens = special_tokens  # {id: string}, the whole special block
+        self.special_ids = set(special_tokens)
+        self.vocab_size = max(special_tokens) + 1
+
+    def token_to_id(self, token: str) -> int:
+        i = self.tok.token_to_id(token)
+        if i is None:
+            raise ValueError(f"token {token!r} is not in the vocabulary")
+        return i
+
+    def encode(self, text: str) -> list:
+        # the 400k-character windows come from the reference too (tiktoken panics on longer inputs)
+        chunks = [piece for i in range(0, len(text), 400_000) for piece in split_long_runs(text[i:i + 400_000])]
+        return [i for enc in self.tok.encode_batch(chunks, add_special_tokens=False) for i in enc.ids]
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def read_json_if_present(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MODES_CACHE") or Path.home() / ".cache" / "modes")
+
+
+def load_kimi_tokenizer(model_dir) -> KimiTokenizer:
+    """Load tiktoken.model + tokenizer_config.json from model_dir, converting once and caching the result.
+
+    The cache file `tokenizer.modes-<hash>.json` goes next to the checkpoint when that folder is writable,
+    else into $MODES_CACHE (default ~/.cache/modes). The hash covers the vocabulary, the special tokens and
+    the conversion format, so an edited vocabulary never meets a stale cache.
+    """
+    model_dir = Path(model_dir)
+    vocab_path = model_dir / "tiktoken.model"
+    if not vocab_path.is_file():
+        raise FileNotFoundError(f"no tiktoken.model in {model_dir}")
+    special_tokens = read_special_tokens(model_dir / "tokenizer_config.json")
+    key = hashlib.sha256(vocab_path.read_bytes())
+    key.update(json.dumps([CACHE_FORMAT, KIMI_PAT_STR, sorted(special_tokens.items())]).encode())
+    name = f"tokenizer.modes-{key.hexdigest()[:16]}.json"
+    for path in (model_dir / name, cache_dir() / name):
+        if path.is_file():
+            return KimiTokenizer(Tokenizer.from_file(str(path)), special_tokens)
+    tok = convert_tiktoken(read_tiktoken_model(vocab_path), special_tokens)
+    data = tok.to_str().encode()
+    try:
+        write_atomic(model_dir / name, data)
+    except OSError:
+        write_atomic(cache_dir() / name, data)
+    return KimiTokenizer(tok, special_tokens)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A tiny synthetic vocabulary with the real special tokens, for tests and the tiny checkpoint
+
+KIMI_TINY_CORPUS = """\
+The quick brown fox jumps over the lazy dog. The dog sleeps in the sun, and the fox runs into the forest.
+A picture of a cat sitting on a red chair next to a window. What is in the image? Describe the picture.
+There are two people standing in front of the building, and one of them is holding an umbrella.
+The answer is yes. The answer is no. How many apples are on the table? There are three apples on the table.
+Please answer the question using a single word or phrase. What color is the car? The car is blue.
+This is a test of the tokenizer. It should split the text into words, numbers like 2024 and 3.14159,
+and punctuation! Can't, won't, it's, they're, we've, I'm, you'll, he'd. Hello, world: hello again.
+def forward(self, x):\n    return self.linear(x) + x\n
+for i in range(10):\n    print(i * i)\n
+The model sees an image, reads the question, and then writes the answer one token at a time.
+The experts in each layer are chosen by the router, and some of them can be skipped for vision tokens.
+图像中有一只猫。这是一个测试。 Это тест токенизатора. Ceci est un test. これはテストです。
+"""
+
+
+def bpe_pieces(piece: bytes, ranks: dict) -> list:
+    """tiktoken's merge loop: repeatedly join the adjacent pair whose concatenation has the lowest rank."""
+    parts = [piece[i:i + 1] for i in range(len(piece))]
+    while len(parts) > 1:
+        best = min(range(len(parts) - 1), key=lambda i: ranks.get(parts[i] + parts[i + 1], math.inf))
+        if parts[best] + parts[best + 1] not in ranks:
+            break
+        parts[best:best + 2] = [parts[best] + parts[best + 1]]
+    return parts
+
+
+def train_tiny_ranks(text: str = KIMI_TINY_CORPUS, n_merges: int = 300) -> dict:
+    """Byte-level BPE training, deterministic (ties go to the smallest byte string).
+
+    A candidate token that tiktoken's merge loop would not rebuild from its own bytes is rejected, so every
+    rank is reachable.
+    """
+    splitter = pre_tokenizers.Split(Regex(KIMI_PAT_STR), behavior="isolated")
+    counts = Counter(p.encode() for p, _ in splitter.pre_tokenize_str(text))
+    ranks = {bytes([b]): b for b in range(256)}
+    words = {w: bpe_pieces(w, ranks) for w in counts}
+    rejected = set()
+    while len(ranks) < 256 + n_merges:
+        pairs = Counter()
+        for w, parts in words.items():
+            for a, b in zip(parts, parts[1:]):
+                if a + b not in ranks and a + b not in rejected:
+                    pairs[a + b] += counts[w]
+        if not pairs:
+            break
+        best = min(pairs, key=lambda t: (-pairs[t], t))
+        ranks[best] = len(ranks)
+        if bpe_pieces(best, ranks) != [best]:
+            del ranks[best]
+            rejected.add(best)
+            continue
+        words = {w: bpe_pieces(w, ranks) if best in w else parts for w, parts in words.items()}
+    return ranks
+
+
+def write_tiny_kimi_tokenizer(out_dir):
+    """Write tiktoken.model (256 bytes + ~300 learned merges) and tokenizer_config.json carrying the real Kimi
+    special tokens at their real ids (163584..163839) and the chat template. Deterministic byte for byte."""
+    out_dir = Path(out_dir)
+    ranks = train_tiny_ranks()
+    lines = [f"{base64.b64encode(t).decode()} {r}" for t, r in sorted(ranks.items(), key=lambda kv: kv[1])]
+    write_atomic(out_dir / "tiktoken.model", ("\n".join(lines) + "\n").encode())
+    entry = dict(lstrip=False, normalized=False, rstrip=False, single_word=False, special=True)
+    config = {
+        "added_tokens_decoder": {str(i): {"content": s, **entry} for i, s in sorted(KIMI_SPECIAL_TOKENS.items())},
+        "additional_special_tokens": ["<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|start_header_id|>",
+                                      "<|end_header_id|>", "[EOT]", "<|im_system|>", "<|im_middle|>"],
+        "bos_token": "[BOS]", "eos_token": "[EOS]", "pad_token": "[PAD]", "unk_token": "[UNK]",
+        "chat_template": KIMI_CHAT_TEMPLATE,
+        "tokenizer_class": "TikTokenTokenizer",
+    }
+    write_atomic(out_dir / "tokenizer_config.json", (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Images and video
+
+
+@dataclass
+class KimiImageConfig:
+    """preprocessor_config.json; the defaults are the released Kimi-VL-A3B-Instruct values."""
+    in_token_limit: int = 4096  # patch budget before the resize (16384 for Thinking-2506)
+    patch_size: int = 14
+    merge_kernel_size: tuple = (2, 2)
+    image_mean: tuple = (0.5, 0.5, 0.5)
+    image_std: tuple = (0.5, 0.5, 0.5)
+    pad_input: bool = True
+
+    @classmethod
+    def from_file(cls, path):
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+            known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
+            cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in known.items()})
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: cannot read preprocessor config ({e})") from None
+        return cfg
+
+
+def kimi_image_size(width: int, height: int, cfg: KimiImageConfig):
+    """(resized w, h), (final w, h) in pixels for an input of width x height, per KimiVLImageProcessor.rescale."""
+    p, (mh, mw) = cfg.patch_size, cfg.merge_kernel_size
+    n = (width // p) * (height // p)
+    if n > cfg.in_token_limit:
+        scale = math.sqrt(cfg.in_token_limit / n)
+        width, height = int(width * scale), int(height * scale)
+    if cfg.pad_input:  # pad right/bottom to a whole number of merge windows (28 px)
+        final = (math.ceil(width / (mw * p)) * mw * p, math.ceil(height / (mh * p)) * mh * p)
+    else:  # centre crop to whole merge windows instead
+        final = (width - width % (mw * p), height - height % (mh * p))
+    return (width, height), final
+
+
+def kimi_open_image(path) -> Image.Image:
+    """Decoded RGB image from a file, with one-line errors that name the file.
+
+    No EXIF rotation and alpha is dropped, not composited: the Kimi-VL model card feeds Image.open(path) to the
+    reference processor, which does neither.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"image not found: {path}")
+    if path.is_dir():
+        raise ValueError(f"image path is a folder, not a file: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"image file is empty (0 bytes): {path}")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+
+
+def preprocess_kimi_image(img: Image.Image, cfg: KimiImageConfig, name: str = "image"):
+    """PIL image -> pixel_values [h*w, 3, P, P] float32 (patches row-major) and the patch grid (h, w).
+
+    Differs from the reference only for non-RGB inputs: we convert to RGB first, the reference resizes and
+    pads in the original mode (RGBA is resized premultiplied, palette padding is index 0).
+    """
+    img = img.convert("RGB")
+    (rw, rh), (fw, fh) = kimi_image_size(img.width, img.height, cfg)
+    p = cfg.patch_size
+    if fw // p >= 512 or fh // p >= 512:  # the vision RoPE table covers 512x512 patches
+        raise ValueError(f"{name}: {img.width}x{img.height} px gives a {fh // p}x{fw // p} patch grid, "
+                         f"over 511 per side")
+    if fw == 0 or fh == 0:
+        raise ValueError(f"{name}: {img.width}x{img.height} px is smaller than one {2 * p} px merge window")
+    if (rw, rh) != img.size:
+        img = img.resize((rw, rh), Image.Resampling.BICUBIC)  # PIL antialiases when shrinking, as the reference
+    if cfg.pad_input:
+        canvas = Image.new("RGB", (fw, fh), (0, 0, 0))  # black padding: -1 after normalisation
+        canvas.paste(img, (0, 0))
+        img = canvas
+    else:
+        left, top = (rw - fw) // 2, (rh - fh) // 2
+        img = img.crop((left, top, left + fw, top + fh))
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255  # [3, H, W]
+    mean = torch.tensor(cfg.image_mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(cfg.image_std, dtype=torch.float32).view(3, 1, 1)
+    x = (x - mean) / std
+    gh, gw = fh // p, fw // p
+    x = x.view(3, gh, p, gw, p).permute(1, 3, 0, 2, 4)  # [gh, gw, 3, P, P]
+    return x.reshape(gh * gw, 3, p, p), (gh, gw)
+
+
+VIDEO_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
+
+
+def kimi_video_frames(path, max_frames: int = 64, max_side: int = 480) -> list:
+    """A video as RGB PIL frames: a folder of frame images (sorted by name) or an animated GIF.
+
+    Kimi-VL has no video tokens: a video is a run of image blocks, one per frame. Like the MoDES evaluation
+    wrapper we keep at most 64 frames, sampled uniformly (round(linspace)), and shrink each frame (PIL bicubic,
+    aspect kept, sizes truncated as in the reference resize) so its long side is at most 480 px.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"video not found: {path}")
+    if path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.suffix.lower() in VIDEO_EXTENSIONS)
+        if not files:
+            raise ValueError(f"video folder has no image files ({', '.join(VIDEO_EXTENSIONS)}): {path}")
+        keep = np.linspace(0, len(files) - 1, min(len(files), max_frames)).round().astype(int)
+        frames = [kimi_open_image(files[k]) for k in keep]
+    else:
+        if path.stat().st_size == 0:
+            raise ValueError(f"video file is empty (0 bytes): {path}")
+        try:
+            with Image.open(path) as gif:
+                frames = [f.convert("RGB") for f in ImageSequence.Iterator(gif)]
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise ValueError(f"cannot read video {path}: {e}") from None
+        keep = np.linspace(0, len(frames) - 1, min(len(frames), max_frames)).round().astype(int)
+        frames = [frames[k] for k in keep]
+    out = []
+    for img in frames:
+        scale = max_side / max(img.size)
+        if scale < 1:
+            size = (max(1, int(img.width * scale)), max(1, int(img.height * scale)))
+            img = img.resize(size, Image.Resampling.BICUBIC)
+        out.append(img)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Chat prompt and the processor
+
+
+def is_image_part(part: dict) -> bool:
+    return part.get("type") == "image" or "image" in part or "image_url" in part  # the template's own test
+
+
+def format_kimi_chat(messages: list, add_generation_prompt: bool = True) -> str:
+    """The Instruct chat template written out: default system turn if none, then per turn
+    <role token>role<|im_middle|>content<|im_end|>; content parts are joined with no separator and each
+    image part becomes one IMAGE_BLOCK (a video part one block per frame, see KimiProcessor)."""
+    if not messages:
+        raise ValueError("messages is empty")
+    out = []
+    if not isinstance(messages[0], dict) or messages[0].get("role") != "system":
+        out.append(f"<|im_system|>system<|im_middle|>{DEFAULT_SYSTEM}<|im_end|>")
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise ValueError(f"messages[{i}]: a message must be a dict, got {type(msg).__name__}")
+        role, content = msg.get("role"), msg.get("content")
+        if role not in ROLE_TOKENS:
+            raise ValueError(f"messages[{i}]: role must be system, user or assistant, got {role!r}")
+        out.append(f"{ROLE_TOKENS[role]}{role}<|im_middle|>")
+        if isinstance(content, str):
+            out.append(content)
+        elif isinstance(content, list):
+            for j, part in enumerate(content):
+                if not isinstance(part, dict):
+                    raise ValueError(f"messages[{i}].content[{j}]: a part must be a dict, got {type(part).__name__}")
+                if is_image_part(part):
+                    out.append(IMAGE_BLOCK)
+                elif isinstance(part.get("text"), str):
+                    out.append(part["text"])
+                else:
+                    raise ValueError(f"messages[{i}].content[{j}]: part needs a 'text' string or an 'image', "
+                                     f"got keys {sorted(part)}")
+        else:
+            raise ValueError(f"messages[{i}]: content must be a string or a list of parts")
+        out.append("<|im_end|>")
+    if add_generation_prompt:
+        out.append("<|im_assistant|>assistant<|im_middle|>")
+    return "".join(out)
+
+
+class KimiProcessor:
+    """Chat messages (+ images, video frames) -> input_ids, modality codes and pixel tensors for Kimi-VL."""
+
+    def __init__(self, tokenizer: KimiTokenizer, *, image_token_id: int, pad_token_id: int, stop_token_ids: list,
+                 image_cfg: KimiImageConfig = None):
+        self.tokenizer = tokenizer
+        self.image_token_id = image_token_id  # <|media_pad|>, for images and video frames alike
+        self.pad_token_id = pad_token_id
+        self.stop_token_ids = list(stop_token_ids)
+        self.special_ids = sorted(tokenizer.special_ids)
+        self.image_cfg = image_cfg or KimiImageConfig()
+
+    @classmethod
+    def from_dir(cls, model_dir):
+        """Reads tiktoken.model, tokenizer_config.json and, when present, config.json, generation_config.json and
+        preprocessor_config.json (else the released Instruct values) of a checkpoint folder."""
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise FileNotFoundError(f"model folder not found: {model_dir}")
+        tokenizer = load_kimi_tokenizer(model_dir)
+        config, tok_cfg, gen_cfg = (read_json_if_present(model_dir / name) for name in
+                                    ("config.json", "tokenizer_config.json", "generation_config.json"))
+        image_token_id = tokenizer.token_to_id(MEDIA_PAD)
+        # the prompt is built from the literal token strings, so the config's id must name exactly that one
+        if config.get("media_placeholder_token_id", image_token_id) != image_token_id:
+            raise ValueError(f"{model_dir / 'config.json'}: media_placeholder_token_id "
+                             f"{config['media_placeholder_token_id']} but the tokenizer has {MEDIA_PAD} "
+                             f"at {image_token_id}")
+        pad, eos = tok_cfg.get("pad_token", "[PAD]"), tok_cfg.get("eos_token", "[EOS]")
+        pad = pad["content"] if isinstance(pad, dict) else pad  # some configs store serialised AddedTokens
+        eos = eos["content"] if isinstance(eos, dict) else eos
+        # stop on the turn end, the tokenizer's eos and any eos the configs name
+        stop = [tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id(eos)]
+        text_cfg = config.get("text_config") or {}
+        for e in (text_cfg.get("eos_token_id", config.get("eos_token_id")), gen_cfg.get("eos_token_id")):
+            if e is not None:
+                stop += e if isinstance(e, list) else [e]
+        pre_path = model_dir / "preprocessor_config.json"
+        image_cfg = KimiImageConfig.from_file(pre_path) if pre_path.is_file() else KimiImageConfig()
+        return cls(tokenizer, image_token_id=image_token_id, pad_token_id=tokenizer.token_to_id(pad),
+                   stop_token_ids=list(dict.fromkeys(int(i) for i in stop)), image_cfg=image_cfg)
+
+    def modality_of(self, input_ids) -> torch.Tensor:
+        """TEXT / VISION (<|media_pad|>) / SPECIAL (the rest of the special block) per token, same shape as input."""
+        input_ids = torch.as_tensor(input_ids)
+        special = torch.tensor(self.special_ids, dtype=input_ids.dtype, device=input_ids.device)
+        modality = torch.full_like(input_ids, TEXT, dtype=torch.int64)
+        modality[torch.isin(input_ids, special)] = SPECIAL
+        modality[input_ids == self.image_token_id] = VISION
+        return modality
+
+    def encode(self, text: str) -> list:
+        return self.tokenizer.encode(text)
+
+    def __call__(self, messages: list, add_generation_prompt: bool = True) -> dict:
+        """-> dict: input_ids [S] int64, modality [S], pixel_values [sum h*w, 3, 14, 14] float32 and
+        image_grid_hws [n, 2] int64 (or None), prompt (chat text before pad expansion) and text (after).
+
+        Images and video frames are taken in prompt order; the i-th <|media_pad|> becomes h*w/4 copies for
+        the i-th image (one per merged 2x2 patch group), as the reference processor does on the text.
+        """
+        messages = self._videos_as_frames(messages)
+        prompt = format_kimi_chat(messages, add_generation_prompt)  # also validates roles and parts
+        pixel_values, grids = [], []
+        for i, message in enumerate(messages):
+            content = message["content"]
+            for j, part in enumerate([{"text": content}] if isinstance(content, str) else content):
+                if not is_image_part(part):
+                    # a pad typed as text would get no pixels and break the pad/feature count of the model
+                    if MEDIA_PAD in part["text"]:
+                        raise ValueError(f"messages[{i}].content[{j}]: text contains a literal {MEDIA_PAD}; "
+                                         f"pass images as parts instead")
+                    continue
+                src = part.get("image", part.get("image_url"))
+                if isinstance(src, Image.Image):
+                    name, image = part.get("name", f"messages[{i}].content[{j}] (PIL image)"), src.convert("RGB")
+                elif isinstance(src, (str, os.PathLike)):
+                    name, image = os.fspath(src), kimi_open_image(src)
+                else:
+                    raise ValueError(f"messages[{i}].content[{j}]: image must be a path or a PIL image, "
+                                     f"got {type(src).__name__}")
+                patches, grid = preprocess_kimi_image(image, self.image_cfg, name)
+                pixel_values.append(patches)
+                grids.append(grid)
+        mh, mw = self.image_cfg.merge_kernel_size
+        pieces = prompt.split(MEDIA_PAD)
+        counts = [gh * gw // (mh * mw) for gh, gw in grids]
+        text = pieces[0] + "".join(MEDIA_PAD * n + piece for n, piece in zip(counts, pieces[1:]))
+        input_ids = torch.tensor(self.encode(text), dtype=torch.int64)
+        return {
+            "input_ids": input_ids,
+            "modality": self.modality_of(input_ids),
+            "pixel_values": torch.cat(pixel_values) if grids else None,
+            "image_grid_hws": torch.tensor(grids, dtype=torch.int64) if grids else None,
+            "prompt": prompt,
+            "text": text,
+        }
+
+    @staticmethod
+    def _videos_as_frames(messages: list) -> list:
+        """Replace each video part by one image part per sampled frame."""
+        out = []
+        for message in messages:
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, list):
+                parts = []
+                for part in content:
+                    if isinstance(part, dict) and (part.get("type") == "video" or "video" in part):
+                        frames = kimi_video_frames(part["video"])
+                        parts += [{"type": "image", "image": f, "name": f"{part['video']} frame {k}"}
+                                  for k, f in enumerate(frames)]
+                    else:
+                        parts.append(part)
+                message = {**message, "content": parts}
+            out.append(message)
+        return out
+
+    def from_cli(self, prompt: str, images=(), video=None, system=None) -> dict:
+        """One user turn: the images first, then the video frames, then the text."""
+        content = [{"type": "image", "image": str(p)} for p in images]
+        if video is not None:
+            content.append({"type": "video", "video": str(video)})
+        content.append({"type": "text", "text": prompt})
+        messages = [{"role": "system", "content": system}] if system is not None else []
+        return self(messages + [{"role": "user", "content": content}])
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
