@@ -1259,3 +1259,11 @@ class KimiProcessor:
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def for_model(path, model_type):
+    """The processor of the checkpoint folder `path`, by its config's model_type."""
+    kinds = {"qwen3_vl_moe": QwenProcessor, "kimi_vl": KimiProcessor}
+    if model_type not in kinds:
+        raise ValueError(f"{path}: no processor for model_type {model_type!r}")
+    return kinds[model_type].from_dir(path)

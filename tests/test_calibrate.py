@@ -1,0 +1,203 @@
+"""calibrate.py on the tiny built-in model: cached prefix == naive passes, removal semantics, resume, data readers,
+fingerprints and one-line errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import calibrate as C
+import model as M
+import router
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    path = M.default_checkpoint()
+    model = M.load(path, dtype=torch.float32)
+    return model, C.load_processor(path, model), path
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    """An uninterrupted run over 3 samples, one per batch (3 steps)."""
+    model, proc, _ = tiny
+    return C.calibrate(model, proc, C.synthetic_samples(3), batch_size=1, quiet=True)
+
+
+@pytest.mark.parametrize("removal", ["zero", "input"])
+def test_cached_prefix_equals_naive(tiny, removal):
+    model, proc, _ = tiny
+    layers = C.moe_layers(model)
+    L = len(model.layers)
+    batch = C.make_batch(C.synthetic_samples(2), proc, "cpu")
+    cached, n, passes = C.ablate_batch(model, batch, layers, removal)
+    naive, n_naive, naive_passes = C.ablate_batch(model, batch, layers, removal, naive=True)
+    assert n == n_naive == len(batch.rows) > 0
+    assert (cached[:, 0] > 0).all() and (cached[:-1, 1] > 0).all()  # every ablation moves the answer but one:
+    assert cached[-1, 1] == 0  # vision tokens after the last layer reach no answer logit
+    torch.testing.assert_close(cached, naive, rtol=1e-6, atol=1e-9)
+    assert passes == L + 2 * sum(L - l for l in layers) and naive_passes == (1 + 2 * len(layers)) * L
+
+
+def test_zero_removal_is_skipping_every_slot(tiny):
+    """Independent of the wrapper: router.DMT with tau_text = inf on layer 1 alone skips all of its text slots."""
+    model, proc, _ = tiny
+    batch = C.make_batch(C.synthetic_samples(2), proc, "cpu")
+    kl, _, _ = C.ablate_batch(model, batch, C.moe_layers(model), "zero")
+    with torch.inference_mode():
+        original = model(batch.input_ids, batch.attention_mask, **batch.pixels)[batch.rows, batch.cols]
+        router.install(model, lambda i: router.DMT(float("inf"), 0.0) if i == 1 else None)
+        try:
+            skipped = model(batch.input_ids, batch.attention_mask, **batch.pixels)[batch.rows, batch.cols]
+        finally:
+            router.uninstall(model)
+    log_p, log_q = original.double().log_softmax(-1), skipped.double().log_softmax(-1)
+    expected = (log_p.exp() * (log_p - log_q)).sum()
+    torch.testing.assert_close(kl[1, C.TEXT], expected, rtol=1e-4, atol=1e-9)
+
+
+def test_input_removal_substitutes_the_moe_input(tiny):
+    model, _, _ = tiny
+    moe = model.layers[2].mlp
+    x = torch.randn(2, 5, model.cfg.hidden_size)
+    modality = torch.tensor([[0, 1, 2, 0, 1], [1, 1, 0, 2, 0]])
+    step = M.Step(modality, torch.ones(2, 5, dtype=torch.bool), "prefill")
+    with torch.inference_mode():
+        plain = moe(x, step)
+        remove = modality == C.TEXT
+        with C.removed(model, 2, remove, "input"):
+            substituted = model.layers[2].mlp(x, step)
+        with C.removed(model, 2, remove, "zero"):
+            zeroed = model.layers[2].mlp(x, step)
+    assert model.layers[2].mlp is moe and moe.policy is None  # restored
+    assert torch.equal(substituted[remove], x[remove]) and torch.equal(zeroed[remove], torch.zeros_like(x[remove]))
+    # the kept tokens' experts run on fewer rows, so only up to float reassociation
+    torch.testing.assert_close(substituted[~remove], plain[~remove])
+    torch.testing.assert_close(zeroed[~remove], plain[~remove])
+
+
+def test_kl_sum_matches_float64_textbook_formula():
+    g = torch.Generator().manual_seed(0)
+    z_p = torch.randn(7, 50000, generator=g)
+    z_q = z_p + 0.01 * torch.randn(7, 50000, generator=g)
+    log_p, log_q = z_p.double().log_softmax(-1), z_q.double().log_softmax(-1)
+    expected = (log_p.exp() * (log_p - log_q)).sum()
+    torch.testing.assert_close(C.kl_sum(z_p, z_q), expected, rtol=1e-4, atol=0)
+    huge = z_p.clone()
+    huge[:, 0] -= 200.0  # exp(200) overflows fp32: the fp64 fallback takes over
+    assert torch.isfinite(C.kl_sum(z_p, huge)) and C.kl_sum(z_p, huge) > 0
+
+
+def test_alpha_document(reference, tiny):
+    model, _, _ = tiny
+    doc = reference
+    assert doc["format"] == C.ALPHA_FORMAT and doc["model"]["fingerprint"] == C.fingerprint(model)
+    assert [r["layer"] for r in doc["layers"]] == C.moe_layers(model)
+    for m in C.MODALITIES:
+        alpha = torch.tensor([r[m] for r in doc["layers"]], dtype=torch.float64)
+        kl = torch.tensor([r[m] for r in doc["kl_sum"]], dtype=torch.float64)
+        torch.testing.assert_close(alpha, kl / kl.sum())
+    table = C.alpha_table(doc, len(model.layers))
+    assert table.shape == (len(model.layers), 2) and torch.allclose(table.sum(0), torch.ones(2))
+
+
+def test_resume_after_stop_equals_uninterrupted(tiny, reference, tmp_path):
+    _, _, path = tiny
+    out = tmp_path / "alpha.json"
+    partial = tmp_path / "alpha.json.partial"
+    argv = ["--model", path, "--n", "3", "--batch-size", "1", "--out", str(out), "--quiet"]
+    C.main(C.parser().parse_args(argv + ["--max-batches", "1"]))  # stands for a run killed after batch 1
+    assert not out.exists() and json.load(open(partial))["steps_done"] == 1
+    with pytest.raises(ValueError, match="other settings"):
+        C.main(C.parser().parse_args(argv + ["--resume", "--removal", "input"]))
+    C.main(C.parser().parse_args(argv + ["--resume", "--max-batches", "1"]))
+    assert json.load(open(partial))["steps_done"] == 2
+    C.main(C.parser().parse_args(argv + ["--resume"]))
+    resumed = json.load(open(out))
+    assert not partial.exists()
+    assert resumed["layers"] == reference["layers"] and resumed["kl_sum"] == reference["kl_sum"]
+    assert resumed["data"]["sha256"] == reference["data"]["sha256"]
+    assert {k: v for k, v in resumed["calibration"].items() if k != "seconds"} == reference["calibration"]
+
+
+def test_fingerprint_and_refusal(tiny, tmp_path):
+    model, _, path = tiny
+    raw = M.tiny_qwen_config()
+    raw["text_config"]["num_hidden_layers"] = 3
+    with torch.device("meta"):
+        other = M.Qwen3VLMoe(M.QwenConfig.from_hf(raw, "test"))
+    assert C.fingerprint(other) != C.fingerprint(model)
+    with torch.device("meta"):
+        same = M.Qwen3VLMoe(M.QwenConfig.from_hf(M.tiny_qwen_config(), "test")).to(torch.bfloat16)
+    assert C.fingerprint(same) == C.fingerprint(model)  # dtype and device do not matter
+    doc = dict(format=C.ALPHA_FORMAT, model=dict(fingerprint=C.fingerprint(other)), layers=[])
+    C.write_json_atomic(tmp_path / "alpha.json", doc)
+    with pytest.raises(ValueError, match="made for another model"):
+        C.load_alpha(str(tmp_path / "alpha.json"), model)
+
+
+def test_jsonl_reader(tmp_path):
+    from PIL import Image
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(tmp_path / "img" / "a.png")
+    lines = ['{"image": "img/a.png", "question": "What colour?", "answer": "Green."}', "",
+             '{"image": ["img/a.png", "img/a.png"], "question": "Same?", "answer": "Yes."}',
+             '{"question": "No image?", "answer": "Right."}']
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    samples = C.read_jsonl(str(tmp_path / "d.jsonl"))
+    assert [len(s.images) for s in samples] == [1, 2, 0]
+    assert samples[0].images[0] == str(tmp_path / "img" / "a.png") and samples[1].where.endswith(":3")
+
+
+@pytest.mark.parametrize("line, error, message", [
+    ('{"image": "a.png", "question": "q", "answer": ', ValueError, r"d\.jsonl:2: invalid JSON"),
+    ('["not", "an", "object"]', ValueError, r"d\.jsonl:2: expected a JSON object"),
+    ('{"question": "q"}', ValueError, r"d\.jsonl:2: 'answer' must be a non-empty string"),
+    ('{"image": 3, "question": "q", "answer": "a"}', ValueError, r"d\.jsonl:2: 'image' must be a path"),
+    ('{"image": "missing.png", "question": "q", "answer": "a"}', FileNotFoundError, r"d\.jsonl:2: .*missing\.png"),
+])
+def test_jsonl_errors_name_the_line(tmp_path, line, error, message):
+    (tmp_path / "d.jsonl").write_text('{"question": "fine", "answer": "ok"}\n' + line + "\n")
+    with pytest.raises(error, match=message):
+        C.read_jsonl(str(tmp_path / "d.jsonl"))
+
+
+def test_gqa_reader(tmp_path):
+    from PIL import Image
+    Image.new("RGB", (40, 30)).save(tmp_path / "n1.jpg")
+    questions = {"q1": {"imageId": "n1", "question": "Is it dark?", "answer": "yes", "fullAnswer": "Yes, it is."},
+                 "q2": {"imageId": "n2", "question": "Where?", "answer": "no", "fullAnswer": "No."}}
+    (tmp_path / "q.json").write_text(json.dumps(questions))
+    with pytest.raises(FileNotFoundError, match=r"question q2: image not found: .*n2\.jpg"):
+        C.read_gqa(str(tmp_path / "q.json"), str(tmp_path))
+    del questions["q2"]
+    (tmp_path / "q.json").write_text(json.dumps(questions))
+    [s] = C.read_gqa(str(tmp_path / "q.json"), str(tmp_path))
+    assert s.answer == "Yes, it is." and s.images == [str(tmp_path / "n1.jpg")]
+
+
+def test_synthetic_data_and_selection():
+    a, b = C.synthetic_samples(6), C.synthetic_samples(6)
+    assert [s.answer for s in a] == [s.answer for s in b] and a[0].images[0].tobytes() == b[0].images[0].tobytes()
+    assert len({s.answer for s in C.synthetic_samples(32)}) > 10
+    items = list(range(10))
+    assert C.select(items, 3, start=2) == [2, 3, 4]
+    chosen = C.select(items, 4, seed=1)
+    assert chosen == sorted(chosen) and len(set(chosen)) == 4 and chosen == C.select(items, 4, seed=1)
+    with pytest.raises(ValueError, match="--n 11"):
+        C.select(items, 11)
+    assert C.shard(items, 0, 3) + C.shard(items, 1, 3) + C.shard(items, 2, 3) == items
+
+
+def test_cli_reports_bad_line_in_one_line(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"question": "q", "answer": "a"}\n{oops\n')
+    r = subprocess.run([sys.executable, "calibrate.py", "--data", str(tmp_path / "d.jsonl"), "--out",
+                        str(tmp_path / "a.json")], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 2 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+    assert "d.jsonl:2" in r.stderr and not (tmp_path / "a.json").exists()

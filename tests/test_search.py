@@ -1,0 +1,172 @@
+"""search.py: the frontier walk against exhaustive search (synthetic monotone functions and the tiny model),
+evaluation semantics, threshold files, refusals, and 2-rank torchrun against 1 rank."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import calibrate as C
+import model as M
+import router
+import search as S
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def memoised(fn):
+    memo = {}
+
+    def call(i, j):
+        if (i, j) not in memo:
+            memo[(i, j)] = fn(i, j)
+        return memo[(i, j)]
+    return call
+
+
+def monotone_table(D, seed, scale):
+    """[D, D] non-decreasing along both axes: a 2-D cumulative sum of positive random steps."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(D, D, generator=g, dtype=torch.float64) * scale).cumsum(0).cumsum(1)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_frontier_equals_exhaustive_on_monotone_functions(seed):
+    D = 12
+    loss, ratio = monotone_table(D, seed, 1.0), monotone_table(D, seed + 100, 1.0)
+    ratio = ratio / ratio.max()  # skip ratios in (0, 1]
+    for target in (0.05, 0.3, 0.6, 0.9, 1.0):
+        calls = {}
+
+        def evaluate(i, j):
+            calls[(i, j)] = calls.get((i, j), 0) + 1
+            return float(loss[i, j]), float(ratio[i, j])
+
+        frontier = S.frontier_search(memoised(evaluate), D, D, target)
+        exhaustive = S.exhaustive_search(lambda i, j: (float(loss[i, j]), float(ratio[i, j])), D, D, target)
+        assert frontier == exhaustive is not None
+        assert len(calls) <= 3 * D and max(calls.values()) == 1
+    calls = []
+    assert S.frontier_search(lambda i, j: calls.append((i, j)) or (0.0, 0.5), D, D, 0.51) is None
+    assert calls == [(D - 1, D - 1)]  # an unreachable target costs one evaluation
+
+
+def test_frontier_walks_down_once():
+    """Ratio = i + j on a D x D grid: the pointer moves monotonically, so at most 3D distinct points."""
+    D = 50
+    seen = []
+
+    def evaluate(i, j):
+        seen.append((i, j))
+        return float(i * i + j), (i + j) / (2 * D - 2)
+
+    best = S.frontier_search(memoised(evaluate), D, D, 0.5)
+    exhaustive = S.exhaustive_search(lambda i, j: (float(i * i + j), (i + j) / (2 * D - 2)), D, D, 0.5)
+    assert best == exhaustive and len(seen) <= 3 * D
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = M.default_checkpoint()
+    model = M.load(path, dtype=torch.float32)
+    proc = C.load_processor(path, model)
+    samples = C.synthetic_samples(3)
+    alpha = C.calibrate(model, proc, samples, batch_size=1, quiet=True)
+    folder = tmp_path_factory.mktemp("search")
+    C.write_json_atomic(folder / "alpha.json", alpha)
+    evaluator = S.Evaluator(model, proc, samples, alpha, batch_size=1, quiet=True)
+    cache = {}
+
+    def evaluate(t, v):  # shared by the tests below: every model evaluation happens once
+        if (t, v) not in cache:
+            cache[(t, v)] = evaluator(t, v)
+        return cache[(t, v)]
+    return dict(model=model, path=path, alpha=alpha, folder=folder, evaluate=evaluate)
+
+
+GRID_T = router.threshold_grid(4, x_max=0.71)
+GRID_V = router.threshold_grid(4, x_max=0.6)
+
+
+def test_evaluation_at_zero_thresholds_is_the_unskipped_model(tiny):
+    loss, ratios = tiny["evaluate"](0.0, 0.0)
+    assert loss == 0.0 and ratios["all"] == 0.0
+    loss, ratios = tiny["evaluate"](float(GRID_T[-1]), float(GRID_V[-1]))
+    assert loss > 0 and 0 < ratios["all"] < 1 and ratios["text"] > 0 and ratios["vision"] > 0
+
+
+def test_frontier_matches_exhaustive_on_the_model(tiny):
+    D = len(GRID_T)
+    best_all, points = S.search(tiny["evaluate"], GRID_T, GRID_V, 0.0, exhaustive=True, quiet=True)
+    ratios = sorted(r["all"] for _, r in points.values())
+    for target in (ratios[D], ratios[len(ratios) // 2], ratios[-3]):
+        exhaustive, all_points = S.search(tiny["evaluate"], GRID_T, GRID_V, target, exhaustive=True, quiet=True)
+        frontier, walked = S.search(tiny["evaluate"], GRID_T, GRID_V, target, quiet=True)
+        assert len(walked) <= 3 * D and len(all_points) == D * D
+        assert frontier == exhaustive, (target, frontier, exhaustive)
+        assert walked[frontier][1]["all"] >= target
+
+
+def test_search_cli_output_and_load_thresholds(tiny):
+    folder = tiny["folder"]
+    args = S.parser().parse_args(["--model", tiny["path"], "--n", "3", "--batch-size", "1", "--grid", "4",
+                                  "--target", "0.3", "--alpha", str(folder / "alpha.json"), "--out",
+                                  str(folder / "thresholds.json"), "--quiet"])
+    S.main(args)
+    doc = json.load(open(folder / "thresholds.json"))
+    exhaustive, _ = S.search(tiny["evaluate"], GRID_T, GRID_V, 0.3, exhaustive=True, quiet=True)
+    assert (doc["tau"]["text"], doc["tau"]["vision"]) == (float(GRID_T[exhaustive[0]]), float(GRID_V[exhaustive[1]]))
+    assert doc["skip_ratio"]["all"] >= 0.3 and doc["search"]["evaluations"] == len(doc["evaluated"]) <= 12
+    model = tiny["model"]
+    policy = S.load_thresholds(str(folder / "thresholds.json"), model)
+    assert isinstance(policy, router.MoDES)
+    assert policy.tau.tolist() == pytest.approx([doc["tau"]["text"], doc["tau"]["vision"]])
+    assert torch.equal(policy.alpha, C.alpha_table(tiny["alpha"], len(model.layers)))
+    doc["model"]["fingerprint"] = "0" * 64
+    C.write_json_atomic(folder / "other.json", doc)
+    with pytest.raises(ValueError, match="other.json: made for another model"):
+        S.load_thresholds(str(folder / "other.json"), model)
+
+
+def test_unreachable_target_is_reported(tiny, tmp_path):
+    args = S.parser().parse_args(["--model", tiny["path"], "--n", "3", "--batch-size", "1", "--grid", "4",
+                                  "--target", "0.999", "--alpha", str(tiny["folder"] / "alpha.json"), "--out",
+                                  str(tmp_path / "t.json"), "--quiet"])
+    _, top = tiny["evaluate"](float(GRID_T[-1]), float(GRID_V[-1]))
+    with pytest.raises(ValueError, match=rf"--target 0.999 is not reachable .* highest prefill skip ratio is "
+                                         rf"{top['all']:.4f}"):
+        S.main(args)
+    assert not (tmp_path / "t.json").exists()
+
+
+def test_alpha_of_another_model_is_refused(tiny, tmp_path):
+    doc = dict(tiny["alpha"], model=dict(tiny["alpha"]["model"], fingerprint="f" * 64))
+    C.write_json_atomic(tmp_path / "alpha.json", doc)
+    args = S.parser().parse_args(["--model", tiny["path"], "--n", "2", "--alpha", str(tmp_path / "alpha.json"),
+                                  "--out", str(tmp_path / "t.json"), "--quiet"])
+    with pytest.raises(ValueError, match="alpha.json: made for another model"):
+        S.main(args)
+
+
+def test_two_ranks_give_the_same_alpha_and_tau(tiny, tmp_path):
+    """torchrun with 2 gloo ranks calibrates (no alpha file yet) and searches; 1 rank gave tiny["alpha"]."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "search.py",
+           "--model", tiny["path"], "--num-samples", "3", "--batch-size", "1", "--grid", "4", "--target", "0.3",
+           "--alpha", str(tmp_path / "alpha.json"), "--out", str(tmp_path / "thresholds.json"), "--quiet"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    alpha = json.load(open(tmp_path / "alpha.json"))
+    assert alpha["calibration"]["world_size"] == 2
+    # the ranks run with one thread, this process may not: fp32 reductions then differ in the last bits
+    for mine, ref in zip(alpha["kl_sum"] + alpha["layers"], tiny["alpha"]["kl_sum"] + tiny["alpha"]["layers"]):
+        assert mine["layer"] == ref["layer"]
+        assert mine["text"] == pytest.approx(ref["text"], rel=1e-5, abs=1e-12)
+        assert mine["vision"] == pytest.approx(ref["vision"], rel=1e-5, abs=1e-12)
+    doc = json.load(open(tmp_path / "thresholds.json"))
+    exhaustive, points = S.search(tiny["evaluate"], GRID_T, GRID_V, 0.3, exhaustive=True, quiet=True)
+    assert (doc["tau"]["text"], doc["tau"]["vision"]) == (float(GRID_T[exhaustive[0]]), float(GRID_V[exhaustive[1]]))
+    assert doc["loss"] == pytest.approx(points[exhaustive][0], rel=1e-9)
+    assert doc["skip_ratio"] == points[exhaustive][1]
