@@ -10,6 +10,7 @@ line is one JSON object.
 
 Examples
     python bench.py                                                  # tiny built-in checkpoint, CPU
+    python bench.py --model tiny-kimi                                # the tiny Kimi-VL one
     python bench.py --model ~/Qwen3-VL-30B-A3B-Instruct --device cuda --dtype bfloat16 --thresholds thr.json
     python bench.py --config configs/qwen3_vl_30b_a3b.json --random-weights --device cuda --dtype bfloat16 \
         --policy full,threshold --target 0.88 --batch 8 --image-size 1280 --text-tokens 400
@@ -72,26 +73,33 @@ def build(args):
         model, seconds = timed(make, args.device)
         source = args.config
     else:
-        source = args.model or M.default_checkpoint()
+        source = M.resolve_model(args.model)
         model, seconds = timed(lambda: M.load(source, device=args.device, dtype=dtype), args.device)
     return M.set_expert_impl(model, args.expert_impl), source, seconds, host_peak_bytes() - before
 
 
 def synthetic_inputs(model, args):
-    """A batch of identical rows <vision_start><image pads><vision_end><text>: a square random image of
-    --image-size pixels (rounded to the merge grid) and --text-tokens random text ids."""
-    cfg, v = model.cfg, model.cfg.vision
+    """A batch of identical rows <image placeholders><text>: a square random image of --image-size pixels
+    (rounded to the merge grid) and --text-tokens random text ids, in the model's own input format."""
+    cfg = model.cfg
     g = torch.Generator().manual_seed(0)
-    unit = v.patch_size * v.spatial_merge_size
-    side = max(1, round(args.image_size / unit)) * v.spatial_merge_size  # patches per side
-    n_pads = side * side // v.spatial_merge_size ** 2
     text = torch.randint(0, min(cfg.vocab_size, 1000), (args.text_tokens,), generator=g).tolist()
-    row = [cfg.vision_start_token_id] + [cfg.image_token_id] * n_pads + [cfg.vision_end_token_id] + text
+    if isinstance(model, M.KimiVL):
+        p, (kh, kw) = cfg.patch_size, cfg.merge_kernel_size
+        side = max(1, round(args.image_size / (p * kh))) * kh  # patches per side
+        row = [cfg.media_placeholder_token_id] * (side * side // (kh * kw)) + text
+        pixels = dict(pixel_values=torch.randn(args.batch * side * side, 3, p, p, generator=g),
+                      image_grid_hws=torch.tensor([[side, side]] * args.batch))
+    else:
+        v = cfg.vision
+        side = max(1, round(args.image_size / (v.patch_size * v.spatial_merge_size))) * v.spatial_merge_size
+        pads = [cfg.image_token_id] * (side * side // v.spatial_merge_size ** 2)
+        row = [cfg.vision_start_token_id] + pads + [cfg.vision_end_token_id] + text
+        pixels = dict(pixel_values=torch.randn(args.batch * side * side, v.in_channels * v.temporal_patch_size
+                                               * v.patch_size ** 2, generator=g),
+                      image_grid_thw=torch.tensor([[1, side, side]] * args.batch))
     ids = torch.tensor([row] * args.batch, device=args.device)
-    pixels = torch.randn(args.batch * side * side, v.in_channels * v.temporal_patch_size * v.patch_size ** 2,
-                         generator=g).to(args.device)
-    grid = torch.tensor([[1, side, side]] * args.batch, device=args.device)
-    return ids, dict(pixel_values=pixels, image_grid_thw=grid)
+    return ids, {k: t.to(args.device) for k, t in pixels.items()}
 
 
 def prefill_ratio(model, ids, pixels):
@@ -178,18 +186,22 @@ def roofline(model, args, row, bandwidth, context):
     moe = [layer.mlp for layer in model.layers if hasattr(layer.mlp, "experts")]
     E, two_i, H = moe[0].experts.gate_up_proj.shape
     expert_params = 3 * (two_i // 2) * H
-    lm_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("model.visual"))
-    embed = model.model["language_model"].embed_tokens.weight.numel()
-    fixed = lm_params - embed - len(moe) * E * expert_params  # read once per step whatever the batch
+    routed = len(moe) * E * expert_params
+    vision = ("model.visual.", "vision_tower.", "multi_modal_projector.")
+    lm = {n: p.numel() for n, p in model.named_parameters() if not n.startswith(vision)}
+    embed = sum(v for n, v in lm.items() if "embed_tokens" in n)
+    fixed = sum(lm.values()) - embed - routed  # read once per decode step whatever the batch
     kept = 1 - (row["skip_decode_all"] or 0.0)
     slots = args.batch * cfg.num_experts_per_tok * kept  # batch 1: kept slots are distinct experts
-    kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * elem * args.batch * context
+    cache = model.new_cache(1, 1, device="meta")
+    kv_bytes = (cache.k.numel() + cache.v.numel()) * elem * args.batch * context
     step_bytes = (fixed + len(moe) * min(E, slots) * expert_params) * elem + kv_bytes
     kept_prefill = 1 - (row["skip_prefill_all"] or 0.0)
-    tokens = row["prompt_tokens"] * args.batch
-    attn = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * row["prompt_tokens"] ** 2 / 2
-    flops = 2 * tokens * (fixed - cfg.vocab_size * H + len(moe) * cfg.num_experts_per_tok * kept_prefill
-                          * expert_params) + attn * args.batch + 2 * args.batch * cfg.vocab_size * H
+    S = row["prompt_tokens"]
+    head_dims = getattr(cfg, "head_dim", None) or (cfg.qk_head_dim + cfg.v_head_dim) / 2
+    attn = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dims * S * S / 2  # causal QK^T and PV
+    per_token = fixed - cfg.vocab_size * H + len(moe) * cfg.num_experts_per_tok * kept_prefill * expert_params
+    flops = args.batch * (2 * S * per_token + attn + 2 * cfg.vocab_size * H)  # lm_head on the last token only
     return dict(decode_bytes_per_step=step_bytes, decode_gb_per_s=step_bytes / row["decode_ms"] * 1e-6,
                 decode_floor_ms=step_bytes / bandwidth * 1e3,
                 decode_pct_of_floor=100 * step_bytes / bandwidth * 1e3 / row["decode_ms"],
@@ -240,6 +252,7 @@ def main(args):
     bandwidth = copy_bandwidth(args.device)
     header = dict(source=source, device=device_name, torch=torch.__version__, dtype=args.dtype, batch=args.batch,
                   prompt_tokens=ids.shape[1], visual_tokens=int((ids[0] == model.cfg.image_token_id).sum()),
+                  model_type=model.cfg.model_type,
                   decode_steps=args.decode_steps, repeats=args.repeats, warmup=args.warmup, compile=args.compile,
                   expert_impl=args.expert_impl, threads=torch.get_num_threads(), load_s=load_s,
                   weight_bytes=weight_bytes, host_load_peak_bytes=host_load, copy_bandwidth_gb_s=bandwidth / 1e9)
@@ -292,7 +305,7 @@ def main(args):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Time vision, prefill and decode per skip policy.")
-    p.add_argument("--model", help="checkpoint folder (default: the tiny built-in checkpoint)")
+    p.add_argument("--model", help="checkpoint folder, or tiny-qwen (default) / tiny-kimi (built-in tiny checkpoints)")
     p.add_argument("--config", help="a config.json: benchmark that architecture (with --random-weights)")
     p.add_argument("--random-weights", action="store_true", help="random weights, no checkpoint needed")
     p.add_argument("--device", default="cpu", help="cpu or cuda")

@@ -142,11 +142,10 @@ def read_config(path):
             raw = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    kinds = {"qwen3_vl_moe": QwenConfig, "kimi_vl": KimiVLConfig}
     kind = raw.get("model_type")
-    if kind not in kinds:
-        raise ValueError(f"{file}: unknown model_type {kind!r} (supported: {', '.join(kinds)})")
-    return kinds[kind].from_hf(raw, file)
+    if kind not in CONFIGS:
+        raise ValueError(f"{file}: unknown model_type {kind!r} (supported: {', '.join(CONFIGS)})")
+    return CONFIGS[kind].from_hf(raw, file)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -517,6 +516,9 @@ class Qwen3VLMoe(nn.Module):
     def tie_weights(self):
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.model["language_model"].embed_tokens.weight
+
+    def head_weight(self):
+        return self.lm_head.weight
 
     def checkpoint_names(self):
         """checkpoint tensor name -> (parameter name, index into it); here the names coincide."""
@@ -1134,6 +1136,9 @@ class KimiVL(nn.Module):
         if self.cfg.tie_word_embeddings:
             self.language_model.lm_head.weight = self.language_model.model.embed_tokens.weight
 
+    def head_weight(self):
+        return self.language_model.lm_head.weight
+
     def checkpoint_names(self):
         """checkpoint tensor name -> (parameter name, index into it): the names coincide except the experts."""
         names = {n: (n, None) for n, _ in self.named_parameters(remove_duplicate=False)}
@@ -1253,6 +1258,7 @@ class KimiVL(nn.Module):
 # Loading: meta-device build, one allocation per parameter, tensor-by-tensor fill from safetensors
 
 
+CONFIGS = {"qwen3_vl_moe": QwenConfig, "kimi_vl": KimiVLConfig}
 MODELS = {QwenConfig: Qwen3VLMoe, KimiVLConfig: KimiVL}
 
 
@@ -1513,30 +1519,74 @@ def save_checkpoint(model, raw_config, path, dtype=torch.bfloat16):
         json.dump(raw_config, f, indent=2)
 
 
+def tiny_kimi_config():
+    """config.json of the tiny Kimi-VL default, with the real special-token ids and vocabulary size."""
+    return {
+        "architectures": ["KimiVLForConditionalGeneration"], "model_type": "kimi_vl",
+        "media_placeholder_token_id": 163605, "pad_token_id": 163839, "tie_word_embeddings": False,
+        "vision_config": {"model_type": "moonvit", "patch_size": 14, "num_attention_heads": 4,
+                          "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
+                          "init_pos_emb_height": 16, "init_pos_emb_width": 16, "merge_kernel_size": [2, 2]},
+        "text_config": {
+            "model_type": "deepseek_v3", "vocab_size": 163840, "hidden_size": 128, "intermediate_size": 256,
+            "moe_intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "n_shared_experts": 2,
+            "n_routed_experts": 16, "routed_scaling_factor": 2.446, "kv_lora_rank": 32, "q_lora_rank": None,
+            "qk_rope_head_dim": 16, "v_head_dim": 32, "qk_nope_head_dim": 32, "topk_method": "noaux_tc",
+            "n_group": 1, "topk_group": 1, "num_experts_per_tok": 4, "moe_layer_freq": 1,
+            "first_k_dense_replace": 1, "norm_topk_prob": True, "scoring_func": "sigmoid",
+            "num_key_value_heads": 4, "hidden_act": "silu", "rms_norm_eps": 1e-5, "rope_theta": 800000.0,
+            "rope_scaling": None, "attention_bias": False, "bos_token_id": 163584, "eos_token_id": 163585,
+            "pad_token_id": 163839, "tie_word_embeddings": False},
+    }
+
+
+# the real preprocessor_config.json values of Kimi-VL-A3B-Instruct
+TINY_KIMI_PREPROCESSOR = {"in_token_limit": 4096, "patch_size": 14, "num_pooled_tokens": 1024,
+                          "merge_kernel_size": [2, 2], "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+                          "pad_input": True, "image_processor_type": "KimiVLImageProcessor"}
+
+TINY = {"qwen": ("tiny-qwen3-vl-moe-v1", tiny_qwen_config, TINY_QWEN_PREPROCESSOR),
+        "kimi": ("tiny-kimi-vl-v1", tiny_kimi_config, TINY_KIMI_PREPROCESSOR)}
+
+
+def tiny_vocabulary(folder, kind):
+    """Ids the tiny tokenizer written in `folder` can produce: its regular tokens and its special tokens."""
+    if kind == "qwen":
+        with open(os.path.join(folder, "tokenizer.json")) as f:
+            return list(json.load(f)["model"]["vocab"].values())
+    with open(os.path.join(folder, "tiktoken.model")) as f:
+        ranks = sum(1 for line in f if line.strip())
+    with open(os.path.join(folder, "tokenizer_config.json")) as f:
+        return list(range(ranks)) + [int(i) for i in json.load(f)["added_tokens_decoder"]]
+
+
 def default_checkpoint(kind="qwen"):
-    """Folder of the tiny built-in checkpoint, written on first use (atomically: a temp folder renamed)."""
+    """Folder of a tiny built-in checkpoint ("qwen" or "kimi") in the real Hugging Face layout, written on first
+    use (atomically: a temp folder renamed) with deterministic random weights and a small real-format tokenizer."""
     import shutil
     import tempfile
     import processor
-    path = os.path.join(cache_dir(), "tiny-qwen3-vl-moe-v1")
+    name, make_config, preprocessor = TINY[kind]
+    path = os.path.join(cache_dir(), name)
     if os.path.isfile(os.path.join(path, "model.safetensors")):
         return path
     os.makedirs(cache_dir(), exist_ok=True)
     tmp = tempfile.mkdtemp(dir=cache_dir(), prefix=".tmp-")
     try:
-        raw = tiny_qwen_config()
-        model = Qwen3VLMoe(QwenConfig.from_hf(raw, "tiny default"))
-        random_weights(model)
-        processor.write_tiny_tokenizer(tmp)
-        with open(os.path.join(tmp, "tokenizer.json")) as f:
-            known = list(json.load(f)["model"]["vocab"].values())
-        unused = torch.ones(model.cfg.vocab_size, dtype=torch.bool)
-        unused[known] = False
-        with torch.no_grad():  # like the real padding rows: ids the tokenizer lacks are never predicted
-            model.lm_head.weight[unused] = 0.0
+        raw = make_config()
+        cfg = CONFIGS[raw["model_type"]].from_hf(raw, "tiny default")
+        model = random_weights(MODELS[type(cfg)](cfg))
+        if kind == "qwen":
+            processor.write_tiny_tokenizer(tmp)
+        else:
+            processor.write_tiny_kimi_tokenizer(tmp)
+        unused = torch.ones(cfg.vocab_size, dtype=torch.bool)
+        unused[tiny_vocabulary(tmp, kind)] = False
+        with torch.no_grad():  # like the real padding rows: ids the small tokenizer lacks are never predicted
+            model.head_weight()[unused] = 0.0
         save_checkpoint(model, raw, tmp)
         with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
-            json.dump(TINY_QWEN_PREPROCESSOR, f, indent=2)
+            json.dump(preprocessor, f, indent=2)
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1548,13 +1598,25 @@ def default_checkpoint(kind="qwen"):
 # Command line
 
 
+def resolve_model(name):
+    """A checkpoint folder, or "tiny-qwen" / "tiny-kimi" (default tiny-qwen): a built-in tiny checkpoint."""
+    if name in (None, "tiny-qwen", "tiny-kimi"):
+        return default_checkpoint("kimi" if name == "tiny-kimi" else "qwen")
+    if not os.path.isdir(name):
+        raise FileNotFoundError(f"--model {name}: no such folder (or use tiny-qwen / tiny-kimi)")
+    return name
+
+
+PIXEL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "image_grid_hws")
+
+
 def main(args):
     import processor
-    path = args.model or default_checkpoint()
+    path = resolve_model(args.model)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     t0 = time.perf_counter()
     model = load(path, device=args.device, dtype=dtype)
-    proc = processor.QwenProcessor.from_dir(path)
+    proc = processor.for_model(path, model.cfg.model_type)
     load_s = time.perf_counter() - t0
     stats = None
     if args.thresholds:
@@ -1563,12 +1625,11 @@ def main(args):
         router.install(model, search.load_thresholds(args.thresholds, model))
         stats = router.SkipStats(len(model.layers))
     batch = proc.from_cli(args.prompt, images=args.image, video=args.video, system=args.system)
-    vision = {k: (batch[k].to(args.device) if batch.get(k) is not None else None)
-              for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")}
+    pixels = {k: batch[k].to(args.device) for k in PIXEL_KEYS if batch.get(k) is not None}
     input_ids = batch["input_ids"][None].to(args.device)
     t0 = time.perf_counter()
     tokens = generate(model, input_ids, max_new_tokens=args.max_new_tokens, stop_ids=proc.stop_token_ids,
-                      stats=stats, **vision)
+                      stats=stats, **pixels)
     gen_s = time.perf_counter() - t0
     token_ids = tokens[0].tolist()
     if token_ids and token_ids[-1] in proc.stop_token_ids:
@@ -1588,8 +1649,10 @@ def main(args):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Greedy generation with Qwen3-VL-MoE from a Hugging Face folder.")
-    p.add_argument("--model", help="checkpoint folder (default: the tiny built-in checkpoint, made on first use)")
+    p = argparse.ArgumentParser(description="Greedy generation with Qwen3-VL-MoE or Kimi-VL from a Hugging Face "
+                                "checkpoint folder.")
+    p.add_argument("--model", help="checkpoint folder, or tiny-qwen (default) / tiny-kimi: a tiny built-in "
+                   "checkpoint made on first use")
     p.add_argument("--prompt", required=True, help="user text")
     p.add_argument("--image", action="append", default=[], help="image file; repeat for several images")
     p.add_argument("--video", help="a folder of frame images or an animated GIF")

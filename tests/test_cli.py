@@ -32,6 +32,20 @@ def test_generate_json_on_tiny_default(env, tmp_path):
     assert again["token_ids"] == out["token_ids"]  # the built-in checkpoint and greedy decoding are deterministic
 
 
+def test_tiny_kimi_generates_and_benches(env, tmp_path):
+    from PIL import Image
+    Image.new("RGB", (100, 60), (20, 200, 30)).save(tmp_path / "green.png")
+    r = run(env, "model.py", "--model", "tiny-kimi", "--prompt", "What colour?", "--image", str(tmp_path / "green.png"),
+            "--max-new-tokens", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(out["token_ids"]) == 4 and out["model"].endswith("tiny-kimi-vl-v1")
+    r = run(env, "bench.py", "--model", "tiny-kimi", "--repeats", "1", "--warmup", "0", "--decode-steps", "2")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["model_type"] == "kimi_vl" and out["rows"][0]["decode_ms"] > 0
+
+
 @pytest.mark.parametrize("bad", ["missing", "empty", "garbage"])
 def test_bad_image_is_one_line_error(env, tmp_path, bad):
     path = tmp_path / "img.png"
