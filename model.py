@@ -234,6 +234,12 @@ class KVCache:
         self.length = 0  # tokens written so far (host side, for the decode loop)
         self.max_len = max_len
 
+    def reset(self):
+        """Empty the cache in place (the buffers keep their addresses, so a captured decode graph stays valid)."""
+        self.length = 0
+        self.key_valid.zero_()
+        self.next_pos.zero_()
+
 
 def token_importance(q, k, mask, x, valid):
     """MC-MoE's token importance: ||x_j||_1 times the attention token j receives, averaged over heads and over the
@@ -839,6 +845,8 @@ class MLACache:
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)  # rope position of the next token
         self.length = 0  # tokens written so far (host side, for the decode loop)
         self.max_len = max_len
+
+    reset = KVCache.reset
 
 
 class MLA(nn.Module):

@@ -13,7 +13,7 @@ from kernels import SKIP, moe_experts
 
 H, I = 64, 32  # hidden and expert sizes: multiples of 8, so grouped_mm's 16-byte stride rule holds in bf16 too
 TRITON_ON_CPU = kernels.HAS_TRITON and kernels._TRITON_INTERPRET
-FAST_PATHS = ["grouped", "gather", "auto"] + (["triton"] if TRITON_ON_CPU else [])
+FAST_PATHS = ["experts", "grouped", "gather", "auto"] + (["triton"] if TRITON_ON_CPU else [])
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # relative L2 error against the fp32 loop
 # (T, K, E, skip pattern): every T, K, E and pattern appears at least once
 CASES = [(1, 8, 16, "none"), (1, 6, 64, "random"), (2, 8, 64, "all"), (7, 6, 16, "one_expert"),
