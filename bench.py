@@ -241,10 +241,137 @@ def transformers_row(model, source, ids, pixels, args):
     return dict(ttft_ms=1e3 * statistics.median(prefill), decode_ms=1e3 * statistics.median(decode))
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Fidelity: MoDES and the baselines at the skip ratio MoDES reaches on its calibration data
+
+
+BASELINES = ("reduce-k", "threshold", "threshold+gmlg", "dmt", "naee", "mc-moe", "diep")
+
+
+def fit_scalar(evaluator, make, target, hi=1.0, steps=12):
+    """make(h) for the smallest h (bisection on [0, hi], hi doubled until feasible) whose calibration prefill skip
+    ratio reaches target: the skip ratio of these rules never falls as h grows."""
+    while evaluator.score(make(hi))["skip"]["all"] < target:
+        if hi > 1e3:
+            raise ValueError(f"target skip ratio {target:.3f} is out of reach for {make(hi)}")
+        hi *= 2
+    lo = 0.0
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if evaluator.score(make(mid))["skip"]["all"] < target else (lo, mid)
+    return make(hi), hi
+
+
+def baseline_policy(name, model, evaluator, alpha, gamma, target):
+    """(policy, its hyperparameter) of a baseline fitted to `target` on the calibration evaluator. One β for all
+    layers where the paper searches a per-layer β genetically (modes.md §8): a documented simplification."""
+    import search
+    if name == "reduce-k":  # discrete: the largest k' that still reaches the target
+        K = model.cfg.num_experts_per_tok
+        for k in range(K, 0, -1):
+            if evaluator.score(router.ReduceK(k))["skip"]["all"] >= target or k == 1:
+                return router.ReduceK(k), k
+    if name == "threshold":
+        return fit_scalar(evaluator, lambda t: router.Threshold(t), target)
+    if name == "threshold+gmlg":
+        return fit_scalar(evaluator, lambda t: router.Threshold(t, alpha), target)
+    if name == "naee":
+        return fit_scalar(evaluator, lambda b: router.NAEE(b), target)
+    if name == "mc-moe":
+        return fit_scalar(evaluator, lambda b: router.MCMoE(b), target)
+    if name == "diep":
+        return fit_scalar(evaluator, lambda b: router.DiEP(b, gamma), target)
+    if name == "dmt":  # two thresholds without alpha: the same frontier search as MoDES, on grids up to tau = 1
+        grid_t = grid_v = router.threshold_grid(40, x_max=1.0)
+        evaluator.policy = router.DMT(0.0, 0.0)
+        best, _ = search.search(evaluator, grid_t, grid_v, target, quiet=True)
+        if best is None:
+            raise ValueError(f"dmt: target skip ratio {target:.3f} is out of reach on the grid")
+        tau = (float(grid_t[best[0]]), float(grid_v[best[1]]))
+        return router.DMT(*tau), tau
+    raise ValueError(f"--baselines: unknown baseline {name!r} ({', '.join(BASELINES)})")
+
+
+def normalise_answer(text):
+    return " ".join("".join(c for c in text.lower() if c.isalnum() or c.isspace()).split())
+
+
+@torch.no_grad()
+def exact_match(model, proc, samples, policy, device):
+    """Share of samples whose greedy answer equals the reference answer (case and punctuation ignored)."""
+    import calibrate as C
+    router.install(model, lambda i: policy)
+    hits = 0
+    for s in samples:
+        content = [{"type": "image", "image": im} for im in s.images] + \
+            ([{"type": "video", "video": s.video}] if s.video else []) + [{"type": "text", "text": s.question}]
+        batch = proc([{"role": "user", "content": content}])
+        pixels = {k: batch[k].to(device) for k in C.PIXEL_KEYS if batch.get(k) is not None}
+        n = len(proc.encode(s.answer)) + 4
+        ids = M.generate(model, batch["input_ids"][None].to(device), max_new_tokens=n,
+                         stop_ids=proc.stop_token_ids, **pixels)[0].tolist()
+        hits += normalise_answer(proc.decode(ids)) == normalise_answer(s.answer)
+    router.uninstall(model)
+    return hits / len(samples)
+
+
+def fidelity(model, source, args):
+    """Rows of skip ratios, mean answer-token KL and top-1 agreement against the unskipped model, and exact-match
+    accuracy with retention, on the evaluation set (--data, or built-in synthetic samples unseen in calibration)."""
+    import calibrate as C
+    import processor
+    import search
+    if not args.thresholds:
+        raise ValueError("--fidelity needs --thresholds FILE (made by search.py)")
+    doc = C.read_json(args.thresholds, "thresholds")
+    modes = search.load_thresholds(args.thresholds, model)
+    proc = processor.for_model(source, model.cfg.model_type)
+    info = doc["data"]
+    if info["source"] == "synthetic":
+        calib = C.select(C.synthetic_samples(), info["n"], info["start"], info["seed"])
+    elif info["source"].endswith(".jsonl") and os.path.exists(info["source"]):
+        calib = C.select(C.read_jsonl(info["source"]), info["n"], info["start"], info["seed"])
+    else:
+        raise ValueError(f"{args.thresholds}: calibration data {info['source']} cannot be re-read here")
+    evals = C.read_jsonl(args.data)[:args.eval_n] if args.data else C.synthetic_samples(args.eval_n, seed=1)
+    target = doc["skip_ratio"]["all"]
+    alpha = C.alpha_table(doc, len(model.layers))
+    calib_eval = search.Evaluator(model, proc, calib, doc, quiet=True)
+    test_eval = search.Evaluator(model, proc, evals, doc, quiet=True)
+    gamma = router.diep_gamma(C.expert_similarity(model, proc, calib)) if "diep" in args.baselines else None
+    rows = [dict(policy="full", hyper=None, policy_obj=None), dict(policy="modes", hyper=[doc["tau"]["text"],
+                                                                   doc["tau"]["vision"]], policy_obj=modes)]
+    for name in filter(None, args.baselines.split(",")):
+        policy, hyper = baseline_policy(name, model, calib_eval, alpha, gamma, target)
+        rows.append(dict(policy=name, hyper=hyper, policy_obj=policy))
+    for r in rows:
+        policy = r.pop("policy_obj")
+        r["calib_skip"] = calib_eval.score(policy)["skip"]["all"]
+        r.update(test_eval.score(policy))
+        r["accuracy"] = exact_match(model, proc, evals, policy, args.device) if args.accuracy else None
+    full_acc = rows[0]["accuracy"]
+    print(f"# fidelity on {args.data or 'built-in synthetic samples (seed 1)'} ({len(evals)} samples); every policy "
+          f"fitted to MoDES's calibration skip ratio {target:.3f}")
+    print("policy | hyperparameter | calib skip | skip all | text | vision | KL | top-1 | accuracy | retention")
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    for r in rows:
+        r["retention"] = None if not full_acc or r["accuracy"] is None else 100 * r["accuracy"] / full_acc
+        hyper = "/".join(format(h, ".4g") for h in (r["hyper"] if isinstance(r["hyper"], (list, tuple)) else
+                                                       [] if r["hyper"] is None else [r["hyper"]])) or "-"
+        print(" | ".join([r["policy"], hyper, fmt(r["calib_skip"], ".3f"), fmt(r["skip"]["all"], ".3f"),
+            fmt(r["skip"]["text"], ".3f"), fmt(r["skip"]["vision"], ".3f"), fmt(r["kl"], ".4g"), fmt(r["top1"], ".3f"),
+            fmt(r["accuracy"], ".3f"), fmt(r["retention"], ".1f")]))
+    return rows
+
+
 def main(args):
     if args.random_weights != bool(args.config):
         raise ValueError("--config FILE and --random-weights go together (real-size architecture, random weights)")
     model, source, load_s, host_load = build(args)
+    if args.fidelity:
+        rows = fidelity(model, source, args)
+        print(json.dumps(dict(source=source, thresholds=args.thresholds, fidelity=rows)))
+        return
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     ids, pixels = synthetic_inputs(model, args)
     device_name = (torch.cuda.get_device_name() if args.device.startswith("cuda")
@@ -326,6 +453,13 @@ if __name__ == "__main__":
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the decode step and capture it in a CUDA graph (default: on for cuda)")
     p.add_argument("--compare-transformers", action="store_true", help="also time transformers' implementation")
+    p.add_argument("--fidelity", action="store_true", help="instead of timings: MoDES (--thresholds) and the "
+                   "--baselines at equal skip ratio, against the unskipped model on --data")
+    p.add_argument("--baselines", default=",".join(BASELINES), help="comma list for --fidelity: " + ", ".join(BASELINES))
+    p.add_argument("--data", help="evaluation JSONL for --fidelity (default: built-in synthetic samples)")
+    p.add_argument("--eval-n", type=int, default=16, help="evaluation samples for --fidelity")
+    p.add_argument("--accuracy", action=argparse.BooleanOptionalAction, default=True,
+                   help="greedy exact-match accuracy per policy in --fidelity (one generation per sample)")
     p.add_argument("--json", help="also write the result to this file")
     args = p.parse_args()
     args.compile = args.device.startswith("cuda") if args.compile is None else args.compile

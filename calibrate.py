@@ -59,7 +59,7 @@ TEXT, VISION = 0, 1  # token modality codes; SPECIAL (2) tokens are never remove
 MODALITIES = ("text", "vision")  # column m of every [.., 2] table
 ALPHA_FORMAT = "modes-alpha/1"
 PARTIAL_FORMAT = "modes-alpha-partial/1"
-PIXEL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "image_grid_hws")
+PIXEL_KEYS = M.PIXEL_KEYS
 END_OF_TURN = "<|im_end|>"  # the turn end of both Qwen3-VL and Kimi-VL
 
 
@@ -467,6 +467,61 @@ def removed(model, layer, remove, removal):
     finally:
         decoder.mlp = moe
         moe.policy = policy
+
+
+class CaptureInput(nn.Module):
+    """An MLP wrapper that keeps up to n non-padding rows of its input, for expert_similarity."""
+
+    def __init__(self, mlp, n):
+        super().__init__()
+        self.mlp, self.n, self.rows = mlp, n, []
+
+    def forward(self, x, step, *rest):
+        if sum(len(r) for r in self.rows) < self.n:
+            self.rows.append(x[step.valid].float())
+        return self.mlp(x, step, *rest)
+
+
+def linear_cka(Y):
+    """Linear CKA between every pair of E output matrices Y [E, n, H] -> [E, E] (Kornblith et al. 2019)."""
+    Y = Y - Y.mean(1, keepdim=True)
+    gram = (Y @ Y.transpose(1, 2)).flatten(1)  # [E, n*n]
+    hsic = gram @ gram.T  # [E, E]
+    norm = hsic.diagonal().sqrt()
+    return hsic / (norm[:, None] * norm[None, :]).clamp(min=1e-30)
+
+
+@torch.no_grad()
+def expert_similarity(model, proc, samples, batch_size=4, tokens=256):
+    """DiEP's expert-output similarity on calibration data: [L, E, E] linear CKA of the outputs of every pair of
+    routed experts of each MoE layer on its first `tokens` input rows; zeros for dense layers."""
+    layers = moe_layers(model)
+    E = model.layers[layers[0]].mlp.experts.gate_up_proj.shape[0]
+    device = next(model.parameters()).device
+    wrappers = {i: CaptureInput(model.layers[i].mlp, tokens) for i in layers}
+    for i, w in wrappers.items():
+        model.layers[i].mlp = w
+    try:
+        for start in range(0, len(samples), batch_size):
+            run_batch(model, make_batch(samples[start:start + batch_size], proc, device))
+            if all(sum(len(r) for r in w.rows) >= tokens for w in wrappers.values()):
+                break
+    finally:
+        for i, w in wrappers.items():
+            model.layers[i].mlp = w.mlp
+    cka = torch.zeros(len(model.layers), E, E)
+    for i, w in wrappers.items():
+        x = torch.cat(w.rows)[:tokens].to(w.mlp.experts.gate_up_proj.dtype)  # [n, H]
+        gate, up = torch.einsum("nh,eih->eni", x, w.mlp.experts.gate_up_proj).chunk(2, dim=-1)  # [E, n, I] each
+        y = torch.einsum("eni,ehi->enh", torch.nn.functional.silu(gate) * up, w.mlp.experts.down_proj)  # [E, n, H]
+        cka[i] = linear_cka(y.float()).cpu()
+    return cka
+
+
+def run_batch(model, batch):
+    h, state = embed(model, batch)
+    for i in range(len(model.layers)):
+        h = model.layer(i, h, state)
 
 
 def moe_layers(model):

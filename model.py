@@ -1590,8 +1590,9 @@ def default_checkpoint(kind="qwen"):
             processor.write_tiny_kimi_tokenizer(tmp)
         unused = torch.ones(cfg.vocab_size, dtype=torch.bool)
         unused[tiny_vocabulary(tmp, kind)] = False
-        with torch.no_grad():  # like the real padding rows: ids the small tokenizer lacks are never predicted
-            model.head_weight()[unused] = 0.0
+        with torch.no_grad():
+            model.head_weight()[unused] = 0.0  # like the real padding rows: ids the tokenizer lacks are unlikely
+            model.head_weight()[~unused] *= 6.0  # peaked next-token distributions, as in a trained model
         save_checkpoint(model, raw, tmp)
         with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
             json.dump(preprocessor, f, indent=2)

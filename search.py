@@ -110,11 +110,17 @@ class Evaluator:
         self.policy = router.MoDES(0.0, 0.0, C.alpha_table(alpha, len(model.layers)))
 
     def __call__(self, tau_text, tau_vision):
-        model = self.model
-        router.install(model, self.policy)
         self.policy.tau.copy_(torch.tensor([tau_text, tau_vision]))
+        result = self.score(self.policy)
+        return result["kl"], result["skip"]
+
+    def score(self, policy):
+        """One pass with `policy` installed (None = plain top-k) -> mean answer-token KL against the unskipped
+        model, top-1 agreement with it, and the prefill skip ratios (all, text, vision)."""
+        model = self.model
+        router.install(model, lambda i: policy)
         stats = router.SkipStats(len(model.layers), self.device)
-        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # KL sum, answer tokens
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # KL sum, top-1 agreements, answer tokens
         try:
             with torch.inference_mode():
                 for batch in self.batches:
@@ -122,14 +128,17 @@ class Evaluator:
                                                       batch.cols, move(batch.media, self.device)), stats)
                     for i in range(len(model.layers)):
                         h = model.layer(i, h, state)
-                    sums[0] += C.kl_sum(batch.original.to(self.device), C.answer_logits(model, h, batch)[0])
-                    sums[1] += len(batch.rows)
+                    logits, original = C.answer_logits(model, h, batch)[0], batch.original.to(self.device)
+                    sums[0] += C.kl_sum(original, logits)
+                    sums[1] += (logits.argmax(-1) == original.argmax(-1)).sum()
+                    sums[2] += len(batch.rows)
         finally:
             router.uninstall(model)
         C.all_sum(sums)
         C.all_sum(stats.counts)
         prefill = stats.summary()["prefill"]
-        return float(sums[0] / sums[1]), {k: prefill[k] for k in ("all", "text", "vision")}
+        return dict(kl=float(sums[0] / sums[2]), top1=float(sums[1] / sums[2]),
+                    skip={k: prefill[k] for k in ("all", "text", "vision")})
 
 
 def search(evaluate, grid_text, grid_vision, target, exhaustive=False, quiet=False):
