@@ -1,0 +1,54 @@
+"""bench.py --fidelity: every baseline is fitted to the skip ratio MoDES reached on the same calibration data."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import calibrate as C
+import model as M
+import router
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def thresholds(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fidelity")
+    env = dict(os.environ, MODES_CACHE=str(folder / "cache"), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "search.py", "--n", "3", "--grid", "5", "--target", "0.4", "--quiet",
+                        "--alpha", str(folder / "alpha.json"), "--out", str(folder / "thr.json")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return folder, env
+
+
+def test_baselines_reach_the_modes_skip_ratio(thresholds):
+    folder, env = thresholds
+    r = subprocess.run([sys.executable, "bench.py", "--fidelity", "--thresholds", str(folder / "thr.json"),
+                        "--baselines", "reduce-k,threshold,threshold+gmlg,naee,mc-moe,diep", "--eval-n", "2",
+                        "--no-accuracy"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    rows = {row["policy"]: row for row in json.loads(r.stdout.strip().splitlines()[-1])["fidelity"]}
+    target = json.load(open(folder / "thr.json"))["skip_ratio"]["all"]
+    assert rows["full"]["kl"] == 0.0 and rows["full"]["top1"] == 1.0 and rows["full"]["skip"]["all"] == 0.0
+    assert rows["modes"]["calib_skip"] == pytest.approx(target)
+    for name in ("threshold", "threshold+gmlg", "naee", "mc-moe", "diep"):  # continuous: bisected onto the target
+        assert target <= rows[name]["calib_skip"] <= target + 0.05, name
+        assert rows[name]["kl"] > 0 and rows[name]["skip"]["all"] > 0
+    K = M.read_config(os.path.join(env["MODES_CACHE"], "tiny-qwen3-vl-moe-v1")).num_experts_per_tok
+    assert rows["reduce-k"]["calib_skip"] >= target and 1 <= rows["reduce-k"]["hyper"] < K
+
+
+def test_linear_cka_hand_example():
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+    Y = torch.stack([a, 3 * a, a @ torch.tensor([[0.0, 1.0], [1.0, 0.0]]), torch.tensor([[1.0, 0], [1, 0], [-1, 0],
+                                                                                           [-1, 0]])])
+    cka = C.linear_cka(Y)
+    # scaling and rotations leave linear CKA at 1; a rank-1 projection of a's isotropic points keeps 1/sqrt(2)
+    assert torch.allclose(cka[0, :3], torch.ones(3), atol=1e-6)
+    assert cka[0, 3] == pytest.approx(2 ** -0.5, abs=1e-6)
+    gamma = router.diep_gamma(cka[None])
+    assert gamma.shape == (1, 4, 4)
