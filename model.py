@@ -867,7 +867,7 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(self.c, self.nh * (self.d + self.dv), bias=False)  # per head: k_nope, v
         self.o_proj = nn.Linear(self.nh * self.dv, H, bias=False)
 
-    def forward(self, x, cos, sin, mask, kv):
+    def forward(self, x, cos, sin, mask, kv, step=None, want_importance=False):
         # b batch, s query pos, t key pos, h head, d nope / value head dim, r rope dim, c latent rank
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.nh, self.d + self.r)  # [b, s, h, d+r]
@@ -882,20 +882,22 @@ class MLA(nn.Module):
             rope_cache[:, cache_pos] = k_rope
             latent, k_rope, kv = latent_cache, rope_cache, None  # [b, t, c], [b, t, r]
             if S == 1:
-                return self.o_proj(self.absorbed(q_nope, q_rope, latent, k_rope, mask).reshape(B, S, -1))
+                return self.o_proj(self.absorbed(q_nope, q_rope, latent, k_rope, mask).reshape(B, S, -1)), None
             # a multi-token call (prefill) is compute-bound: expand the cached latents to per-head K/V below
         T = latent.shape[1]
         k_nope, v = self.kv_b_proj(latent).view(B, T, self.nh, self.d + self.dv).split([self.d, self.dv], -1)
         k = torch.cat([k_nope, k_rope[:, :, None].expand(-1, -1, self.nh, -1)], dim=-1)  # [b, t, h, d+r]
         q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # [b, h, s, d+r]
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [b, h, t, d+r], [b, h, t, d]
+        # the softmax scale is 1/sqrt(d + r), the one token_importance uses
+        importance = token_importance(q, k, mask, x, step.valid) if want_importance else None
         if kv is not None:
             k_cache, v_cache, cache_pos = kv
             k_cache[:, :, cache_pos] = k
             v_cache[:, :, cache_pos] = v
             k, v = k_cache, v_cache
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale).transpose(1, 2)
-        return self.o_proj(out.reshape(B, S, self.nh * self.dv))  # heads concatenated, as o_proj's columns
+        return self.o_proj(out.reshape(B, S, self.nh * self.dv)), importance  # heads concatenated
 
     def absorbed(self, q_nope, q_rope, latent, k_rope, mask):
         """Decode in the latent space. kv_b_proj holds per head W_UK [d, c] and W_UV [d, c]: k_nope = W_UK c and
@@ -953,10 +955,12 @@ class KimiMoE(nn.Module):
         self.policy = None  # a router.py skip policy, installed by router.install
         self.impl = "ref"
 
-    def forward(self, x, step):
+    def forward(self, x, step, importance=None):
         B, S, H = x.shape
         x = x.view(B * S, H)  # [T, H]
         routing = self.gate(x)
+        if importance is not None:
+            routing.importance = importance.reshape(-1)
         weights, ids = routing.weights, routing.ids
         modality = step.modality.reshape(-1)
         if self.policy is not None:
@@ -976,8 +980,11 @@ class KimiDecoderLayer(nn.Module):
         self.mlp = KimiMoE(cfg, i) if cfg.is_moe_layer(i) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, h, cos, sin, mask, kv, step):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, kv)
-        return h + self.mlp(self.post_attention_layernorm(h), step)
+        # MC-MoE ranks prefill tokens by the attention they receive in this layer
+        want = step.phase == "prefill" and getattr(getattr(self.mlp, "policy", None), "wants_importance", False)
+        a, importance = self.self_attn(self.input_layernorm(h), cos, sin, mask, kv, step, want)
+        h = h + a
+        return h + self.mlp(self.post_attention_layernorm(h), step, importance)
 
 
 # ---------------------------------------------------------------------------------------------------------------

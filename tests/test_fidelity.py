@@ -52,3 +52,17 @@ def test_linear_cka_hand_example():
     assert cka[0, 3] == pytest.approx(2 ** -0.5, abs=1e-6)
     gamma = router.diep_gamma(cka[None])
     assert gamma.shape == (1, 4, 4)
+
+
+def test_generate_with_thresholds_reports_skip_ratio(thresholds):
+    folder, env = thresholds
+    run = lambda *a: subprocess.run([sys.executable, "model.py", *a], cwd=ROOT, env=env, capture_output=True,  # noqa
+                                    text=True, timeout=300)
+    r = run("--prompt", "What is in the image?", "--thresholds", str(folder / "thr.json"), "--max-new-tokens", "4",
+            "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert 0 < out["skip_ratio"]["prefill"]["all"] < 1 and out["skip_ratio"]["decode"]["all"] is not None
+    assert "skipped routed-expert slots: prefill" in r.stderr
+    r = run("--model", "tiny-kimi", "--prompt", "hi", "--thresholds", str(folder / "thr.json"))
+    assert r.returncode == 2 and "made for another model" in r.stderr and len(r.stderr.strip().splitlines()) == 1

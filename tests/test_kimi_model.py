@@ -516,3 +516,61 @@ def test_bad_inputs(whole):
         ours(ids, pixel_values=pixel_values)
     with pytest.raises(ValueError, match="attn_impl"):
         KimiVL(ours.cfg, attn_impl="flash")
+
+
+@pytest.mark.parametrize("impl", ["experts", "grouped", "gather", "auto"])
+def test_kernel_paths_reproduce_reference(whole, impl):
+    import router
+    ours, _, _, ids, pixel_values, grid_hws = whole
+    pixels = dict(pixel_values=pixel_values, image_grid_hws=grid_hws)
+    try:
+        with torch.no_grad():
+            set_expert_impl(ours, "ref")
+            ref = ours(ids, **pixels)
+            ref_tokens = generate(ours, ids, max_new_tokens=5, **pixels)
+            set_expert_impl(ours, impl)
+            assert_close_logits(ours(ids, **pixels), ref, impl)
+            assert generate(ours, ids, max_new_tokens=5, **pixels).tolist() == ref_tokens.tolist()
+            install(ours, router.Threshold(0.2))  # the same skipped slots through both paths
+            fast = ours(ids, **pixels)
+            set_expert_impl(ours, "ref")
+            assert_close_logits(fast, ours(ids, **pixels), f"{impl} with skipping")
+    finally:
+        uninstall(ours)
+        set_expert_impl(ours, "ref")
+
+
+def test_mcmoe_gets_attention_importance(whole):
+    import router
+    ours, _, _, ids, pixel_values, grid_hws = whole
+    skipped = {}
+    try:
+        for name, policy in (("naee", router.NAEE(0.3)), ("mcmoe", router.MCMoE(0.3, protect_frac=0.25,
+                                                                                 drop_frac=0.0))):
+            install(ours, policy)
+            stats = router.SkipStats(len(ours.layers))
+            with torch.no_grad():
+                ours(ids, stats=stats, pixel_values=pixel_values, image_grid_hws=grid_hws)
+            skipped[name] = stats.summary()["prefill"]["skipped"]
+    finally:
+        uninstall(ours)
+    assert skipped["mcmoe"] < skipped["naee"]  # a quarter of the tokens protected
+
+
+def test_loader_names_missing_and_misshapen_expert_tensors(tmp_path, monkeypatch):
+    import shutil
+    from safetensors.torch import load_file, save_file
+    import model as M
+    monkeypatch.setenv("MODES_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "kimi"
+    shutil.copytree(M.default_checkpoint("kimi"), folder)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["language_model.model.layers.1.mlp.experts.3.up_proj.weight"]
+    tensors["language_model.model.layers.2.mlp.experts.0.down_proj.weight"] = torch.zeros(5, 5)
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(ValueError) as e:
+        M.load(str(folder))
+    msg = str(e.value)
+    assert "\n" not in msg and "2 checkpoint problem(s)" in msg
+    assert "missing tensor language_model.model.layers.1.mlp.experts.3.up_proj.weight" in msg
+    assert "layers.2.mlp.experts.0.down_proj.weight: expected shape (128, 64), found (5, 5)" in msg
