@@ -18,3 +18,8 @@ python bench.py $Q --policy full,threshold --target 0.88 --batch 8 --image-size 
 # against transformers on the same GPU, config, weights and inputs
 python bench.py $Q --policy full --decode-steps 32 --repeats 3 --image-size 448 --text-tokens 64 \
     --compare-transformers --json "$OUT/${GPU}_qwen_vs_transformers.json"
+K="--config configs/kimi_vl_a3b.json --random-weights --device cuda --dtype bfloat16"
+python bench.py $K --policy full,threshold,reduce-k --target 0.88 --decode-steps 64 --repeats 5 \
+    --image-size 448 --text-tokens 64 --json "$OUT/${GPU}_kimi_decode.json"
+python bench.py $K --policy full,threshold --target 0.88 --batch 8 --image-size 1260 --text-tokens 400 \
+    --decode-steps 8 --repeats 3 --json "$OUT/${GPU}_kimi_prefill_b8.json"
