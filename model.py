@@ -212,6 +212,20 @@ def expert_compute(x, w_gate_up, w_down, ids, weights, impl="ref"):
     return out.to(x.dtype)
 
 
+def routed_experts(moe, x, routing, step, importance=None):
+    """What both models' MoE layers do once routed: the skip policy, the statistics, then the routed-expert choke
+    point. x [T, H]; importance [B, S] (MC-MoE's attention-based token importance, prefill only) or None."""
+    if importance is not None:
+        routing.importance = importance.reshape(-1)
+    weights, ids = routing.weights, routing.ids
+    modality = step.modality.reshape(-1)
+    if moe.policy is not None:
+        weights, ids = moe.policy(routing, modality, moe.layer_idx)
+    if step.stats is not None:
+        step.stats.record(moe.layer_idx, ids, modality, step.valid.reshape(-1), step.phase)
+    return expert_compute(x, moe.experts.gate_up_proj, moe.experts.down_proj, ids, weights, moe.impl)
+
+
 @dataclass
 class Step:
     """What every MoE layer needs to know about the tokens of one forward: modality [B, S] (TEXT / VISION /
@@ -261,6 +275,31 @@ def causal_mask(cache_pos, key_valid):
     mask = causal[None] & key_valid[:, None, :]  # [B, S, S_kv]
     mask = mask | (keys[None, :] == cache_pos[:, None])[None]
     return mask[:, None]
+
+
+def run_decoder(model, input_ids, attention_mask, cache, stats, media, last_only, pixels):
+    """Both models' forward: input_ids [B, S] (left padding marked 0 in attention_mask) -> logits [B, S, V]
+    ([B, 1, V] with last_only). With a cache, appends the tokens to it (prefill when it is empty, decode
+    otherwise)."""
+    cache_pos = None
+    if cache is not None:
+        cache_pos = torch.arange(cache.length, cache.length + input_ids.shape[1], device=input_ids.device)
+    h, state = model.embed(input_ids, attention_mask, cache=cache, cache_pos=cache_pos, stats=stats, media=media,
+                           **pixels)
+    for i in range(len(model.layers)):
+        h = model.layer(i, h, state)
+    if cache is not None:
+        cache.length += input_ids.shape[1]
+    return model.head(h[:, -1:] if last_only else h)
+
+
+def decode_step(model, token, cache, cache_pos, stats=None):
+    """One decode step with tensors only (token [B, 1], cache_pos [1]) -> logits [B, V]: the function the entry
+    scripts compile and capture in a CUDA graph. The caller advances cache.length."""
+    h, state = model.embed(token, cache=cache, cache_pos=cache_pos, phase="decode", stats=stats)
+    for i in range(len(model.layers)):
+        h = model.layer(i, h, state)
+    return model.head(h)[:, -1]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -463,18 +502,8 @@ class QwenMoE(nn.Module):
 
     def forward(self, x, step, importance=None):
         B, S, H = x.shape
-        x = x.view(B * S, H)
-        routing = self.route(x)
-        if importance is not None:
-            routing.importance = importance.reshape(-1)
-        weights, ids = routing.weights, routing.ids
-        modality = step.modality.reshape(-1)
-        if self.policy is not None:
-            weights, ids = self.policy(routing, modality, self.layer_idx)
-        if step.stats is not None:
-            step.stats.record(self.layer_idx, ids, modality, step.valid.reshape(-1), step.phase)
-        y = expert_compute(x, self.experts.gate_up_proj, self.experts.down_proj, ids, weights, self.impl)
-        return y.view(B, S, H)
+        x = x.view(B * S, H)  # [T, H]
+        return routed_experts(self, x, self.route(x), step, importance).view(B, S, H)
 
 
 class QwenDecoderLayer(nn.Module):
@@ -654,27 +683,11 @@ class Qwen3VLMoe(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, *, cache=None, stats=None, media=None, last_only=False,
                 **pixels):
-        """input_ids [B, S] (left padding marked 0 in attention_mask) -> logits [B, S, V] ([B, 1, V] with
-        last_only). With a cache, appends the tokens to it (prefill when it is empty, decode otherwise). pixels:
-        pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, as the processor returns them."""
-        cache_pos = None
-        if cache is not None:
-            cache_pos = torch.arange(cache.length, cache.length + input_ids.shape[1], device=input_ids.device)
-        h, state = self.embed(input_ids, attention_mask, cache=cache, cache_pos=cache_pos, stats=stats, media=media,
-                              **pixels)
-        for i in range(self.cfg.num_hidden_layers):
-            h = self.layer(i, h, state)
-        if cache is not None:
-            cache.length += input_ids.shape[1]
-        return self.head(h[:, -1:] if last_only else h)
+        """pixels: pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, as the processor returns them."""
+        return run_decoder(self, input_ids, attention_mask, cache, stats, media, last_only, pixels)
 
     def decode_step(self, token, cache, cache_pos, stats=None):
-        """One decode step with tensors only (token [B, 1], cache_pos [1]): the function the entry scripts compile
-        and capture in a CUDA graph. The caller advances cache.length."""
-        h, state = self.embed(token, cache=cache, cache_pos=cache_pos, phase="decode", stats=stats)
-        for i in range(self.cfg.num_hidden_layers):
-            h = self.layer(i, h, state)
-        return self.head(h)[:, -1]
+        return decode_step(self, token, cache, cache_pos, stats)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -958,17 +971,7 @@ class KimiMoE(nn.Module):
     def forward(self, x, step, importance=None):
         B, S, H = x.shape
         x = x.view(B * S, H)  # [T, H]
-        routing = self.gate(x)
-        if importance is not None:
-            routing.importance = importance.reshape(-1)
-        weights, ids = routing.weights, routing.ids
-        modality = step.modality.reshape(-1)
-        if self.policy is not None:
-            weights, ids = self.policy(routing, modality, self.layer_idx)
-        if step.stats is not None:
-            step.stats.record(self.layer_idx, ids, modality, step.valid.reshape(-1), step.phase)
-        y = expert_compute(x, self.experts.gate_up_proj, self.experts.down_proj, ids, weights, self.impl)
-        return (y + self.shared_experts(x)).view(B, S, H)
+        return (routed_experts(self, x, self.gate(x), step, importance) + self.shared_experts(x)).view(B, S, H)
 
 
 class KimiDecoderLayer(nn.Module):
@@ -1247,26 +1250,11 @@ class KimiVL(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, *, cache=None, stats=None, media=None, last_only=False,
                 **pixels):
-        """input_ids [B, S] (left padding marked 0 in attention_mask) -> logits [B, S, V] ([B, 1, V] with
-        last_only). With a cache, appends the tokens to it (prefill when it is empty, decode otherwise). pixels:
-        pixel_values, image_grid_hws, as the processor returns them."""
-        cache_pos = None
-        if cache is not None:
-            cache_pos = torch.arange(cache.length, cache.length + input_ids.shape[1], device=input_ids.device)
-        h, state = self.embed(input_ids, attention_mask, cache=cache, cache_pos=cache_pos, stats=stats, media=media,
-                              **pixels)
-        for i in range(self.cfg.num_hidden_layers):
-            h = self.layer(i, h, state)
-        if cache is not None:
-            cache.length += input_ids.shape[1]
-        return self.head(h[:, -1:] if last_only else h)
+        """pixels: pixel_values, image_grid_hws, as the processor returns them."""
+        return run_decoder(self, input_ids, attention_mask, cache, stats, media, last_only, pixels)
 
     def decode_step(self, token, cache, cache_pos, stats=None):
-        """One decode step with tensors only (token [B, 1], cache_pos [1]). The caller advances cache.length."""
-        h, state = self.embed(token, cache=cache, cache_pos=cache_pos, phase="decode", stats=stats)
-        for i in range(self.cfg.num_hidden_layers):
-            h = self.layer(i, h, state)
-        return self.head(h)[:, -1]
+        return decode_step(self, token, cache, cache_pos, stats)
 
 
 # ---------------------------------------------------------------------------------------------------------------
