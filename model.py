@@ -546,7 +546,8 @@ class Qwen3VLMoe(nn.Module):
         self.model = nn.ModuleDict(dict(visual=QwenVision(cfg.vision), language_model=lm))
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
-        self.special_ids = ()  # set by the loader from the tokenizer files
+        # ids of the special tokens (SPECIAL modality), set by the loader from the tokenizer files
+        self.register_buffer("special_ids", torch.zeros(0, dtype=torch.long), persistent=False)
 
     def tie_weights(self):
         if self.cfg.tie_word_embeddings:
@@ -561,7 +562,7 @@ class Qwen3VLMoe(nn.Module):
 
     def modality(self, input_ids, phase):
         vision = (input_ids == self.cfg.image_token_id) | (input_ids == self.cfg.video_token_id)
-        special = torch.isin(input_ids, torch.tensor(self.special_ids, dtype=torch.long, device=input_ids.device))
+        special = torch.isin(input_ids, self.special_ids)
         m = torch.full_like(input_ids, TEXT)
         m[special] = SPECIAL
         if phase == "prefill":  # a generated vision pad is text
@@ -1147,7 +1148,8 @@ class KimiVL(nn.Module):
         self.language_model = nn.ModuleDict(dict(model=lm, lm_head=nn.Linear(cfg.hidden_size, cfg.vocab_size,
                                                                              bias=False)))
         self.tie_weights()
-        self.special_ids = ()  # set by the loader from the tokenizer files
+        # ids of the special tokens (SPECIAL modality), set by the loader from the tokenizer files
+        self.register_buffer("special_ids", torch.zeros(0, dtype=torch.long), persistent=False)
 
     def tie_weights(self):
         """Share the embedding with lm_head when the config says so; again after to_empty, which unties them."""
@@ -1169,7 +1171,7 @@ class KimiVL(nn.Module):
 
     def modality(self, input_ids, phase):
         media = input_ids == self.cfg.media_placeholder_token_id
-        special = torch.isin(input_ids, torch.tensor(self.special_ids, dtype=torch.long, device=input_ids.device))
+        special = torch.isin(input_ids, self.special_ids)
         m = torch.full_like(input_ids, TEXT)
         m[special & ~media] = SPECIAL
         if phase == "prefill":  # a generated media placeholder is text
@@ -1336,7 +1338,7 @@ def load(path, device="cpu", dtype=torch.bfloat16):
     with torch.device("meta"):
         model = MODELS[type(cfg)](cfg)
     model.to(dtype).to_empty(device=device)  # the only allocation of the weights
-    model.special_ids = read_special_ids(path, cfg)
+    model.special_ids = torch.tensor(read_special_ids(path, cfg), dtype=torch.long, device=device)
     model.tie_weights()  # to_empty unties shared parameters
     fill_from_checkpoint(model, path)
     return model.eval().requires_grad_(False)
