@@ -62,6 +62,19 @@ def _read_json(path):
         raise ValueError(f"{path}: invalid JSON ({e})") from None
 
 
+def write_atomic(path, data: bytes):
+    """Write through a temp file in the same folder and rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def _as_list(x):
     if x is None:
         return []
@@ -547,17 +560,6 @@ DEFAULT_CHAT_TEMPLATE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file
                                           "qwen3_vl_moe_chat_template.jinja")
 
 
-def _write_atomic(path, text):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write_tiny_tokenizer(out_dir, chat_template_path=DEFAULT_CHAT_TEMPLATE_PATH, vocab_size=512):
     """Writes tokenizer.json + tokenizer_config.json: a deterministic byte-level BPE trained on TINY_CORPUS
     (ids 0..~vocab_size) plus the real Qwen added tokens at their real ids 151643..151668.
@@ -604,8 +606,9 @@ def write_tiny_tokenizer(out_dir, chat_template_path=DEFAULT_CHAT_TEMPLATE_PATH,
         "unk_token": None,
     }
     os.makedirs(out_dir, exist_ok=True)
-    _write_atomic(os.path.join(out_dir, "tokenizer.json"), json.dumps(spec, ensure_ascii=False, indent=1))
-    _write_atomic(os.path.join(out_dir, "tokenizer_config.json"), json.dumps(tok_config, ensure_ascii=False, indent=2))
+    write_atomic(os.path.join(out_dir, "tokenizer.json"), json.dumps(spec, ensure_ascii=False, indent=1).encode())
+    write_atomic(os.path.join(out_dir, "tokenizer_config.json"),
+                 json.dumps(tok_config, ensure_ascii=False, indent=2).encode())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -671,19 +674,6 @@ CACHE_FORMAT = "kimi-tiktoken-bpe-v1"  # bump when the conversion changes, so st
 
 # ----------------------------------------------------------------------------------------------------------
 # Tokenizer: tiktoken ranks -> tokenizers BPE
-
-
-def write_atomic(path, data: bytes):
-    """Write through a temp file in the same folder and rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def read_tiktoken_model(path) -> dict:
