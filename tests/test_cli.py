@@ -77,3 +77,16 @@ def test_bench_reports_json(env, tmp_path):
     assert full["skip_prefill_all"] == 0.0 and full["speedup_decode"] == 1.0
     # reduce-k keeps 1 of the tiny model's 4 slots, except at the 2 special tokens (vision start and end)
     assert reduced["skip_prefill_all"] == pytest.approx((out["prompt_tokens"] - 2) * 3 / (out["prompt_tokens"] * 4))
+
+
+@pytest.mark.parametrize("args, culprit", [
+    (["--policy", "full,nope"], "--policy: unknown policy 'nope'"),
+    (["--policy", "modes"], "--policy modes needs --thresholds"),
+    (["--config", "configs/qwen3_vl_moe_cpu_bench.json"], "--config FILE and --random-weights go together"),
+    (["--model", "no/such/folder"], "--model no/such/folder: no such folder"),
+])
+def test_bench_bad_arguments_are_one_line_errors(env, args, culprit):
+    r = run(env, "bench.py", "--repeats", "1", "--warmup", "0", "--decode-steps", "1", *args)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and culprit in lines[0], r.stderr
