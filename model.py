@@ -1404,8 +1404,12 @@ def decode_step_fn(model, cache, *, compile=False, cuda_graph=False, stats=None)
         return step
     B = cache.k.shape[1]
     static_token = torch.zeros(B, 1, dtype=torch.long, device=cache.k.device)
-    static_pos = torch.zeros(1, dtype=torch.long, device=cache.k.device)
-    saved = (cache.next_pos.clone(), cache.key_valid.clone(), None if stats is None else stats.state_dict())
+    # warm-up writes at the last cache index, which a decode that fits the cache never reaches
+    static_pos = torch.full((1,), cache.max_len - 1, dtype=torch.long, device=cache.k.device)
+    if stats is not None:
+        stats.counts = stats.counts.to(cache.k.device)  # its final address, before the graph records it
+    written = [cache.next_pos, cache.key_valid] + ([] if stats is None else [stats.counts])
+    saved = [t.clone() for t in written]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up runs (compilation, autotuning) outside the capture
@@ -1415,10 +1419,9 @@ def decode_step_fn(model, cache, *, compile=False, cuda_graph=False, stats=None)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static_logits = step(static_token, static_pos)
-    cache.next_pos.copy_(saved[0])  # undo what warm-up and capture wrote
-    cache.key_valid.copy_(saved[1])
-    if stats is not None:
-        stats.load_state_dict(saved[2])
+    # undo what the warm-up wrote, in place: the graph holds these addresses
+    for t, old in zip(written, saved):
+        t.copy_(old)
 
     def replay(token, cache_pos):
         static_token.copy_(token)
