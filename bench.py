@@ -369,8 +369,7 @@ def main(args):
         raise ValueError("--config FILE and --random-weights go together (real-size architecture, random weights)")
     model, source, load_s, host_load = build(args)
     if args.fidelity:
-        rows = fidelity(model, source, args)
-        print(json.dumps(dict(source=source, thresholds=args.thresholds, fidelity=rows)))
+        report(dict(source=source, thresholds=args.thresholds, fidelity=fidelity(model, source, args)), args.json)
         return
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     ids, pixels = synthetic_inputs(model, args)
@@ -419,14 +418,21 @@ def main(args):
                           fmt(r.get("vision_ms"), ".1f"), fmt(r.get("prefill_ms"), ".1f"), fmt(r["ttft_ms"], ".1f"),
                           fmt(r["decode_ms"], ".2f"), fmt(args.batch * 1e3 / r["decode_ms"], ".1f"),
                           fmt(r.get("decode_gb_per_s"), ".1f"), fmt(r.get("decode_pct_of_floor"), ".0f"),
-                          fmt(r.get("prefill_tflops"), ".3f"), fmt((r.get("peak_memory_bytes") or 0) / 2**20, ".0f"),
+                          fmt(r.get("prefill_tflops"), ".3f"),
+                          fmt(r["peak_memory_bytes"] / 2**20 if "peak_memory_bytes" in r else None, ".0f"),
                           fmt(r.get("speedup_prefill"), ".2f"), fmt(r.get("speedup_decode"), ".2f")]))
-    result = dict(header, rows=rows)
-    if args.json:
-        tmp = args.json + ".tmp"
+    if args.compare_transformers:
+        print("# the transformers row's x prefill compares time to first token (vision tower included)")
+    report(dict(header, rows=rows), args.json)
+
+
+def report(result, path):
+    """The result as the last stdout line, and atomically into `path` when given."""
+    if path:
+        tmp = path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(result, f, indent=1)
-        os.replace(tmp, args.json)
+        os.replace(tmp, path)
     print(json.dumps(result))
 
 
