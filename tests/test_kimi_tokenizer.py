@@ -207,7 +207,7 @@ def test_malformed_tiktoken_line_names_file_and_line(tmp_path, bad_line):
     lines = path.read_text().splitlines()
     lines.insert(2, bad_line)  # becomes line 3
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(ValueError, match=rf"tiktoken\.model:3: "):
+    with pytest.raises(ValueError, match=r"tiktoken\.model:3: "):
         pk.load_kimi_tokenizer(tmp_path)
 
 
