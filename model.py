@@ -1459,10 +1459,6 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=32, stop_i
 # The embedded default: a tiny deterministic checkpoint in the exact Hugging Face layout, made on first use
 
 
-def cache_dir():
-    return os.environ.get("MODES_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "modes")
-
-
 def tiny_qwen_config():
     """config.json of the tiny default, in the hub dialect, with the real special-token ids."""
     return {
@@ -1575,11 +1571,12 @@ def default_checkpoint(kind="qwen"):
     import tempfile
     import processor
     name, make_config, preprocessor = TINY[kind]
-    path = os.path.join(cache_dir(), name)
+    cache = str(processor.cache_dir())
+    path = os.path.join(cache, name)
     if os.path.isfile(os.path.join(path, "model.safetensors")):
         return path
-    os.makedirs(cache_dir(), exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=cache_dir(), prefix=".tmp-")
+    os.makedirs(cache, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=cache, prefix=".tmp-")
     try:
         raw = make_config()
         cfg = CONFIGS[raw["model_type"]].from_hf(raw, "tiny default")

@@ -837,6 +837,7 @@ def read_json_if_present(path) -> dict:
 
 
 def cache_dir() -> Path:
+    """Where converted tokenizers and the tiny built-in checkpoints live: $MODES_CACHE, else ~/.cache/modes."""
     return Path(os.environ.get("MODES_CACHE") or Path.home() / ".cache" / "modes")
 
 
