@@ -1621,7 +1621,7 @@ def main(args):
     path = resolve_model(args.model)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     t0 = time.perf_counter()
-    model = load(path, device=args.device, dtype=dtype)
+    model = set_expert_impl(load(path, device=args.device, dtype=dtype), args.expert_impl)
     proc = processor.for_model(path, model.cfg.model_type)
     load_s = time.perf_counter() - t0
     stats = None
@@ -1635,7 +1635,7 @@ def main(args):
     input_ids = batch["input_ids"][None].to(args.device)
     t0 = time.perf_counter()
     tokens = generate(model, input_ids, max_new_tokens=args.max_new_tokens, stop_ids=proc.stop_token_ids,
-                      stats=stats, **pixels)
+                      stats=stats, compile=args.compile, cuda_graph=args.compile and args.device == "cuda", **pixels)
     gen_s = time.perf_counter() - t0
     token_ids = tokens[0].tolist()
     if token_ids and token_ids[-1] in proc.stop_token_ids:
@@ -1667,8 +1667,13 @@ if __name__ == "__main__":
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--thresholds", help="MoDES thresholds file from search.py: skip experts while generating")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the decode step and capture it in a CUDA graph (default: on for cuda)")
+    p.add_argument("--expert-impl", default="auto", help="routed-expert compute: ref (the readable loop above) or a "
+                   "kernels.py path: auto, experts, grouped, gather, triton")
     p.add_argument("--json", action="store_true", help="last stdout line: a JSON object with text and token ids")
     args = p.parse_args()
+    args.compile = args.device == "cuda" if args.compile is None else args.compile
     try:
         main(args)
     except (OSError, ValueError) as e:

@@ -46,6 +46,17 @@ def test_tiny_kimi_generates_and_benches(env, tmp_path):
     assert out["model_type"] == "kimi_vl" and out["rows"][0]["decode_ms"] > 0
 
 
+@pytest.mark.parametrize("name", ["tiny-qwen", "tiny-kimi"])
+def test_compiled_decode_generates_the_eager_tokens(env, name):
+    """Inductor on the whole decode step (Kimi: absorbed latent attention) gives the eager greedy tokens."""
+    outs = []
+    for flag in ("--no-compile", "--compile"):
+        r = run(env, "model.py", "--model", name, "--prompt", "hello there", "--max-new-tokens", "6", "--json", flag)
+        assert r.returncode == 0, r.stderr
+        outs.append(json.loads(r.stdout.strip().splitlines()[-1])["token_ids"])
+    assert outs[0] == outs[1] and len(outs[0]) == 6
+
+
 @pytest.mark.parametrize("bad", ["missing", "empty", "garbage"])
 def test_bad_image_is_one_line_error(env, tmp_path, bad):
     path = tmp_path / "img.png"
