@@ -329,7 +329,7 @@ def add_data_args(p):
 
 
 def add_model_args(p):
-    p.add_argument("--model", help="checkpoint folder (default: the tiny built-in checkpoint)")
+    p.add_argument("--model", help="checkpoint folder, or tiny-qwen (default) / tiny-kimi (built-in tiny checkpoints)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: each rank's LOCAL_RANK GPU)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
@@ -689,9 +689,9 @@ def check_fingerprint(doc, model, path):
 
 def load_model(args):
     rank, world, device = init_distributed(args.device)
-    path = args.model or M.default_checkpoint()
+    path = M.resolve_model(args.model)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    model = M.load(path, device=device, dtype=dtype)
+    model = M.set_expert_impl(M.load(path, device=device, dtype=dtype), "auto")  # kernels.py's fastest eager path
     return model, load_processor(path, model), path
 
 
