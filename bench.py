@@ -461,7 +461,8 @@ if __name__ == "__main__":
     p.add_argument("--compare-transformers", action="store_true", help="also time transformers' implementation")
     p.add_argument("--fidelity", action="store_true", help="instead of timings: MoDES (--thresholds) and the "
                    "--baselines at equal skip ratio, against the unskipped model on --data")
-    p.add_argument("--baselines", default=",".join(BASELINES), help="comma list for --fidelity: " + ", ".join(BASELINES))
+    p.add_argument("--baselines", default=",".join(BASELINES),
+                   help="comma list for --fidelity: " + ", ".join(BASELINES))
     p.add_argument("--data", help="evaluation JSONL for --fidelity (default: built-in synthetic samples)")
     p.add_argument("--eval-n", type=int, default=16, help="evaluation samples for --fidelity")
     p.add_argument("--accuracy", action=argparse.BooleanOptionalAction, default=True,

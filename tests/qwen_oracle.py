@@ -34,7 +34,7 @@ def reinit(model, seed=0):
                 base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
                 p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))
             else:
-                fan_in = p[0].numel() if "experts" not in name else p.shape[-2] if p.shape[-2] != p.shape[-1] else p.shape[-1]
+                fan_in = p.shape[-1] if "experts" in name else p[0].numel()  # experts are [E, out, in]
                 scale = 3.0 if name.endswith("mlp.gate.weight") else 1.0
                 p.copy_(torch.randn(p.shape, generator=g) * scale / fan_in ** 0.5)
     return model

@@ -144,5 +144,5 @@ print(base * 1024, peak * 1024, size, os.path.getsize(os.path.join(path, "model.
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     base, peak, size, file_size = map(int, out.stdout.split())
     grew = peak - base
-    assert grew < size + file_size + 0.1 * size, \
-        f"load grew RSS by {grew / 1e6:.0f} MB for {size / 1e6:.0f} MB of weights read from a {file_size / 1e6:.0f} MB file"
+    assert grew < size + file_size + 0.1 * size, f"load grew RSS by {grew / 1e6:.0f} MB for {size / 1e6:.0f} MB " \
+        f"of weights read from a {file_size / 1e6:.0f} MB file"
