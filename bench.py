@@ -102,24 +102,27 @@ def synthetic_inputs(model, args):
     return ids, {k: t.to(args.device) for k, t in pixels.items()}
 
 
-def prefill_ratio(model, ids, pixels):
+def prefill_ratio(model, ids, pixels, policy):
+    """Prefill skip ratio of `policy` on this prompt (left installed)."""
+    router.install(model, lambda i: policy)
     stats = router.SkipStats(len(model.layers))
     with torch.no_grad():
         model(ids, stats=stats, last_only=True, **pixels)
     return stats.summary()["prefill"]["all"] or 0.0
 
 
-def fit_threshold(model, ids, pixels, target):
-    """A single-threshold policy (no alpha) whose prefill skip ratio on this prompt is `target`: bisection on tau.
-    For random-weight speed runs, where no calibration data exist."""
-    policy = router.Threshold(0.0)
-    router.install(model, policy)
-    lo, hi = 0.0, 1.0
-    for _ in range(20):
-        policy.tau.fill_((lo + hi) / 2)
-        lo, hi = ((lo + hi) / 2, hi) if prefill_ratio(model, ids, pixels) < target else (lo, (lo + hi) / 2)
-    policy.tau.fill_(hi)
-    return policy
+def fit_scalar(ratio, make, target, hi=1.0, steps=12):
+    """(make(h), h) for the smallest h (bisection on [0, hi], hi doubled until feasible) with ratio(make(h)) >=
+    target, for rules whose skip ratio never falls as h grows. ratio(policy) -> prefill skip ratio."""
+    while ratio(make(hi)) < target:
+        if hi > 1e3:
+            raise ValueError(f"target skip ratio {target:.3f} is out of reach for {make(hi)}")
+        hi *= 2
+    lo = 0.0
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if ratio(make(mid)) < target else (lo, mid)
+    return make(hi), hi
 
 
 def make_policy(name, model, ids, pixels, args):
@@ -130,8 +133,8 @@ def make_policy(name, model, ids, pixels, args):
             raise ValueError("--policy modes needs --thresholds FILE (made by search.py)")
         import search
         return search.load_thresholds(args.thresholds, model)
-    if name == "threshold":
-        return fit_threshold(model, ids, pixels, args.target)
+    if name == "threshold":  # for random-weight speed runs: no calibration data, so fitted on the prompt itself
+        return fit_scalar(lambda p: prefill_ratio(model, ids, pixels, p), router.Threshold, args.target, steps=20)[0]
     if name == "reduce-k":
         return router.ReduceK(args.keep)
     raise ValueError(f"--policy: unknown policy {name!r} (full, modes, threshold, reduce-k)")
@@ -248,46 +251,30 @@ def transformers_row(model, source, ids, pixels, args):
 BASELINES = ("reduce-k", "threshold", "threshold+gmlg", "dmt", "naee", "mc-moe", "diep")
 
 
-def fit_scalar(evaluator, make, target, hi=1.0, steps=12):
-    """make(h) for the smallest h (bisection on [0, hi], hi doubled until feasible) whose calibration prefill skip
-    ratio reaches target: the skip ratio of these rules never falls as h grows."""
-    while evaluator.score(make(hi))["skip"]["all"] < target:
-        if hi > 1e3:
-            raise ValueError(f"target skip ratio {target:.3f} is out of reach for {make(hi)}")
-        hi *= 2
-    lo = 0.0
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if evaluator.score(make(mid))["skip"]["all"] < target else (lo, mid)
-    return make(hi), hi
-
-
 def baseline_policy(name, model, evaluator, alpha, gamma, target):
     """(policy, its hyperparameter) of a baseline fitted to `target` on the calibration evaluator. One β for all
     layers where the paper searches a per-layer β genetically (modes.md §8): a documented simplification."""
     import search
+
+    def ratio(policy):
+        return evaluator.score(policy)["skip"]["all"]
     if name == "reduce-k":  # discrete: the largest k' that still reaches the target
         K = model.cfg.num_experts_per_tok
-        for k in range(K, 0, -1):
-            if evaluator.score(router.ReduceK(k))["skip"]["all"] >= target or k == 1:
-                return router.ReduceK(k), k
-    if name == "threshold":
-        return fit_scalar(evaluator, lambda t: router.Threshold(t), target)
-    if name == "threshold+gmlg":
-        return fit_scalar(evaluator, lambda t: router.Threshold(t, alpha), target)
-    if name == "naee":
-        return fit_scalar(evaluator, lambda b: router.NAEE(b), target)
-    if name == "mc-moe":
-        return fit_scalar(evaluator, lambda b: router.MCMoE(b), target)
-    if name == "diep":
-        return fit_scalar(evaluator, lambda b: router.DiEP(b, gamma), target)
+        k = next((k for k in range(K, 1, -1) if ratio(router.ReduceK(k)) >= target), 1)
+        return router.ReduceK(k), k
+    rules = {"threshold": lambda t: router.Threshold(t), "threshold+gmlg": lambda t: router.Threshold(t, alpha),
+             "naee": router.NAEE, "mc-moe": router.MCMoE, "diep": lambda b: router.DiEP(b, gamma)}
+    if name in rules:
+        return fit_scalar(ratio, rules[name], target)
     if name == "dmt":  # two thresholds without alpha: the same frontier search as MoDES, on grids up to tau = 1
-        grid_t = grid_v = router.threshold_grid(40, x_max=1.0)
-        evaluator.policy = router.DMT(0.0, 0.0)
-        best, _ = search.search(evaluator, grid_t, grid_v, target, quiet=True)
+        def dmt(tau_text, tau_vision):
+            result = evaluator.score(router.DMT(tau_text, tau_vision))
+            return result["kl"], result["skip"]
+        grid = router.threshold_grid(40, x_max=1.0)
+        best, _ = search.search(dmt, grid, grid, target, quiet=True)
         if best is None:
             raise ValueError(f"dmt: target skip ratio {target:.3f} is out of reach on the grid")
-        tau = (float(grid_t[best[0]]), float(grid_v[best[1]]))
+        tau = (float(grid[best[0]]), float(grid[best[1]]))
         return router.DMT(*tau), tau
     raise ValueError(f"--baselines: unknown baseline {name!r} ({', '.join(BASELINES)})")
 

@@ -76,13 +76,14 @@ def test_missing_model_folder_is_one_line_error(env, tmp_path):
 
 
 def test_bench_reports_json(env, tmp_path):
-    r = run(env, "bench.py", "--repeats", "1", "--warmup", "0", "--decode-steps", "2", "--policy", "full,reduce-k",
-            "--json", str(tmp_path / "b.json"))
+    r = run(env, "bench.py", "--repeats", "1", "--warmup", "0", "--decode-steps", "2", "--policy",
+            "full,reduce-k,threshold", "--target", "0.6", "--json", str(tmp_path / "b.json"))
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out == json.loads((tmp_path / "b.json").read_text())
     assert out["visual_tokens"] == 64 and out["load_s"] > 0
-    full, reduced = out["rows"]
+    full, reduced, fitted = out["rows"]
+    assert 0.6 <= fitted["skip_prefill_all"] <= 0.62  # the single threshold bisected onto --target
     for key in ("vision_ms", "prefill_ms", "ttft_ms", "decode_ms", "decode_gb_per_s", "prefill_tflops"):
         assert full[key] > 0 and reduced[key] > 0
     assert full["skip_prefill_all"] == 0.0 and full["speedup_decode"] == 1.0
