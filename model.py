@@ -7,15 +7,19 @@ Notable features
 - Kimi-VL: MoonViT (bicubic-resampled positions, 2-D rotary, per-image attention, pixel-shuffle merge, projector);
   DeepSeek-V3 decoder with multi-head latent attention (naive, or absorbed with a latent-only cache), a dense
   first layer, sigmoid group-limited routing with a selection-only bias, and always-on shared experts.
-- One choke point for routed-expert compute, `expert_compute(..., impl)`: "ref" is the readable per-expert loop
-  below, anything else is a path of kernels.moe_experts. Skipped (token, slot) pairs carry the expert id SKIP.
-- Every MoE layer has a replaceable `policy` (router.py) and reports to an explicit stats collector.
+- One choke point for routed-expert compute, `moe_experts(..., impl)`: "ref" is the readable per-expert loop
+  below, anything else a path of kernels.py. A skipped (token, slot) pair carries the expert id SKIP.
+- Every MoE layer asks a replaceable `policy` (router.py) which slots to skip and reports to an explicit
+  statistics collector; the model itself knows no policy.
 - Lazy, strict loading: the model is built on the meta device, each parameter is allocated once on the target
-  device and filled tensor by tensor from safetensors; every problem is reported at once.
-- A static KV cache with tensor positions, greedy decoding with stop tokens.
+  device and filled tensor by tensor from safetensors, checkpoint names mapped by one prefix table per model;
+  every problem is reported at once.
+- A static per-layer KV cache with tensor positions: a decode step is tensors only, so kernels.py can compile it
+  and capture it in a CUDA graph. Greedy generation with stop tokens.
 
 Examples
-    python model.py --prompt hi                                   # tiny built-in checkpoint, made on first use
+    python model.py --prompt hi                                   # tiny built-in checkpoint (random weights)
+    python model.py --model tiny-vqa --prompt "what color is the shape?" --image shape.png
     python model.py --model ~/Qwen3-VL-30B-A3B-Instruct --prompt "What is this?" --image cat.jpg \
         --device cuda --dtype bfloat16 --max-new-tokens 64
     python model.py --prompt "Describe the clip" --video frames/ --json
@@ -32,10 +36,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from router import Routing
+import cli
+import kernels
+import processor
+import router
+import tiny
+from kernels import SKIP
+from router import SPECIAL, TEXT, VISION, Routing
 
-SKIP = -1  # expert id of a skipped (token, slot) pair
-TEXT, VISION, SPECIAL = 0, 1, 2  # token modality codes
+EXPERT_IMPLS = ("auto", "ref") + kernels.PATHS  # "ref": the loop in moe_experts below
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -78,15 +87,19 @@ class QwenConfig:
     rope_theta: float = 5e6
     mrope_section: tuple = (24, 20, 20)  # frequency channels given to the T, H and W position streams
     mrope_interleaved: bool = True  # THWTHW... channel map (Qwen3-VL) instead of TT..HH..WW.. (Qwen2-VL)
+    max_position_embeddings: int = 262144
     attention_bias: bool = False
     tie_word_embeddings: bool = False
     image_token_id: int = 151655
     video_token_id: int = 151656
     vision_start_token_id: int = 151652
     vision_end_token_id: int = 151653
-    eos_token_id: int = 151645
     vision: QwenVisionConfig = field(default_factory=QwenVisionConfig)
     model_type = "qwen3_vl_moe"
+
+    @property
+    def media_token_ids(self):
+        return (self.image_token_id, self.video_token_id)
 
     def is_moe_layer(self, i):
         return i not in self.mlp_only_layers and self.num_experts > 0 and (i + 1) % self.decoder_sparse_step == 0
@@ -94,605 +107,43 @@ class QwenConfig:
     @classmethod
     def from_hf(cls, raw, where):
         """Both dialects in the wild: the hub's rope_scaling + rope_theta and num_experts, and transformers 5's
-        rope_parameters and num_local_experts."""
+        rope_parameters and num_local_experts. Keys named like our fields are taken as they are."""
         t, v = raw.get("text_config"), raw.get("vision_config")
-        if t is None or v is None:
-            raise ValueError(f"{where}: qwen3_vl_moe config.json needs text_config and vision_config")
+        if not isinstance(t, dict) or not isinstance(v, dict):
+            raise ValueError(f"{where}: qwen3_vl_moe config.json needs text_config and vision_config objects")
         rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
-        try:
-            vision = QwenVisionConfig(
-                depth=v["depth"], hidden_size=v["hidden_size"], num_heads=v["num_heads"],
-                intermediate_size=v["intermediate_size"], in_channels=v.get("in_channels", 3),
-                patch_size=v["patch_size"], temporal_patch_size=v["temporal_patch_size"],
-                spatial_merge_size=v["spatial_merge_size"], out_hidden_size=v["out_hidden_size"],
-                num_position_embeddings=v["num_position_embeddings"],
-                deepstack_visual_indexes=tuple(v["deepstack_visual_indexes"]),
-                rope_theta=(v.get("rope_parameters") or {}).get("rope_theta", 10000.0))
-            cfg = cls(
-                vocab_size=t["vocab_size"], hidden_size=t["hidden_size"], num_hidden_layers=t["num_hidden_layers"],
-                num_attention_heads=t["num_attention_heads"], num_key_value_heads=t["num_key_value_heads"],
-                head_dim=t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"],
-                intermediate_size=t.get("intermediate_size", 0), moe_intermediate_size=t["moe_intermediate_size"],
-                num_experts=t["num_experts"] if "num_experts" in t else t["num_local_experts"],
-                num_experts_per_tok=t["num_experts_per_tok"], norm_topk_prob=t.get("norm_topk_prob", True),
-                decoder_sparse_step=t.get("decoder_sparse_step", 1),
-                mlp_only_layers=tuple(t.get("mlp_only_layers") or ()), rms_norm_eps=t["rms_norm_eps"],
-                rope_theta=rope.get("rope_theta", t.get("rope_theta", 5e6)),
-                mrope_section=tuple(rope["mrope_section"]), mrope_interleaved=rope.get("mrope_interleaved", False),
-                attention_bias=t.get("attention_bias", False),
-                tie_word_embeddings=raw.get("tie_word_embeddings", False),
-                image_token_id=raw["image_token_id"], video_token_id=raw["video_token_id"],
-                vision_start_token_id=raw["vision_start_token_id"], vision_end_token_id=raw["vision_end_token_id"],
-                eos_token_id=t.get("eos_token_id", raw.get("eos_token_id", 151645)), vision=vision)
-        except KeyError as e:
-            raise ValueError(f"{where}: missing key {e.args[0]!r} in qwen3_vl_moe config") from None
+        for part, d, keys in (("text_config", t, QWEN_TEXT_KEYS), ("vision_config", v, QWEN_VISION_KEYS),
+                              ("the top level", raw, QWEN_TOKEN_KEYS), ("rope parameters", rope, ("mrope_section",))):
+            missing = [k for k in keys if k not in d]
+            if missing:
+                raise ValueError(f"{where}: missing key {missing[0]!r} in {part} of a qwen3_vl_moe config")
+        vision = QwenVisionConfig(**{k: v[k] for k in QWEN_VISION_KEYS + ("in_channels",) if k in v},
+                                  rope_theta=(v.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+        vision.deepstack_visual_indexes = tuple(vision.deepstack_visual_indexes)
+        same = {f.name for f in fields(cls)} & set(t) - {"num_experts", "head_dim", "rope_theta", "mrope_section",
+                                                         "mrope_interleaved", "tie_word_embeddings", "vision"}
+        cfg = cls(**{k: t[k] for k in same}, **{k: raw[k] for k in QWEN_TOKEN_KEYS}, vision=vision,
+                  num_experts=t["num_experts"] if "num_experts" in t else t["num_local_experts"],
+                  head_dim=t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"],
+                  rope_theta=rope.get("rope_theta", t.get("rope_theta", 5e6)),
+                  mrope_section=tuple(rope["mrope_section"]),
+                  mrope_interleaved=rope.get("mrope_interleaved", False),
+                  tie_word_embeddings=raw.get("tie_word_embeddings", False))
+        cfg.mlp_only_layers = tuple(cfg.mlp_only_layers or ())
         if sum(cfg.mrope_section) * 2 != cfg.head_dim:
             raise ValueError(f"{where}: mrope_section {list(cfg.mrope_section)} must sum to head_dim/2 "
                              f"= {cfg.head_dim // 2}")
+        if cfg.num_experts_per_tok > cfg.num_experts:
+            raise ValueError(f"{where}: num_experts_per_tok {cfg.num_experts_per_tok} exceeds num_experts "
+                             f"{cfg.num_experts}")
         return cfg
 
 
-def read_config(path):
-    """The dataclass config of a checkpoint folder (or of a config.json file), chosen by its model_type."""
-    file = path if path.endswith(".json") else os.path.join(path, "config.json")
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"{path}: no config.json (is this a Hugging Face checkpoint folder?)")
-    try:
-        with open(file) as f:
-            raw = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    kind = raw.get("model_type")
-    if kind not in CONFIGS:
-        raise ValueError(f"{file}: unknown model_type {kind!r} (supported: {', '.join(CONFIGS)})")
-    return CONFIGS[kind].from_hf(raw, file)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Shared primitives: RMSNorm, rotary, SwiGLU, routed-expert compute, KV cache, forward context
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim, eps):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        # statistics in fp32, cast back before the weight, as both reference implementations do
-        xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-
-
-def rotate_half(x):
-    # NeoX pairing: channel j rotates with channel j + d/2
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)): dense MLP layers and shared experts."""
-
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x, step=None, importance=None):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class Experts(nn.Module):
-    """E routed SwiGLU experts stacked in nn.Linear orientation: gate rows then up rows in gate_up_proj."""
-
-    def __init__(self, n_experts, dim, hidden):
-        super().__init__()
-        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * hidden, dim))  # [E, 2I, H]
-        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden))  # [E, H, I]
-
-
-def expert_compute(x, w_gate_up, w_down, ids, weights, impl="ref"):
-    """Σ_k weights[t, k] · expert_{ids[t, k]}(x[t]) over kept slots. The single choke point for routed experts."""
-    if impl != "ref":
-        import kernels
-        return kernels.moe_experts(x, w_gate_up, w_down, ids, weights, path=impl)
-    # T tokens, K slots, H hidden, I expert hidden. DeepSeek-V3's loop: only routed pairs are computed, but
-    # .tolist() and torch.where make this eager-only; kernels.py has the sync-free paths.
-    T, H = x.shape
-    I = w_down.shape[-1]
-    out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
-    for e in ids.unique().tolist():
-        if e == SKIP:
-            continue
-        tok, slot = torch.where(ids == e)
-        gate_up = x[tok] @ w_gate_up[e].T  # [n, 2I]
-        act = F.silu(gate_up[:, :I]) * gate_up[:, I:]  # [n, I]
-        out.index_add_(0, tok, (act @ w_down[e].T).float() * weights[tok, slot, None])
-    return out.to(x.dtype)
-
-
-def routed_experts(moe, x, routing, step, importance=None):
-    """What both models' MoE layers do once routed: the skip policy, the statistics, then the routed-expert choke
-    point. x [T, H]; importance [B, S] (MC-MoE's attention-based token importance, prefill only) or None."""
-    if importance is not None:
-        routing.importance = importance.reshape(-1)
-    weights, ids = routing.weights, routing.ids
-    modality = step.modality.reshape(-1)
-    if moe.policy is not None:
-        weights, ids = moe.policy(routing, modality, moe.layer_idx)
-    if step.stats is not None:
-        step.stats.record(moe.layer_idx, ids, modality, step.valid.reshape(-1), step.phase)
-    return expert_compute(x, moe.experts.gate_up_proj, moe.experts.down_proj, ids, weights, moe.impl)
-
-
-@dataclass
-class Step:
-    """What every MoE layer needs to know about the tokens of one forward: modality [B, S] (TEXT / VISION /
-    SPECIAL), valid [B, S] (False at padding), the phase, and the optional statistics collector."""
-    modality: torch.Tensor
-    valid: torch.Tensor
-    phase: str  # "prefill" or "decode"
-    stats: object = None
-
-
-class KVCache:
-    """Static per-layer K/V buffers [L, B, kv_heads, S_max, D]. Positions are written by index tensors, so one
-    decode step has the same shapes at every position."""
-
-    def __init__(self, n_layers, batch, n_kv_heads, max_len, head_dim, device, dtype):
-        self.k = torch.zeros(n_layers, batch, n_kv_heads, max_len, head_dim, device=device, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
-        self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
-        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)  # rope position of the next token
-        self.length = 0  # tokens written so far (host side, for the decode loop)
-        self.max_len = max_len
-
-    def reset(self):
-        """Empty the cache in place (the buffers keep their addresses, so a captured decode graph stays valid)."""
-        self.length = 0
-        self.key_valid.zero_()
-        self.next_pos.zero_()
-
-
-def token_importance(q, k, mask, x, valid):
-    """MC-MoE's token importance: ||x_j||_1 times the attention token j receives, averaged over heads and over the
-    queries that can see it; padding gets -inf. q [B, h, S, d], k [B, h_kv, S_kv, d] of this call's keys only."""
-    B, h, S, d = q.shape
-    k = k.repeat_interleave(h // k.shape[1], dim=1)[:, :, :S]  # [B, h, S, d]
-    scores = torch.einsum("bhsd,bhtd->bhst", q.float(), k.float()) / d ** 0.5
-    probs = scores.masked_fill(~mask[..., :S], float("-inf")).softmax(-1)  # [B, h, S, S]
-    seen_by = mask[:, 0, :, :S].float().sum(1)  # [B, S]: how many queries attend to each key
-    received = probs.sum((1, 2)) / (h * seen_by.clamp(min=1))
-    return (received * x.float().abs().sum(-1)).masked_fill(~valid, float("-inf"))
-
-
-def causal_mask(cache_pos, key_valid):
-    """[B, 1, S, S_kv] bool: causal over cache indices, padding keys hidden. A padding query may always see itself
-    so that no row is empty (an empty softmax row is NaN, and 0·NaN would leak into real rows through V)."""
-    keys = torch.arange(key_valid.shape[1], device=key_valid.device)
-    causal = keys[None, :] <= cache_pos[:, None]  # [S, S_kv]
-    mask = causal[None] & key_valid[:, None, :]  # [B, S, S_kv]
-    mask = mask | (keys[None, :] == cache_pos[:, None])[None]
-    return mask[:, None]
-
-
-def run_decoder(model, input_ids, attention_mask, cache, stats, media, last_only, pixels):
-    """Both models' forward: input_ids [B, S] (left padding marked 0 in attention_mask) -> logits [B, S, V]
-    ([B, 1, V] with last_only). With a cache, appends the tokens to it (prefill when it is empty, decode
-    otherwise)."""
-    cache_pos = None
-    if cache is not None:
-        cache_pos = torch.arange(cache.length, cache.length + input_ids.shape[1], device=input_ids.device)
-    h, state = model.embed(input_ids, attention_mask, cache=cache, cache_pos=cache_pos, stats=stats, media=media,
-                           **pixels)
-    for i in range(len(model.layers)):
-        h = model.layer(i, h, state)
-    if cache is not None:
-        cache.length += input_ids.shape[1]
-    return model.head(h[:, -1:] if last_only else h)
-
-
-def decode_step(model, token, cache, cache_pos, stats=None):
-    """One decode step with tensors only (token [B, 1], cache_pos [1]) -> logits [B, V]: the function the entry
-    scripts compile and capture in a CUDA graph. The caller advances cache.length."""
-    h, state = model.embed(token, cache=cache, cache_pos=cache_pos, phase="decode", stats=stats)
-    for i in range(len(model.layers)):
-        h = model.layer(i, h, state)
-    return model.head(h)[:, -1]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Qwen3-VL-MoE vision tower
-
-
-class QwenVisionBlock(nn.Module):
-    def __init__(self, cfg: QwenVisionConfig):
-        super().__init__()
-        D = cfg.hidden_size
-        self.num_heads = cfg.num_heads
-        self.norm1 = nn.LayerNorm(D, eps=cfg.eps)
-        self.norm2 = nn.LayerNorm(D, eps=cfg.eps)
-        self.attn = nn.Module()
-        self.attn.qkv = nn.Linear(D, 3 * D)
-        self.attn.proj = nn.Linear(D, D)
-        self.mlp = nn.Module()
-        self.mlp.linear_fc1 = nn.Linear(D, cfg.intermediate_size)
-        self.mlp.linear_fc2 = nn.Linear(cfg.intermediate_size, D)
-
-    def forward(self, x, cos, sin, segments):
-        N, D = x.shape
-        h = self.num_heads
-        q, k, v = self.attn.qkv(self.norm1(x)).view(N, 3, h, D // h).unbind(1)  # 3 x [N, h, d]
-        # rotary in fp32, as the reference does
-        q = (q.float() * cos + rotate_half(q.float()) * sin).to(x.dtype)
-        k = (k.float() * cos + rotate_half(k.float()) * sin).to(x.dtype)
-        out = torch.empty_like(q)
-        for s, e in segments:  # each image / temporal group attends only to itself
-            out[s:e] = F.scaled_dot_product_attention(
-                q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1)).transpose(0, 1)
-        x = x + self.attn.proj(out.reshape(N, D))
-        return x + self.mlp.linear_fc2(F.gelu(self.mlp.linear_fc1(self.norm2(x)), approximate="tanh"))
-
-
-class QwenPatchMerger(nn.Module):
-    """Groups each 2x2 block of patches (4 consecutive rows) into one token of the text width. The main merger
-    normalises per patch before grouping; the DeepStack mergers normalise the grouped 4D vector."""
-
-    def __init__(self, cfg: QwenVisionConfig, postshuffle_norm):
-        super().__init__()
-        D, M = cfg.hidden_size, cfg.hidden_size * cfg.spatial_merge_size ** 2
-        self.postshuffle_norm = postshuffle_norm
-        self.norm = nn.LayerNorm(M if postshuffle_norm else D, eps=cfg.eps)
-        self.linear_fc1 = nn.Linear(M, M)
-        self.linear_fc2 = nn.Linear(M, cfg.out_hidden_size)
-
-    def forward(self, x):
-        M = self.linear_fc1.in_features
-        x = self.norm(x.view(-1, M)) if self.postshuffle_norm else self.norm(x).view(-1, M)  # [N/4, 4D]
-        return self.linear_fc2(F.gelu(self.linear_fc1(x)))
-
-
-class QwenVision(nn.Module):
-    def __init__(self, cfg: QwenVisionConfig):
-        super().__init__()
-        self.cfg = cfg
-        C, P, Tp = cfg.in_channels, cfg.patch_size, cfg.temporal_patch_size
-        self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv3d(C, cfg.hidden_size, (Tp, P, P), (Tp, P, P))
-        self.pos_embed = nn.Embedding(cfg.num_position_embeddings, cfg.hidden_size)
-        self.blocks = nn.ModuleList(QwenVisionBlock(cfg) for _ in range(cfg.depth))
-        self.merger = QwenPatchMerger(cfg, postshuffle_norm=False)
-        self.deepstack_merger_list = nn.ModuleList(
-            QwenPatchMerger(cfg, postshuffle_norm=True) for _ in cfg.deepstack_visual_indexes)
-
-    def block_major(self, a, h, w):
-        """Raster [h, w, ...] -> the 2x2-merge-block-major order of the pixel rows, flattened."""
-        m = self.cfg.spatial_merge_size
-        a = a.view(h // m, m, w // m, m, *a.shape[2:]).transpose(1, 2)  # [h/m, w/m, m, m, ...]
-        return a.reshape(h * w, *a.shape[4:])
-
-    def position_embedding(self, h, w):
-        """The learned G x G table resampled bilinearly (align_corners) to an h x w grid."""
-        G = math.isqrt(self.cfg.num_position_embeddings)
-        table = self.pos_embed.weight.float().view(G, G, -1)
-        ys = torch.linspace(0, G - 1, h, device=table.device)
-        xs = torch.linspace(0, G - 1, w, device=table.device)
-        y0, x0 = ys.floor().long(), xs.floor().long()
-        y1, x1 = (y0 + 1).clamp(max=G - 1), (x0 + 1).clamp(max=G - 1)
-        dy, dx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
-        pe = ((1 - dy) * (1 - dx) * table[y0][:, x0] + (1 - dy) * dx * table[y0][:, x1]
-              + dy * (1 - dx) * table[y1][:, x0] + dy * dx * table[y1][:, x1])  # [h, w, D]
-        return self.block_major(pe, h, w)
-
-    def rotary(self, h, w, device):
-        """cos, sin [h*w, 1, d]: the first half of the frequencies rotate by row, the second by column."""
-        d = self.cfg.hidden_size // self.cfg.num_heads
-        inv_freq = 1.0 / self.cfg.rope_theta ** (torch.arange(0, d // 2, 2, device=device).float() / (d // 2))
-        rows = torch.arange(h, device=device)[:, None].expand(h, w)
-        cols = torch.arange(w, device=device)[None, :].expand(h, w)
-        pos = self.block_major(torch.stack([rows, cols], -1), h, w).float()  # [h*w, 2]
-        angles = (pos[:, :, None] * inv_freq).flatten(1)  # [h*w, d/2]: row freqs then column freqs
-        emb = torch.cat([angles, angles], -1)[:, None]  # [h*w, 1, d]
-        return emb.cos(), emb.sin()
-
-    def forward(self, pixels, grid_thw):
-        """pixels [N, C*Tp*P*P] in block-major row order, grid_thw [n, 3] in patches -> (tokens [N/4, D_text],
-        DeepStack features list of [N/4, D_text])."""
-        proj = self.patch_embed.proj
-        x = pixels.to(proj.weight.dtype) @ proj.weight.view(proj.out_channels, -1).T + proj.bias  # Conv3d as linear
-        pos, cos, sin, segments, start = [], [], [], [], 0
-        for t, h, w in grid_thw.tolist():
-            pe = self.position_embedding(h, w)
-            c, s = self.rotary(h, w, x.device)
-            pos += [pe] * t
-            cos += [c] * t
-            sin += [s] * t
-            for _ in range(t):  # every temporal group is its own attention segment
-                segments.append((start, start + h * w))
-                start += h * w
-        x = x + torch.cat(pos).to(x.dtype)
-        cos, sin = torch.cat(cos), torch.cat(sin)
-        deepstack = []
-        for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, segments)
-            if i in self.cfg.deepstack_visual_indexes:
-                deepstack.append(self.deepstack_merger_list[self.cfg.deepstack_visual_indexes.index(i)](x))
-        return self.merger(x), deepstack
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Qwen3-VL-MoE text decoder
-
-
-def mrope_axis(cfg: QwenConfig):
-    """Which position stream (0 = T, 1 = H, 2 = W) drives each of the head_dim/2 frequency channels.
-    Interleaved (Qwen3-VL): THWTHW...THW then T for the rest, e.g. [24, 20, 20] -> 'THW' x 20 + 'TTTT'.
-    Chunked (Qwen2-VL): 24 T, then 20 H, then 20 W."""
-    sT, sH, sW = cfg.mrope_section
-    i = torch.arange(sT + sH + sW)
-    if not cfg.mrope_interleaved:
-        return (i >= sT).long() + (i >= sT + sH).long()
-    axis = torch.zeros_like(i)
-    axis[(i % 3 == 1) & (i < 3 * sH)] = 1
-    axis[(i % 3 == 2) & (i < 3 * sW)] = 2
-    return axis
-
-
-def mrope_cos_sin(cfg: QwenConfig, positions, dtype):
-    """positions [3, B, S] -> cos, sin [B, S, head_dim] (made in fp32, then cast like the reference)."""
-    d = cfg.head_dim
-    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, device=positions.device).float() / d)  # [d/2]
-    angles = positions[..., None].float() * inv_freq  # [3, B, S, d/2]
-    axis = mrope_axis(cfg).to(positions.device)
-    angles = angles.gather(0, axis.expand_as(angles[:1]))[0]  # [B, S, d/2]
-    emb = torch.cat([angles, angles], -1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-class QwenAttention(nn.Module):
-    def __init__(self, cfg: QwenConfig):
-        super().__init__()
-        H, nh, nkv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.nh, self.nkv, self.d = nh, nkv, d
-        self.q_proj = nn.Linear(H, nh * d, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(H, nkv * d, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(H, nkv * d, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(nh * d, H, bias=cfg.attention_bias)
-        self.q_norm = RMSNorm(d, cfg.rms_norm_eps)  # one weight shared by all heads, applied before rotary
-        self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
-
-    def forward(self, x, cos, sin, mask, kv, step=None, want_importance=False):
-        B, S, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, S, self.nh, self.d))
-        k = self.k_norm(self.k_proj(x).view(B, S, self.nkv, self.d))
-        v = self.v_proj(x).view(B, S, self.nkv, self.d)
-        cos, sin = cos[:, :, None], sin[:, :, None]  # [B, S, 1, d]
-        q = (q * cos + rotate_half(q) * sin).transpose(1, 2)  # [B, nh, S, d]
-        k = (k * cos + rotate_half(k) * sin).transpose(1, 2)  # [B, nkv, S, d]
-        v = v.transpose(1, 2)
-        importance = token_importance(q, k, mask, x, step.valid) if want_importance else None
-        if kv is not None:
-            k_cache, v_cache, cache_pos = kv
-            k_cache[:, :, cache_pos] = k
-            v_cache[:, :, cache_pos] = v
-            k, v = k_cache, v_cache  # [B, nkv, S_max, d]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # [B, nh, S, d]
-        return self.o_proj(out.transpose(1, 2).reshape(B, S, self.nh * self.d)), importance
-
-
-class QwenMoE(nn.Module):
-    """Softmax over all experts in fp32, then top-k, then renormalise the k weights to sum 1 (softmax before top-k,
-    as in DeepSeek/Qwen; gpt-oss does top-k first). No shared expert."""
-
-    def __init__(self, cfg: QwenConfig, layer_idx):
-        super().__init__()
-        self.k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
-        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
-        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
-        self.layer_idx = layer_idx
-        self.policy = None  # a router.py skip policy, installed by router.install
-        self.impl = "ref"
-
-    def route(self, x):
-        probs = self.gate(x).float().softmax(-1)  # [T, E]
-        top, ids = probs.topk(self.k, dim=-1)  # [T, K]
-        pi_hat = top / top.sum(-1, keepdim=True)
-        return Routing(weights=pi_hat if self.norm_topk_prob else top, ids=ids, pi_hat=pi_hat, probs=probs)
-
-    def forward(self, x, step, importance=None):
-        B, S, H = x.shape
-        x = x.view(B * S, H)  # [T, H]
-        return routed_experts(self, x, self.route(x), step, importance).view(B, S, H)
-
-
-class QwenDecoderLayer(nn.Module):
-    def __init__(self, cfg: QwenConfig, i):
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = QwenAttention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = QwenMoE(cfg, i) if cfg.is_moe_layer(i) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
-
-    def forward(self, h, cos, sin, mask, kv, step):
-        # MC-MoE ranks prefill tokens by the attention they receive in this layer
-        want = step.phase == "prefill" and getattr(getattr(self.mlp, "policy", None), "wants_importance", False)
-        a, importance = self.self_attn(self.input_layernorm(h), cos, sin, mask, kv, step, want)
-        h = h + a
-        return h + self.mlp(self.post_attention_layernorm(h), step, importance)
-
-
-@dataclass
-class QwenState:
-    """Everything the decoder layers need besides the hidden states; built once per forward by `embed`."""
-    cos: torch.Tensor
-    sin: torch.Tensor
-    mask: torch.Tensor
-    step: Step
-    cache: KVCache = None
-    cache_pos: torch.Tensor = None
-    visual: torch.Tensor = None  # [B, S] bool, positions of image/video pads
-    deepstack: list = field(default_factory=list)  # per injected layer: [n_visual, H]
-
-
-class Qwen3VLMoe(nn.Module):
-    def __init__(self, cfg: QwenConfig):
-        super().__init__()
-        self.cfg = cfg
-        lm = nn.Module()
-        lm.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        lm.layers = nn.ModuleList(QwenDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
-        lm.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.model = nn.ModuleDict(dict(visual=QwenVision(cfg.vision), language_model=lm))
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.tie_weights()
-        # ids of the special tokens (SPECIAL modality), set by the loader from the tokenizer files
-        self.register_buffer("special_ids", torch.zeros(0, dtype=torch.long), persistent=False)
-
-    def tie_weights(self):
-        if self.cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model["language_model"].embed_tokens.weight
-
-    def head_weight(self):
-        return self.lm_head.weight
-
-    def checkpoint_names(self):
-        """checkpoint tensor name -> (parameter name, index into it); here the names coincide."""
-        return {n: (n, None) for n, _ in self.named_parameters()}  # a tied lm_head is listed once, as embed
-
-    def modality(self, input_ids, phase):
-        vision = (input_ids == self.cfg.image_token_id) | (input_ids == self.cfg.video_token_id)
-        special = torch.isin(input_ids, self.special_ids)
-        m = torch.full_like(input_ids, TEXT)
-        m[special] = SPECIAL
-        if phase == "prefill":  # a generated vision pad is text
-            m[vision] = VISION
-        return m
-
-    def rope_index(self, input_ids, valid, image_grid_thw, video_grid_thw):
-        """3-D positions [3, B, S] and each row's next position [B]. Text advances all three streams by one; a
-        block of visual pads with merged grid (gh, gw) gets (p, p + row, p + col), then p += max(gh, gw). Every
-        temporal group of a video is its own block. Padding is skipped (and gets position 0)."""
-        m = self.cfg.vision.spatial_merge_size
-        images = [] if image_grid_thw is None else image_grid_thw.tolist()
-        videos = [] if video_grid_thw is None else video_grid_thw.tolist()
-        grids = {self.cfg.image_token_id: iter(images),
-                 self.cfg.video_token_id: iter([g for t, h, w in videos for g in [(1, h, w)] * t])}
-        B, S = input_ids.shape
-        positions = torch.zeros(3, B, S, dtype=torch.long)
-        next_pos = torch.zeros(B, dtype=torch.long)
-        for b in range(B):
-            ids = input_ids[b].tolist()
-            keep = valid[b].tolist()
-            s, p = 0, 0
-            while s < S:
-                if not keep[s]:
-                    s += 1
-                elif ids[s] in grids:
-                    _, gh, gw = next(grids[ids[s]])
-                    gh, gw = gh // m, gw // m
-                    rows = torch.arange(gh).repeat_interleave(gw)
-                    cols = torch.arange(gw).repeat(gh)
-                    positions[:, b, s:s + gh * gw] = torch.stack([torch.zeros_like(rows), rows, cols]) + p
-                    s, p = s + gh * gw, p + max(gh, gw)
-                else:
-                    positions[:, b, s] = p
-                    s, p = s + 1, p + 1
-            next_pos[b] = p
-        return positions.to(input_ids.device), next_pos.to(input_ids.device)
-
-    def new_cache(self, batch, max_len, device=None, dtype=None):
-        w = self.lm_head.weight
-        c = self.cfg
-        return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim,
-                       device or w.device, dtype or w.dtype)
-
-    def encode_vision(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
-                      video_grid_thw=None):
-        """Run the vision tower -> (visual [B, S] bool, features [n, H], DeepStack features list of [n, H]), the
-        rows in sequence order of the image and video pads they replace."""
-        B, S = input_ids.shape
-        H = self.cfg.hidden_size
-        visual = torch.zeros(B, S, dtype=torch.bool, device=input_ids.device)
-        n_extra = len(self.cfg.vision.deepstack_visual_indexes)
-        full = input_ids.new_zeros(1 + n_extra, B, S, H, dtype=self.lm_head.weight.dtype)  # main, deepstack...
-        for pix, grid, token in ((pixel_values, image_grid_thw, self.cfg.image_token_id),
-                                 (pixel_values_videos, video_grid_thw, self.cfg.video_token_id)):
-            if pix is None:
-                continue
-            pads = input_ids == token
-            main, extra = self.model["visual"](pix, grid)
-            if main.shape[0] != int(pads.sum()):
-                raise ValueError(f"{int(pads.sum())} pad tokens (id {token}) for {main.shape[0]} visual features")
-            for j, feats in enumerate([main] + extra):
-                full[j][pads] = feats.to(full.dtype)
-            visual |= pads
-        main, *deepstack = full[:, visual]  # images and videos merged by position
-        return visual, main, deepstack
-
-    def embed(self, input_ids, attention_mask=None, *, cache=None, cache_pos=None, phase=None, stats=None,
-              media=None, **pixels):
-        """Token embeddings with the vision features (`media` from encode_vision, computed here when pixels are
-        given instead) in place of the pads, positions, mask: the state of the first layer. With a cache, the
-        tokens go to cache indices cache_pos [S]; a decode step reads its positions from the cache, so with
-        phase="decode" given nothing here depends on host-side state."""
-        B, S = input_ids.shape
-        dev = input_ids.device
-        lm = self.model["language_model"]
-        valid = torch.ones(B, S, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
-        phase = phase or ("decode" if cache is not None and cache.length > 0 else "prefill")
-        step = Step(self.modality(input_ids, phase), valid, phase, stats)
-        h = lm.embed_tokens(input_ids)  # [B, S, H]
-        if media is None and any(v is not None for k, v in pixels.items() if k.startswith("pixel")):
-            media = self.encode_vision(input_ids, **pixels)
-        visual, deepstack = None, []
-        if media is not None and phase == "prefill":
-            visual, main, deepstack = media
-            h = h.clone()
-            h[visual] = main  # the main features replace the pad embeddings
-        if phase == "decode":
-            positions = (cache.next_pos[:, None] + torch.arange(S, device=dev)).expand(3, B, S)
-            cache.next_pos += S
-        else:
-            positions, next_pos = self.rope_index(input_ids, valid, pixels.get("image_grid_thw"),
-                                                  pixels.get("video_grid_thw"))
-        if cache is None:
-            cache_pos = torch.arange(S, device=dev)
-            mask = causal_mask(cache_pos, valid)
-        else:
-            if phase == "prefill":
-                cache.next_pos.copy_(next_pos)
-            cache.key_valid[:, cache_pos] = valid
-            mask = causal_mask(cache_pos, cache.key_valid)
-        cos, sin = mrope_cos_sin(self.cfg, positions, h.dtype)
-        return h, QwenState(cos, sin, mask, step, cache, cache_pos, visual, deepstack)
-
-    @property
-    def layers(self):
-        return self.model["language_model"].layers
-
-    def layer(self, i, h, state: QwenState):
-        kv = None if state.cache is None else (state.cache.k[i], state.cache.v[i], state.cache_pos)
-        h = self.model["language_model"].layers[i](h, state.cos, state.sin, state.mask, kv, state.step)
-        if i < len(state.deepstack):  # DeepStack: features of early ViT blocks added after the first layers
-            h = h.clone()
-            h[state.visual] += state.deepstack[i]
-        return h
-
-    def head(self, h):
-        return self.lm_head(self.model["language_model"].norm(h))
-
-    def forward(self, input_ids, attention_mask=None, *, cache=None, stats=None, media=None, last_only=False,
-                **pixels):
-        """pixels: pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, as the processor returns them."""
-        return run_decoder(self, input_ids, attention_mask, cache, stats, media, last_only, pixels)
-
-    def decode_step(self, token, cache, cache_pos, stats=None):
-        return decode_step(self, token, cache, cache_pos, stats)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Kimi-VL config
+QWEN_TEXT_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                  "moe_intermediate_size", "num_experts_per_tok", "rms_norm_eps")
+QWEN_VISION_KEYS = ("depth", "hidden_size", "num_heads", "intermediate_size", "patch_size", "temporal_patch_size",
+                    "spatial_merge_size", "out_hidden_size", "num_position_embeddings", "deepstack_visual_indexes")
+QWEN_TOKEN_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 
 
 @dataclass
@@ -738,9 +189,6 @@ class KimiVLConfig:
     vision_norm_eps: float = 1e-5             # every LayerNorm of the tower and the projector
     # top level
     media_placeholder_token_id: int = 163605
-    pad_token_id: int = 163839
-    bos_token_id: int = 163584
-    eos_token_id: int = 163585
     model_type = "kimi_vl"
 
     def __post_init__(self):
@@ -760,13 +208,8 @@ class KimiVLConfig:
         self.merge_kernel_size = tuple(self.merge_kernel_size)
 
     @property
-    def image_token_id(self) -> int:
-        # the name model.py's shared code (special-token bookkeeping) uses; Kimi-VL has one media placeholder
-        return self.media_placeholder_token_id
-
-    @property
-    def video_token_id(self) -> int:
-        return self.media_placeholder_token_id
+    def media_token_ids(self):
+        return (self.media_placeholder_token_id,)  # images and video frames alike
 
     @property
     def qk_head_dim(self) -> int:
@@ -801,76 +244,608 @@ class KimiVLConfig:
                                                       "intermediate_size") if k in vision})
         kw.update({k: vision[k] for k in ("patch_size", "init_pos_emb_height", "init_pos_emb_width",
                                           "merge_kernel_size") if k in vision})
-        kw.update({k: raw[k] for k in ("media_placeholder_token_id", "pad_token_id", "tie_word_embeddings")
-                   if k in raw})
+        kw.update({k: raw[k] for k in ("media_placeholder_token_id", "tie_word_embeddings") if k in raw})
         try:
             return cls(**kw)
-        except ValueError as e:
+        except (ValueError, TypeError) as e:
             raise ValueError(f"{where}: {e}") from None
 
 
-def kimi_checkpoint_slots(cfg: KimiVLConfig):
-    """Yield (checkpoint name, parameter name, index) for every per-expert checkpoint tensor.
+def read_config(path):
+    """The dataclass config of a checkpoint folder (or of a config.json file), chosen by its model_type."""
+    file = path if path.endswith(".json") else os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{path}: no config.json (is this a Hugging Face checkpoint folder?)")
+    try:
+        with open(file, encoding="utf-8") as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{file}: not UTF-8 text") from None
+    return config_from_dict(raw, file)
 
-    The checkpoint stores experts.{e}.{gate,up,down}_proj.weight; we hold one stacked gate_up_proj [E, 2I, H]
-    (gate rows, then up rows) and down_proj [E, H, I] per layer, so param[index] is where the tensor goes.
-    """
-    I = cfg.moe_intermediate_size
-    for i in range(cfg.num_hidden_layers):
-        if not cfg.is_moe_layer(i):
+
+def config_from_dict(raw, where):
+    kind = raw.get("model_type") if isinstance(raw, dict) else None
+    if kind not in CONFIGS:
+        raise ValueError(f"{where}: unknown model_type {kind!r} (supported: {', '.join(CONFIGS)})")
+    return CONFIGS[kind].from_hf(raw, where)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared primitives: norms, rotary, MLPs, routed-expert compute, the forward context, KV cache, attention
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # statistics in fp32, cast back before the weight, as both reference implementations do
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def rotate_half(x):
+    # NeoX pairing (Qwen): channel j rotates with channel j + d/2
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_interleaved(x, cos, sin):
+    """Rotate the interleaved pairs (x0, x1), (x2, x3), ... of the last dim (DeepSeek / MoonViT pairing), pair i by
+    its angle. Checkpoints store the rope dims in this order, so no weight permutation is needed; q and k agree,
+    so the dot products are those of the reference. x [..., r], cos/sin broadcastable to [..., r/2]."""
+    a, b = x.unflatten(-1, (-1, 2)).unbind(-1)  # [..., r/2] each
+    return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)): dense MLP layers and shared experts."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x, ctx=None):  # ctx unused: a dense layer takes what an MoE layer takes
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Experts(nn.Module):
+    """E routed SwiGLU experts stacked in nn.Linear orientation: gate rows then up rows in gate_up_proj."""
+
+    def __init__(self, n_experts, dim, hidden):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * hidden, dim))  # [E, 2I, H]
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden))  # [E, H, I]
+
+
+def moe_experts(x, experts, ids, weights, impl="ref"):
+    """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) over the kept slots (ids != SKIP) -> [T, H]: the one place
+    routed experts are computed. impl "ref" is the loop below; any other is a kernels.py path ("auto" takes this
+    loop on an eager CPU, where it is the fastest)."""
+    if impl == "auto":
+        impl = kernels.auto_path(x, ids)
+    if impl != "ref":
+        return kernels.moe_experts(x, experts.gate_up_proj, experts.down_proj, ids, weights, impl)
+    # T tokens, K slots, H hidden, I expert hidden. DeepSeek-V3's loop: only routed pairs are computed, but
+    # .tolist() and torch.where make it eager-only; kernels.py has the sync-free paths.
+    T, H = x.shape
+    I = experts.down_proj.shape[-1]
+    out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
+    for e in ids.unique().tolist():
+        if e == SKIP:
             continue
-        prefix = f"language_model.model.layers.{i}.mlp.experts"
-        for e in range(cfg.n_routed_experts):
-            yield f"{prefix}.{e}.gate_proj.weight", f"{prefix}.gate_up_proj", (e, slice(0, I))
-            yield f"{prefix}.{e}.up_proj.weight", f"{prefix}.gate_up_proj", (e, slice(I, 2 * I))
-            yield f"{prefix}.{e}.down_proj.weight", f"{prefix}.down_proj", (e,)
+        tok, slot = torch.where(ids == e)  # [n], [n]
+        gate, up = (x[tok] @ experts.gate_up_proj[e].T).split(I, dim=-1)  # [n, I] each
+        y = (F.silu(gate) * up) @ experts.down_proj[e].T  # [n, H]
+        out.index_add_(0, tok, y.float() * weights[tok, slot, None])
+    return out.to(x.dtype)
+
+
+def routed(moe, x, routing, ctx):
+    """What both models' MoE layers do once routed: ask the skip policy, count, compute. x [T, H]."""
+    weights, ids = routing.weights, routing.ids
+    modality = ctx.modality.reshape(-1)
+    if moe.policy is not None:
+        weights, ids = moe.policy(routing, modality, moe.layer_idx)
+    if ctx.stats is not None:
+        ctx.stats.record(moe.layer_idx, ids, modality, ctx.valid.reshape(-1), ctx.phase)
+    return moe_experts(x, moe.experts, ids, weights, moe.impl)
+
+
+@dataclass
+class Context:
+    """What every decoder layer needs about one forward besides the hidden states; built once by `embed`."""
+    cos: torch.Tensor                   # [B, S, rotary dim] (Qwen: head_dim, Kimi: qk_rope_head_dim / 2)
+    sin: torch.Tensor
+    mask: torch.Tensor | None           # [B, 1, S, S_kv] bool; None: plain causal over the call's own keys
+    modality: torch.Tensor              # [B, S] TEXT / VISION / SPECIAL
+    valid: torch.Tensor                 # [B, S] False at padding
+    phase: str                          # "prefill" or "decode"
+    stats: object = None                # router.SkipStats, or anything with its record()
+    cache: "KVCache" = None
+    cache_pos: torch.Tensor = None      # [S] cache indices the tokens are written to
+    visual: torch.Tensor = None         # Qwen: [B, S] positions of the image / video features
+    deepstack: list = field(default_factory=list)  # Qwen: per early layer, features [n_visual, H] added after it
+
+
+class KVCache:
+    """Static per-layer key and value buffers, written in place at index tensors, so a decode step has the same
+    shapes (and, for a CUDA graph, the same addresses) at every position. k[i], v[i] are layer i's buffers in the
+    layout its attention chooses; the bookkeeping tensors are shared by all layers."""
+
+    def __init__(self, n_layers, k_shape, v_shape, max_len, device, dtype):
+        self.k = [torch.zeros(k_shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(v_shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        batch = k_shape[0]
+        self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # written and not padding
+        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)  # each row's next rope position
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)  # cache index of the next token, on device
+        self.length = 0  # tokens written so far, host side, for the caller's loop
+        self.max_len = max_len
+
+    def reset(self):
+        """Empty the cache in place: the buffers keep their addresses, so a captured decode graph stays valid."""
+        self.length = 0
+        self.key_valid.zero_()
+        self.next_pos.zero_()
+        self.pos.zero_()
+
+
+def causal_mask(query_pos, key_valid):
+    """[B, 1, S, S_kv] bool: causal over cache indices, padding keys hidden. A padding query may always see itself
+    so that no row is empty (an empty softmax row is NaN, and 0 * NaN would leak into real rows through V)."""
+    keys = torch.arange(key_valid.shape[1], device=key_valid.device)
+    causal = keys[None, :] <= query_pos[:, None]  # [S, S_kv]
+    mask = (causal[None] & key_valid[:, None, :]) | (keys[None, :] == query_pos[:, None])[None]  # [B, S, S_kv]
+    return mask[:, None]
+
+
+def cache_and_mask(phase, valid, cache, next_pos):
+    """Record the call's tokens in the cache's bookkeeping and make its attention mask -> (mask, cache_pos).
+
+    The mask is None for an unpadded prefill (causal over the call's own keys: SDPA may take a fused kernel),
+    [B, 1, S, S] over the call's keys for a padded prefill, and [B, 1, S, S_max] over the cache when decoding.
+    A prefill always starts at an empty cache, so its attention needs no earlier keys."""
+    B, S = valid.shape
+    cache_pos = None
+    if cache is not None:
+        cache_pos = cache.pos + torch.arange(S, device=valid.device)  # [S]
+        cache.key_valid.index_copy_(1, cache_pos, valid)
+        cache.next_pos.copy_(next_pos)
+        cache.pos += S
+    if phase == "decode":
+        return causal_mask(cache_pos, cache.key_valid), cache_pos
+    if bool(valid.all()):
+        return None, cache_pos
+    return causal_mask(torch.arange(S, device=valid.device), valid), cache_pos
+
+
+def attention(q, k, v, mask, scale=None):
+    """softmax(q k^T * scale) v -> [B, h, S, dv]; q [B, h, S, d], k, v [B, h_kv, S_kv, *], h a multiple of h_kv.
+
+    With no mask: causal over k (a prefill's own keys). With a mask [B, 1, S, S_kv]: the h / h_kv query heads that
+    share one K/V head become extra query rows, so SDPA needs neither GQA support nor a per-head mask (on a GPU the
+    memory-efficient kernel takes it; flash attention takes no mask)."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    B, h, S, d = q.shape
+    g = h // k.shape[1]
+    q = q.reshape(B, k.shape[1], g * S, d)  # [B, h_kv, g*S, d]: head h_kv*g + j is rows j*S .. j*S + S - 1
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, g, 1), scale=scale)
+    return out.reshape(B, h, S, -1)
+
+
+def block_diagonal_attention(q, k, v, lengths):
+    """Attention within consecutive row segments (an image, or one temporal group of a video) -> [N, h, d]:
+    q, k, v [N, h, d], lengths summing to N."""
+    out = torch.empty_like(q)
+    start = 0
+    for n in lengths:
+        s = slice(start, start + n)
+        out[s] = F.scaled_dot_product_attention(q[s].transpose(0, 1), k[s].transpose(0, 1),
+                                                v[s].transpose(0, 1)).transpose(0, 1)  # [n, h, d]
+        start += n
+    return out
+
+
+def tie_weights(model):
+    """Share the embedding with lm_head when the config says so; again after to_empty, which unties them."""
+    if model.cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+
+
+class DecoderLayers(nn.ModuleList):
+    """The decoder layers. Calling it runs layers start .. stop-1 in order: the one layer loop of the project
+    (calibrate.py resumes from a layer's cached input)."""
+
+    def forward(self, h, ctx, start=0, stop=None):
+        for layer in self[start:stop]:
+            h = layer(h, ctx)
+        return h
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Qwen3-VL-MoE vision tower
+
+
+class QwenPatchEmbed(nn.Module):
+    def __init__(self, cfg: QwenVisionConfig):
+        super().__init__()
+        C, P, Tp = cfg.in_channels, cfg.patch_size, cfg.temporal_patch_size
+        self.proj = nn.Conv3d(C, cfg.hidden_size, (Tp, P, P), (Tp, P, P))
+
+    def forward(self, pixels):
+        # a Conv3d whose stride equals its kernel on one patch is a matmul with the flattened kernel
+        return pixels.to(self.proj.weight.dtype) @ self.proj.weight.view(self.proj.out_channels, -1).T + self.proj.bias
+
+
+class QwenVisionAttention(nn.Module):
+    def __init__(self, cfg: QwenVisionConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x, cos, sin, lengths):
+        N, D = x.shape
+        q, k, v = self.qkv(x).view(N, 3, self.num_heads, -1).unbind(1)  # 3 x [N, h, d]
+        # rotary in fp32, as the reference does
+        q = (q.float() * cos + rotate_half(q.float()) * sin).to(x.dtype)
+        k = (k.float() * cos + rotate_half(k.float()) * sin).to(x.dtype)
+        return self.proj(block_diagonal_attention(q, k, v, lengths).reshape(N, D))
+
+
+class QwenVisionMLP(nn.Module):
+    def __init__(self, cfg: QwenVisionConfig):
+        super().__init__()
+        self.linear_fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.linear_fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x):
+        return self.linear_fc2(F.gelu(self.linear_fc1(x), approximate="tanh"))
+
+
+class QwenVisionBlock(nn.Module):
+    def __init__(self, cfg: QwenVisionConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.eps)
+        self.attn = QwenVisionAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.eps)
+        self.mlp = QwenVisionMLP(cfg)
+
+    def forward(self, x, cos, sin, lengths):
+        x = x + self.attn(self.norm1(x), cos, sin, lengths)
+        return x + self.mlp(self.norm2(x))
+
+
+class QwenPatchMerger(nn.Module):
+    """Groups each 2x2 block of patches (4 consecutive rows) into one token of the text width. The main merger
+    normalises per patch before grouping; the DeepStack mergers normalise the grouped 4D vector."""
+
+    def __init__(self, cfg: QwenVisionConfig, postshuffle_norm):
+        super().__init__()
+        D, M = cfg.hidden_size, cfg.hidden_size * cfg.spatial_merge_size ** 2
+        self.postshuffle_norm = postshuffle_norm
+        self.norm = nn.LayerNorm(M if postshuffle_norm else D, eps=cfg.eps)
+        self.linear_fc1 = nn.Linear(M, M)
+        self.linear_fc2 = nn.Linear(M, cfg.out_hidden_size)
+
+    def forward(self, x):
+        M = self.linear_fc1.in_features
+        x = self.norm(x.view(-1, M)) if self.postshuffle_norm else self.norm(x).view(-1, M)  # [N/4, 4D]
+        return self.linear_fc2(F.gelu(self.linear_fc1(x)))
+
+
+class QwenVision(nn.Module):
+    def __init__(self, cfg: QwenVisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = QwenPatchEmbed(cfg)
+        self.pos_embed = nn.Embedding(cfg.num_position_embeddings, cfg.hidden_size)
+        self.blocks = nn.ModuleList(QwenVisionBlock(cfg) for _ in range(cfg.depth))
+        self.merger = QwenPatchMerger(cfg, postshuffle_norm=False)
+        self.deepstack_merger_list = nn.ModuleList(
+            QwenPatchMerger(cfg, postshuffle_norm=True) for _ in cfg.deepstack_visual_indexes)
+
+    def block_major(self, a, h, w):
+        """Raster [h, w, ...] -> the 2x2-merge-block-major order of the pixel rows, flattened."""
+        m = self.cfg.spatial_merge_size
+        a = a.view(h // m, m, w // m, m, *a.shape[2:]).transpose(1, 2)  # [h/m, w/m, m, m, ...]
+        return a.reshape(h * w, *a.shape[4:])
+
+    def position_embedding(self, h, w):
+        """The learned G x G table resampled bilinearly to an h x w grid: the reference samples it at
+        linspace(0, G - 1, h) x linspace(0, G - 1, w), which is align_corners=True."""
+        G = math.isqrt(self.cfg.num_position_embeddings)
+        table = self.pos_embed.weight.float().view(G, G, -1).permute(2, 0, 1)[None]  # [1, D, G, G]
+        pe = F.interpolate(table, size=(h, w), mode="bilinear", align_corners=True)[0].permute(1, 2, 0)  # [h, w, D]
+        return self.block_major(pe, h, w)
+
+    def rotary(self, h, w, device):
+        """cos, sin [h*w, 1, d]: the first half of the frequencies rotate by row, the second by column."""
+        d = self.cfg.hidden_size // self.cfg.num_heads
+        inv_freq = 1.0 / self.cfg.rope_theta ** (torch.arange(0, d // 2, 2, device=device).float() / (d // 2))
+        rows = torch.arange(h, device=device)[:, None].expand(h, w)
+        cols = torch.arange(w, device=device)[None, :].expand(h, w)
+        pos = self.block_major(torch.stack([rows, cols], -1), h, w).float()  # [h*w, 2]
+        angles = (pos[:, :, None] * inv_freq).flatten(1)  # [h*w, d/2]: row freqs then column freqs
+        emb = torch.cat([angles, angles], -1)[:, None]  # [h*w, 1, d]
+        return emb.cos(), emb.sin()
+
+    def forward(self, pixels, grid_thw):
+        """pixels [N, C*Tp*P*P] in block-major row order, grid_thw [n, 3] in patches -> (tokens [N/4, D_text],
+        DeepStack features list of [N/4, D_text])."""
+        x = self.patch_embed(pixels)  # [N, D]
+        pos, cos, sin, lengths = [], [], [], []
+        for t, h, w in grid_thw.tolist():
+            c, s = self.rotary(h, w, x.device)
+            pos += [self.position_embedding(h, w)] * t
+            cos += [c] * t
+            sin += [s] * t
+            lengths += [h * w] * t  # every temporal group attends only to itself
+        x = x + torch.cat(pos).to(x.dtype)
+        cos, sin = torch.cat(cos), torch.cat(sin)
+        deepstack = []
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, lengths)
+            if i in self.cfg.deepstack_visual_indexes:
+                deepstack.append(self.deepstack_merger_list[self.cfg.deepstack_visual_indexes.index(i)](x))
+        return self.merger(x), deepstack
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Qwen3-VL-MoE text decoder
+
+
+def mrope_axis(cfg: QwenConfig, device=None):
+    """Which position stream (0 = T, 1 = H, 2 = W) drives each of the head_dim/2 frequency channels.
+    Interleaved (Qwen3-VL): THWTHW...THW then T for the rest, e.g. [24, 20, 20] -> 'THW' x 20 + 'TTTT'.
+    Chunked (Qwen2-VL): 24 T, then 20 H, then 20 W. Made on `device`, so a decode step reads no host tensor."""
+    sT, sH, sW = cfg.mrope_section
+    i = torch.arange(sT + sH + sW, device=device)
+    if not cfg.mrope_interleaved:
+        return (i >= sT).long() + (i >= sT + sH).long()
+    return torch.where((i % 3 == 1) & (i < 3 * sH), 1, torch.where((i % 3 == 2) & (i < 3 * sW), 2, 0))
+
+
+def mrope_cos_sin(cfg: QwenConfig, positions, dtype):
+    """positions [3, B, S] -> cos, sin [B, S, head_dim] (made in fp32, then cast like the reference)."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, device=positions.device).float() / d)  # [d/2]
+    angles = positions[..., None].float() * inv_freq  # [3, B, S, d/2]
+    axis = mrope_axis(cfg, positions.device)
+    angles = angles.gather(0, axis.expand_as(angles[:1]))[0]  # [B, S, d/2]
+    emb = torch.cat([angles, angles], -1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class QwenAttention(nn.Module):
+    def __init__(self, cfg: QwenConfig, layer_idx):
+        super().__init__()
+        H, nh, nkv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.layer_idx, self.nh, self.nkv, self.d = layer_idx, nh, nkv, d
+        self.q_proj = nn.Linear(H, nh * d, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(H, nkv * d, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(H, nkv * d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(nh * d, H, bias=cfg.attention_bias)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps)  # one weight shared by all heads, applied before rotary
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+
+    def project(self, x, ctx):
+        """q [B, nh, S, d], k, v [B, nkv, S, d] of the call's tokens, rotary applied."""
+        B, S, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, S, self.nh, self.d))
+        k = self.k_norm(self.k_proj(x).view(B, S, self.nkv, self.d))
+        v = self.v_proj(x).view(B, S, self.nkv, self.d)
+        cos, sin = ctx.cos[:, :, None], ctx.sin[:, :, None]  # [B, S, 1, d]
+        q = (q * cos + rotate_half(q) * sin).transpose(1, 2)  # [B, nh, S, d]
+        k = (k * cos + rotate_half(k) * sin).transpose(1, 2)  # [B, nkv, S, d]
+        return q, k, v.transpose(1, 2)
+
+    def forward(self, x, ctx):
+        B, S, _ = x.shape
+        q, k, v = self.project(x, ctx)
+        if ctx.cache is not None:
+            k_cache, v_cache = ctx.cache.k[self.layer_idx], ctx.cache.v[self.layer_idx]  # [B, nkv, S_max, d]
+            k_cache.index_copy_(2, ctx.cache_pos, k)
+            v_cache.index_copy_(2, ctx.cache_pos, v)
+            if ctx.phase == "decode":
+                k, v = k_cache, v_cache
+        out = attention(q, k, v, ctx.mask)  # [B, nh, S, d]
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, self.nh * self.d))
+
+
+class QwenMoE(nn.Module):
+    """Softmax over all experts in fp32, then top-k, then renormalise the k weights to sum 1 (softmax before top-k,
+    as in DeepSeek/Qwen; gpt-oss does top-k first). No shared expert."""
+
+    def __init__(self, cfg: QwenConfig, layer_idx):
+        super().__init__()
+        self.k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.layer_idx = layer_idx
+        self.policy = None  # a router.py skip policy, set by router.install
+        self.impl = "ref"  # routed-expert compute, set by set_expert_impl
+
+    def route(self, x):
+        probs = self.gate(x).float().softmax(-1)  # [T, E]
+        top, ids = probs.topk(self.k, dim=-1)  # [T, K]
+        pi_hat = top / top.sum(-1, keepdim=True)
+        return Routing(weights=pi_hat if self.norm_topk_prob else top, ids=ids, pi_hat=pi_hat, probs=probs)
+
+    def forward(self, x, ctx):
+        B, S, H = x.shape
+        x = x.view(B * S, H)  # [T, H]
+        return routed(self, x, self.route(x), ctx).view(B, S, H)
+
+
+class QwenDecoderLayer(nn.Module):
+    def __init__(self, cfg: QwenConfig, i):
+        super().__init__()
+        self.layer_idx = i
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = QwenAttention(cfg, i)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = QwenMoE(cfg, i) if cfg.is_moe_layer(i) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, h, ctx):
+        h = h + self.self_attn(self.input_layernorm(h), ctx)
+        h = h + self.mlp(self.post_attention_layernorm(h), ctx)
+        if self.layer_idx < len(ctx.deepstack):  # DeepStack: early ViT features join the first layers' outputs
+            h = h.index_put((ctx.visual,), ctx.deepstack[self.layer_idx], accumulate=True)
+        return h
+
+
+class Qwen3VLMoe(nn.Module):
+    # checkpoint name prefix <-> our parameter name prefix; the loader renames with this table both ways
+    CHECKPOINT_PREFIXES = {"model.visual.": "visual.", "model.language_model.embed_tokens.": "embed_tokens.",
+                           "model.language_model.layers.": "layers.", "model.language_model.norm.": "norm.",
+                           "lm_head.": "lm_head."}
+    FP32_PARAMETERS = ()  # parameter name suffixes kept in fp32 whatever the model's dtype
+
+    def __init__(self, cfg: QwenConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.visual = QwenVision(cfg.vision)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = DecoderLayers(QwenDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        tie_weights(self)
+        # ids of the special tokens (SPECIAL modality), set by the loader from the tokenizer files
+        self.register_buffer("special_ids", torch.zeros(0, dtype=torch.long), persistent=False)
+
+    def forward(self, input_ids, attention_mask=None, *, cache=None, stats=None, media=None, last_only=False,
+                **pixels):
+        """input_ids [B, S] (left padding marked 0 in attention_mask) -> logits [B, S, V] ([B, 1, V] with
+        last_only). pixels: pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw as the processor
+        returns them; media: their encode_vision output, if computed beforehand. With a cache the tokens are
+        appended to it: a prefill when it is empty, decode steps after."""
+        h, ctx = self.embed(input_ids, attention_mask, cache=cache, stats=stats, media=media, **pixels)
+        h = self.layers(h, ctx)
+        if cache is not None:
+            cache.length += input_ids.shape[1]
+        return self.head(h[:, -1:] if last_only else h)
+
+    def decode_step(self, token, cache, stats=None):
+        """token [B, 1] -> logits [B, V] at the cache's next position, tensors only, so kernels.DecodeStep can
+        compile it and capture it in a CUDA graph. The caller advances cache.length."""
+        h, ctx = self.embed(token, cache=cache, stats=stats, phase="decode")
+        return self.head(self.layers(h, ctx))[:, -1]
+
+    def head(self, h):
+        return self.lm_head(self.norm(h))
+
+    def modality(self, input_ids, phase):
+        vision = (input_ids == self.cfg.image_token_id) | (input_ids == self.cfg.video_token_id)
+        m = torch.where(torch.isin(input_ids, self.special_ids), SPECIAL, TEXT)
+        return torch.where(vision, VISION, m) if phase == "prefill" else m  # a generated vision pad is text
+
+    def new_cache(self, batch, max_len, device=None, dtype=None):
+        c, w = self.cfg, self.lm_head.weight
+        shape = (batch, c.num_key_value_heads, max_len, c.head_dim)
+        return KVCache(c.num_hidden_layers, shape, shape, max_len, device or w.device, dtype or w.dtype)
+
+    def encode_vision(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
+                      video_grid_thw=None):
+        """Run the vision tower -> (visual [B, S] bool, features [n, H], DeepStack features list of [n, H]), the
+        rows in sequence order of the image and video pads they replace."""
+        B, S = input_ids.shape
+        visual = torch.zeros(B, S, dtype=torch.bool, device=input_ids.device)
+        n_extra = len(self.cfg.vision.deepstack_visual_indexes)
+        full = input_ids.new_zeros(1 + n_extra, B, S, self.cfg.hidden_size, dtype=self.lm_head.weight.dtype)
+        for pix, grid, token in ((pixel_values, image_grid_thw, self.cfg.image_token_id),
+                                 (pixel_values_videos, video_grid_thw, self.cfg.video_token_id)):
+            if pix is None:
+                continue
+            pads = input_ids == token
+            main, extra = self.visual(pix, grid)
+            if main.shape[0] != int(pads.sum()):
+                raise ValueError(f"{int(pads.sum())} pad tokens (id {token}) for {main.shape[0]} visual features")
+            for j, feats in enumerate([main] + extra):
+                full[j][pads] = feats.to(full.dtype)
+            visual |= pads
+        main, *deepstack = full[:, visual]  # images and videos merged by position
+        return visual, main, deepstack
+
+    def rope_index(self, input_ids, valid, image_grid_thw, video_grid_thw):
+        """3-D positions [3, B, S] and each row's next position [B]. Text advances all three streams by one; a
+        block of visual pads with merged grid (gh, gw) gets (p, p + row, p + col), then p += max(gh, gw). Every
+        temporal group of a video is its own block. Padding is skipped (and gets position 0)."""
+        m = self.cfg.vision.spatial_merge_size
+        images = [] if image_grid_thw is None else image_grid_thw.tolist()
+        videos = [] if video_grid_thw is None else video_grid_thw.tolist()
+        grids = {self.cfg.image_token_id: iter(images),
+                 self.cfg.video_token_id: iter([g for t, h, w in videos for g in [(1, h, w)] * t])}
+        B, S = input_ids.shape
+        positions = torch.zeros(3, B, S, dtype=torch.long)
+        next_pos = torch.zeros(B, dtype=torch.long)
+        for b in range(B):
+            ids, keep = input_ids[b].tolist(), valid[b].tolist()
+            s, p = 0, 0
+            while s < S:
+                if not keep[s]:
+                    s += 1
+                elif ids[s] in grids:
+                    _, gh, gw = next(grids[ids[s]])
+                    gh, gw = gh // m, gw // m
+                    rows = torch.arange(gh).repeat_interleave(gw)
+                    cols = torch.arange(gw).repeat(gh)
+                    positions[:, b, s:s + gh * gw] = torch.stack([torch.zeros_like(rows), rows, cols]) + p
+                    s, p = s + gh * gw, p + max(gh, gw)
+                else:
+                    positions[:, b, s] = p
+                    s, p = s + 1, p + 1
+            next_pos[b] = p
+        return positions.to(input_ids.device), next_pos.to(input_ids.device)
+
+    def embed(self, input_ids, attention_mask=None, *, cache=None, stats=None, media=None, phase=None, **pixels):
+        """Token embeddings, the vision features in place of the pads, and the Context of this forward (3-D rotary
+        tables, mask, modality). A decode step (phase="decode") reads its positions from the cache's device
+        tensors, so it creates no host tensor."""
+        B, S = input_ids.shape
+        dev = input_ids.device
+        phase = phase or ("decode" if cache is not None and cache.length > 0 else "prefill")
+        valid = torch.ones(B, S, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
+        h = self.embed_tokens(input_ids)  # [B, S, H]
+        visual, deepstack = None, []
+        if phase == "prefill":
+            if media is None and any(pixels.get(k) is not None for k in ("pixel_values", "pixel_values_videos")):
+                media = self.encode_vision(input_ids, **pixels)
+            if media is not None:
+                visual, main, deepstack = media
+                h = h.masked_scatter(visual[..., None], main.to(h.dtype))  # the features replace the pads in order
+            positions, next_pos = self.rope_index(input_ids, valid, pixels.get("image_grid_thw"),
+                                                  pixels.get("video_grid_thw"))
+        else:
+            positions = (cache.next_pos[:, None] + torch.arange(S, device=dev)).expand(3, B, S)
+            next_pos = cache.next_pos + S
+        cos, sin = mrope_cos_sin(self.cfg, positions, h.dtype)
+        mask, cache_pos = cache_and_mask(phase, valid, cache, next_pos)
+        return h, Context(cos, sin, mask, self.modality(input_ids, phase), valid, phase, stats, cache, cache_pos,
+                          visual, deepstack)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Kimi-VL text decoder (DeepSeek-V3): MLA, router, MoE
 
 
-def rope_interleaved(x, cos, sin):
-    """Rotate the interleaved pairs (x0, x1), (x2, x3), ... of the last dim, pair i by angle pos * theta_i.
-
-    DeepSeek checkpoints store the rope dims as interleaved pairs, not split halves, so no weight permutation is
-    needed. The output keeps that layout; q and k agree, so the dot products are those of the reference.
-    x [..., r], cos/sin broadcastable to [..., r/2].
-    """
-    a, b = x.unflatten(-1, (-1, 2)).unbind(-1)  # [..., r/2] each
-    return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
-
-
-class MLACache:
-    """Static per-layer buffers written at index tensors, with KVCache's bookkeeping (key_valid, next_pos,
-    length). naive: k = per-head keys [L, B, h, S_max, d+r], v = values [L, B, h, S_max, d]. absorbed: k = the
-    normalised latent [L, B, S_max, c], v = the rotated shared rope key [L, B, S_max, r]; at full size 576
-    numbers per token and layer instead of 5120."""
-
-    def __init__(self, cfg, attn_impl, batch, max_len, device, dtype):
-        L, B, T, nh = cfg.num_hidden_layers, batch, max_len, cfg.num_attention_heads
-        if attn_impl == "naive":
-            k_shape, v_shape = (L, B, nh, T, cfg.qk_head_dim), (L, B, nh, T, cfg.v_head_dim)
-        else:
-            k_shape, v_shape = (L, B, T, cfg.kv_lora_rank), (L, B, T, cfg.qk_rope_head_dim)
-        self.k = torch.zeros(k_shape, device=device, dtype=dtype)
-        self.v = torch.zeros(v_shape, device=device, dtype=dtype)
-        self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
-        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)  # rope position of the next token
-        self.length = 0  # tokens written so far (host side, for the decode loop)
-        self.max_len = max_len
-
-    reset = KVCache.reset
-
-
 class MLA(nn.Module):
     """Multi-head latent attention with a full-rank q_proj (q_lora_rank null)."""
 
-    def __init__(self, cfg: KimiVLConfig, attn_impl="naive"):
+    def __init__(self, cfg: KimiVLConfig, layer_idx, attn_impl="naive"):
         super().__init__()
         if attn_impl not in ("naive", "absorbed"):
             raise ValueError(f"attn_impl {attn_impl!r}, expected 'naive' or 'absorbed'")
-        self.attn_impl = attn_impl
+        self.layer_idx, self.attn_impl = layer_idx, attn_impl
         self.nh, self.d, self.r, self.dv, self.c = (cfg.num_attention_heads, cfg.qk_nope_head_dim,
                                                     cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank)
         self.scale = cfg.qk_head_dim ** -0.5  # the full 192-d q/k head; no yarn, so no mscale
@@ -881,37 +856,41 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(self.c, self.nh * (self.d + self.dv), bias=False)  # per head: k_nope, v
         self.o_proj = nn.Linear(self.nh * self.dv, H, bias=False)
 
-    def forward(self, x, cos, sin, mask, kv, step=None, want_importance=False):
+    def latent(self, x, ctx):
         # b batch, s query pos, t key pos, h head, d nope / value head dim, r rope dim, c latent rank
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.nh, self.d + self.r)  # [b, s, h, d+r]
-        q_nope, q_rope = q.split([self.d, self.r], dim=-1)
-        q_rope = rope_interleaved(q_rope, cos[:, :, None], sin[:, :, None])
+        q_nope, q_rope = self.q_proj(x).view(B, S, self.nh, self.d + self.r).split([self.d, self.r], -1)
+        q_rope = rope_interleaved(q_rope, ctx.cos[:, :, None], ctx.sin[:, :, None])  # [b, s, h, r]
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.c, self.r], dim=-1)  # [b, s, c], [b, s, r]
-        latent = self.kv_a_layernorm(latent)
-        k_rope = rope_interleaved(k_rope, cos, sin)
-        if self.attn_impl == "absorbed" and kv is not None:
-            latent_cache, rope_cache, cache_pos = kv
-            latent_cache[:, cache_pos] = latent
-            rope_cache[:, cache_pos] = k_rope
-            latent, k_rope, kv = latent_cache, rope_cache, None  # [b, t, c], [b, t, r]
-            if S == 1:
-                return self.o_proj(self.absorbed(q_nope, q_rope, latent, k_rope, mask).reshape(B, S, -1)), None
-            # a multi-token call (prefill) is compute-bound: expand the cached latents to per-head K/V below
-        T = latent.shape[1]
+        return q_nope, q_rope, self.kv_a_layernorm(latent), rope_interleaved(k_rope, ctx.cos, ctx.sin)
+
+    def expand(self, q_nope, q_rope, latent, k_rope):
+        """Per-head q [b, h, s, d+r], k [b, h, t, d+r], v [b, h, t, d] from the latents."""
+        B, T, _ = latent.shape
         k_nope, v = self.kv_b_proj(latent).view(B, T, self.nh, self.d + self.dv).split([self.d, self.dv], -1)
         k = torch.cat([k_nope, k_rope[:, :, None].expand(-1, -1, self.nh, -1)], dim=-1)  # [b, t, h, d+r]
-        q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # [b, h, s, d+r]
-        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [b, h, t, d+r], [b, h, t, d]
-        # the softmax scale is 1/sqrt(d + r), the one token_importance uses
-        importance = token_importance(q, k, mask, x, step.valid) if want_importance else None
-        if kv is not None:
-            k_cache, v_cache, cache_pos = kv
-            k_cache[:, :, cache_pos] = k
-            v_cache[:, :, cache_pos] = v
-            k, v = k_cache, v_cache
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale).transpose(1, 2)
-        return self.o_proj(out.reshape(B, S, self.nh * self.dv)), importance  # heads concatenated
+        q = torch.cat([q_nope, q_rope], dim=-1)  # [b, s, h, d+r]
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(self, x, ctx):
+        B, S, _ = x.shape
+        q_nope, q_rope, latent, k_rope = self.latent(x, ctx)
+        cache, i = ctx.cache, self.layer_idx
+        if self.attn_impl == "absorbed" and cache is not None:
+            cache.k[i].index_copy_(1, ctx.cache_pos, latent)  # [b, t, c]
+            cache.v[i].index_copy_(1, ctx.cache_pos, k_rope)  # [b, t, r]
+            if ctx.phase == "decode":
+                out = self.absorbed(q_nope, q_rope, cache.k[i], cache.v[i], ctx.mask)  # [b, s, h, d]
+                return self.o_proj(out.reshape(B, S, self.nh * self.dv))
+            # a prefill is compute-bound: per-head K/V from the call's latents, as in naive
+        q, k, v = self.expand(q_nope, q_rope, latent, k_rope)
+        if self.attn_impl == "naive" and cache is not None:
+            cache.k[i].index_copy_(2, ctx.cache_pos, k)  # [b, h, t, d+r]
+            cache.v[i].index_copy_(2, ctx.cache_pos, v)  # [b, h, t, d]
+            if ctx.phase == "decode":
+                k, v = cache.k[i], cache.v[i]
+        out = attention(q, k, v, ctx.mask, self.scale)  # [b, h, s, d]
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, self.nh * self.dv))  # heads concatenated
 
     def absorbed(self, q_nope, q_rope, latent, k_rope, mask):
         """Decode in the latent space. kv_b_proj holds per head W_UK [d, c] and W_UV [d, c]: k_nope = W_UK c and
@@ -926,10 +905,15 @@ class MLA(nn.Module):
         probs = scores.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.float32).to(q_nope.dtype)
         return torch.einsum("bhsc,hdc->bshd", torch.einsum("bhst,btc->bhsc", probs, latent), w_uv)
 
+    def project(self, x, ctx):
+        """Per-head q, k, v of the call's tokens, as the naive path builds them."""
+        return self.expand(*self.latent(x, ctx))
+
 
 class KimiGate(nn.Module):
-    """Sigmoid scores in fp32. noaux_tc: the correction bias is added only to choose the experts (group-limited
-    top-k); the weights are the unbiased scores of the chosen experts, renormalised, times routed_scaling_factor."""
+    """Sigmoid scores in fp32. noaux_tc: the correction bias (kept in fp32) is added only to choose the experts
+    (group-limited top-k); the weights are the unbiased scores of the chosen experts, renormalised, times
+    routed_scaling_factor."""
 
     def __init__(self, cfg: KimiVLConfig):
         super().__init__()
@@ -966,29 +950,26 @@ class KimiMoE(nn.Module):
         self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         self.shared_experts = SwiGLU(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size)
         self.layer_idx = layer_idx
-        self.policy = None  # a router.py skip policy, installed by router.install
-        self.impl = "ref"
+        self.policy = None  # a router.py skip policy, set by router.install
+        self.impl = "ref"  # routed-expert compute, set by set_expert_impl
 
-    def forward(self, x, step, importance=None):
+    def forward(self, x, ctx):
         B, S, H = x.shape
         x = x.view(B * S, H)  # [T, H]
-        return (routed_experts(self, x, self.gate(x), step, importance) + self.shared_experts(x)).view(B, S, H)
+        return (routed(self, x, self.gate(x), ctx) + self.shared_experts(x)).view(B, S, H)
 
 
 class KimiDecoderLayer(nn.Module):
     def __init__(self, cfg: KimiVLConfig, i, attn_impl):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLA(cfg, attn_impl)
+        self.self_attn = MLA(cfg, i, attn_impl)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = KimiMoE(cfg, i) if cfg.is_moe_layer(i) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, h, cos, sin, mask, kv, step):
-        # MC-MoE ranks prefill tokens by the attention they receive in this layer
-        want = step.phase == "prefill" and getattr(getattr(self.mlp, "policy", None), "wants_importance", False)
-        a, importance = self.self_attn(self.input_layernorm(h), cos, sin, mask, kv, step, want)
-        h = h + a
-        return h + self.mlp(self.post_attention_layernorm(h), step, importance)
+    def forward(self, h, ctx):
+        h = h + self.self_attn(self.input_layernorm(h), ctx)
+        return h + self.mlp(self.post_attention_layernorm(h), ctx)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1010,8 +991,8 @@ class MoonViTPosEmb(nn.Module):
                 pos = self.weight
             else:
                 pos = F.interpolate(self.weight.permute(2, 0, 1)[None], size=(h, w), mode="bicubic",
-                                    align_corners=False)[0].permute(1, 2, 0)     # [h, w, C]
-            out.append(pos.flatten(0, 1))                                         # [h*w, C], row-major
+                                    align_corners=False)[0].permute(1, 2, 0)  # [h, w, C]
+            out.append(pos.flatten(0, 1))  # [h*w, C], row-major
         return torch.cat(out)
 
 
@@ -1024,15 +1005,18 @@ class MoonViTPatchEmbed(nn.Module):
 
     def forward(self, pixel_values, grid_hws: list):
         L = pixel_values.shape[0]
-        x = self.proj(pixel_values).view(L, -1)                                   # [L, C]
+        x = self.proj(pixel_values).view(L, -1)  # [L, C]
         return x + self.pos_emb(grid_hws).to(x.dtype)
 
 
-def apply_rope_2d(x, cos, sin):
-    """x [L, h, D]; rotate the D/2 (real, imag) pairs in fp32; cos/sin [L, D/2] (per-pair angles)."""
-    a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)                            # [L, h, D/2] each
-    cos, sin = cos[:, None], sin[:, None]
-    return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).to(x.dtype)
+class MoonViTMLP(nn.Module):
+    def __init__(self, cfg: KimiVLConfig):
+        super().__init__()
+        self.fc0 = nn.Linear(cfg.vision_hidden_size, cfg.vision_intermediate_size)
+        self.fc1 = nn.Linear(cfg.vision_intermediate_size, cfg.vision_hidden_size)
+
+    def forward(self, x):
+        return self.fc1(F.gelu(self.fc0(x), approximate="tanh"))
 
 
 class MoonViTBlock(nn.Module):
@@ -1041,28 +1025,20 @@ class MoonViTBlock(nn.Module):
         C, eps = cfg.vision_hidden_size, cfg.vision_norm_eps
         self.n_heads = cfg.vision_num_attention_heads
         self.norm0 = nn.LayerNorm(C, eps=eps)
-        self.wqkv = nn.Linear(C, 3 * C)                                           # rows: all q | all k | all v
+        self.wqkv = nn.Linear(C, 3 * C)  # rows: all q | all k | all v
         self.wo = nn.Linear(C, C)
         self.norm1 = nn.LayerNorm(C, eps=eps)
-        self.mlp = nn.ModuleDict(dict(fc0=nn.Linear(C, cfg.vision_intermediate_size),
-                                      fc1=nn.Linear(cfg.vision_intermediate_size, C)))
+        self.mlp = MoonViTMLP(cfg)
 
-    def forward(self, x, cos, sin, seqlens: list):
+    def forward(self, x, cos, sin, lengths: list):
         # L patches of all images, h heads, D head dim
         L, C = x.shape
         q, k, v = self.wqkv(self.norm0(x)).view(L, 3, self.n_heads, -1).unbind(1)  # [L, h, D] each
-        q, k = apply_rope_2d(q, cos, sin), apply_rope_2d(k, cos, sin)
-        # block-diagonal attention: each image attends only to its own patches (the remote eager path's
-        # additive boolean mask leaks across images; flash varlen, which everyone runs, does not)
-        out = torch.empty_like(q)
-        start = 0
-        for n in seqlens:
-            s = slice(start, start + n)
-            out[s] = F.scaled_dot_product_attention(q[s].transpose(0, 1), k[s].transpose(0, 1),
-                                                    v[s].transpose(0, 1)).transpose(0, 1)  # [n, h, D]
-            start += n
-        x = x + self.wo(out.reshape(L, C))
-        return x + self.mlp.fc1(F.gelu(self.mlp.fc0(self.norm1(x)), approximate="tanh"))
+        # 2-D rotary in fp32; block-diagonal attention: each image attends only to its own patches (the remote
+        # eager path's additive boolean mask leaks across images; flash varlen, which everyone runs, does not)
+        q, k = (rope_interleaved(t.float(), cos[:, None], sin[:, None]).to(x.dtype) for t in (q, k))
+        x = x + self.wo(block_diagonal_attention(q, k, v, lengths).reshape(L, C))
+        return x + self.mlp(self.norm1(x))
 
 
 class MoonViT(nn.Module):
@@ -1070,9 +1046,8 @@ class MoonViT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.patch_embed = MoonViTPatchEmbed(cfg)
-        self.encoder = nn.ModuleDict(dict(
-            blocks=nn.ModuleList(MoonViTBlock(cfg) for _ in range(cfg.vision_num_hidden_layers)),
-            final_layernorm=nn.LayerNorm(cfg.vision_hidden_size, eps=cfg.vision_norm_eps)))
+        self.blocks = nn.ModuleList(MoonViTBlock(cfg) for _ in range(cfg.vision_num_hidden_layers))
+        self.final_layernorm = nn.LayerNorm(cfg.vision_hidden_size, eps=cfg.vision_norm_eps)
 
     def rope_angles(self, grid_hws: list, device):
         """cos, sin [L, D/2] of the 2-D rotary: pair 2i turns by col * f_i and pair 2i+1 by row * f_i, with
@@ -1094,14 +1069,14 @@ class MoonViT(nn.Module):
         kh, kw = self.cfg.merge_kernel_size
         x = self.patch_embed(pixel_values.to(self.patch_embed.proj.weight.dtype), grids)
         cos, sin = self.rope_angles(grids, x.device)
-        seqlens = [h * w for h, w in grids]
-        for block in self.encoder.blocks:
-            x = block(x, cos, sin, seqlens)
-        x = self.encoder.final_layernorm(x)
+        lengths = [h * w for h, w in grids]
+        for block in self.blocks:
+            x = block(x, cos, sin, lengths)
+        x = self.final_layernorm(x)
         merged = []
-        for xi, (h, w) in zip(x.split(seqlens), grids):
-            xi = xi.view(h // kh, kh, w // kw, kw, -1).permute(0, 2, 1, 3, 4)     # [h/2, w/2, 2, 2, C]
-            merged.append(xi.reshape((h // kh) * (w // kw), kh * kw, -1))         # [h*w/4, 4, C]; tl, tr, bl, br
+        for xi, (h, w) in zip(x.split(lengths), grids):
+            xi = xi.view(h // kh, kh, w // kw, kw, -1).permute(0, 2, 1, 3, 4)  # [h/2, w/2, 2, 2, C]
+            merged.append(xi.reshape((h // kh) * (w // kw), kh * kw, -1))  # [h*w/4, 4, C]; tl, tr, bl, br
         return torch.cat(merged)
 
 
@@ -1110,77 +1085,75 @@ class KimiProjector(nn.Module):
         super().__init__()
         C = cfg.vision_hidden_size
         n = C * cfg.merge_kernel_size[0] * cfg.merge_kernel_size[1]
-        self.pre_norm = nn.LayerNorm(C, eps=cfg.vision_norm_eps)                 # per sub-patch, not over 4C
+        self.pre_norm = nn.LayerNorm(C, eps=cfg.vision_norm_eps)  # per sub-patch, not over 4C
         self.linear_1 = nn.Linear(n, n)
         self.linear_2 = nn.Linear(n, cfg.hidden_size)
 
     def forward(self, x):
-        x = self.pre_norm(x).flatten(1)                                           # [M, 4C], sub-patch major
-        return self.linear_2(F.gelu(self.linear_1(x)))                            # exact erf GELU
+        x = self.pre_norm(x).flatten(1)  # [M, 4C], sub-patch major
+        return self.linear_2(F.gelu(self.linear_1(x)))  # exact erf GELU
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Kimi-VL whole model
 
 
-@dataclass
-class KimiState:
-    """Everything the decoder layers need besides the hidden states; built once per forward by `embed`."""
-    cos: torch.Tensor  # [B, S, r/2]
-    sin: torch.Tensor
-    mask: torch.Tensor  # [B, 1, S, S_kv] bool
-    step: Step
-    cache: MLACache = None
-    cache_pos: torch.Tensor = None
-
-
 class KimiVL(nn.Module):
+    CHECKPOINT_PREFIXES = {"vision_tower.patch_embed.": "visual.patch_embed.",
+                           "vision_tower.encoder.blocks.": "visual.blocks.",
+                           "vision_tower.encoder.final_layernorm.": "visual.final_layernorm.",
+                           "multi_modal_projector.": "projector.",
+                           "language_model.model.embed_tokens.": "embed_tokens.",
+                           "language_model.model.layers.": "layers.", "language_model.model.norm.": "norm.",
+                           "language_model.lm_head.": "lm_head."}
+    FP32_PARAMETERS = ("e_score_correction_bias",)  # transformers keeps it fp32: near-tie expert choices
+
     def __init__(self, cfg: KimiVLConfig, attn_impl="absorbed"):
         super().__init__()
         self.cfg = cfg
         self.attn_impl = attn_impl
-        self.vision_tower = MoonViT(cfg)
-        self.multi_modal_projector = KimiProjector(cfg)
-        lm = nn.Module()
-        lm.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        lm.layers = nn.ModuleList(KimiDecoderLayer(cfg, i, attn_impl) for i in range(cfg.num_hidden_layers))
-        lm.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.language_model = nn.ModuleDict(dict(model=lm, lm_head=nn.Linear(cfg.hidden_size, cfg.vocab_size,
-                                                                             bias=False)))
-        self.tie_weights()
+        self.visual = MoonViT(cfg)
+        self.projector = KimiProjector(cfg)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = DecoderLayers(KimiDecoderLayer(cfg, i, attn_impl) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        tie_weights(self)
         # ids of the special tokens (SPECIAL modality), set by the loader from the tokenizer files
         self.register_buffer("special_ids", torch.zeros(0, dtype=torch.long), persistent=False)
 
-    def tie_weights(self):
-        """Share the embedding with lm_head when the config says so; again after to_empty, which unties them."""
-        if self.cfg.tie_word_embeddings:
-            self.language_model.lm_head.weight = self.language_model.model.embed_tokens.weight
+    def forward(self, input_ids, attention_mask=None, *, cache=None, stats=None, media=None, last_only=False,
+                **pixels):
+        """input_ids [B, S] (left padding marked 0 in attention_mask) -> fp32 logits [B, S, V] ([B, 1, V] with
+        last_only). pixels: pixel_values, image_grid_hws as the processor returns them; media: their
+        encode_vision output, if computed beforehand. With a cache the tokens are appended to it."""
+        h, ctx = self.embed(input_ids, attention_mask, cache=cache, stats=stats, media=media, **pixels)
+        h = self.layers(h, ctx)
+        if cache is not None:
+            cache.length += input_ids.shape[1]
+        return self.head(h[:, -1:] if last_only else h)
 
-    def head_weight(self):
-        return self.language_model.lm_head.weight
+    def decode_step(self, token, cache, stats=None):
+        """token [B, 1] -> logits [B, V] at the cache's next position, tensors only (see Qwen3VLMoe)."""
+        h, ctx = self.embed(token, cache=cache, stats=stats, phase="decode")
+        return self.head(self.layers(h, ctx))[:, -1]
 
-    def checkpoint_names(self):
-        """checkpoint tensor name -> (parameter name, index into it): the names coincide except the experts."""
-        names = {n: (n, None) for n, _ in self.named_parameters(remove_duplicate=False)}
-        for n, p, index in kimi_checkpoint_slots(self.cfg):
-            names.pop(p, None)  # the stacked parameter is filled slot by slot instead
-            names[n] = (p, index)
-        if self.cfg.tie_word_embeddings:
-            del names["language_model.lm_head.weight"]
-        return names
+    def head(self, h):
+        return self.lm_head(self.norm(h)).float()  # the remote code returns fp32 logits
 
     def modality(self, input_ids, phase):
         media = input_ids == self.cfg.media_placeholder_token_id
-        special = torch.isin(input_ids, self.special_ids)
-        m = torch.full_like(input_ids, TEXT)
-        m[special & ~media] = SPECIAL
-        if phase == "prefill":  # a generated media placeholder is text
-            m[media] = VISION
-        return m
+        m = torch.where(torch.isin(input_ids, self.special_ids) & ~media, SPECIAL, TEXT)
+        return torch.where(media, VISION, m) if phase == "prefill" else m  # a generated placeholder is text
 
     def new_cache(self, batch, max_len, device=None, dtype=None):
-        w = self.language_model.lm_head.weight
-        return MLACache(self.cfg, self.attn_impl, batch, max_len, device or w.device, dtype or w.dtype)
+        c, w = self.cfg, self.lm_head.weight
+        if self.attn_impl == "naive":  # per-head keys and values
+            k, v = (batch, c.num_attention_heads, max_len, c.qk_head_dim), (batch, c.num_attention_heads, max_len,
+                                                                               c.v_head_dim)
+        else:  # the normalised latent and the rotated shared rope key: 576 numbers per token instead of 5120
+            k, v = (batch, max_len, c.kv_lora_rank), (batch, max_len, c.qk_rope_head_dim)
+        return KVCache(c.num_hidden_layers, k, v, max_len, device or w.device, dtype or w.dtype)
 
     def encode_vision(self, input_ids, pixel_values=None, image_grid_hws=None):
         """Run MoonViT and the projector -> (media [B, S] bool, features [n, H]), the rows in sequence order of
@@ -1196,67 +1169,37 @@ class KimiVL(nn.Module):
             raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}, image_grid_hws needs "
                              f"{(L, 3, p, p)}")
         media = input_ids == cfg.media_placeholder_token_id
-        feats = self.multi_modal_projector(self.vision_tower(pixel_values, image_grid_hws))  # [n, H]
+        feats = self.projector(self.visual(pixel_values, image_grid_hws))  # [n, H]
         if feats.shape[0] != int(media.sum()):
             raise ValueError(f"{int(media.sum())} media placeholder tokens (id {cfg.media_placeholder_token_id}) "
                              f"for {feats.shape[0]} image features")
         return media, feats
 
-    def embed(self, input_ids, attention_mask=None, *, cache=None, cache_pos=None, phase=None, stats=None,
-              media=None, **pixels):
-        """Token embeddings with the image features (`media` from encode_vision, computed here when pixels are
-        given instead) in place of the placeholders, positions, mask: the state of the first layer. With a
-        cache, the tokens go to cache indices cache_pos [S]; a decode step reads its positions from the cache."""
+    def embed(self, input_ids, attention_mask=None, *, cache=None, stats=None, media=None, phase=None, **pixels):
+        """Token embeddings, the image features in place of the placeholders, and the Context of this forward.
+        Plain 1-D positions (no M-RoPE) that count only real tokens, so a left-padded row starts at 0."""
         B, S = input_ids.shape
         dev = input_ids.device
-        valid = torch.ones(B, S, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
         phase = phase or ("decode" if cache is not None and cache.length > 0 else "prefill")
-        step = Step(self.modality(input_ids, phase), valid, phase, stats)
-        h = self.language_model.model.embed_tokens(input_ids)  # [B, S, H]
-        if media is None and pixels.get("pixel_values") is not None:
-            media = self.encode_vision(input_ids, **pixels)
-        if media is not None and phase == "prefill":
-            where, feats = media
-            h = h.masked_scatter(where[..., None], feats.to(h.dtype))  # replaces the placeholders in order
-        # plain 1-D positions (no M-RoPE) that count only real tokens, so a left-padded row starts at 0
-        if phase == "decode":
+        valid = torch.ones(B, S, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
+        h = self.embed_tokens(input_ids)  # [B, S, H]
+        if phase == "prefill":
+            if media is None and pixels.get("pixel_values") is not None:
+                media = self.encode_vision(input_ids, **pixels)
+            if media is not None:
+                where, feats = media
+                h = h.masked_scatter(where[..., None], feats.to(h.dtype))  # replaces the placeholders in order
+            positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # [B, S]
+            next_pos = valid.long().sum(-1)
+        else:
             positions = cache.next_pos[:, None] + torch.arange(S, device=dev)  # [B, S]
-            cache.next_pos += S
-        else:
-            positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-        if cache is None:
-            cache_pos = torch.arange(S, device=dev)
-            mask = causal_mask(cache_pos, valid)
-        else:
-            if phase == "prefill":
-                cache.next_pos.copy_(valid.long().sum(-1))
-            cache.key_valid[:, cache_pos] = valid
-            mask = causal_mask(cache_pos, cache.key_valid)
+            next_pos = cache.next_pos + S
         r = self.cfg.qk_rope_head_dim
         inv_freq = 1.0 / self.cfg.rope_theta ** (torch.arange(0, r, 2, device=dev).float() / r)  # [r/2]
-        angles = positions[..., None].float() * inv_freq  # [B, S, r/2], fp32 like the reference
-        cos, sin = angles.cos().to(h.dtype), angles.sin().to(h.dtype)  # then cast, as the reference does
-        return h, KimiState(cos, sin, mask, step, cache, cache_pos)
-
-    @property
-    def layers(self):
-        return self.language_model.model.layers
-
-    def layer(self, i, h, state: KimiState):
-        kv = None if state.cache is None else (state.cache.k[i], state.cache.v[i], state.cache_pos)
-        return self.language_model.model.layers[i](h, state.cos, state.sin, state.mask, kv, state.step)
-
-    def head(self, h):
-        # the remote code returns fp32 logits
-        return self.language_model.lm_head(self.language_model.model.norm(h)).float()
-
-    def forward(self, input_ids, attention_mask=None, *, cache=None, stats=None, media=None, last_only=False,
-                **pixels):
-        """pixels: pixel_values, image_grid_hws, as the processor returns them."""
-        return run_decoder(self, input_ids, attention_mask, cache, stats, media, last_only, pixels)
-
-    def decode_step(self, token, cache, cache_pos, stats=None):
-        return decode_step(self, token, cache, cache_pos, stats)
+        angles = positions[..., None].float() * inv_freq  # [B, S, r/2], fp32 like the reference, then cast
+        mask, cache_pos = cache_and_mask(phase, valid, cache, next_pos)
+        return h, Context(angles.cos().to(h.dtype), angles.sin().to(h.dtype), mask, self.modality(input_ids, phase),
+                          valid, phase, stats, cache, cache_pos)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1267,18 +1210,39 @@ CONFIGS = {"qwen3_vl_moe": QwenConfig, "kimi_vl": KimiVLConfig}
 MODELS = {QwenConfig: Qwen3VLMoe, KimiVLConfig: KimiVL}
 
 
-def read_special_ids(path, cfg):
-    """Ids of the tokens marked special in the tokenizer files, minus the vision pads (they are VISION tokens)."""
-    ids = set()
-    tok, tok_cfg = os.path.join(path, "tokenizer.json"), os.path.join(path, "tokenizer_config.json")
-    if os.path.isfile(tok):
-        with open(tok) as f:
-            ids |= {t["id"] for t in json.load(f).get("added_tokens", []) if t.get("special")}
-    elif os.path.isfile(tok_cfg):
-        with open(tok_cfg) as f:
-            added = json.load(f).get("added_tokens_decoder", {})
-        ids |= {int(i) for i, t in added.items() if t.get("special")}
-    return tuple(sorted(ids - {cfg.image_token_id, cfg.video_token_id}))
+def build(cfg, device="cpu", dtype=torch.bfloat16):
+    """The model of `cfg` with uninitialised weights on `device`: built on the meta device, then allocated once."""
+    with torch.device("meta"):
+        model = MODELS[type(cfg)](cfg)
+    model.to(dtype)
+    for name, p in model.named_parameters():
+        if name.endswith(model.FP32_PARAMETERS):
+            p.data = p.data.float()
+    model.to_empty(device=device)
+    tie_weights(model)
+    return model
+
+
+def checkpoint_names(model):
+    """checkpoint tensor name -> (our parameter name, index into it or None) for every tensor the model reads.
+    Names are renamed by the model's prefix table; Kimi's per-expert tensors fill slices of stacked parameters."""
+    ours_to_checkpoint = {ours: theirs for theirs, ours in model.CHECKPOINT_PREFIXES.items()}
+    names = {}
+    for pname, _ in model.named_parameters():  # a tied lm_head is listed once, as the embedding
+        prefix = next(p for p in ours_to_checkpoint if pname.startswith(p))
+        names[ours_to_checkpoint[prefix] + pname[len(prefix):]] = (pname, None)
+    if isinstance(model, KimiVL):
+        # the checkpoint stores experts.{e}.{gate,up,down}_proj.weight; we hold one stacked gate_up_proj [E, 2I, H]
+        # (gate rows, then up rows) and down_proj [E, H, I] per layer
+        cfg, I = model.cfg, model.cfg.moe_intermediate_size
+        for i in filter(cfg.is_moe_layer, range(cfg.num_hidden_layers)):
+            ours, theirs = f"layers.{i}.mlp.experts", f"language_model.model.layers.{i}.mlp.experts"
+            del names[f"{theirs}.gate_up_proj"], names[f"{theirs}.down_proj"]
+            for e in range(cfg.n_routed_experts):
+                names[f"{theirs}.{e}.gate_proj.weight"] = (f"{ours}.gate_up_proj", (e, slice(0, I)))
+                names[f"{theirs}.{e}.up_proj.weight"] = (f"{ours}.gate_up_proj", (e, slice(I, 2 * I)))
+                names[f"{theirs}.{e}.down_proj.weight"] = (f"{ours}.down_proj", (e,))
+    return names
 
 
 def checkpoint_files(path):
@@ -1286,18 +1250,20 @@ def checkpoint_files(path):
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         try:
-            with open(index) as f:
+            with open(index, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+            files = {n: os.path.join(path, f) for n, f in weight_map.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
-        missing = sorted({f for f in weight_map.values() if not os.path.isfile(os.path.join(path, f))})
+        missing = sorted({os.path.basename(f) for f in files.values() if not os.path.isfile(f)})
         if missing:
             raise FileNotFoundError(f"{index}: {len(missing)} shard(s) listed but missing: {', '.join(missing)}")
-        return {n: os.path.join(path, f) for n, f in weight_map.items()}
+        return files
     single = os.path.join(path, "model.safetensors")
     if not os.path.isfile(single):
         raise FileNotFoundError(f"{path}: no model.safetensors.index.json or model.safetensors")
-    return {n: single for n in safetensors_keys(single)}
+    with open_safetensors(single) as f:
+        return {n: single for n in f.keys()}
 
 
 def open_safetensors(file):
@@ -1312,44 +1278,39 @@ def open_safetensors(file):
         raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
 
 
-def safetensors_keys(file):
-    with open_safetensors(file) as f:
-        return list(f.keys())
+def expert_layout(stored, wanted):
+    """Whether the checkpoint stores the stacked experts as x @ W (the hub: gate_up [E, H, 2I], down [E, I, H])
+    rather than in nn.Linear orientation (transformers 5 re-saves: [E, 2I, H], [E, H, I]): True, False, or a
+    problem string. Decided only by tensors whose two layouts differ in shape (down_proj unless I == H,
+    gate_up_proj unless H == 2I), never guessed. stored / wanted: {checkpoint name: shape} of those tensors."""
+    votes = set()
+    for name, shape in stored.items():
+        plain, transposed = wanted[name], wanted[name][:1] + wanted[name][1:][::-1]
+        if plain != transposed and shape in (plain, transposed):
+            votes.add(shape == transposed)
+    if len(votes) == 1:
+        return votes.pop()
+    return "mixes both expert layouts" if votes else "the stacked experts' layout is ambiguous"
 
 
-def copy_chunked(src, target, shape, transpose, chunk_bytes=16 << 20):
-    """target <- src (a safetensors slice) in pieces of at most chunk_bytes along the first axis, so the host
-    never holds more than one piece beside the parameters."""
+def copy_chunked(src, target, transpose, chunk_bytes=16 << 20):
+    """target <- src (a safetensors slice, transposed in its last two axes if asked) in pieces along its first
+    axis, so the host never holds more than one piece beside the parameters."""
+    shape = src.get_shape()
     if not shape:
         target.copy_(src[...])
         return
-    row_bytes = max(1, math.prod(shape[1:]) * target.element_size())
-    step = max(1, chunk_bytes // row_bytes)
+    step = max(1, chunk_bytes // max(1, math.prod(shape[1:]) * target.element_size()))
     for a in range(0, shape[0], step):
         piece = src[a:a + step]
-        if transpose:
-            piece = piece.transpose(-2, -1)
-        (target[:, a:a + step] if transpose and len(shape) == 2 else target[a:a + step]).copy_(piece)
-
-
-def load(path, device="cpu", dtype=torch.bfloat16):
-    """The model of checkpoint folder `path` with its weights on `device` in `dtype`, strictly checked."""
-    cfg = read_config(path)
-    with torch.device("meta"):
-        model = MODELS[type(cfg)](cfg)
-    model.to(dtype).to_empty(device=device)  # the only allocation of the weights
-    model.special_ids = torch.tensor(read_special_ids(path, cfg), dtype=torch.long, device=device)
-    model.tie_weights()  # to_empty unties shared parameters
-    fill_from_checkpoint(model, path)
-    return model.eval().requires_grad_(False)
+        target[a:a + step].copy_(piece.transpose(-2, -1) if transpose else piece)
 
 
 def fill_from_checkpoint(model, path):
-    """Copy every checkpoint tensor into its parameter slice, reading one tensor (or one expert) at a time.
-    A stored [.., a, b] tensor whose parameter slot is [.., b, a] is transposed: the hub stores experts as
-    x @ W ([E, H, 2I]), transformers 5 re-saves them as [E, 2I, H]; H != 2I, so the shape decides."""
+    """Copy every checkpoint tensor into its parameter (slice), one tensor (or one expert) at a time, after
+    checking every name and shape; all problems are reported together."""
     files = checkpoint_files(path)
-    wanted = model.checkpoint_names()
+    wanted = checkpoint_names(model)
     params = dict(model.named_parameters())
     problems = [f"missing tensor {n}" for n in sorted(set(wanted) - set(files))]
     problems += [f"unexpected tensor {n} in {os.path.basename(files[n])}" for n in sorted(set(files) - set(wanted))]
@@ -1357,27 +1318,58 @@ def fill_from_checkpoint(model, path):
     for name in wanted:
         if name in files:
             by_file.setdefault(files[name], []).append(name)
+    shapes = {}
+    for file, names in by_file.items():
+        with open_safetensors(file) as f:
+            shapes.update({n: tuple(f.get_slice(n).get_shape()) for n in names})
+    target_shape = {n: tuple(params[p][i].shape if i is not None else params[p].shape) for n, (p, i) in wanted.items()}
+    stacked = {n: s for n, s in shapes.items() if n.endswith(("experts.gate_up_proj", "experts.down_proj"))}
+    transpose = expert_layout(stacked, target_shape) if stacked else False
+    if isinstance(transpose, str):
+        problems.append(f"{transpose} ({len(stacked)} stacked expert tensors)")
+    for name, shape in shapes.items():
+        want = target_shape[name]
+        if name in stacked and transpose is True:
+            want = want[:1] + want[1:][::-1]
+        if shape != want:
+            problems.append(f"{name}: expected shape {want}, found {shape} in {os.path.basename(files[name])}")
+    if problems:
+        raise ValueError(f"{path}: {len(problems)} checkpoint problem(s): " + "; ".join(problems))
     for file, names in by_file.items():
         with open_safetensors(file) as f:
             for name in names:
                 pname, index = wanted[name]
                 target = params[pname].data if index is None else params[pname].data[index]
-                src = f.get_slice(name)
-                shape = tuple(src.get_shape())
-                if shape == tuple(target.shape):
-                    transpose = False
-                elif len(shape) >= 2 and shape[:-2] + shape[-2:][::-1] == tuple(target.shape):
-                    transpose = True
-                else:
-                    problems.append(f"{name}: expected shape {tuple(target.shape)}, found {shape} "
-                                    f"in {os.path.basename(file)}")
-                    continue
                 try:
-                    copy_chunked(src, target, shape, transpose)
-                except Exception as e:
-                    problems.append(f"{name}: unreadable in {os.path.basename(file)} ({e})")
-    if problems:
-        raise ValueError(f"{path}: {len(problems)} checkpoint problem(s): " + "; ".join(problems))
+                    copy_chunked(f.get_slice(name), target, name in stacked and transpose)
+                except Exception as e:  # a shard cut short after its header, say
+                    raise ValueError(f"{file}: tensor {name} is unreadable ({e})") from None
+
+
+def load(path, device="cpu", dtype=torch.bfloat16):
+    """The model of checkpoint folder `path` with its weights on `device` in `dtype`, strictly checked."""
+    cfg = read_config(path)
+    model = build(cfg, device, dtype)
+    special = set(processor.special_token_ids(path)) - set(cfg.media_token_ids)  # media pads are VISION tokens
+    model.special_ids = torch.tensor(sorted(special), dtype=torch.long, device=device)
+    fill_from_checkpoint(model, path)
+    return model.eval().requires_grad_(False)
+
+
+def save_checkpoint(model, raw_config, path, dtype=torch.bfloat16):
+    """Write `model` into folder `path` as a Hugging Face checkpoint (config.json + model.safetensors), in the
+    hub's dialect: stacked experts as x @ W ([E, H, 2I]); the FP32_PARAMETERS stay fp32."""
+    from safetensors.torch import save_file
+    params = dict(model.named_parameters())
+    tensors = {}
+    for name, (pname, index) in checkpoint_names(model).items():
+        t = params[pname].data if index is None else params[pname].data[index]
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            t = t.transpose(1, 2)
+        tensors[name] = t.to(torch.float32 if pname.endswith(model.FP32_PARAMETERS) else dtype).contiguous()
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(raw_config, f, indent=2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1385,61 +1377,32 @@ def fill_from_checkpoint(model, path):
 
 
 def set_expert_impl(model, impl):
-    """Route every MoE layer's expert compute through `impl`: "ref" (the loop above) or a kernels.py path."""
-    for layer in model.layers:
-        if hasattr(layer.mlp, "impl"):
+    """Route every MoE layer's expert compute through `impl` (EXPERT_IMPLS), checked once here."""
+    if impl not in EXPERT_IMPLS:
+        raise ValueError(f"--expert-impl {impl!r}: choose one of {', '.join(EXPERT_IMPLS)}")
+    if impl not in ("auto", "ref"):
+        kernels.check_path(impl, model.lm_head.weight.device)
+    for i, layer in enumerate(model.layers):
+        if model.cfg.is_moe_layer(i):
             layer.mlp.impl = impl
     return model
 
 
-def decode_step_fn(model, cache, *, compile=False, cuda_graph=False, stats=None):
-    """step(token [B, 1], cache_pos [1]) -> logits [B, V] for `cache`. compile: torch.compile with fullgraph, so a
-    graph break is an error; cuda_graph: capture the compiled step once and replay it (the cache tensors are
-    written in place, so their addresses stay fixed as a graph requires)."""
-    def step(token, cache_pos):
-        return model.decode_step(token, cache, cache_pos, stats)
-    if compile:
-        step = torch.compile(step, fullgraph=True, dynamic=False)
-    if not cuda_graph:
-        return step
-    B = cache.k.shape[1]
-    static_token = torch.zeros(B, 1, dtype=torch.long, device=cache.k.device)
-    # warm-up writes at the last cache index, which a decode that fits the cache never reaches
-    static_pos = torch.full((1,), cache.max_len - 1, dtype=torch.long, device=cache.k.device)
-    if stats is not None:
-        stats.counts = stats.counts.to(cache.k.device)  # its final address, before the graph records it
-    written = [cache.next_pos, cache.key_valid] + ([] if stats is None else [stats.counts])
-    saved = [t.clone() for t in written]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up runs (compilation, autotuning) outside the capture
-        for _ in range(2):
-            step(static_token, static_pos)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_logits = step(static_token, static_pos)
-    # undo what the warm-up wrote, in place: the graph holds these addresses
-    for t, old in zip(written, saved):
-        t.copy_(old)
-
-    def replay(token, cache_pos):
-        static_token.copy_(token)
-        static_pos.copy_(cache_pos)
-        graph.replay()
-        return static_logits
-    return replay
-
-
 @torch.no_grad()
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens=32, stop_ids=(), stats=None, compile=False,
-             cuda_graph=False, **pixels):
+             **pixels):
     """Greedy decoding with the KV cache. input_ids [B, S] (left padded) -> new token ids [B, n]; a row that hit
-    a stop id keeps emitting it."""
+    a stop id keeps emitting it. compile: decode steps through kernels.DecodeStep (torch.compile, and a CUDA graph
+    on a GPU) instead of eagerly."""
     B, S = input_ids.shape
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if S + max_new_tokens > model.cfg.max_position_embeddings:
+        raise ValueError(f"{S} prompt tokens + {max_new_tokens} new tokens exceed the model's "
+                         f"max_position_embeddings {model.cfg.max_position_embeddings}")
     cache = model.new_cache(B, S + max_new_tokens)
     logits = model(input_ids, attention_mask, cache=cache, stats=stats, last_only=True, **pixels)[:, -1]
-    step = decode_step_fn(model, cache, compile=compile, cuda_graph=cuda_graph, stats=stats)
+    step = kernels.DecodeStep(model, cache, stats) if compile else (lambda t: model.decode_step(t, cache, stats))
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=input_ids.device)
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     out = []
@@ -1450,154 +1413,9 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=32, stop_i
         done |= torch.isin(token, stop)
         if bool(done.all()) or i == max_new_tokens - 1:
             break
-        logits = step(token[:, None], torch.tensor([cache.length], device=input_ids.device))
+        logits = step(token[:, None])
         cache.length += 1
     return torch.stack(out, 1)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The embedded default: a tiny deterministic checkpoint in the exact Hugging Face layout, made on first use
-
-
-def tiny_qwen_config():
-    """config.json of the tiny default, in the hub dialect, with the real special-token ids."""
-    return {
-        "architectures": ["Qwen3VLMoeForConditionalGeneration"], "model_type": "qwen3_vl_moe",
-        "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
-        "vision_end_token_id": 151653, "tie_word_embeddings": False,
-        "text_config": {
-            "model_type": "qwen3_vl_moe_text", "vocab_size": 151936, "hidden_size": 128, "num_hidden_layers": 4,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "intermediate_size": 256,
-            "moe_intermediate_size": 64, "num_experts": 32, "num_experts_per_tok": 4, "norm_topk_prob": True,
-            "decoder_sparse_step": 1, "mlp_only_layers": [], "hidden_act": "silu", "rms_norm_eps": 1e-6,
-            "rope_theta": 5000000, "attention_bias": False, "max_position_embeddings": 32768,
-            "rope_scaling": {"rope_type": "default", "mrope_section": [6, 5, 5], "mrope_interleaved": True},
-            "bos_token_id": 151643, "eos_token_id": 151645, "dtype": "bfloat16"},
-        "vision_config": {
-            "model_type": "qwen3_vl_moe", "depth": 4, "hidden_size": 64, "num_heads": 4, "intermediate_size": 128,
-            "hidden_act": "gelu_pytorch_tanh", "in_channels": 3, "patch_size": 16, "temporal_patch_size": 2,
-            "spatial_merge_size": 2, "out_hidden_size": 128, "num_position_embeddings": 256,
-            "deepstack_visual_indexes": [1, 2, 3]},
-    }
-
-
-# the real Qwen3-VL preprocessor_config.json values
-TINY_QWEN_PREPROCESSOR = {"size": {"longest_edge": 16777216, "shortest_edge": 65536}, "patch_size": 16,
-                          "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5, 0.5, 0.5],
-                          "image_std": [0.5, 0.5, 0.5], "processor_class": "Qwen3VLProcessor",
-                          "image_processor_type": "Qwen2VLImageProcessorFast"}
-
-
-def random_weights(model, seed=0):
-    """Variance-preserving random weights, drawn on the parameters' device. Routers are scaled up and share a
-    low-rank preference so that routing is peaked and uneven across experts, as in real Qwen3 routers (uniform
-    routing makes skipping degenerate)."""
-    with torch.no_grad():
-        for i, (name, p) in enumerate(model.named_parameters()):
-            g = torch.Generator(device=p.device).manual_seed(seed * 100003 + i)
-            if p.ndim == 1:
-                p.normal_(generator=g).mul_(0.05).add_(1.0 if "norm" in name else 0.0)
-            elif name.endswith("mlp.gate.weight"):
-                E, H = p.shape
-                popular = torch.randn(E, 1, generator=g, device=p.device) @ torch.randn(1, H, generator=g,
-                                                                                      device=p.device)
-                p.copy_((2.0 * torch.randn(E, H, generator=g, device=p.device) + popular) / H ** 0.5)
-            else:
-                fan_in = p.shape[-1] if p.ndim != 5 else p[0].numel()
-                p.normal_(generator=g).mul_(fan_in ** -0.5)
-    return model
-
-
-def save_checkpoint(model, raw_config, path, dtype=torch.bfloat16):
-    """Write `model` as a Hugging Face checkpoint folder in the hub dialect (experts as x @ W, [E, H, 2I])."""
-    from safetensors.torch import save_file
-    tensors = {}
-    for name, (pname, index) in model.checkpoint_names().items():
-        t = dict(model.named_parameters())[pname].data
-        t = t if index is None else t[index]
-        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            t = t.transpose(1, 2)
-        tensors[name] = t.to(dtype).contiguous()
-    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(raw_config, f, indent=2)
-
-
-def tiny_kimi_config():
-    """config.json of the tiny Kimi-VL default, with the real special-token ids and vocabulary size."""
-    return {
-        "architectures": ["KimiVLForConditionalGeneration"], "model_type": "kimi_vl",
-        "media_placeholder_token_id": 163605, "pad_token_id": 163839, "tie_word_embeddings": False,
-        "vision_config": {"model_type": "moonvit", "patch_size": 14, "num_attention_heads": 4,
-                          "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
-                          "init_pos_emb_height": 16, "init_pos_emb_width": 16, "merge_kernel_size": [2, 2]},
-        "text_config": {
-            "model_type": "deepseek_v3", "vocab_size": 163840, "hidden_size": 128, "intermediate_size": 256,
-            "moe_intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "n_shared_experts": 2,
-            "n_routed_experts": 16, "routed_scaling_factor": 2.446, "kv_lora_rank": 32, "q_lora_rank": None,
-            "qk_rope_head_dim": 16, "v_head_dim": 32, "qk_nope_head_dim": 32, "topk_method": "noaux_tc",
-            "n_group": 1, "topk_group": 1, "num_experts_per_tok": 4, "moe_layer_freq": 1,
-            "first_k_dense_replace": 1, "norm_topk_prob": True, "scoring_func": "sigmoid",
-            "num_key_value_heads": 4, "hidden_act": "silu", "rms_norm_eps": 1e-5, "rope_theta": 800000.0,
-            "rope_scaling": None, "attention_bias": False, "bos_token_id": 163584, "eos_token_id": 163585,
-            "pad_token_id": 163839, "tie_word_embeddings": False},
-    }
-
-
-# the real preprocessor_config.json values of Kimi-VL-A3B-Instruct
-TINY_KIMI_PREPROCESSOR = {"in_token_limit": 4096, "patch_size": 14, "num_pooled_tokens": 1024,
-                          "merge_kernel_size": [2, 2], "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
-                          "pad_input": True, "image_processor_type": "KimiVLImageProcessor"}
-
-TINY = {"qwen": ("tiny-qwen3-vl-moe-v1", tiny_qwen_config, TINY_QWEN_PREPROCESSOR),
-        "kimi": ("tiny-kimi-vl-v1", tiny_kimi_config, TINY_KIMI_PREPROCESSOR)}
-
-
-def tiny_vocabulary(folder, kind):
-    """Ids the tiny tokenizer written in `folder` can produce: its regular tokens and its special tokens."""
-    if kind == "qwen":
-        with open(os.path.join(folder, "tokenizer.json")) as f:
-            return list(json.load(f)["model"]["vocab"].values())
-    with open(os.path.join(folder, "tiktoken.model")) as f:
-        ranks = sum(1 for line in f if line.strip())
-    with open(os.path.join(folder, "tokenizer_config.json")) as f:
-        return list(range(ranks)) + [int(i) for i in json.load(f)["added_tokens_decoder"]]
-
-
-def default_checkpoint(kind="qwen"):
-    """Folder of a tiny built-in checkpoint ("qwen" or "kimi") in the real Hugging Face layout, written on first
-    use (atomically: a temp folder renamed) with deterministic random weights and a small real-format tokenizer."""
-    import shutil
-    import tempfile
-    import processor
-    name, make_config, preprocessor = TINY[kind]
-    cache = str(processor.cache_dir())
-    path = os.path.join(cache, name)
-    if os.path.isfile(os.path.join(path, "model.safetensors")):
-        return path
-    os.makedirs(cache, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=cache, prefix=".tmp-")
-    try:
-        raw = make_config()
-        cfg = CONFIGS[raw["model_type"]].from_hf(raw, "tiny default")
-        model = random_weights(MODELS[type(cfg)](cfg))
-        if kind == "qwen":
-            processor.write_tiny_tokenizer(tmp)
-        else:
-            processor.write_tiny_kimi_tokenizer(tmp)
-        unused = torch.ones(cfg.vocab_size, dtype=torch.bool)
-        unused[tiny_vocabulary(tmp, kind)] = False
-        with torch.no_grad():
-            model.head_weight()[unused] = 0.0  # like the real padding rows: ids the tokenizer lacks are unlikely
-            model.head_weight()[~unused] *= 6.0  # peaked next-token distributions, as in a trained model
-        save_checkpoint(model, raw, tmp)
-        with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
-            json.dump(preprocessor, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1605,77 +1423,70 @@ def default_checkpoint(kind="qwen"):
 
 
 def resolve_model(name):
-    """A checkpoint folder, or "tiny-qwen" / "tiny-kimi" (default tiny-qwen): a built-in tiny checkpoint."""
-    if name in (None, "tiny-qwen", "tiny-kimi"):
-        return default_checkpoint("kimi" if name == "tiny-kimi" else "qwen")
+    """A checkpoint folder, or the name of a built-in checkpoint (tiny.py; default tiny-qwen)."""
+    name = name or "tiny-qwen"
+    if name in tiny.CHECKPOINTS:
+        return tiny.checkpoint(name, build=lambda raw: build(config_from_dict(raw, name), "cpu", torch.float32),
+                               save=save_checkpoint)
     if not os.path.isdir(name):
-        raise FileNotFoundError(f"--model {name}: no such folder (or use tiny-qwen / tiny-kimi)")
+        raise FileNotFoundError(f"--model {name}: no such folder (or a built-in name: {', '.join(tiny.CHECKPOINTS)})")
     return name
 
 
-PIXEL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "image_grid_hws")
-
-
 def main(args):
-    import processor
+    cli.check(args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    device = cli.check_device(args.device)
+    compile = device.startswith("cuda") if args.compile is None else args.compile
     path = resolve_model(args.model)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     t0 = time.perf_counter()
-    model = set_expert_impl(load(path, device=args.device, dtype=dtype), args.expert_impl)
+    model = set_expert_impl(load(path, device=device, dtype=cli.DTYPES[args.dtype]), args.expert_impl)
     proc = processor.for_model(path, model.cfg.model_type)
     load_s = time.perf_counter() - t0
     stats = None
     if args.thresholds:
-        import router
-        import search
-        router.install(model, search.load_thresholds(args.thresholds, model))
-        stats = router.SkipStats(len(model.layers))
+        router.install(model, router.load_thresholds(args.thresholds, model))
+        stats = router.SkipStats(len(model.layers), device)
     batch = proc.from_cli(args.prompt, images=args.image, video=args.video, system=args.system)
-    pixels = {k: batch[k].to(args.device) for k in PIXEL_KEYS if batch.get(k) is not None}
-    input_ids = batch["input_ids"][None].to(args.device)
+    pixels = {k: batch[k].to(device) for k in processor.PIXEL_KEYS if batch.get(k) is not None}
+    input_ids = batch["input_ids"][None].to(device)
     t0 = time.perf_counter()
-    tokens = generate(model, input_ids, max_new_tokens=args.max_new_tokens, stop_ids=proc.stop_token_ids,
-                      stats=stats, compile=args.compile, cuda_graph=args.compile and args.device == "cuda", **pixels)
-    gen_s = time.perf_counter() - t0
-    token_ids = tokens[0].tolist()
-    if token_ids and token_ids[-1] in proc.stop_token_ids:
-        token_ids = token_ids[: token_ids.index(token_ids[-1]) + 1]
-    text = proc.decode(token_ids)
-    print(text)
-    report = dict(text=text, token_ids=token_ids, prompt_tokens=input_ids.shape[1], model=path,
-                  load_s=round(load_s, 3), generate_s=round(gen_s, 3))
+    token_ids = generate(model, input_ids, max_new_tokens=args.max_new_tokens, stop_ids=proc.stop_token_ids,
+                         stats=stats, compile=compile, **pixels)[0].tolist()
+    report = dict(text=proc.decode(token_ids), token_ids=token_ids, prompt_tokens=input_ids.shape[1], model=path,
+                  load_s=round(load_s, 3), generate_s=round(time.perf_counter() - t0, 3))
+    if tiny.random_weights_note(args.model):
+        print(tiny.random_weights_note(args.model), file=sys.stderr)
+    print(cli.printable(report["text"]))
     if stats is not None:
         s = stats.summary()
-        report["skip_ratio"] = {phase: {m: s[phase][m] for m in ("text", "vision", "all")}
-                                for phase in ("prefill", "decode", "total")}
+        report["skip_ratio"] = {phase: {m: s[phase][m] for m in ("text", "vision", "all")} for phase in s}
+        report["skip_per_layer"] = {phase: s[phase]["per_layer"] for phase in ("prefill", "decode")}
         print(f"skipped routed-expert slots: prefill {s['prefill']['all']:.1%} (text {s['prefill']['text']:.1%}, "
               f"vision {s['prefill']['vision'] or 0:.1%}), decode {s['decode']['all'] or 0:.1%}", file=sys.stderr)
     if args.json:
         print(json.dumps(report))
 
 
-if __name__ == "__main__":
+def parser():
     p = argparse.ArgumentParser(description="Greedy generation with Qwen3-VL-MoE or Kimi-VL from a Hugging Face "
                                 "checkpoint folder.")
-    p.add_argument("--model", help="checkpoint folder, or tiny-qwen (default) / tiny-kimi: a tiny built-in "
-                   "checkpoint made on first use")
+    p.add_argument("--model", help=f"checkpoint folder, or a built-in one: {', '.join(tiny.CHECKPOINTS)} "
+                   "(default tiny-qwen)")
     p.add_argument("--prompt", required=True, help="user text")
     p.add_argument("--image", action="append", default=[], help="image file; repeat for several images")
     p.add_argument("--video", help="a folder of frame images or an animated GIF")
     p.add_argument("--system", help="optional system message")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--max-new-tokens", type=int, default=32, help="at most this many generated tokens (>= 1)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--thresholds", help="MoDES thresholds file from search.py: skip experts while generating")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compile the decode step and capture it in a CUDA graph (default: on for cuda)")
-    p.add_argument("--expert-impl", default="auto", help="routed-expert compute: ref (the readable loop above) or a "
-                   "kernels.py path: auto, experts, grouped, gather, triton")
+    p.add_argument("--expert-impl", default="auto", choices=EXPERT_IMPLS,
+                   help="routed-expert compute: ref (the readable loop) or a kernels.py path (default auto)")
     p.add_argument("--json", action="store_true", help="last stdout line: a JSON object with text and token ids")
-    args = p.parse_args()
-    args.compile = args.device == "cuda" if args.compile is None else args.compile
-    try:
-        main(args)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    return p
+
+
+if __name__ == "__main__":
+    cli.run(main, parser().parse_args())

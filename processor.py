@@ -9,8 +9,6 @@ Qwen3-VL-MoE (Qwen/Qwen3-VL-30B-A3B-Instruct):
 - images: `smart_resize` + PIL bicubic + rescale/normalise exactly as transformers' Qwen2VLImageProcessorPil,
   then the 2x2-merge-block-major patch order the vision tower expects
 - video: a folder of frames or an animated GIF (no video decoder), sampled like Qwen3VLVideoProcessor
-- `write_tiny_tokenizer(dir)`: a small byte-level BPE carrying the real Qwen special tokens at their real ids,
-  for tiny test checkpoints
 
 Kimi-VL (moonshotai/Kimi-VL-A3B-Instruct):
 - tokenizer: the shipped tiktoken vocabulary (`tiktoken.model`, "base64 rank" lines) converted once into a
@@ -18,10 +16,10 @@ Kimi-VL (moonshotai/Kimi-VL-A3B-Instruct):
 - images: shrink to the patch budget with PIL bicubic, pad to multiples of 28 px, normalise, 14x14 patches
 - prompt: the Instruct chat template written out in Python; video as a sequence of image blocks
 
-Usage:
+Not a script; model.py and the pipeline scripts use it. Usage:
     proc = QwenProcessor.from_dir("Qwen3-VL-30B-A3B-Instruct")
     batch = proc.from_cli("What is in this image?", images=["cat.png"])
-    batch["input_ids"], batch["modality"], batch["pixel_values"], batch["image_grid_thw"]
+    batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"]
 """
 
 import base64
@@ -29,21 +27,19 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import warnings
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, ImageSequence
-from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors,
-                        trainers)
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
-# Token modality codes shared by the whole project (router, calibration, statistics).
-TEXT, VISION, SPECIAL = 0, 1, 2
+from cli import write_atomic
 
+# the pixel tensors and grids the processors return, under the names the models' forward takes
+PIXEL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "image_grid_hws")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 # A folder of frames carries no frame rate. We take it to be the processor's own sampling rate (2 fps), so every
@@ -60,19 +56,6 @@ def _read_json(path):
             return json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON ({e})") from None
-
-
-def write_atomic(path, data: bytes):
-    """Write through a temp file in the same folder and rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _as_list(x):
@@ -373,7 +356,7 @@ def _find_chat_template(model_dir):
 
 
 class QwenProcessor:
-    """Chat messages (+ images, video) -> input_ids, modality codes and pixel tensors for Qwen3-VL-MoE."""
+    """Chat messages (+ images, video) -> input_ids and pixel tensors for Qwen3-VL-MoE."""
 
     def __init__(self, tokenizer, *, image_token_id, video_token_id, pad_token_id, stop_token_ids, special_ids,
                  image_cfg=None, video_cfg=None):
@@ -451,15 +434,6 @@ class QwenProcessor:
                    stop_token_ids=list(dict.fromkeys(int(s) for s in stop)), special_ids=special_ids,
                    image_cfg=image_cfg, video_cfg=video_cfg)
 
-    def modality_of(self, input_ids):
-        """TEXT / VISION (image and video pads) / SPECIAL (other special tokens) per token, same shape as input."""
-        input_ids = torch.as_tensor(input_ids)
-        modality = torch.full_like(input_ids, TEXT, dtype=torch.long)
-        special = torch.tensor(self.special_ids, dtype=input_ids.dtype, device=input_ids.device)
-        modality[torch.isin(input_ids, special)] = SPECIAL
-        modality[(input_ids == self.image_token_id) | (input_ids == self.video_token_id)] = VISION
-        return modality
-
     def encode(self, text):
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
@@ -468,7 +442,7 @@ class QwenProcessor:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def __call__(self, messages, add_generation_prompt=True):
-        """-> dict: input_ids [S] int64, modality [S], mm_token_type_ids [S] (1 image pad, 2 video pad),
+        """-> dict: input_ids [S] int64, mm_token_type_ids [S] (1 image pad, 2 video pad),
         pixel_values [N, C*T*P*P] float32 / image_grid_thw [n, 3] (or None), pixel_values_videos /
         video_grid_thw (or None), prompt (chat text before pad expansion) and text (after)."""
         images, videos = [], []
@@ -508,7 +482,6 @@ class QwenProcessor:
         mm_token_type_ids = (input_ids == self.image_token_id).long() + 2 * (input_ids == self.video_token_id).long()
         return {
             "input_ids": input_ids,
-            "modality": self.modality_of(input_ids),
             "mm_token_type_ids": mm_token_type_ids,
             "pixel_values": torch.cat([p for p, _ in images]) if images else None,
             "image_grid_thw": torch.tensor([g for _, g in images], dtype=torch.long) if images else None,
@@ -528,89 +501,6 @@ class QwenProcessor:
         return self(messages + [{"role": "user", "content": content}])
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Tiny tokenizer for test checkpoints
-
-# Added tokens of the Qwen3 tokenizer, in id order from 151643; True where tokenizer.json marks them "special".
-QWEN_ADDED_TOKENS = (
-    ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True), ("<|object_ref_start|>", True),
-    ("<|object_ref_end|>", True), ("<|box_start|>", True), ("<|box_end|>", True), ("<|quad_start|>", True),
-    ("<|quad_end|>", True), ("<|vision_start|>", True), ("<|vision_end|>", True), ("<|vision_pad|>", True),
-    ("<|image_pad|>", True), ("<|video_pad|>", True), ("<tool_call>", False), ("</tool_call>", False),
-    ("<|fim_prefix|>", False), ("<|fim_middle|>", False), ("<|fim_suffix|>", False), ("<|fim_pad|>", False),
-    ("<|repo_name|>", False), ("<|file_sep|>", False), ("<tool_response>", False), ("</tool_response>", False),
-    ("<think>", False), ("</think>", False),
-)
-QWEN_FIRST_ADDED_ID = 151643
-
-# Qwen2/Qwen3 pre-tokenizer split (contractions, letters, single digits, punctuation runs, newlines, spaces).
-QWEN_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                      r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-TINY_CORPUS = """\
-The user shows the assistant an image and asks: what is in this image? The assistant looks at the picture and
-answers in a short sentence. There is a cat on the table, a dog in the garden and a red car on the street.
-Describe the video. The video shows a person walking through the park; after ten seconds a bird flies over the
-water. How many people are in the photo? There are two people standing next to the window. What color is the sky?
-The sky is blue and the sun is bright. Please answer the question with a single word or a short phrase.
-You are a helpful assistant. The system gives instructions, the user asks questions, and the assistant replies.
-"""
-
-DEFAULT_CHAT_TEMPLATE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
-                                          "qwen3_vl_moe_chat_template.jinja")
-
-
-def write_tiny_tokenizer(out_dir, chat_template_path=DEFAULT_CHAT_TEMPLATE_PATH, vocab_size=512):
-    """Writes tokenizer.json + tokenizer_config.json: a deterministic byte-level BPE trained on TINY_CORPUS
-    (ids 0..~vocab_size) plus the real Qwen added tokens at their real ids 151643..151668.
-
-    tokenizers renumbers added tokens that the model vocabulary lacks, so the added tokens are also entered into
-    the BPE vocabulary at their real ids (no merge produces them, so ordinary text never maps to them).
-    """
-    if not os.path.isfile(chat_template_path):
-        raise FileNotFoundError(f"chat template not found: {chat_template_path}")
-    with open(chat_template_path, encoding="utf-8") as f:
-        chat_template = f.read()
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_SPLIT_PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator([TINY_CORPUS], trainer)
-
-    spec = json.loads(tok.to_str())
-    added = []
-    for i, (content, special) in enumerate(QWEN_ADDED_TOKENS):
-        spec["model"]["vocab"][content] = QWEN_FIRST_ADDED_ID + i
-        added.append({"id": QWEN_FIRST_ADDED_ID + i, "content": content, "single_word": False, "lstrip": False,
-                      "rstrip": False, "normalized": False, "special": special})
-    spec["added_tokens"] = added
-    tok_config = {
-        "add_bos_token": False,
-        "add_prefix_space": False,
-        "added_tokens_decoder": {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in added},
-        "bos_token": None,
-        "chat_template": chat_template,
-        "clean_up_tokenization_spaces": False,
-        "eos_token": "<|im_end|>",
-        "errors": "replace",
-        "model_max_length": 262144,
-        "pad_token": "<|endoftext|>",
-        "split_special_tokens": False,
-        "tokenizer_class": "Qwen2Tokenizer",
-        "unk_token": None,
-    }
-    os.makedirs(out_dir, exist_ok=True)
-    write_atomic(os.path.join(out_dir, "tokenizer.json"), json.dumps(spec, ensure_ascii=False, indent=1).encode())
-    write_atomic(os.path.join(out_dir, "tokenizer_config.json"),
-                 json.dumps(tok_config, ensure_ascii=False, indent=2).encode())
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Kimi-VL: tiktoken vocabulary converted to a `tokenizers` BPE, MoonViT preprocessing, the Instruct prompt
 
@@ -627,48 +517,10 @@ KIMI_PAT_STR = "|".join([
     r"""\s+""",
 ])
 NUM_SPECIAL_IDS = 256  # the special block right after the BPE ranks: 163584..163839 in the real vocabulary
-KIMI_SPECIAL_TOKENS = {
-    163584: "[BOS]", 163585: "[EOS]", 163586: "<|im_end|>", 163587: "<|im_user|>", 163588: "<|im_assistant|>",
-    163590: "<|start_header_id|>", 163591: "<|end_header_id|>", 163593: "[EOT]", 163594: "<|im_system|>",
-    163601: "<|im_middle|>", 163602: "<|media_start|>", 163603: "<|media_content|>", 163604: "<|media_end|>",
-    163605: "<|media_pad|>", 163838: "[UNK]", 163839: "[PAD]",
-}
 MEDIA_PAD = "<|media_pad|>"
 IMAGE_BLOCK = "<|media_start|>image<|media_content|><|media_pad|><|media_end|>"
 DEFAULT_SYSTEM = "You are a helpful assistant"
 ROLE_TOKENS = {"system": "<|im_system|>", "user": "<|im_user|>", "assistant": "<|im_assistant|>"}
-KIMI_CHAT_TEMPLATE = """\
-{%- for message in messages -%}
-  {%- if loop.first and messages[0]['role'] != 'system' -%}
-    {{'<|im_system|>system<|im_middle|>You are a helpful assistant<|im_end|>'}}
-  {%- endif -%}
-  {%- if message['role'] == 'system' -%}
-    {{'<|im_system|>'}}
-  {%- endif -%}
-  {%- if message['role'] == 'user' -%}
-    {{'<|im_user|>'}}
-  {%- endif -%}
-  {%- if message['role'] == 'assistant' -%}
-    {{'<|im_assistant|>'}}
-  {%- endif -%}
-  {{- message['role'] -}}
-  {{'<|im_middle|>'}}
-  {%- if message['content'] is string -%}
-    {{- message['content'] + '<|im_end|>' -}}
-  {%- else -%}
-    {%- for content in message['content'] -%}
-      {%- if content['type'] == 'image' or 'image' in content or 'image_url' in content -%}
-        {{'<|media_start|>image<|media_content|><|media_pad|><|media_end|>'}}
-      {%- else -%}
-        {{content['text']}}
-      {%- endif -%}
-    {%- endfor -%}
-    {{'<|im_end|>'}}
-  {%- endif -%}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-  {{'<|im_assistant|>assistant<|im_middle|>'}}
-{%- endif -%}"""
 CACHE_FORMAT = "kimi-tiktoken-bpe-v1"  # bump when the conversion changes, so stale caches are not reused
 
 
@@ -869,84 +721,6 @@ def load_kimi_tokenizer(model_dir) -> KimiTokenizer:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# A tiny synthetic vocabulary with the real special tokens, for tests and the tiny checkpoint
-
-KIMI_TINY_CORPUS = """\
-The quick brown fox jumps over the lazy dog. The dog sleeps in the sun, and the fox runs into the forest.
-A picture of a cat sitting on a red chair next to a window. What is in the image? Describe the picture.
-There are two people standing in front of the building, and one of them is holding an umbrella.
-The answer is yes. The answer is no. How many apples are on the table? There are three apples on the table.
-Please answer the question using a single word or phrase. What color is the car? The car is blue.
-This is a test of the tokenizer. It should split the text into words, numbers like 2024 and 3.14159,
-and punctuation! Can't, won't, it's, they're, we've, I'm, you'll, he'd. Hello, world: hello again.
-def forward(self, x):\n    return self.linear(x) + x\n
-for i in range(10):\n    print(i * i)\n
-The model sees an image, reads the question, and then writes the answer one token at a time.
-The experts in each layer are chosen by the router, and some of them can be skipped for vision tokens.
-图像中有一只猫。这是一个测试。 Это тест токенизатора. Ceci est un test. これはテストです。
-"""
-
-
-def bpe_pieces(piece: bytes, ranks: dict) -> list:
-    """tiktoken's merge loop: repeatedly join the adjacent pair whose concatenation has the lowest rank."""
-    parts = [piece[i:i + 1] for i in range(len(piece))]
-    while len(parts) > 1:
-        best = min(range(len(parts) - 1), key=lambda i: ranks.get(parts[i] + parts[i + 1], math.inf))
-        if parts[best] + parts[best + 1] not in ranks:
-            break
-        parts[best:best + 2] = [parts[best] + parts[best + 1]]
-    return parts
-
-
-def train_tiny_ranks(text: str = KIMI_TINY_CORPUS, n_merges: int = 300) -> dict:
-    """Byte-level BPE training, deterministic (ties go to the smallest byte string).
-
-    A candidate token that tiktoken's merge loop would not rebuild from its own bytes is rejected, so every
-    rank is reachable.
-    """
-    splitter = pre_tokenizers.Split(Regex(KIMI_PAT_STR), behavior="isolated")
-    counts = Counter(p.encode() for p, _ in splitter.pre_tokenize_str(text))
-    ranks = {bytes([b]): b for b in range(256)}
-    words = {w: bpe_pieces(w, ranks) for w in counts}
-    rejected = set()
-    while len(ranks) < 256 + n_merges:
-        pairs = Counter()
-        for w, parts in words.items():
-            for a, b in zip(parts, parts[1:]):
-                if a + b not in ranks and a + b not in rejected:
-                    pairs[a + b] += counts[w]
-        if not pairs:
-            break
-        best = min(pairs, key=lambda t: (-pairs[t], t))
-        ranks[best] = len(ranks)
-        if bpe_pieces(best, ranks) != [best]:
-            del ranks[best]
-            rejected.add(best)
-            continue
-        words = {w: bpe_pieces(w, ranks) if best in w else parts for w, parts in words.items()}
-    return ranks
-
-
-def write_tiny_kimi_tokenizer(out_dir):
-    """Write tiktoken.model (256 bytes + ~300 learned merges) and tokenizer_config.json carrying the real Kimi
-    special tokens at their real ids (163584..163839) and the chat template. Deterministic byte for byte."""
-    out_dir = Path(out_dir)
-    ranks = train_tiny_ranks()
-    lines = [f"{base64.b64encode(t).decode()} {r}" for t, r in sorted(ranks.items(), key=lambda kv: kv[1])]
-    write_atomic(out_dir / "tiktoken.model", ("\n".join(lines) + "\n").encode())
-    entry = dict(lstrip=False, normalized=False, rstrip=False, single_word=False, special=True)
-    config = {
-        "added_tokens_decoder": {str(i): {"content": s, **entry} for i, s in sorted(KIMI_SPECIAL_TOKENS.items())},
-        "additional_special_tokens": ["<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|start_header_id|>",
-                                      "<|end_header_id|>", "[EOT]", "<|im_system|>", "<|im_middle|>"],
-        "bos_token": "[BOS]", "eos_token": "[EOS]", "pad_token": "[PAD]", "unk_token": "[UNK]",
-        "chat_template": KIMI_CHAT_TEMPLATE,
-        "tokenizer_class": "TikTokenTokenizer",
-    }
-    write_atomic(out_dir / "tokenizer_config.json", (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode())
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Images and video
 
 
@@ -1123,7 +897,7 @@ def format_kimi_chat(messages: list, add_generation_prompt: bool = True) -> str:
 
 
 class KimiProcessor:
-    """Chat messages (+ images, video frames) -> input_ids, modality codes and pixel tensors for Kimi-VL."""
+    """Chat messages (+ images, video frames) -> input_ids and pixel tensors for Kimi-VL."""
 
     def __init__(self, tokenizer: KimiTokenizer, *, image_token_id: int, pad_token_id: int, stop_token_ids: list,
                  image_cfg: KimiImageConfig = None):
@@ -1164,20 +938,11 @@ class KimiProcessor:
         return cls(tokenizer, image_token_id=image_token_id, pad_token_id=tokenizer.token_to_id(pad),
                    stop_token_ids=list(dict.fromkeys(int(i) for i in stop)), image_cfg=image_cfg)
 
-    def modality_of(self, input_ids) -> torch.Tensor:
-        """TEXT / VISION (<|media_pad|>) / SPECIAL (the rest of the special block) per token, same shape as input."""
-        input_ids = torch.as_tensor(input_ids)
-        special = torch.tensor(self.special_ids, dtype=input_ids.dtype, device=input_ids.device)
-        modality = torch.full_like(input_ids, TEXT, dtype=torch.int64)
-        modality[torch.isin(input_ids, special)] = SPECIAL
-        modality[input_ids == self.image_token_id] = VISION
-        return modality
-
     def encode(self, text: str) -> list:
         return self.tokenizer.encode(text)
 
     def __call__(self, messages: list, add_generation_prompt: bool = True) -> dict:
-        """-> dict: input_ids [S] int64, modality [S], pixel_values [sum h*w, 3, 14, 14] float32 and
+        """-> dict: input_ids [S] int64, pixel_values [sum h*w, 3, 14, 14] float32 and
         image_grid_hws [n, 2] int64 (or None), prompt (chat text before pad expansion) and text (after).
 
         Images and video frames are taken in prompt order; the i-th <|media_pad|> becomes h*w/4 copies for
@@ -1213,7 +978,6 @@ class KimiProcessor:
         input_ids = torch.tensor(self.encode(text), dtype=torch.int64)
         return {
             "input_ids": input_ids,
-            "modality": self.modality_of(input_ids),
             "pixel_values": torch.cat(pixel_values) if grids else None,
             "image_grid_hws": torch.tensor(grids, dtype=torch.int64) if grids else None,
             "prompt": prompt,
@@ -1250,6 +1014,21 @@ class KimiProcessor:
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def special_token_ids(path):
+    """Ids of the tokens marked special in a checkpoint folder's tokenizer files (tokenizer.json, else
+    tokenizer_config.json's added_tokens_decoder), read without building a tokenizer."""
+    tok, tok_cfg = os.path.join(path, "tokenizer.json"), os.path.join(path, "tokenizer_config.json")
+    try:
+        if os.path.isfile(tok):
+            return sorted(t["id"] for t in _read_json(tok).get("added_tokens", []) if t.get("special"))
+        if os.path.isfile(tok_cfg):
+            added = _read_json(tok_cfg).get("added_tokens_decoder", {})
+            return sorted(int(i) for i, t in added.items() if t.get("special"))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: unreadable special tokens in its tokenizer files ({e})") from None
+    return []
 
 
 def for_model(path, model_type):

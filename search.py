@@ -1,52 +1,60 @@
 """
-Frontier search of MoDES's two thresholds (arXiv 2511.15690 §5.2, Alg. 1; modes.md §5).
+Frontier search of MoDES's two thresholds (arXiv 2511.15690 §5.2, Alg. 1; modes.md §5), and the fitting of the
+baselines' knobs to a skip ratio.
 
 Minimise f(tau_text, tau_vision) subject to g(tau_text, tau_vision) >= rho over two D-point threshold grids, where
 one evaluation is one teacher-forced pass over the calibration set with MoDES installed:
 
     f = mean KL(P_unskipped || P_skipped) over the answer tokens
-    g = skipped / total top-k slots of the prefill (router.SkipStats; special tokens count in the total)
+    g = skipped / total top-k slots of the prefill (router.SkipStats; special tokens count in the total, so g
+        cannot exceed the share of non-special slots: the "ceiling" reported when a target is out of reach)
 
 Notable features
 - Frontier walk: as tau_text rises, the smallest feasible tau_vision can only fall, so one pointer walks down the
-  vision grid once. At most 3D evaluations instead of D^2, all memoised; `--exhaustive` evaluates the whole grid.
-- Grids as the official code: x = linspace over [0, 0.71] (text) and [0, 0.6] (vision), D = 100, mapped by the
-  rectified sigmoid tau = 2 * sigmoid(10 (x - 1)) (router.threshold_grid).
+  vision grid once. At most 3D evaluations instead of D^2, memoised by threshold values; `--exhaustive` evaluates
+  the whole grid.
+- Grids in the paper's rectified-sigmoid spacing tau = s * 2 sigmoid(10 (x - 1)), x = linspace(0, 1, D), where s
+  is just above the largest alpha of that modality: no score alpha * pi_hat exceeds it, so the grid reaches every
+  skip ratio up to the ceiling whatever alpha looks like (the official grids stop at 0.1 and 0.036 and cannot
+  reach high targets when alpha concentrates in one layer). `--text-range` / `--vision-range` give the official
+  absolute grids instead (x over [0, 0.71] and [0, 0.6], s = 1).
 - One preparation pass keeps each batch's tokens, vision features and unskipped answer logits (on the host), so an
-  evaluation runs only the language model. Host memory: about N_answer_tokens * V * 2 bytes in bf16.
+  evaluation runs only the language model. Host memory: about N_answer_tokens * V * 4 bytes.
+- Resumable: every evaluation is appended to OUT.partial; `--resume` reuses them.
 - Data-parallel under torchrun like calibrate.py: every rank walks the same path because f and g are all-reduced.
-- `load_thresholds(path, model)` gives the router.MoDES policy for model.py --thresholds and bench.py.
 
 Examples
     python search.py                                     # tiny built-in model and data; calibrates alpha first
+    python search.py --model tiny-vqa --data easy-vqa-train --n 256 --alpha alpha-vqa.json --target 0.75
     python search.py --model ~/Qwen3-VL-30B-A3B-Instruct --data gqa.jsonl --n 1024 --target 0.85 \
         --alpha alpha-qwen3.json --device cuda --dtype bfloat16 --out thresholds-qwen3-0.85.json
     python search.py --grid 8 --exhaustive               # check the frontier against all D^2 points
 """
 import argparse
 import hashlib
-import json
 import os
-import sys
 import time
 
 import torch
 
 import calibrate as C
+import cli
+import data as D
 import router
+from router import SPECIAL
 
-THRESHOLDS_FORMAT = "modes-thresholds/1"
+PARTIAL_FORMAT = "modes-thresholds-partial/1"
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The two searches, on grid indices: evaluate(i, j) -> (loss, skip ratio) of tau_text[i], tau_vision[j]
 
 
-def frontier_search(evaluate, n_text, n_vision, target):
+def frontier_search(evaluate, n_text, n_vision, target, step=lambda q: None):
     """Alg. 1: for each tau_text index q (ascending), walk the vision pointer p down while (q, p) still reaches the
     target, then score the smallest feasible p_q = p + 1. The best (loss, q, p_q) wins; None if even the largest
     thresholds fall short. With f and g monotone in each threshold this is the exhaustive optimum (Prop. 2).
-    evaluate should be memoised: the walk asks for some points twice."""
+    evaluate should be memoised: the walk asks for some points twice. step(q) is called after each q."""
     if evaluate(n_text - 1, n_vision - 1)[1] < target:
         return None
     best, p = None, n_vision - 1
@@ -56,10 +64,11 @@ def frontier_search(evaluate, n_text, n_vision, target):
         if p + 1 < n_vision:
             candidate = (evaluate(q, p + 1)[0], q, p + 1)
             best = candidate if best is None else min(best, candidate)
+        step(q + 1)
     return best[1:]
 
 
-def exhaustive_search(evaluate, n_text, n_vision, target):
+def exhaustive_search(evaluate, n_text, n_vision, target, step=lambda q: None):
     """Every grid point; the feasible one with the smallest (loss, i, j), or None."""
     feasible = []
     for i in range(n_text):
@@ -67,11 +76,70 @@ def exhaustive_search(evaluate, n_text, n_vision, target):
             loss, ratio = evaluate(i, j)
             if ratio >= target:
                 feasible.append((loss, i, j))
+        step(i + 1)
     return min(feasible)[1:] if feasible else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # One evaluation = one pass over the calibration set
+
+
+class Evaluator:
+    """(mean answer-token KL, top-1 agreement, prefill skip ratios) of a policy on this rank's shard of samples,
+    all-reduced over ranks, against the unskipped model. Built once for the model's current weights: batches,
+    vision features and the unskipped logits are kept on the host (they would go stale if the weights changed)."""
+
+    def __init__(self, model, proc, samples, alpha=None, batch_size=4, quiet=False):
+        rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
+            if torch.distributed.is_initialized() else (0, 1)
+        self.model = model
+        self.device = model.lm_head.weight.device
+        mine = cli.shard(samples, rank, world)
+        router.uninstall(model)
+        stats = router.SkipStats(len(model.layers), self.device)
+        self.batches = []
+        progress = cli.Progress("prepare", len(range(0, len(mine), batch_size)), quiet)
+        with torch.inference_mode():
+            for start in range(0, len(mine), batch_size):
+                batch = D.make_batch(mine[start:start + batch_size], proc, self.device)
+                media = D.vision_features(model, batch)
+                h = model.layers(*D.embed(model, batch, media, stats))
+                original = D.answer_logits(model, h, batch)[0].cpu()  # [N, V]
+                self.batches.append((batch, move(media, "cpu"), original))
+                progress.update(len(self.batches))
+        progress.update(len(self.batches), finished=True)
+        counts = cli.all_sum(stats.counts)[0].sum(0)  # [3 modalities, (skipped, total)] of the prefill
+        self.ceiling = 1 - float(counts[SPECIAL, 1]) / max(1, float(counts[:, 1].sum()))  # special slots stay
+        self.policy = router.MoDES(0.0, 0.0, alpha) if alpha is not None else None
+
+    def __call__(self, tau_text, tau_vision):
+        """MoDES with alpha at these thresholds -> (loss, skip ratios): the search's f and g."""
+        self.policy.tau.copy_(torch.tensor([tau_text, tau_vision]))
+        result = self.score(self.policy)
+        return result["kl"], result["skip"]
+
+    def score(self, policy):
+        """One pass with `policy` installed (None = plain top-k) -> mean answer-token KL against the unskipped
+        model, top-1 agreement with it, and the prefill skip ratios (all, text, vision)."""
+        model = self.model
+        router.install(model, policy)
+        stats = router.SkipStats(len(model.layers), self.device)
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # KL sum, top-1 agreements, answer tokens
+        try:
+            with torch.inference_mode():
+                for batch, media, original in self.batches:
+                    h = model.layers(*D.embed(model, batch, move(media, self.device), stats))
+                    logits, original = D.answer_logits(model, h, batch)[0], original.to(self.device)
+                    sums[0] += D.kl_sum(original, logits)
+                    sums[1] += (logits.argmax(-1) == original.argmax(-1)).sum()
+                    sums[2] += len(batch.rows)
+        finally:
+            router.uninstall(model)
+        cli.all_sum(sums)
+        cli.all_sum(stats.counts)
+        prefill = stats.summary()["prefill"]
+        return dict(kl=float(sums[0] / sums[2]), top1=float(sums[1] / sums[2]),
+                    skip={k: prefill[k] for k in ("all", "text", "vision")})
 
 
 def move(obj, device):
@@ -83,95 +151,109 @@ def move(obj, device):
     return obj
 
 
-class Evaluator:
-    """(mean answer-token KL, prefill skip ratios) of MoDES at given thresholds, on this rank's shard of samples,
-    all-reduced over ranks. Built once: batches, vision features and the unskipped logits are kept on the host."""
-
-    def __init__(self, model, proc, samples, alpha, batch_size=4, quiet=False):
-        rank, world = (C.dist.get_rank(), C.dist.get_world_size()) if C.dist.is_initialized() else (0, 1)
-        self.model = model
-        self.device = next(model.parameters()).device
-        mine = C.shard(samples, rank, world)
-        router.uninstall(model)
-        self.batches = []
-        progress = C.Progress("prepare", len(range(0, len(mine), batch_size)), quiet)
-        with torch.inference_mode():
-            for start in range(0, len(mine), batch_size):
-                batch = C.make_batch(mine[start:start + batch_size], proc, self.device)
-                h, state = C.embed(model, batch)
-                for i in range(len(model.layers)):
-                    h = model.layer(i, h, state)
-                batch.original = C.answer_logits(model, h, batch)[0].cpu()  # [N, V]
-                if batch.media is not None:  # the grids stay: positions are computed from them
-                    batch.pixels = {k: v for k, v in batch.pixels.items() if not k.startswith("pixel")}
-                batch.media = move(batch.media, "cpu")
-                self.batches.append(batch)
-                progress.update(len(self.batches))
-        self.policy = router.MoDES(0.0, 0.0, C.alpha_table(alpha, len(model.layers)))
-
-    def __call__(self, tau_text, tau_vision):
-        self.policy.tau.copy_(torch.tensor([tau_text, tau_vision]))
-        result = self.score(self.policy)
-        return result["kl"], result["skip"]
-
-    def score(self, policy):
-        """One pass with `policy` installed (None = plain top-k) -> mean answer-token KL against the unskipped
-        model, top-1 agreement with it, and the prefill skip ratios (all, text, vision)."""
-        model = self.model
-        router.install(model, lambda i: policy)
-        stats = router.SkipStats(len(model.layers), self.device)
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # KL sum, top-1 agreements, answer tokens
-        try:
-            with torch.inference_mode():
-                for batch in self.batches:
-                    h, state = C.embed(model, C.Batch(batch.input_ids, batch.attention_mask, batch.pixels, batch.rows,
-                                                      batch.cols, move(batch.media, self.device)), stats)
-                    for i in range(len(model.layers)):
-                        h = model.layer(i, h, state)
-                    logits, original = C.answer_logits(model, h, batch)[0], batch.original.to(self.device)
-                    sums[0] += C.kl_sum(original, logits)
-                    sums[1] += (logits.argmax(-1) == original.argmax(-1)).sum()
-                    sums[2] += len(batch.rows)
-        finally:
-            router.uninstall(model)
-        C.all_sum(sums)
-        C.all_sum(stats.counts)
-        prefill = stats.summary()["prefill"]
-        return dict(kl=float(sums[0] / sums[2]), top1=float(sums[1] / sums[2]),
-                    skip={k: prefill[k] for k in ("all", "text", "vision")})
-
-
-def search(evaluate, grid_text, grid_vision, target, exhaustive=False, quiet=False):
+def search(evaluate, grid_text, grid_vision, target, exhaustive=False, quiet=False, known=None, on_new=None):
     """The best grid point and every evaluated one: (best (i, j) or None, {(i, j): (loss, ratios)} in call order).
-    evaluate(tau_text, tau_vision) -> (loss, {"all": g, "text": ..., "vision": ...})."""
+    evaluate(tau_text, tau_vision) -> (loss, {"all": g, "text": ..., "vision": ...}); results are memoised by the
+    threshold values (known: {(tau_text, tau_vision): result} from an earlier run), and on_new(taus, result) is
+    called after each new evaluation."""
+    by_value = dict(known or {})
     points = {}
-    # the frontier walk's bound 3D stands in for its unknown total
-    progress = C.Progress("search", len(grid_text) * len(grid_vision) if exhaustive else 3 * len(grid_text), quiet)
+    progress = cli.Progress("search (text thresholds)", len(grid_text), quiet)
+    new = [0]
 
     def at(i, j):
         if (i, j) not in points:
-            points[(i, j)] = evaluate(float(grid_text[i]), float(grid_vision[j]))
-            loss, ratios = points[(i, j)]
-            progress.update(len(points), f"evaluations, last KL {loss:.4g} at skip {ratios['all']:.3f}")
+            taus = (float(grid_text[i]), float(grid_vision[j]))
+            if taus not in by_value:
+                by_value[taus] = evaluate(*taus)
+                new[0] += 1
+                if on_new:
+                    on_new(taus, by_value[taus])
+            points[(i, j)] = by_value[taus]
         return points[(i, j)][0], points[(i, j)][1]["all"]
 
-    best = (exhaustive_search if exhaustive else frontier_search)(at, len(grid_text), len(grid_vision), target)
-    progress.update(len(points), "evaluations", finished=True)
+    def step(q):
+        progress.update(q, f"{new[0]} evaluations")
+    best = (exhaustive_search if exhaustive else frontier_search)(at, len(grid_text), len(grid_vision), target, step)
+    progress.update(len(grid_text), f"{new[0]} evaluations", finished=True)
     return best, points
 
 
+def grids(args, alpha):
+    """The text and vision threshold grids [D] and their description for the output file. A score
+    alpha[l, m] * pi_hat never exceeds max_l alpha[l, m] (pi_hat <= 1, whatever skipping did to the hidden
+    states), so a grid ending just above it reaches every skip ratio up to the ceiling."""
+    def one(x_range, column):
+        if x_range is not None:  # the official absolute grid
+            return router.threshold_grid(args.grid, x_min=x_range[0], x_max=x_range[1]), dict(x=list(x_range))
+        scale = float(alpha[:, column].max()) * (1 + 1e-6)  # strict <: just above, so the last point skips all
+        return scale * router.threshold_grid(args.grid), dict(x=[0.0, 1.0], scale=scale)
+    (text, t_info), (vision, v_info) = one(args.text_range, 0), one(args.vision_range, 1)
+    return text, vision, dict(n=args.grid, map="exp", coeff=10.0, text=t_info, vision=v_info)
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Threshold files
+# Fitting a baseline's single knob to a skip ratio (bench.py --fidelity)
 
 
-def load_thresholds(path, model):
-    """The router.MoDES policy stored at path (alpha and both taus), refused unless made for this model."""
-    doc = C.read_json(path, "thresholds")
-    if doc.get("format") != THRESHOLDS_FORMAT:
-        raise ValueError(f"{path}: not a thresholds file (format {doc.get('format')!r}, "
-                         f"expected {THRESHOLDS_FORMAT!r})")
-    C.check_fingerprint(doc, model, path)
-    return router.MoDES(doc["tau"]["text"], doc["tau"]["vision"], C.alpha_table(doc, len(model.layers)))
+TOLERANCE = 0.02  # a fitted policy "reaches" the target when its skip ratio is within this of it
+
+
+def fit_scalar(ratio, make, target, hi=1.0, steps=16):
+    """(make(h), h, ratio) for the smallest h found by bisection (on [0, hi], hi doubled until feasible) with
+    ratio(make(h)) >= target, for rules whose skip ratio never falls as h grows; None when no h reaches it."""
+    while ratio(make(hi)) < target:
+        if hi > 1e3:
+            return None
+        hi *= 2
+    lo = 0.0
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if ratio(make(mid)) < target else (lo, mid)
+    policy = make(hi)
+    return policy, hi, ratio(policy)
+
+
+def fit_baseline(name, model, evaluator, alpha, gamma, target):
+    """A baseline fitted to `target` on the calibration evaluator -> dict(policy, hyper, calib_skip, reached, note).
+    One knob for all layers where the paper searches a per-layer beta genetically (modes.md §8): a documented
+    simplification. A rule whose ratio jumps over the target (NAEE's beta > 1 drops everything; reduce-k's steps of
+    1/K) takes the nearest setting at or above it and is marked as not reaching it."""
+    def ratio(policy):
+        return evaluator.score(policy)["skip"]["all"]
+    if name == "reduce-k":  # discrete: the largest k' that still reaches the target, down to k' = 0
+        K = model.cfg.num_experts_per_tok
+        fits = [(k, ratio(router.ReduceK(k))) for k in range(K, -1, -1)]
+        k, r = next(((k, r) for k, r in fits if r >= target), fits[-1])
+        found = (router.ReduceK(k), k, r)
+    elif name == "dmt":  # two thresholds without alpha: the same frontier search as MoDES, on grids up to tau = 1
+        def dmt(tau_text, tau_vision):
+            result = evaluator.score(router.DMT(tau_text, tau_vision))
+            return result["kl"], result["skip"]
+        grid = router.threshold_grid(40, x_max=1.0)
+        best, points = search(dmt, grid, grid, target, quiet=True)
+        found = None
+        if best is not None:
+            tau = (float(grid[best[0]]), float(grid[best[1]]))
+            found = (router.DMT(*tau), tau, points[best][1]["all"])
+    else:
+        rules = {"threshold": router.Threshold, "threshold+gmlg": lambda t: router.Threshold(t, alpha),
+                 "naee": router.NAEE, "mc-moe": router.MCMoE, "diep": lambda b: router.DiEP(b, gamma)}
+        cli.check(name in rules, f"--baselines: unknown baseline {name!r} ({', '.join(BASELINES)})")
+        found = fit_scalar(ratio, rules[name], target)
+    if found is None:
+        return dict(policy=None, hyper=None, calib_skip=None, reached=False, note="target out of reach")
+    policy, hyper, achieved = found
+    reached = abs(achieved - target) <= TOLERANCE
+    note = "" if reached else f"nearest setting skips {achieved:.3f}, not {target:.3f} +- {TOLERANCE}"
+    return dict(policy=policy, hyper=hyper, calib_skip=achieved, reached=reached, note=note)
+
+
+BASELINES = ("reduce-k", "threshold", "threshold+gmlg", "dmt", "naee", "mc-moe", "diep")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
 
 
 def file_sha256(path):
@@ -182,79 +264,112 @@ def file_sha256(path):
 def get_alpha(args, model, proc, samples, info):
     """The alpha document of --alpha, made first (and written by rank 0) when the file does not exist."""
     if os.path.exists(args.alpha):
-        return C.load_alpha(args.alpha, model)
-    if C.is_main():
-        print(f"{args.alpha} not found: calibrating alpha first", file=sys.stderr)
+        return router.load_alpha(args.alpha, model)
+    if cli.is_main():
+        print(f"{args.alpha} not found: calibrating alpha first", flush=True)
     doc = C.calibrate(model, proc, samples, batch_size=args.batch_size, removal=args.removal, data_info=info,
                       quiet=args.quiet)
-    if C.is_main():
-        C.write_json_atomic(args.alpha, doc)
+    if cli.is_main():
+        cli.write_json(args.alpha, doc)
     return doc
 
 
+def read_partial(path, settings):
+    """{(tau_text, tau_vision): (loss, ratios)} evaluated by an earlier run with the same settings."""
+    state = cli.read_json(path, "partial search")
+    cli.check(isinstance(state, dict) and state.get("format") == PARTIAL_FORMAT,
+              f"{path}: not a partial search file; delete it or rerun without --resume")
+    cli.check(state.get("settings") == settings, f"{path}: made with other settings (model, data, alpha, grid); "
+              f"delete it or rerun without --resume")
+    try:
+        return {(float(e["tau_text"]), float(e["tau_vision"])): (float(e["kl"]), dict(e["skip"]))
+                for e in state["evaluated"]}
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: damaged ({e}); delete it to start over") from None
+
+
 def main(args):
-    if not 0.0 < args.target <= 1.0:
-        raise ValueError(f"--target must be in (0, 1], got {args.target}")
-    if args.grid < 1:
-        raise ValueError(f"--grid must be >= 1, got {args.grid}")
+    C.check_args(args)
+    cli.check(0.0 < args.target <= 1.0, f"--target must be in (0, 1], got {args.target}")
+    cli.check(args.grid >= 1, f"--grid must be >= 1, got {args.grid}")
+    for name in ("text_range", "vision_range"):
+        r = getattr(args, name)
+        cli.check(r is None or 0.0 <= r[0] <= r[1], f"--{name.replace('_', '-')} must be 0 <= MIN <= MAX, got {r}")
+    cli.check_output(args.out)
+    cli.check_output(args.alpha, "--alpha")
+    samples, info = D.load_samples(args)
     model, proc, path = C.load_model(args)
-    samples, info = C.load_samples(args)
     alpha = get_alpha(args, model, proc, samples, info)
-    grid_text = router.threshold_grid(args.grid, x_min=args.text_range[0], x_max=args.text_range[1])
-    grid_vision = router.threshold_grid(args.grid, x_min=args.vision_range[0], x_max=args.vision_range[1])
     t0 = time.perf_counter()
-    evaluator = Evaluator(model, proc, samples, alpha, args.batch_size, args.quiet)
-    best, points = search(evaluator, grid_text, grid_vision, args.target, args.exhaustive, args.quiet)
+    table = router.alpha_table(alpha, model, args.alpha)
+    evaluator = Evaluator(model, proc, samples, table, args.batch_size, args.quiet)
+    grid_text, grid_vision, grid_info = grids(args, table)
+    partial = args.out + ".partial"
+    settings = dict(fingerprint=router.fingerprint(model), data=info["sha256"], alpha=file_sha256(args.alpha),
+                    grid_text=grid_text.tolist(), grid_vision=grid_vision.tolist())
+    known = read_partial(partial, settings) if args.resume and os.path.exists(partial) else {}
+    evaluated = [dict(tau_text=t, tau_vision=v, kl=r[0], skip=r[1]) for (t, v), r in known.items()]
+
+    def keep(taus, result):
+        evaluated.append(dict(tau_text=taus[0], tau_vision=taus[1], kl=result[0], skip=result[1]))
+        if cli.is_main():
+            cli.write_json(partial, dict(format=PARTIAL_FORMAT, settings=settings, evaluated=evaluated))
+    best, points = search(evaluator, grid_text, grid_vision, args.target, args.exhaustive, args.quiet, known, keep)
     seconds = time.perf_counter() - t0
     if best is None:
         (i, j), (loss, ratios) = max(points.items(), key=lambda kv: kv[1][1]["all"])
+        ceiling = (f"; special tokens are never skipped, so this data's ceiling is {evaluator.ceiling:.4f}"
+                   if args.target > evaluator.ceiling else "")
         raise ValueError(f"--target {args.target} is not reachable on this grid: the highest prefill skip ratio is "
-                         f"{ratios['all']:.4f} (tau_text {grid_text[i]:.4g}, tau_vision {grid_vision[j]:.4g}); "
-                         f"lower --target or widen --text-range/--vision-range")
+                         f"{ratios['all']:.4f} (tau_text {grid_text[i]:.4g}, tau_vision {grid_vision[j]:.4g})"
+                         f"{ceiling}; lower --target or widen the grids")
     loss, ratios = points[best]
     doc = dict(
-        format=THRESHOLDS_FORMAT,
-        model=dict(fingerprint=C.fingerprint(model), model_type=model.cfg.model_type, path=os.path.abspath(path)),
+        format=router.THRESHOLDS_FORMAT,
+        model=dict(fingerprint=router.fingerprint(model), model_type=model.cfg.model_type, path=os.path.abspath(path)),
         tau=dict(text=float(grid_text[best[0]]), vision=float(grid_vision[best[1]])),
-        target_skip=args.target, loss=loss, skip_ratio=ratios,
-        alpha_file=dict(path=os.path.abspath(args.alpha), sha256=file_sha256(args.alpha) if C.is_main() else None),
+        target_skip=args.target, loss=loss, skip_ratio=ratios, skip_ceiling=evaluator.ceiling,
+        alpha_file=dict(path=os.path.abspath(args.alpha), sha256=settings["alpha"]),
         layers=alpha["layers"],
         search=dict(method="exhaustive" if args.exhaustive else "frontier", evaluations=len(points),
-                    max_frontier_evaluations=3 * args.grid, seconds=round(seconds, 3),
-                    grid=dict(n=args.grid, map="exp", coeff=10.0, text=list(args.text_range),
-                              vision=list(args.vision_range))),
+                    max_frontier_evaluations=3 * args.grid, seconds=round(seconds, 3), grid=grid_info),
         data=info,
         evaluated=[dict(i_text=i, i_vision=j, tau_text=float(grid_text[i]), tau_vision=float(grid_vision[j]),
                         kl=l, skip=r["all"], skip_text=r["text"], skip_vision=r["vision"])
                    for (i, j), (l, r) in points.items()],
     )
-    if not C.is_main():
+    if not cli.is_main():
         return
-    C.write_json_atomic(args.out, doc)
+    cli.write_json(args.out, doc)
+    if os.path.exists(partial):
+        os.remove(partial)
     text, vision = (("-" if r is None else f"{r:.4f}") for r in (ratios["text"], ratios["vision"]))
     print(f"tau_text {doc['tau']['text']:.6g}  tau_vision {doc['tau']['vision']:.6g}  KL {loss:.6g}  "
           f"skip {ratios['all']:.4f} (text {text}, vision {vision})  target {args.target}")
-    print(f"{len(points)} evaluations ({doc['search']['method']}, D = {args.grid}), {seconds:.1f} s -> {args.out}")
-    print(json.dumps(dict(out=os.path.abspath(args.out), tau_text=doc["tau"]["text"], tau_vision=doc["tau"]["vision"],
-                          kl=loss, skip=ratios["all"], evaluations=len(points), seconds=round(seconds, 3))))
+    print(f"{len(points)} grid points ({doc['search']['method']}, D = {args.grid}), {seconds:.1f} s -> {args.out}")
+    if args.plot:
+        import plot
+        print("plots:", ", ".join(plot.plot_artifact(args.out, args.plot)))
 
 
 def parser():
     p = argparse.ArgumentParser(description="Search MoDES's text and vision thresholds for a target skip ratio.")
     C.add_model_args(p)
-    C.add_data_args(p)
+    D.add_data_args(p)
     p.add_argument("--alpha", default="alpha.json", help="alpha file; calibrated first if missing (alpha.json)")
     p.add_argument("--removal", default="zero", choices=["zero", "input"], help="removal mode when calibrating")
-    p.add_argument("--target", type=float, default=0.5, help="target prefill skip ratio rho")
+    p.add_argument("--target", type=float, default=0.5, help="target prefill skip ratio rho, in (0, 1]")
     p.add_argument("--grid", type=int, default=100, help="grid points D per threshold")
-    p.add_argument("--text-range", type=float, nargs=2, default=(0.0, 0.71), metavar=("MIN", "MAX"),
-                   help="x range of the text grid before the rectified sigmoid")
-    p.add_argument("--vision-range", type=float, nargs=2, default=(0.0, 0.6), metavar=("MIN", "MAX"),
-                   help="x range of the vision grid before the rectified sigmoid")
+    p.add_argument("--text-range", type=float, nargs=2, metavar=("MIN", "MAX"),
+                   help="absolute text grid: x range before the rectified sigmoid (official: 0 0.71); default: from "
+                   "the model's scores")
+    p.add_argument("--vision-range", type=float, nargs=2, metavar=("MIN", "MAX"),
+                   help="absolute vision grid (official: 0 0.6); default: from the model's scores")
     p.add_argument("--exhaustive", action="store_true", help="evaluate all D^2 points (for checking)")
+    p.add_argument("--resume", action="store_true", help="reuse the evaluations an interrupted run left in OUT.partial")
     p.add_argument("--out", default="thresholds.json", help="output JSON (default: thresholds.json)")
     return p
 
 
 if __name__ == "__main__":
-    C.run_cli(main, parser())
+    cli.run(main, parser().parse_args())

@@ -9,37 +9,44 @@ import pytest
 import torch
 
 import calibrate as C
+import cli
+import data as D
 import model as M
+import processor
 import router
+import tiny as builtin
+from router import TEXT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    path = M.default_checkpoint()
+    path = M.resolve_model("tiny-qwen")
     model = M.load(path, dtype=torch.float32)
-    return model, C.load_processor(path, model), path
+    return model, processor.for_model(path, model.cfg.model_type), path
 
 
 @pytest.fixture(scope="module")
 def reference(tiny):
     """An uninterrupted run over 3 samples, one per batch (3 steps)."""
     model, proc, _ = tiny
-    return C.calibrate(model, proc, C.synthetic_samples(3), batch_size=1, quiet=True)
+    return C.calibrate(model, proc, D.synthetic_samples(3), batch_size=1, quiet=True)
 
 
 @pytest.mark.parametrize("removal", ["zero", "input"])
 def test_cached_prefix_equals_naive(tiny, removal):
     model, proc, _ = tiny
-    layers = C.moe_layers(model)
+    layers = router.moe_layers(model)
     L = len(model.layers)
-    batch = C.make_batch(C.synthetic_samples(2), proc, "cpu")
+    batch = D.make_batch(D.synthetic_samples(2), proc, "cpu")
     cached, n, passes = C.ablate_batch(model, batch, layers, removal)
     naive, n_naive, naive_passes = C.ablate_batch(model, batch, layers, removal, naive=True)
     assert n == n_naive == len(batch.rows) > 0
-    assert (cached[:, 0] > 0).all() and (cached[:-1, 1] > 0).all()  # every ablation moves the answer but one:
-    assert cached[-1, 1] == 0  # vision tokens after the last layer reach no answer logit
+    assert (cached[:, 0] > 0).all() and (cached[:-1, 1] > 1e-6).all()  # every ablation moves the answer but one:
+    # vision tokens after the last layer reach no answer logit; the ablation runs as a doubled batch, whose fp32
+    # sums a BLAS may block differently, so "no change" is a KL at rounding level, not exactly 0
+    assert cached[-1, 1] < 1e-9
     torch.testing.assert_close(cached, naive, rtol=1e-5, atol=1e-9)  # fp32 sums in another order
     assert passes == L + 2 * sum(L - l for l in layers) and naive_passes == (1 + 2 * len(layers)) * L
 
@@ -47,18 +54,18 @@ def test_cached_prefix_equals_naive(tiny, removal):
 def test_zero_removal_is_skipping_every_slot(tiny):
     """Independent of the wrapper: router.DMT with tau_text = inf on layer 1 alone skips all of its text slots."""
     model, proc, _ = tiny
-    batch = C.make_batch(C.synthetic_samples(2), proc, "cpu")
-    kl, _, _ = C.ablate_batch(model, batch, C.moe_layers(model), "zero")
+    batch = D.make_batch(D.synthetic_samples(2), proc, "cpu")
+    kl, _, _ = C.ablate_batch(model, batch, router.moe_layers(model), "zero")
     with torch.inference_mode():
         original = model(batch.input_ids, batch.attention_mask, **batch.pixels)[batch.rows, batch.cols]
-        router.install(model, lambda i: router.DMT(float("inf"), 0.0) if i == 1 else None)
+        router.install(model, lambda i: router.DMT(1e30, 0.0) if i == 1 else None)
         try:
             skipped = model(batch.input_ids, batch.attention_mask, **batch.pixels)[batch.rows, batch.cols]
         finally:
             router.uninstall(model)
     log_p, log_q = original.double().log_softmax(-1), skipped.double().log_softmax(-1)
     expected = (log_p.exp() * (log_p - log_q)).sum()
-    torch.testing.assert_close(kl[1, C.TEXT], expected, rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(kl[1, TEXT], expected, rtol=1e-4, atol=1e-9)
 
 
 def test_input_removal_substitutes_the_moe_input(tiny):
@@ -66,14 +73,14 @@ def test_input_removal_substitutes_the_moe_input(tiny):
     moe = model.layers[2].mlp
     x = torch.randn(2, 5, model.cfg.hidden_size)
     modality = torch.tensor([[0, 1, 2, 0, 1], [1, 1, 0, 2, 0]])
-    step = M.Step(modality, torch.ones(2, 5, dtype=torch.bool), "prefill")
+    ctx = M.Context(None, None, None, modality, torch.ones(2, 5, dtype=torch.bool), "prefill")
     with torch.inference_mode():
-        plain = moe(x, step)
-        remove = modality == C.TEXT
+        plain = moe(x, ctx)
+        remove = modality == TEXT
         with C.removed(model, 2, remove, "input"):
-            substituted = model.layers[2].mlp(x, step)
+            substituted = model.layers[2].mlp(x, ctx)
         with C.removed(model, 2, remove, "zero"):
-            zeroed = model.layers[2].mlp(x, step)
+            zeroed = model.layers[2].mlp(x, ctx)
     assert model.layers[2].mlp is moe and moe.policy is None  # restored
     assert torch.equal(substituted[remove], x[remove]) and torch.equal(zeroed[remove], torch.zeros_like(x[remove]))
     # the kept tokens' experts run on fewer rows, so only up to float reassociation
@@ -87,22 +94,22 @@ def test_kl_sum_matches_float64_textbook_formula():
     z_q = z_p + 0.01 * torch.randn(7, 50000, generator=g)
     log_p, log_q = z_p.double().log_softmax(-1), z_q.double().log_softmax(-1)
     expected = (log_p.exp() * (log_p - log_q)).sum()
-    torch.testing.assert_close(C.kl_sum(z_p, z_q), expected, rtol=1e-4, atol=0)
+    torch.testing.assert_close(D.kl_sum(z_p, z_q), expected, rtol=1e-4, atol=0)
     huge = z_p.clone()
     huge[:, 0] -= 200.0  # exp(200) overflows fp32: the fp64 fallback takes over
-    assert torch.isfinite(C.kl_sum(z_p, huge)) and C.kl_sum(z_p, huge) > 0
+    assert torch.isfinite(D.kl_sum(z_p, huge)) and D.kl_sum(z_p, huge) > 0
 
 
 def test_alpha_document(reference, tiny):
     model, _, _ = tiny
     doc = reference
-    assert doc["format"] == C.ALPHA_FORMAT and doc["model"]["fingerprint"] == C.fingerprint(model)
-    assert [r["layer"] for r in doc["layers"]] == C.moe_layers(model)
-    for m in C.MODALITIES:
+    assert doc["format"] == router.ALPHA_FORMAT and doc["model"]["fingerprint"] == router.fingerprint(model)
+    assert [r["layer"] for r in doc["layers"]] == router.moe_layers(model)
+    for m in ("text", "vision"):
         alpha = torch.tensor([r[m] for r in doc["layers"]], dtype=torch.float64)
         kl = torch.tensor([r[m] for r in doc["kl_sum"]], dtype=torch.float64)
         torch.testing.assert_close(alpha, kl / kl.sum())
-    table = C.alpha_table(doc, len(model.layers))
+    table = router.alpha_table(doc, model, "alpha")
     assert table.shape == (len(model.layers), 2) and torch.allclose(table.sum(0), torch.ones(2))
 
 
@@ -127,18 +134,18 @@ def test_resume_after_stop_equals_uninterrupted(tiny, reference, tmp_path):
 
 def test_fingerprint_and_refusal(tiny, tmp_path):
     model, _, path = tiny
-    raw = M.tiny_qwen_config()
+    raw = builtin.qwen_config()
     raw["text_config"]["num_hidden_layers"] = 3
     with torch.device("meta"):
         other = M.Qwen3VLMoe(M.QwenConfig.from_hf(raw, "test"))
-    assert C.fingerprint(other) != C.fingerprint(model)
+    assert router.fingerprint(other) != router.fingerprint(model)
     with torch.device("meta"):
-        same = M.Qwen3VLMoe(M.QwenConfig.from_hf(M.tiny_qwen_config(), "test")).to(torch.bfloat16)
-    assert C.fingerprint(same) == C.fingerprint(model)  # dtype and device do not matter
-    doc = dict(format=C.ALPHA_FORMAT, model=dict(fingerprint=C.fingerprint(other)), layers=[])
-    C.write_json_atomic(tmp_path / "alpha.json", doc)
+        same = M.Qwen3VLMoe(M.QwenConfig.from_hf(builtin.qwen_config(), "test")).to(torch.bfloat16)
+    assert router.fingerprint(same) == router.fingerprint(model)  # dtype and device do not matter
+    doc = dict(format=router.ALPHA_FORMAT, model=dict(fingerprint=router.fingerprint(other)), layers=[])
+    cli.write_json(tmp_path / "alpha.json", doc)
     with pytest.raises(ValueError, match="made for another model"):
-        C.load_alpha(str(tmp_path / "alpha.json"), model)
+        router.load_alpha(str(tmp_path / "alpha.json"), model)
 
 
 def test_jsonl_reader(tmp_path):
@@ -149,7 +156,7 @@ def test_jsonl_reader(tmp_path):
              '{"image": ["img/a.png", "img/a.png"], "question": "Same?", "answer": "Yes."}',
              '{"question": "No image?", "answer": "Right."}']
     (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
-    samples = C.read_jsonl(str(tmp_path / "d.jsonl"))
+    samples = D.read_jsonl(str(tmp_path / "d.jsonl"))
     assert [len(s.images) for s in samples] == [1, 2, 0]
     assert samples[0].images[0] == str(tmp_path / "img" / "a.png") and samples[1].where.endswith(":3")
 
@@ -159,12 +166,14 @@ def test_jsonl_reader(tmp_path):
     ('["not", "an", "object"]', ValueError, r"d\.jsonl:2: expected a JSON object"),
     ('{"question": "q"}', ValueError, r"d\.jsonl:2: 'answer' must be a non-empty string"),
     ('{"image": 3, "question": "q", "answer": "a"}', ValueError, r"d\.jsonl:2: 'image' must be a path"),
-    ('{"image": "missing.png", "question": "q", "answer": "a"}', FileNotFoundError, r"d\.jsonl:2: .*missing\.png"),
+    ('{"image": "missing.png", "question": "q", "answer": "a"}', ValueError, r"d\.jsonl:2: .*missing\.png"),
+    ('{"image": ".", "question": "q", "answer": "a"}', ValueError, r"d\.jsonl:2: .* is a folder"),
+    ('{"image": "d.jsonl", "question": "q", "answer": "a"}', ValueError, r"d\.jsonl:2: .*not a readable image"),
 ])
 def test_jsonl_errors_name_the_line(tmp_path, line, error, message):
     (tmp_path / "d.jsonl").write_text('{"question": "fine", "answer": "ok"}\n' + line + "\n")
     with pytest.raises(error, match=message):
-        C.read_jsonl(str(tmp_path / "d.jsonl"))
+        D.read_jsonl(str(tmp_path / "d.jsonl"))
 
 
 def test_gqa_reader(tmp_path):
@@ -173,25 +182,25 @@ def test_gqa_reader(tmp_path):
     questions = {"q1": {"imageId": "n1", "question": "Is it dark?", "answer": "yes", "fullAnswer": "Yes, it is."},
                  "q2": {"imageId": "n2", "question": "Where?", "answer": "no", "fullAnswer": "No."}}
     (tmp_path / "q.json").write_text(json.dumps(questions))
-    with pytest.raises(FileNotFoundError, match=r"question q2: image not found: .*n2\.jpg"):
-        C.read_gqa(str(tmp_path / "q.json"), str(tmp_path))
+    with pytest.raises(ValueError, match=r"question q2: image not found: .*n2\.jpg"):
+        D.read_gqa(str(tmp_path / "q.json"), str(tmp_path))
     del questions["q2"]
     (tmp_path / "q.json").write_text(json.dumps(questions))
-    [s] = C.read_gqa(str(tmp_path / "q.json"), str(tmp_path))
+    [s] = D.read_gqa(str(tmp_path / "q.json"), str(tmp_path))
     assert s.answer == "Yes, it is." and s.images == [str(tmp_path / "n1.jpg")]
 
 
 def test_synthetic_data_and_selection():
-    a, b = C.synthetic_samples(6), C.synthetic_samples(6)
+    a, b = D.synthetic_samples(6), D.synthetic_samples(6)
     assert [s.answer for s in a] == [s.answer for s in b] and a[0].images[0].tobytes() == b[0].images[0].tobytes()
-    assert len({s.answer for s in C.synthetic_samples(32)}) > 10
+    assert len({s.answer for s in D.synthetic_samples(32)}) > 10
     items = list(range(10))
-    assert C.select(items, 3, start=2) == [2, 3, 4]
-    chosen = C.select(items, 4, seed=1)
-    assert chosen == sorted(chosen) and len(set(chosen)) == 4 and chosen == C.select(items, 4, seed=1)
+    assert D.select(items, 3, start=2) == [2, 3, 4]
+    chosen = D.select(items, 4, seed=1)
+    assert chosen == sorted(chosen) and len(set(chosen)) == 4 and chosen == D.select(items, 4, seed=1)
     with pytest.raises(ValueError, match="--n 11"):
-        C.select(items, 11)
-    assert C.shard(items, 0, 3) + C.shard(items, 1, 3) + C.shard(items, 2, 3) == items
+        D.select(items, 11)
+    assert cli.shard(items, 0, 3) + cli.shard(items, 1, 3) + cli.shard(items, 2, 3) == items
 
 
 def test_cli_reports_bad_line_in_one_line(tmp_path):
@@ -206,20 +215,20 @@ def test_cli_reports_bad_line_in_one_line(tmp_path):
 @pytest.mark.parametrize("removal", ["zero", "input"])
 def test_kimi_cached_prefix_equals_naive_and_search_starts_at_zero(removal):
     import search as S
-    path = M.default_checkpoint("kimi")
+    path = M.resolve_model("tiny-kimi")
     model = M.load(path, dtype=torch.float32)
-    proc = C.load_processor(path, model)
-    layers = C.moe_layers(model)
+    proc = processor.for_model(path, model.cfg.model_type)
+    layers = router.moe_layers(model)
     assert layers == list(range(1, len(model.layers)))  # layer 0 is the dense one
-    batch = C.make_batch(C.synthetic_samples(2), proc, "cpu")
+    batch = D.make_batch(D.synthetic_samples(2), proc, "cpu")
     cached, n, _ = C.ablate_batch(model, batch, layers, removal)
     naive, _, _ = C.ablate_batch(model, batch, layers, removal, naive=True)
     assert n > 0 and (cached[:, 0] > 0).all()
     torch.testing.assert_close(cached, naive, rtol=1e-5, atol=1e-9)  # fp32 sums in another order
-    alpha = C.calibrate(model, proc, C.synthetic_samples(2), batch_size=2, removal=removal, quiet=True)
-    table = C.alpha_table(alpha, len(model.layers))
+    alpha = C.calibrate(model, proc, D.synthetic_samples(2), batch_size=2, removal=removal, quiet=True)
+    table = router.alpha_table(alpha, model, "alpha")
     assert table[0].tolist() == [0.0, 0.0] and torch.allclose(table.sum(0), torch.ones(2))
-    evaluator = S.Evaluator(model, proc, C.synthetic_samples(2), alpha, batch_size=2, quiet=True)
+    evaluator = S.Evaluator(model, proc, D.synthetic_samples(2), table, batch_size=2, quiet=True)
     kl, skip = evaluator(0.0, 0.0)
     assert kl == 0.0 and skip["all"] == 0.0
     kl, skip = evaluator(0.05, 0.05)

@@ -39,7 +39,7 @@ def test_tiny_kimi_generates_and_benches(env, tmp_path):
             "--max-new-tokens", "4", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(out["token_ids"]) == 4 and out["model"].endswith("tiny-kimi-vl-v1")
+    assert len(out["token_ids"]) == 4 and out["model"].endswith("tiny-kimi-vl-v2")
     r = run(env, "bench.py", "--model", "tiny-kimi", "--repeats", "1", "--warmup", "0", "--decode-steps", "2")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
@@ -92,8 +92,8 @@ def test_bench_reports_json(env, tmp_path):
 
 
 @pytest.mark.parametrize("args, culprit", [
-    (["--policy", "full,nope"], "--policy: unknown policy 'nope'"),
-    (["--policy", "modes"], "--policy modes needs --thresholds"),
+    (["--policy", "full,nope"], "--policy 'full,nope': a comma list of full, modes"),
+    (["--policy", "modes"], "--policy modes and --fidelity need --thresholds"),
     (["--config", "configs/qwen3_vl_moe_cpu_bench.json"], "--config FILE and --random-weights go together"),
     (["--model", "no/such/folder"], "--model no/such/folder: no such folder"),
 ])

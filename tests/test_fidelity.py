@@ -10,6 +10,7 @@ import torch
 import calibrate as C
 import model as M
 import router
+import search as S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,11 +36,16 @@ def test_baselines_reach_the_modes_skip_ratio(thresholds):
     target = json.load(open(folder / "thr.json"))["skip_ratio"]["all"]
     assert rows["full"]["kl"] == 0.0 and rows["full"]["top1"] == 1.0 and rows["full"]["skip"]["all"] == 0.0
     assert rows["modes"]["calib_skip"] == pytest.approx(target)
-    for name in ("threshold", "threshold+gmlg", "naee", "mc-moe", "diep"):  # continuous: bisected onto the target
-        assert target <= rows[name]["calib_skip"] <= target + 0.05, name
-        assert rows[name]["kl"] > 0 and rows[name]["skip"]["all"] > 0
-    K = M.read_config(os.path.join(env["MODES_CACHE"], "tiny-qwen3-vl-moe-v1")).num_experts_per_tok
-    assert rows["reduce-k"]["calib_skip"] >= target and 1 <= rows["reduce-k"]["hyper"] < K
+    for name in ("threshold", "threshold+gmlg", "naee", "mc-moe", "diep", "reduce-k"):
+        row = rows[name]
+        if row["reached"]:  # fitted onto the target within the stated tolerance
+            assert abs(row["calib_skip"] - target) <= S.TOLERANCE, name
+            assert row["kl"] > 0 and row["skip"]["all"] > 0
+        else:  # marked, with the reason, and the table still produced
+            assert row["note"] and (row["calib_skip"] is None or row["calib_skip"] >= target), name
+    assert rows["threshold"]["reached"] and rows["threshold+gmlg"]["reached"]  # continuous in tau: always reach
+    K = M.read_config(os.path.join(env["MODES_CACHE"], "tiny-qwen3-vl-moe-v2")).num_experts_per_tok
+    assert rows["reduce-k"]["calib_skip"] >= target and 0 <= rows["reduce-k"]["hyper"] < K
 
 
 def test_linear_cka_hand_example():

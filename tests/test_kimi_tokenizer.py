@@ -9,6 +9,7 @@ import pytest
 import tiktoken
 
 import processor as pk
+import tiny as builtin
 
 FIXTURES = Path(__file__).parent / "fixtures" / "kimi_vl"
 SPECIAL_JSON = json.loads((FIXTURES / "special_tokens.json").read_text())
@@ -33,7 +34,7 @@ def read_ranks(path):
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny_kimi_tok")
-    pk.write_tiny_kimi_tokenizer(d)
+    builtin.write_kimi_tokenizer(d)
     return d
 
 
@@ -114,7 +115,7 @@ def test_tiny_vocabulary_layout(tiny_dir, ours):
 
 
 def test_tiny_vocabulary_is_deterministic(tiny_dir, tmp_path):
-    pk.write_tiny_kimi_tokenizer(tmp_path)
+    builtin.write_kimi_tokenizer(tmp_path)
     for name in ("tiktoken.model", "tokenizer_config.json"):
         assert (tmp_path / name).read_bytes() == (tiny_dir / name).read_bytes()
 
@@ -156,7 +157,7 @@ def test_long_runs_are_encoded_in_pieces(ours):
 
 
 def test_cache_is_reused_and_keyed_by_vocabulary(tmp_path):
-    pk.write_tiny_kimi_tokenizer(tmp_path)
+    builtin.write_kimi_tokenizer(tmp_path)
     pk.load_kimi_tokenizer(tmp_path)
     (cached,) = tmp_path.glob("tokenizer.modes-*.json")
     # plant a different tokenizer under the same key: a reload must read it, not reconvert
@@ -175,7 +176,7 @@ def test_cache_is_reused_and_keyed_by_vocabulary(tmp_path):
 
 def test_cache_falls_back_when_checkpoint_folder_is_not_writable(tmp_path, monkeypatch):
     model_dir, cache = tmp_path / "model", tmp_path / "cache"
-    pk.write_tiny_kimi_tokenizer(model_dir)
+    builtin.write_kimi_tokenizer(model_dir)
     monkeypatch.setenv("MODES_CACHE", str(cache))
     pk.load_kimi_tokenizer(model_dir)
     (name,) = [p.name for p in model_dir.glob("tokenizer.modes-*.json")]
@@ -194,7 +195,7 @@ def test_missing_tiktoken_model(tmp_path):
 
 
 def test_missing_tokenizer_config(tmp_path):
-    pk.write_tiny_kimi_tokenizer(tmp_path)
+    builtin.write_kimi_tokenizer(tmp_path)
     (tmp_path / "tokenizer_config.json").unlink()
     with pytest.raises(FileNotFoundError, match="tokenizer_config.json"):
         pk.load_kimi_tokenizer(tmp_path)
@@ -202,7 +203,7 @@ def test_missing_tokenizer_config(tmp_path):
 
 @pytest.mark.parametrize("bad_line", ["YWJj", "YWJj 12 extra", "not*base64 12", "YWJj twelve", "YWJj -3", "YQ== 0"])
 def test_malformed_tiktoken_line_names_file_and_line(tmp_path, bad_line):
-    pk.write_tiny_kimi_tokenizer(tmp_path)
+    builtin.write_kimi_tokenizer(tmp_path)
     path = tmp_path / "tiktoken.model"
     lines = path.read_text().splitlines()
     lines.insert(2, bad_line)  # becomes line 3
@@ -218,7 +219,7 @@ def test_rank_inside_special_block_is_rejected():
 
 
 def test_bad_tokenizer_config(tmp_path):
-    pk.write_tiny_kimi_tokenizer(tmp_path)
+    builtin.write_kimi_tokenizer(tmp_path)
     config = tmp_path / "tokenizer_config.json"
     config.write_text("{not json")
     with pytest.raises(ValueError, match="tokenizer_config.json: cannot read added_tokens_decoder"):

@@ -119,7 +119,38 @@ def test_both_layouts_load_the_same_weights(folders):
     a, b = (M.load(d, dtype=torch.float32) for d in folders)
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(p, q), n
-    assert a.model["language_model"].layers[0].mlp.experts.gate_up_proj.shape == (8, 32, 64)  # [E, 2I, H]
+    assert a.layers[0].mlp.experts.gate_up_proj.shape == (8, 32, 64)  # [E, 2I, H]
+
+
+def test_expert_layout_when_hidden_is_twice_the_expert_width(tmp_path):
+    """H == 2I: both dialects store gate_up_proj with the same shape, so only down_proj can tell them apart. Both
+    must load the oracle's weights and give its logits (a shape-guessing loader transposed gate_up here)."""
+    from qwen_oracle import image_prompt, mm_token_type_ids, pixels
+    hf, saved, hub = make_oracle(str(tmp_path), moe_intermediate_size=32)  # hidden 64 = 2 * 32
+    ids = torch.tensor([image_prompt([(1, 4, 4)])])
+    pv, thw = pixels([(1, 4, 4)])
+    with torch.no_grad():
+        ref = hf(input_ids=ids, mm_token_type_ids=mm_token_type_ids(ids), pixel_values=pv, image_grid_thw=thw).logits
+    for folder in (saved, hub):
+        ours = M.load(folder, dtype=torch.float32)
+        w = ours.layers[1].mlp.experts.gate_up_proj
+        assert w.shape == (8, 64, 64)
+        torch.testing.assert_close(w, hf.model.language_model.layers[1].mlp.experts.gate_up_proj)
+        with torch.no_grad():
+            out = ours(ids, pixel_values=pv, image_grid_thw=thw)
+        assert (out - ref).abs().max() <= 1e-4 * ref.abs().max(), folder
+
+
+def test_mixed_expert_layouts_are_refused(folders, tmp_path):
+    d = copy(folders[0], tmp_path)
+    f = os.path.join(d, "model.safetensors")
+    t = load_file(f)
+    name = "model.language_model.layers.2.mlp.experts.down_proj"
+    t[name] = t[name].transpose(1, 2).contiguous()  # this one layer in the hub's x @ W layout
+    save_file(t, f)
+    with pytest.raises(ValueError) as e:
+        M.load(d)
+    assert "mixes both expert layouts" in one_line(e)
 
 
 def test_peak_host_memory_near_weight_size(tmp_path):
@@ -130,7 +161,7 @@ def test_peak_host_memory_near_weight_size(tmp_path):
 import os, resource, sys, torch
 sys.path.insert(0, {ROOT!r})
 import model as M
-path = M.default_checkpoint()
+path = M.resolve_model(None)
 with torch.device("meta"):  # the first meta build imports torch's meta kernels: not part of loading
     M.Qwen3VLMoe(M.read_config(path))
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -140,7 +171,7 @@ size = sum(p.numel() * p.element_size() for p in m.parameters())
 print(base * 1024, peak * 1024, size, os.path.getsize(os.path.join(path, "model.safetensors")))
 """
     subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); import model; "
-                    "model.default_checkpoint()"], env=env, check=True)
+                    "model.resolve_model(None)"], env=env, check=True)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     base, peak, size, file_size = map(int, out.stdout.split())
     grew = peak - base

@@ -11,7 +11,9 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
+import model as M
 import processor as P
+import tiny as builtin
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "qwen3_vl_moe")
 TEMPLATE = os.path.join(FIXTURES, "chat_template_qwen3_vl_instruct.jinja")
@@ -23,7 +25,7 @@ SPECIAL_TOKENS = {k: v for k, v in json.load(open(os.path.join(FIXTURES, "specia
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("qwen_tiny")
-    P.write_tiny_tokenizer(str(d))
+    builtin.write_qwen_tokenizer(str(d))
     for name in ("config.json", "preprocessor_config.json"):
         shutil.copy(os.path.join(FIXTURES, name), d / name)
     return str(d)
@@ -171,17 +173,27 @@ def test_from_cli_and_modality(proc, model_dir, tmp_path):
     assert ids == tokenizer.encode(expected, add_special_tokens=False).ids
     special = {v for v in SPECIAL_TOKENS.values() if v <= 151656}  # Qwen marks tool/fim/think tokens non-special
     expected_modality = [1 if i in (151655, 151656) else 2 if i in special else 0 for i in ids]
-    assert out["modality"].tolist() == expected_modality
-    assert out["modality"].tolist().count(1) == n
+    assert model_modality(model_dir, out["input_ids"]).tolist() == expected_modality
+    assert expected_modality.count(1) == n
     assert proc.decode(out["input_ids"]) == "system\nBe brief.\nuser\nWhat is this?\nassistant\n"
 
 
-def test_modality_batched(proc):
+def model_modality(model_dir, ids, phase="prefill"):
+    """The model's token modalities, with its special tokens read from the checkpoint's tokenizer files."""
+    cfg = M.config_from_dict(builtin.qwen_config(), "tiny")
+    with torch.device("meta"):
+        model = M.Qwen3VLMoe(cfg)
+    model.special_ids = torch.tensor(sorted(set(P.special_token_ids(model_dir)) - set(cfg.media_token_ids)))
+    return model.modality(ids, phase)
+
+
+def test_modality_batched(model_dir):
     ids = torch.tensor([[151644, 100, 151655, 151656, 151657, 151667],
                         [151652, 151653, 151645, 151643, 5, 151654]])
     # <tool_call> 151657 and <think> 151667 are not marked special in Qwen's tokenizer, <|vision_pad|> is
     expected = torch.tensor([[2, 0, 1, 1, 0, 0], [2, 2, 2, 2, 0, 2]])
-    assert torch.equal(proc.modality_of(ids), expected)
+    assert torch.equal(model_modality(model_dir, ids), expected)
+    assert torch.equal(model_modality(model_dir, ids, "decode"), expected.masked_fill(expected == 1, 0))
 
 
 def test_ids_from_checkpoint_files(model_dir, tmp_path):
@@ -228,7 +240,7 @@ def test_gif_video_by_hand(proc, tmp_path):
         expected = torch.tensor([[COLOURS[fa][c] / 127.5 - 1, COLOURS[fb][c] / 127.5 - 1] for c in range(3)])
         for row in pixels[8 * g: 8 * g + 8]:
             assert torch.allclose(row.view(3, 2, 256), expected[:, :, None].expand(3, 2, 256), atol=1e-6)
-    assert out["modality"].tolist().count(1) == 4
+    assert (out["input_ids"] == 151656).sum() == 4
 
 
 def test_gif_prompt_matches_jinja_plus_expansion(proc, tmp_path):
@@ -312,7 +324,7 @@ def test_tiny_tokenizer_real_ids_and_roundtrip(model_dir, tmp_path):
     cfg = json.load(open(os.path.join(model_dir, "tokenizer_config.json")))
     assert cfg["chat_template"] == open(TEMPLATE).read()
     assert (cfg["eos_token"], cfg["pad_token"]) == ("<|im_end|>", "<|endoftext|>")
-    P.write_tiny_tokenizer(str(tmp_path))  # deterministic
+    builtin.write_qwen_tokenizer(str(tmp_path))  # deterministic
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert open(tmp_path / name, "rb").read() == open(os.path.join(model_dir, name), "rb").read()
 

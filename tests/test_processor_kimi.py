@@ -13,7 +13,9 @@ import tiktoken
 import torch
 from PIL import Image
 
+import model as M
 import processor as pk
+import tiny as builtin
 
 FIXTURES = Path(__file__).parent / "fixtures" / "kimi_vl"
 SPECIAL_JSON = json.loads((FIXTURES / "special_tokens.json").read_text())
@@ -37,7 +39,7 @@ def render_template(messages, add_generation_prompt=True):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny_kimi_proc")
-    pk.write_tiny_kimi_tokenizer(d)
+    builtin.write_kimi_tokenizer(d)
     shutil.copy(FIXTURES / "preprocessor_config.reconstructed.json", d / "preprocessor_config.json")
     shutil.copy(FIXTURES / "config.reconstructed.json", d / "config.json")
     return d
@@ -116,13 +118,22 @@ def test_input_ids_and_modality_match_reference(proc, ref_encoding, tmp_path):
     assert out["image_grid_hws"].tolist() == [[4, 8], [4, 4]]
     assert out["pixel_values"].shape == (32 + 16, 3, 14, 14) and out["pixel_values"].dtype == torch.float32
     modality = [1 if i == MEDIA_PAD_ID else 2 if FIRST_SPECIAL <= i <= LAST_SPECIAL else 0 for i in expected]
-    assert out["modality"].tolist() == modality
+    assert kimi_modality(proc, out["input_ids"]).tolist() == modality
     assert modality.count(1) == 12
 
 
-def test_modality_of_hand_built(proc):
+def kimi_modality(proc, ids):
+    """The model's token modalities with the special block the tokenizer names (what the loader reads)."""
+    cfg = M.config_from_dict(builtin.kimi_config(), "tiny")
+    with torch.device("meta"):
+        model = M.KimiVL(cfg)
+    model.special_ids = torch.tensor(sorted(set(proc.special_ids) - {MEDIA_PAD_ID}))
+    return model.modality(ids, "prefill")
+
+
+def test_modality_hand_built(proc):
     ids = torch.tensor([[5, 163605, 163586, 163700, 100, 163839], [163584, 0, 163583, 163605, 163604, 7]])
-    assert proc.modality_of(ids).tolist() == [[0, 1, 2, 2, 0, 2], [2, 0, 0, 1, 2, 0]]
+    assert kimi_modality(proc, ids).tolist() == [[0, 1, 2, 2, 0, 2], [2, 0, 0, 1, 2, 0]]
 
 
 def test_token_ids_from_the_checkpoint_files(proc):

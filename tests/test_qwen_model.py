@@ -132,7 +132,7 @@ def test_real_config_tensor_names_and_shapes():
         model = M.Qwen3VLMoe(cfg)
     params = dict(model.named_parameters())
     ours = {}
-    for name, (pname, _) in model.checkpoint_names().items():
+    for name, (pname, _) in M.checkpoint_names(model).items():
         shape = tuple(params[pname].shape)
         if name.endswith(("experts.gate_up_proj", "experts.down_proj")):  # hub stores x @ W
             shape = shape[:1] + shape[1:][::-1]
@@ -161,16 +161,49 @@ def test_both_config_dialects_agree():
 
 
 def test_token_importance_hand_example():
-    # one head, three tokens, causal: q·k = 0 everywhere, so each query spreads uniformly over what it sees
+    import router
+    # one head, three tokens, causal: q.k = 0 everywhere, so each query spreads uniformly over what it sees
     q = torch.zeros(1, 1, 3, 2)
     k = torch.zeros(1, 1, 3, 2)
-    mask = M.causal_mask(torch.arange(3), torch.ones(1, 3, dtype=torch.bool))
+    probs = router.attention_probs(q, k, None)
     x = torch.tensor([[[1.0, -1.0], [2.0, 0.0], [0.0, 3.0]]])  # L1 norms 2, 2, 3
     valid = torch.tensor([[True, True, False]])
-    got = M.token_importance(q, k, mask, x, valid)
+    got = router.token_importance(probs, x, None, valid)
     # token 0 receives 1 + 1/2 + 1/3 from its 3 viewers, token 1 receives 1/2 + 1/3 from 2
     assert torch.allclose(got[0, :2], torch.tensor([2 * (11 / 6) / 3, 2 * (5 / 6) / 2]))
     assert got[0, 2] == float("-inf")
+    # the same with the padded-prefill mask form
+    mask = M.causal_mask(torch.arange(3), torch.ones(1, 3, dtype=torch.bool))
+    torch.testing.assert_close(router.token_importance(router.attention_probs(q, k, mask), x, mask, valid), got)
+
+
+def test_fused_attention_forms_equal_the_masked_reference():
+    """attention() folds the GQA group into the query rows when it has a mask, and uses is_causal without one;
+    both equal plain masked softmax attention with K/V repeated per head, also for left-padded rows."""
+    g = torch.Generator().manual_seed(0)
+    B, h, h_kv, S, d = 2, 8, 2, 7, 16
+    q, k, v = (torch.randn(B, n, S, d, generator=g) for n in (h, h_kv, h_kv))
+
+    def reference(mask):
+        kk, vv = (t.repeat_interleave(h // h_kv, dim=1) for t in (k, v))
+        scores = (q @ kk.transpose(-1, -2)) / d ** 0.5
+        return scores.masked_fill(~mask, float("-inf")).softmax(-1) @ vv
+    causal = M.causal_mask(torch.arange(S), torch.ones(B, S, dtype=torch.bool))
+    torch.testing.assert_close(M.attention(q, k, v, None), reference(causal), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(M.attention(q, k, v, causal), reference(causal), rtol=1e-5, atol=1e-6)
+    valid = torch.ones(B, S, dtype=torch.bool)
+    valid[1, :3] = False  # row 1 left-padded
+    padded = M.causal_mask(torch.arange(S), valid)
+    torch.testing.assert_close(M.attention(q, k, v, padded), reference(padded), rtol=1e-5, atol=1e-6)
+    # a decode step: one query per row against a 12-slot cache whose last 4 slots are unwritten
+    key_valid = torch.ones(B, 12, dtype=torch.bool)
+    key_valid[:, 8:] = False
+    key_valid[1, :3] = False
+    step = M.causal_mask(torch.tensor([7]), key_valid)
+    kc, vc = (torch.randn(B, h_kv, 12, d, generator=g) for _ in range(2))
+    kk, vv = (t.repeat_interleave(h // h_kv, dim=1) for t in (kc, vc))
+    expected = ((q[:, :, :1] @ kk.transpose(-1, -2)) / d ** 0.5).masked_fill(~step, float("-inf")).softmax(-1) @ vv
+    torch.testing.assert_close(M.attention(q[:, :, :1], kc, vc, step), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_mcmoe_policy_gets_importance(oracle):

@@ -1,6 +1,7 @@
 """search.py: the frontier walk against exhaustive search (synthetic monotone functions and the tiny model),
 evaluation semantics, threshold files, refusals, and 2-rank torchrun against 1 rank."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -9,7 +10,10 @@ import pytest
 import torch
 
 import calibrate as C
+import cli
+import data as D
 import model as M
+import processor
 import router
 import search as S
 
@@ -69,25 +73,27 @@ def test_frontier_walks_down_once():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    path = M.default_checkpoint()
+    path = M.resolve_model("tiny-qwen")
     model = M.load(path, dtype=torch.float32)
-    proc = C.load_processor(path, model)
-    samples = C.synthetic_samples(3)
+    proc = processor.for_model(path, model.cfg.model_type)
+    samples = D.synthetic_samples(3)
     alpha = C.calibrate(model, proc, samples, batch_size=1, quiet=True)
     folder = tmp_path_factory.mktemp("search")
-    C.write_json_atomic(folder / "alpha.json", alpha)
-    evaluator = S.Evaluator(model, proc, samples, alpha, batch_size=1, quiet=True)
+    cli.write_json(folder / "alpha.json", alpha)
+    evaluator = S.Evaluator(model, proc, samples, router.alpha_table(alpha, model, "alpha"), batch_size=1,
+                            quiet=True)
     cache = {}
 
     def evaluate(t, v):  # shared by the tests below: every model evaluation happens once
         if (t, v) not in cache:
             cache[(t, v)] = evaluator(t, v)
         return cache[(t, v)]
-    return dict(model=model, path=path, alpha=alpha, folder=folder, evaluate=evaluate)
+    return dict(model=model, path=path, alpha=alpha, folder=folder, evaluate=evaluate, evaluator=evaluator)
 
 
 GRID_T = router.threshold_grid(4, x_max=0.71)
 GRID_V = router.threshold_grid(4, x_max=0.6)
+OFFICIAL = ["--text-range", "0", "0.71", "--vision-range", "0", "0.6"]  # the grids above, in the CLI
 
 
 def test_evaluation_at_zero_thresholds_is_the_unskipped_model(tiny):
@@ -113,27 +119,27 @@ def test_search_cli_output_and_load_thresholds(tiny):
     folder = tiny["folder"]
     args = S.parser().parse_args(["--model", tiny["path"], "--n", "3", "--batch-size", "1", "--grid", "4",
                                   "--target", "0.3", "--alpha", str(folder / "alpha.json"), "--out",
-                                  str(folder / "thresholds.json"), "--quiet"])
+                                  str(folder / "thresholds.json"), "--quiet", *OFFICIAL])
     S.main(args)
     doc = json.load(open(folder / "thresholds.json"))
     exhaustive, _ = S.search(tiny["evaluate"], GRID_T, GRID_V, 0.3, exhaustive=True, quiet=True)
     assert (doc["tau"]["text"], doc["tau"]["vision"]) == (float(GRID_T[exhaustive[0]]), float(GRID_V[exhaustive[1]]))
     assert doc["skip_ratio"]["all"] >= 0.3 and doc["search"]["evaluations"] == len(doc["evaluated"]) <= 12
     model = tiny["model"]
-    policy = S.load_thresholds(str(folder / "thresholds.json"), model)
+    policy = router.load_thresholds(str(folder / "thresholds.json"), model)
     assert isinstance(policy, router.MoDES)
     assert policy.tau.tolist() == pytest.approx([doc["tau"]["text"], doc["tau"]["vision"]])
-    assert torch.equal(policy.alpha, C.alpha_table(tiny["alpha"], len(model.layers)))
+    assert torch.equal(policy.alpha, router.alpha_table(tiny["alpha"], model, "alpha"))
     doc["model"]["fingerprint"] = "0" * 64
-    C.write_json_atomic(folder / "other.json", doc)
+    cli.write_json(folder / "other.json", doc)
     with pytest.raises(ValueError, match="other.json: made for another model"):
-        S.load_thresholds(str(folder / "other.json"), model)
+        router.load_thresholds(str(folder / "other.json"), model)
 
 
 def test_unreachable_target_is_reported(tiny, tmp_path):
     args = S.parser().parse_args(["--model", tiny["path"], "--n", "3", "--batch-size", "1", "--grid", "4",
                                   "--target", "0.999", "--alpha", str(tiny["folder"] / "alpha.json"), "--out",
-                                  str(tmp_path / "t.json"), "--quiet"])
+                                  str(tmp_path / "t.json"), "--quiet", *OFFICIAL])
     _, top = tiny["evaluate"](float(GRID_T[-1]), float(GRID_V[-1]))
     with pytest.raises(ValueError, match=rf"--target 0.999 is not reachable .* highest prefill skip ratio is "
                                          rf"{top['all']:.4f}"):
@@ -143,7 +149,7 @@ def test_unreachable_target_is_reported(tiny, tmp_path):
 
 def test_alpha_of_another_model_is_refused(tiny, tmp_path):
     doc = dict(tiny["alpha"], model=dict(tiny["alpha"]["model"], fingerprint="f" * 64))
-    C.write_json_atomic(tmp_path / "alpha.json", doc)
+    cli.write_json(tmp_path / "alpha.json", doc)
     args = S.parser().parse_args(["--model", tiny["path"], "--n", "2", "--alpha", str(tmp_path / "alpha.json"),
                                   "--out", str(tmp_path / "t.json"), "--quiet"])
     with pytest.raises(ValueError, match="alpha.json: made for another model"):
@@ -154,19 +160,62 @@ def test_two_ranks_give_the_same_alpha_and_tau(tiny, tmp_path):
     """torchrun with 2 gloo ranks calibrates (no alpha file yet) and searches; 1 rank gave tiny["alpha"]."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "search.py",
            "--model", tiny["path"], "--num-samples", "3", "--batch-size", "1", "--grid", "4", "--target", "0.3",
-           "--alpha", str(tmp_path / "alpha.json"), "--out", str(tmp_path / "thresholds.json"), "--quiet"]
+           "--alpha", str(tmp_path / "alpha.json"), "--out", str(tmp_path / "thresholds.json"), "--quiet", *OFFICIAL]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-3000:]
     alpha = json.load(open(tmp_path / "alpha.json"))
     assert alpha["calibration"]["world_size"] == 2
-    # the ranks run with one thread, this process may not: fp32 reductions then differ in the last bits
+    # the ranks run with one thread and half the batch, this process may not: fp32 sums then differ in the last
+    # bits, and a KL that is zero up to rounding (the last layer's vision ablation) differs absolutely
+    scale = max(r[m] for r in tiny["alpha"]["kl_sum"] for m in ("text", "vision"))
     for mine, ref in zip(alpha["kl_sum"] + alpha["layers"], tiny["alpha"]["kl_sum"] + tiny["alpha"]["layers"]):
         assert mine["layer"] == ref["layer"]
-        assert mine["text"] == pytest.approx(ref["text"], rel=1e-5, abs=1e-12)
-        assert mine["vision"] == pytest.approx(ref["vision"], rel=1e-5, abs=1e-12)
+        assert mine["text"] == pytest.approx(ref["text"], rel=1e-4, abs=1e-7 * scale)
+        assert mine["vision"] == pytest.approx(ref["vision"], rel=1e-4, abs=1e-7 * scale)
     doc = json.load(open(tmp_path / "thresholds.json"))
     exhaustive, points = S.search(tiny["evaluate"], GRID_T, GRID_V, 0.3, exhaustive=True, quiet=True)
     assert (doc["tau"]["text"], doc["tau"]["vision"]) == (float(GRID_T[exhaustive[0]]), float(GRID_V[exhaustive[1]]))
     assert doc["loss"] == pytest.approx(points[exhaustive][0], rel=1e-5)
     assert doc["skip_ratio"] == points[exhaustive][1]
+
+
+def test_default_grids_reach_the_ceiling(tiny):
+    """The grids end just above the largest alpha of each modality, so the last point skips every non-special
+    slot whatever alpha looks like; they start four decades lower, as the paper's do."""
+    evaluator, model = tiny["evaluator"], tiny["model"]
+    table = router.alpha_table(tiny["alpha"], model, "alpha")
+    grid_text, grid_vision, info = S.grids(S.parser().parse_args(["--grid", "5"]), table)
+    assert info["text"]["scale"] == pytest.approx(float(table[:, 0].max()), rel=1e-5)
+    assert float(grid_text[-1]) == pytest.approx(info["text"]["scale"])
+    assert float(grid_vision[0]) == pytest.approx(info["vision"]["scale"] * 2 / (1 + math.exp(10)))
+    low, high = evaluator(float(grid_text[0]), float(grid_vision[0]))[1], evaluator(float(grid_text[-1]),
+                                                                                     float(grid_vision[-1]))[1]
+    assert low["all"] < 0.5 < high["all"] == pytest.approx(evaluator.ceiling) and evaluator.ceiling < 1
+
+
+def test_interrupted_search_resumes_from_its_evaluations(tiny, tmp_path, monkeypatch):
+    argv = ["--model", tiny["path"], "--n", "3", "--batch-size", "1", "--grid", "4", "--target", "0.3",
+            "--alpha", str(tiny["folder"] / "alpha.json"), "--out", str(tmp_path / "t.json"), "--quiet", *OFFICIAL]
+    calls = []
+    real = S.Evaluator.__call__
+
+    def counting(self, t, v):
+        calls.append((t, v))
+        if len(calls) == 3 and not resumed:
+            raise KeyboardInterrupt
+        return real(self, t, v)
+    monkeypatch.setattr(S.Evaluator, "__call__", counting)
+    resumed = False
+    with pytest.raises(KeyboardInterrupt):
+        S.main(S.parser().parse_args(argv))
+    partial = json.load(open(tmp_path / "t.json.partial"))
+    assert len(partial["evaluated"]) == 2 and not (tmp_path / "t.json").exists()
+    resumed = True
+    calls.clear()
+    S.main(S.parser().parse_args(argv + ["--resume"]))
+    doc = json.load(open(tmp_path / "t.json"))
+    assert len(calls) == doc["search"]["evaluations"] - 2  # the two kept evaluations were not redone
+    assert not (tmp_path / "t.json.partial").exists()
+    exhaustive, _ = S.search(tiny["evaluate"], GRID_T, GRID_V, 0.3, exhaustive=True, quiet=True)
+    assert (doc["tau"]["text"], doc["tau"]["vision"]) == (float(GRID_T[exhaustive[0]]), float(GRID_V[exhaustive[1]]))

@@ -1,0 +1,184 @@
+"""What the command-line scripts share: one-line errors, argument and path checks made before the expensive work,
+atomic output files, a progress line, and torchrun data parallelism.
+
+Not a script: run model.py, calibrate.py, search.py or bench.py (each has --help).
+"""
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import unicodedata
+
+import torch
+import torch.distributed as dist
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors and checks
+
+
+def check(ok, message):
+    """Refuse bad input with one line (the scripts print it as `error: ...` and exit 2)."""
+    if not ok:
+        raise ValueError(message)
+
+
+def check_device(device):
+    """`device` as torch understands it, refused with one line when it does not exist on this machine."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device!r}: not a device (cpu, cuda, cuda:N)") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__})")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif d.type != "cpu":
+        raise ValueError(f"--device {device}: only cpu and cuda are supported")
+    return str(d)
+
+
+def check_output(path, what="--out"):
+    """Refuse an output path that cannot be written (a folder, a missing or read-only folder) before any work."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path}: is a folder, expected a file path")
+    if not os.path.isdir(folder):
+        raise ValueError(f"{what} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ValueError(f"{what} {path}: not writable")
+
+
+def printable(text):
+    """text with control characters other than newline and tab escaped, so a terminal shows what was generated."""
+    return "".join(c if c in "\n\t" or unicodedata.category(c) != "Cc" else repr(c)[1:-1] for c in text)
+
+
+def run(main, args):
+    """main(args); bad input ends as one `error: ...` line on stderr (rank 0 only) and exit status 2."""
+    try:
+        main(args)
+    except (OSError, ValueError) as e:
+        if is_main():
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        if is_main():
+            print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files
+
+
+def write_atomic(path, data: bytes):
+    """Write through a temporary file in the same folder, then rename: readers never see half a file, an earlier
+    file stays intact if writing fails, and nothing is left behind. The file gets the user's umask."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path, doc):
+    write_atomic(path, (json.dumps(doc, indent=1) + "\n").encode())
+
+
+def read_json(path, what):
+    """A JSON file's content; a missing, unreadable or malformed file is one line naming it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Progress
+
+
+class Progress:
+    """A status line on stderr: count, rate and time left, redrawn in place on a terminal; in a log (not a
+    terminal) one line every 10% or 60 s, and none with quiet or off rank 0. `total` may grow as work is found."""
+
+    def __init__(self, name, total, quiet=False):
+        self.name, self.total = name, total
+        self.quiet = quiet or not is_main()
+        self.tty = sys.stderr.isatty()
+        self.t0 = self.last = time.perf_counter()
+        self.last_done = 0
+
+    def update(self, done, note="", finished=False):
+        if self.quiet:
+            return
+        now = time.perf_counter()
+        if not finished:
+            if self.tty and now - self.last < 0.2:
+                return
+            if not self.tty and done - self.last_done < self.total / 10 and now - self.last < 60:
+                return
+        elapsed = now - self.t0
+        rate = done / elapsed if elapsed > 0 else 0.0
+        left = f", {(self.total - done) / rate:.0f} s left" if rate > 0 and not finished and done < self.total else ""
+        line = f"{self.name}: {done}/{self.total}{' ' + note if note else ''} | {rate:.2f}/s, {elapsed:.0f} s{left}"
+        print(("\r" + line + "\033[K") if self.tty else line, end="\n" if finished or not self.tty else "",
+              file=sys.stderr, flush=True)
+        self.last, self.last_done = now, done
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data parallelism under torchrun
+
+
+def init_distributed(device):
+    """(rank, world size, device) under torchrun (nccl on CUDA, gloo on CPU), else (0, 1, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), world, device
+
+
+def is_main():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def all_sum(t):
+    """t summed over ranks, in place."""
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def shard(items, rank, world):
+    """Rank's contiguous slice of items (the official code's split)."""
+    size = math.ceil(len(items) / world)
+    return items[rank * size:(rank + 1) * size]

@@ -1,0 +1,376 @@
+"""The built-in checkpoints, in the exact Hugging Face layout, so everything runs without downloading anything.
+
+- tiny-qwen, tiny-kimi: tiny Qwen3-VL-MoE and Kimi-VL with deterministic RANDOM weights (their text is noise),
+  the real vocabulary size and special-token ids, and small real-format tokenizers. Written on first use into
+  the cache folder ($MODES_CACHE, else ~/.cache/modes), safely when several processes start at once.
+- tiny-vqa: a tiny Qwen3-VL-MoE trained on the easy-vqa data set (train_vqa.py), shipped in checkpoints/tiny-vqa.
+
+Not a script: use `python model.py --model tiny-vqa ...` (or tiny-qwen, tiny-kimi) and the other scripts' --model.
+"""
+import base64
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from cli import write_atomic
+from processor import KIMI_PAT_STR, cache_dir
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+SHIPPED = {"tiny-vqa": os.path.join(ROOT, "checkpoints", "tiny-vqa")}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configs
+
+
+def qwen_config():
+    """config.json of tiny-qwen, in the hub dialect, with the real special-token ids."""
+    return {
+        "architectures": ["Qwen3VLMoeForConditionalGeneration"], "model_type": "qwen3_vl_moe",
+        "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+        "vision_end_token_id": 151653, "tie_word_embeddings": False,
+        "text_config": {
+            "model_type": "qwen3_vl_moe_text", "vocab_size": 151936, "hidden_size": 128, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "intermediate_size": 256,
+            "moe_intermediate_size": 64, "num_experts": 32, "num_experts_per_tok": 4, "norm_topk_prob": True,
+            "decoder_sparse_step": 1, "mlp_only_layers": [], "hidden_act": "silu", "rms_norm_eps": 1e-6,
+            "rope_theta": 5000000, "attention_bias": False, "max_position_embeddings": 32768,
+            "rope_scaling": {"rope_type": "default", "mrope_section": [6, 5, 5], "mrope_interleaved": True},
+            "bos_token_id": 151643, "eos_token_id": 151645, "dtype": "bfloat16"},
+        "vision_config": {
+            "model_type": "qwen3_vl_moe", "depth": 4, "hidden_size": 64, "num_heads": 4, "intermediate_size": 128,
+            "hidden_act": "gelu_pytorch_tanh", "in_channels": 3, "patch_size": 16, "temporal_patch_size": 2,
+            "spatial_merge_size": 2, "out_hidden_size": 128, "num_position_embeddings": 256,
+            "deepstack_visual_indexes": [1, 2, 3]},
+    }
+
+
+# the real Qwen3-VL preprocessor_config.json values
+QWEN_PREPROCESSOR = {"size": {"longest_edge": 16777216, "shortest_edge": 65536}, "patch_size": 16,
+                     "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5, 0.5, 0.5],
+                     "image_std": [0.5, 0.5, 0.5], "processor_class": "Qwen3VLProcessor",
+                     "image_processor_type": "Qwen2VLImageProcessorFast"}
+
+
+def kimi_config():
+    """config.json of tiny-kimi, with the real special-token ids and vocabulary size."""
+    return {
+        "architectures": ["KimiVLForConditionalGeneration"], "model_type": "kimi_vl",
+        "media_placeholder_token_id": 163605, "pad_token_id": 163839, "tie_word_embeddings": False,
+        "vision_config": {"model_type": "moonvit", "patch_size": 14, "num_attention_heads": 4,
+                          "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
+                          "init_pos_emb_height": 16, "init_pos_emb_width": 16, "merge_kernel_size": [2, 2]},
+        "text_config": {
+            "model_type": "deepseek_v3", "vocab_size": 163840, "hidden_size": 128, "intermediate_size": 256,
+            "moe_intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "n_shared_experts": 2,
+            "n_routed_experts": 16, "routed_scaling_factor": 2.446, "kv_lora_rank": 32, "q_lora_rank": None,
+            "qk_rope_head_dim": 16, "v_head_dim": 32, "qk_nope_head_dim": 32, "topk_method": "noaux_tc",
+            "n_group": 1, "topk_group": 1, "num_experts_per_tok": 4, "moe_layer_freq": 1,
+            "first_k_dense_replace": 1, "norm_topk_prob": True, "scoring_func": "sigmoid",
+            "num_key_value_heads": 4, "hidden_act": "silu", "rms_norm_eps": 1e-5, "rope_theta": 800000.0,
+            "rope_scaling": None, "attention_bias": False, "bos_token_id": 163584, "eos_token_id": 163585,
+            "pad_token_id": 163839, "tie_word_embeddings": False},
+    }
+
+
+# the real preprocessor_config.json values of Kimi-VL-A3B-Instruct
+KIMI_PREPROCESSOR = {"in_token_limit": 4096, "patch_size": 14, "num_pooled_tokens": 1024,
+                     "merge_kernel_size": [2, 2], "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+                     "pad_input": True, "image_processor_type": "KimiVLImageProcessor"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizers: small vocabularies in the real formats, with the real special tokens at their real ids
+
+
+# Added tokens of the Qwen3 tokenizer, in id order from 151643; True where tokenizer.json marks them "special".
+QWEN_ADDED_TOKENS = (
+    ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True), ("<|object_ref_start|>", True),
+    ("<|object_ref_end|>", True), ("<|box_start|>", True), ("<|box_end|>", True), ("<|quad_start|>", True),
+    ("<|quad_end|>", True), ("<|vision_start|>", True), ("<|vision_end|>", True), ("<|vision_pad|>", True),
+    ("<|image_pad|>", True), ("<|video_pad|>", True), ("<tool_call>", False), ("</tool_call>", False),
+    ("<|fim_prefix|>", False), ("<|fim_middle|>", False), ("<|fim_suffix|>", False), ("<|fim_pad|>", False),
+    ("<|repo_name|>", False), ("<|file_sep|>", False), ("<tool_response>", False), ("</tool_response>", False),
+    ("<think>", False), ("</think>", False),
+)
+QWEN_FIRST_ADDED_ID = 151643
+
+# Qwen2/Qwen3 pre-tokenizer split (contractions, letters, single digits, punctuation runs, newlines, spaces).
+QWEN_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                      r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+TINY_CORPUS = """\
+The user shows the assistant an image and asks: what is in this image? The assistant looks at the picture and
+answers in a short sentence. There is a cat on the table, a dog in the garden and a red car on the street.
+Describe the video. The video shows a person walking through the park; after ten seconds a bird flies over the
+water. How many people are in the photo? There are two people standing next to the window. What color is the sky?
+The sky is blue and the sun is bright. Please answer the question with a single word or a short phrase.
+You are a helpful assistant. The system gives instructions, the user asks questions, and the assistant replies.
+"""
+
+DEFAULT_CHAT_TEMPLATE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
+                                          "qwen3_vl_moe_chat_template.jinja")
+
+
+def write_qwen_tokenizer(out_dir, chat_template_path=DEFAULT_CHAT_TEMPLATE_PATH, vocab_size=512):
+    """Writes tokenizer.json + tokenizer_config.json: a deterministic byte-level BPE trained on TINY_CORPUS
+    (ids 0..~vocab_size) plus the real Qwen added tokens at their real ids 151643..151668.
+
+    tokenizers renumbers added tokens that the model vocabulary lacks, so the added tokens are also entered into
+    the BPE vocabulary at their real ids (no merge produces them, so ordinary text never maps to them).
+    """
+    if not os.path.isfile(chat_template_path):
+        raise FileNotFoundError(f"chat template not found: {chat_template_path}")
+    with open(chat_template_path, encoding="utf-8") as f:
+        chat_template = f.read()
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator([TINY_CORPUS], trainer)
+
+    spec = json.loads(tok.to_str())
+    added = []
+    for i, (content, special) in enumerate(QWEN_ADDED_TOKENS):
+        spec["model"]["vocab"][content] = QWEN_FIRST_ADDED_ID + i
+        added.append({"id": QWEN_FIRST_ADDED_ID + i, "content": content, "single_word": False, "lstrip": False,
+                      "rstrip": False, "normalized": False, "special": special})
+    spec["added_tokens"] = added
+    tok_config = {
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in added},
+        "bos_token": None,
+        "chat_template": chat_template,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        "model_max_length": 262144,
+        "pad_token": "<|endoftext|>",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    write_atomic(os.path.join(out_dir, "tokenizer.json"), json.dumps(spec, ensure_ascii=False, indent=1).encode())
+    write_atomic(os.path.join(out_dir, "tokenizer_config.json"),
+                 json.dumps(tok_config, ensure_ascii=False, indent=2).encode())
+
+
+
+KIMI_SPECIAL_TOKENS = {
+    163584: "[BOS]", 163585: "[EOS]", 163586: "<|im_end|>", 163587: "<|im_user|>", 163588: "<|im_assistant|>",
+    163590: "<|start_header_id|>", 163591: "<|end_header_id|>", 163593: "[EOT]", 163594: "<|im_system|>",
+    163601: "<|im_middle|>", 163602: "<|media_start|>", 163603: "<|media_content|>", 163604: "<|media_end|>",
+    163605: "<|media_pad|>", 163838: "[UNK]", 163839: "[PAD]",
+}
+
+KIMI_CHAT_TEMPLATE = """\
+{%- for message in messages -%}
+  {%- if loop.first and messages[0]['role'] != 'system' -%}
+    {{'<|im_system|>system<|im_middle|>You are a helpful assistant<|im_end|>'}}
+  {%- endif -%}
+  {%- if message['role'] == 'system' -%}
+    {{'<|im_system|>'}}
+  {%- endif -%}
+  {%- if message['role'] == 'user' -%}
+    {{'<|im_user|>'}}
+  {%- endif -%}
+  {%- if message['role'] == 'assistant' -%}
+    {{'<|im_assistant|>'}}
+  {%- endif -%}
+  {{- message['role'] -}}
+  {{'<|im_middle|>'}}
+  {%- if message['content'] is string -%}
+    {{- message['content'] + '<|im_end|>' -}}
+  {%- else -%}
+    {%- for content in message['content'] -%}
+      {%- if content['type'] == 'image' or 'image' in content or 'image_url' in content -%}
+        {{'<|media_start|>image<|media_content|><|media_pad|><|media_end|>'}}
+      {%- else -%}
+        {{content['text']}}
+      {%- endif -%}
+    {%- endfor -%}
+    {{'<|im_end|>'}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+  {{'<|im_assistant|>assistant<|im_middle|>'}}
+{%- endif -%}"""
+
+
+
+KIMI_TINY_CORPUS = """\
+The quick brown fox jumps over the lazy dog. The dog sleeps in the sun, and the fox runs into the forest.
+A picture of a cat sitting on a red chair next to a window. What is in the image? Describe the picture.
+There are two people standing in front of the building, and one of them is holding an umbrella.
+The answer is yes. The answer is no. How many apples are on the table? There are three apples on the table.
+Please answer the question using a single word or phrase. What color is the car? The car is blue.
+This is a test of the tokenizer. It should split the text into words, numbers like 2024 and 3.14159,
+and punctuation! Can't, won't, it's, they're, we've, I'm, you'll, he'd. Hello, world: hello again.
+def forward(self, x):\n    return self.linear(x) + x\n
+for i in range(10):\n    print(i * i)\n
+The model sees an image, reads the question, and then writes the answer one token at a time.
+The experts in each layer are chosen by the router, and some of them can be skipped for vision tokens.
+图像中有一只猫。这是一个测试。 Это тест токенизатора. Ceci est un test. これはテストです。
+"""
+
+
+def bpe_pieces(piece: bytes, ranks: dict) -> list:
+    """tiktoken's merge loop: repeatedly join the adjacent pair whose concatenation has the lowest rank."""
+    parts = [piece[i:i + 1] for i in range(len(piece))]
+    while len(parts) > 1:
+        best = min(range(len(parts) - 1), key=lambda i: ranks.get(parts[i] + parts[i + 1], math.inf))
+        if parts[best] + parts[best + 1] not in ranks:
+            break
+        parts[best:best + 2] = [parts[best] + parts[best + 1]]
+    return parts
+
+
+def train_tiny_ranks(text: str = KIMI_TINY_CORPUS, n_merges: int = 300) -> dict:
+    """Byte-level BPE training, deterministic (ties go to the smallest byte string).
+
+    A candidate token that tiktoken's merge loop would not rebuild from its own bytes is rejected, so every
+    rank is reachable.
+    """
+    splitter = pre_tokenizers.Split(Regex(KIMI_PAT_STR), behavior="isolated")
+    counts = Counter(p.encode() for p, _ in splitter.pre_tokenize_str(text))
+    ranks = {bytes([b]): b for b in range(256)}
+    words = {w: bpe_pieces(w, ranks) for w in counts}
+    rejected = set()
+    while len(ranks) < 256 + n_merges:
+        pairs = Counter()
+        for w, parts in words.items():
+            for a, b in zip(parts, parts[1:]):
+                if a + b not in ranks and a + b not in rejected:
+                    pairs[a + b] += counts[w]
+        if not pairs:
+            break
+        best = min(pairs, key=lambda t: (-pairs[t], t))
+        ranks[best] = len(ranks)
+        if bpe_pieces(best, ranks) != [best]:
+            del ranks[best]
+            rejected.add(best)
+            continue
+        words = {w: bpe_pieces(w, ranks) if best in w else parts for w, parts in words.items()}
+    return ranks
+
+
+def write_kimi_tokenizer(out_dir):
+    """Write tiktoken.model (256 bytes + ~300 learned merges) and tokenizer_config.json carrying the real Kimi
+    special tokens at their real ids (163584..163839) and the chat template. Deterministic byte for byte."""
+    out_dir = Path(out_dir)
+    ranks = train_tiny_ranks()
+    lines = [f"{base64.b64encode(t).decode()} {r}" for t, r in sorted(ranks.items(), key=lambda kv: kv[1])]
+    write_atomic(out_dir / "tiktoken.model", ("\n".join(lines) + "\n").encode())
+    entry = dict(lstrip=False, normalized=False, rstrip=False, single_word=False, special=True)
+    config = {
+        "added_tokens_decoder": {str(i): {"content": s, **entry} for i, s in sorted(KIMI_SPECIAL_TOKENS.items())},
+        "additional_special_tokens": ["<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|start_header_id|>",
+                                      "<|end_header_id|>", "[EOT]", "<|im_system|>", "<|im_middle|>"],
+        "bos_token": "[BOS]", "eos_token": "[EOS]", "pad_token": "[PAD]", "unk_token": "[UNK]",
+        "chat_template": KIMI_CHAT_TEMPLATE,
+        "tokenizer_class": "TikTokenTokenizer",
+    }
+    write_atomic(out_dir / "tokenizer_config.json", (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Random weights and the checkpoint folders
+
+
+def random_weights(model, seed=0):
+    """Variance-preserving random weights, drawn on the parameters' device. Routers are scaled up and share a
+    low-rank preference so that routing is peaked and uneven across experts, as in real Qwen3 routers (uniform
+    routing makes skipping degenerate)."""
+    with torch.no_grad():
+        for i, (name, p) in enumerate(model.named_parameters()):
+            g = torch.Generator(device=p.device).manual_seed(seed * 100003 + i)
+            if p.ndim == 1:
+                p.normal_(generator=g).mul_(0.05).add_(1.0 if "norm" in name else 0.0)
+            elif name.endswith("mlp.gate.weight"):
+                E, H = p.shape
+                popular = torch.randn(E, 1, generator=g, device=p.device) @ torch.randn(1, H, generator=g,
+                                                                                      device=p.device)
+                p.copy_((2.0 * torch.randn(E, H, generator=g, device=p.device) + popular) / H ** 0.5)
+            else:
+                fan_in = p.shape[-1] if p.ndim != 5 else p[0].numel()
+                p.normal_(generator=g).mul_(fan_in ** -0.5)
+    return model
+
+
+def vocabulary(folder):
+    """Ids the tokenizer written in `folder` can produce: its regular tokens and its special tokens."""
+    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        with open(os.path.join(folder, "tokenizer.json")) as f:
+            return list(json.load(f)["model"]["vocab"].values())
+    with open(os.path.join(folder, "tiktoken.model")) as f:
+        ranks = sum(1 for line in f if line.strip())
+    with open(os.path.join(folder, "tokenizer_config.json")) as f:
+        return list(range(ranks)) + [int(i) for i in json.load(f)["added_tokens_decoder"]]
+
+
+RANDOM = {"tiny-qwen": ("tiny-qwen3-vl-moe-v2", qwen_config, QWEN_PREPROCESSOR, write_qwen_tokenizer),
+          "tiny-kimi": ("tiny-kimi-vl-v2", kimi_config, KIMI_PREPROCESSOR, write_kimi_tokenizer)}
+CHECKPOINTS = tuple(RANDOM) + tuple(SHIPPED)
+
+
+def random_weights_note(name):
+    """The line the scripts print beside generated text when `name` is a built-in random-weight model."""
+    name = name or "tiny-qwen"
+    if name in RANDOM:
+        return (f"note: {name} has random weights, so its text is noise; --model tiny-vqa is a tiny model trained "
+                f"on easy-vqa shape questions")
+    return None
+
+
+def checkpoint(name, build, save):
+    """The folder of built-in checkpoint `name`. A random one is written on first use: build(raw config) -> model
+    (model.py passes its builder and save_checkpoint, so this file does not import model.py). It is made in a
+    temporary folder and renamed into place, so concurrent first users (torchrun ranks) never see half of it:
+    whoever renames first wins, the others discard their copy."""
+    if name in SHIPPED:
+        if not os.path.isfile(os.path.join(SHIPPED[name], "model.safetensors")):
+            raise FileNotFoundError(f"{SHIPPED[name]}: the shipped {name} checkpoint is missing from this copy")
+        return SHIPPED[name]
+    folder_name, make_config, preprocessor, write_tokenizer = RANDOM[name]
+    cache = cache_dir()
+    path = os.path.join(cache, folder_name)
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        return path
+    os.makedirs(cache, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=cache, prefix=".tmp-")
+    try:
+        raw = make_config()
+        model = random_weights(build(raw))
+        write_tokenizer(tmp)
+        unused = torch.ones(model.cfg.vocab_size, dtype=torch.bool)
+        unused[vocabulary(tmp)] = False
+        with torch.no_grad():
+            model.lm_head.weight[unused] = 0.0  # like the real padding rows: ids the tokenizer lacks are unlikely
+            model.lm_head.weight[~unused] *= 6.0  # peaked next-token distributions, as in a trained model
+        save(model, raw, tmp)
+        with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
+            json.dump(preprocessor, f, indent=2)
+        os.chmod(tmp, 0o755)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not os.path.isfile(os.path.join(path, "model.safetensors")):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
