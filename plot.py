@@ -1,0 +1,594 @@
+"""
+PNG plots of the pipeline's JSON artifacts, remade from the files alone (nothing is rerun).
+
+Each JSON file is recognised by its content, and gives one or more plot kinds:
+
+    alpha     calibrate.py's alpha file (format modes-alpha/1): alpha per MoE layer, text and vision
+    search    search.py's thresholds file (format modes-thresholds/1): every evaluated (tau_text, tau_vision),
+              coloured by skip ratio and by KL, the feasible set, the walk, the chosen point, and the walk's
+              evaluations drawn on the full D x D grid
+    skip      any file carrying `skip_per_layer` (model.py --json, bench.py rows): skip ratio per decoder layer x
+              modality, prefill and decode
+    bench     bench.py --json speed rows: vision + LM prefill and decode ms per policy, against the decode floor
+    fidelity  bench.py --fidelity --json: accuracy, retention, answer KL and top-1 agreement against skip ratio per
+              policy; the files of several --target values make the curves (the paper's Figure 1)
+
+A PNG is named after its source file and kind (`alpha.json` -> `alpha.alpha.png`); the fidelity files given together
+make one plot, `fidelity.png` when there are several. Figures have fixed sizes at 100 dpi (FIGSIZE), so a PNG's
+pixel size is known in advance. matplotlib is needed only to draw and is imported there, never at import time.
+
+Examples
+    python plot.py runs/                                     # every artifact in runs/, PNGs written next to them
+    python plot.py runs/ --out plots/
+    python plot.py fid-0.3.json fid-0.5.json fid-0.7.json --out plots/     # fidelity curves over three targets
+    python plot.py alpha.json --alpha-scale log
+    python -c "import json, plot; plot.plot_alpha(json.load(open('alpha.json')), 'alpha.png')"
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+
+import numpy as np
+
+# copied, not imported: calibrate.py and search.py import torch, which drawing does not need
+ALPHA_FORMAT = "modes-alpha/1"
+THRESHOLDS_FORMAT = "modes-thresholds/1"
+
+DPI = 100
+FIGSIZE = {"alpha": (10, 5), "skip": (12, 6), "search": (18, 6), "bench": (12, 5), "fidelity": (12, 9)}
+# fixed rc settings: a user's matplotlibrc (savefig.bbox: tight, another dpi or style) must not change the PNGs
+STYLE = {"savefig.bbox": "standard", "savefig.dpi": DPI, "font.size": 10, "axes.titlesize": 11,
+         "figure.titlesize": 13, "axes.grid": False, "legend.fontsize": 9}
+MATPLOTLIB_MISSING = "plotting needs matplotlib (pip install matplotlib)"
+
+POLICY_LABELS = {"full": "unskipped", "modes": "MoDES (GMLG + DMT)", "reduce-k": "reduce-k", "threshold": "threshold",
+                 "threshold+gmlg": "threshold + GMLG", "dmt": "DMT without GMLG", "naee": "NAEE", "mc-moe": "MC-MoE",
+                 "diep": "DiEP"}
+MODALITY_COLORS = {"text": "tab:blue", "vision": "tab:orange"}
+
+
+class ArtifactError(ValueError):
+    """A JSON artifact that cannot be drawn; the message is one line saying what is wrong."""
+
+
+# also a ValueError: the scripts' command lines turn ValueError into one `error:` line, and --plot should too
+class MissingMatplotlib(ImportError, ValueError):
+    pass
+
+
+def require_matplotlib():
+    """Fail now with the one-line message, e.g. before a long run whose result is to be plotted."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        raise MissingMatplotlib(MATPLOTLIB_MISSING) from e
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading fields: every problem becomes one ArtifactError naming the field by its JSON path
+
+
+def field(obj, key, where=""):
+    name = f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}" if where else key
+    if isinstance(key, int):
+        if not isinstance(obj, list) or not 0 <= key < len(obj):
+            raise ArtifactError(f"missing field {name!r}")
+    elif not isinstance(obj, dict) or key not in obj:
+        raise ArtifactError(f"missing field {name!r}")
+    return obj[key], name
+
+
+def number(obj, key, where="", optional=False):
+    """A finite number; optional ones may be absent or null, as the scripts write where nothing was measured."""
+    if optional and (not isinstance(obj, dict) or obj.get(key) is None):
+        return None
+    value, name = field(obj, key, where)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ArtifactError(f"field {name!r} is {value!r}, expected a finite number")
+    return float(value)
+
+
+def listing(obj, key, where=""):
+    value, name = field(obj, key, where)
+    if not isinstance(value, list) or not value:
+        raise ArtifactError(f"field {name!r} should be a non-empty list")
+    return value, name
+
+
+def read_artifact(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path}: not JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except UnicodeDecodeError:
+        raise ArtifactError(f"{path}: not JSON (not UTF-8 text)") from None
+
+
+def runs_with_skip(doc):
+    """(label, skip_per_layer, its JSON path) of every run in doc: model.py --json has one, bench.py files one per
+    row."""
+    if not isinstance(doc, dict):
+        return []
+    if "skip_per_layer" in doc:
+        return [("generation", doc["skip_per_layer"], "skip_per_layer")]
+    key = "fidelity" if "fidelity" in doc else "rows"
+    rows = doc.get(key)
+    if not isinstance(rows, list):
+        return []
+    return [(str(r.get("policy", f"row {i}")), r["skip_per_layer"], f"{key}[{i}].skip_per_layer")
+            for i, r in enumerate(rows) if isinstance(r, dict) and "skip_per_layer" in r]
+
+
+def kinds(doc):
+    """(plot kinds in doc, why none) by content: the format field, else the keys bench.py and model.py write."""
+    if not isinstance(doc, dict):
+        return [], f"a JSON {type(doc).__name__}, not an object"
+    fmt = doc.get("format")
+    if fmt == ALPHA_FORMAT:
+        return ["alpha"], None
+    if fmt == THRESHOLDS_FORMAT:
+        return ["search"], None
+    # bench.py and model.py write no format field yet: known by their keys, which also covers one added later
+    found = ["fidelity"] if "fidelity" in doc else ["bench"] if "rows" in doc else []
+    found += ["skip"] if runs_with_skip(doc) else []
+    if found:
+        return found, None
+    return [], f"format {fmt!r} has no plot" if fmt is not None else "no format, rows, fidelity or skip_per_layer field"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Drawing
+
+
+@contextlib.contextmanager
+def drawing(kind, path):
+    """A pyplot-free Figure of the kind's fixed size on the Agg canvas (no GUI backend, no global figure list),
+    saved on exit to a temporary file in path's folder and renamed over path, so a reader never sees half a PNG."""
+    try:
+        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise MissingMatplotlib(MATPLOTLIB_MISSING) from e
+    with matplotlib.rc_context(STYLE):
+        fig = Figure(figsize=FIGSIZE[kind], dpi=DPI, layout="constrained")
+        FigureCanvasAgg(fig)
+        yield fig
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+        try:
+            fig.savefig(tmp, format="png", dpi=DPI)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def plain_log_labels(*axes):
+    """Log axes (ax.xaxis, a colorbar's long axis) labelled 1e-03, 2e-03 ... rather than with mathtext powers of ten:
+    as readable, and mathtext took most of a figure's drawing time."""
+    from matplotlib.ticker import LogFormatter
+    for axis in axes:
+        axis.set_major_formatter(LogFormatter())
+        axis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
+
+
+def no_data(ax, text):
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_alpha(doc, path, scale="auto"):
+    """Grouped bars of alpha per MoE layer, text and vision, against the uniform share 1/L. scale "auto" turns to a
+    log axis when the non-negligible values span more than two decades."""
+    rows, where = listing(doc, "layers")
+    layers = [int(number(r, "layer", f"{where}[{i}]")) for i, r in enumerate(rows)]
+    alpha = {m: [number(r, m, f"{where}[{i}]") for i, r in enumerate(rows)] for m in ("text", "vision")}
+    peak = max(max(v) for v in alpha.values())
+    # below 1e-6 of the peak is numerical zero, e.g. the last layer's vision alpha: removing those experts cannot
+    # reach the answer tokens, so its KL is rounding noise and should not decide the axis
+    visible = [a for v in alpha.values() for a in v if a > 1e-6 * peak]
+    log = bool(visible) and (scale == "log" or (scale == "auto" and max(visible) / min(visible) > 100))
+    half = len(layers) // 2 or 1
+    shallow = {m: sum(v[:half]) / (sum(v) or 1) for m, v in alpha.items()}
+    model = doc.get("model") or {}
+    calib = doc.get("calibration") or {}
+    data = doc.get("data") or {}
+    with drawing("alpha", path) as fig:
+        ax = fig.add_subplot()
+        x = np.arange(len(layers))
+        for k, m in enumerate(("text", "vision")):
+            ax.bar(x + (k - 0.5) * 0.4, alpha[m], width=0.4, color=MODALITY_COLORS[m], label=f"{m} tokens")
+            for i, a in enumerate(alpha[m]):
+                if a <= 1e-6 * peak:  # no visible bar: say it is zero rather than missing
+                    ax.annotate("≈0", (x[i] + (k - 0.5) * 0.4, 0), xytext=(0, 3), textcoords="offset points",
+                                xycoords=("data", "axes fraction"), ha="center", color=MODALITY_COLORS[m])
+        ax.axhline(1 / len(layers), color="0.3", ls="--", lw=1, label=f"uniform 1/L = {1 / len(layers):.3g}")
+        ax.set_xticks(x, [str(layer) for layer in layers], rotation=90 if len(layers) > 24 else 0)
+        ax.set_xlabel("decoder layer (MoE layers only)")
+        ax.set_ylabel("alpha (share of the modality's removal KL, sums to 1)" + (", log" if log else ""))
+        if log:
+            ax.set_yscale("log")
+            plain_log_labels(ax.yaxis)
+            ax.set_ylim(bottom=min(visible) / 2)
+        ax.legend(loc="upper right")
+        ax.set_title(f"first {half} of {len(layers)} MoE layers hold {shallow['text']:.0%} of text alpha, "
+                     f"{shallow['vision']:.0%} of vision alpha")
+        fig.suptitle(f"Layer importance alpha: {model.get('model_type', 'model')}, {data.get('n', '?')} samples, "
+                     f"{calib.get('answer_tokens', '?')} answer tokens, removal {calib.get('removal', '?')}")
+    return path
+
+
+def skip_table(spl, where):
+    """{phase: [3, L] array of text, vision, all skip ratios (NaN where nothing was counted)} of one run."""
+    table, length = {}, None
+    for phase in ("prefill", "decode"):
+        part, name = field(spl, phase, where)
+        rows = []
+        for m in ("text", "vision", "all"):
+            values, vname = listing(part, m, name)
+            if length not in (None, len(values)):
+                raise ArtifactError(f"field {vname!r} has {len(values)} layers, expected {length}")
+            length = len(values)
+            rows.append([np.nan if v is None else number(values, i, vname) for i, v in enumerate(values)])
+        table[phase] = np.array(rows)
+    return table
+
+
+def plot_skip(doc, path):
+    """Heatmaps, prefill and decode side by side: decoder layer across, one band of text / vision / all rows per
+    run (the generation of model.py --json, or each bench.py row)."""
+    runs = runs_with_skip(doc)
+    if not runs:
+        raise ArtifactError("missing field 'skip_per_layer' (at the top or in rows)")
+    tables = [skip_table(spl, where) for _, spl, where in runs]
+    n_layers = tables[0]["prefill"].shape[1]
+    for table, (_, _, where) in zip(tables, runs):
+        if table["prefill"].shape[1] != n_layers:
+            raise ArtifactError(f"field {where!r} has {table['prefill'].shape[1]} layers, {runs[0][2]!r} {n_layers}")
+    names = [f"{label} · {m}" for label, _, _ in runs for m in ("text", "vision", "all")]
+    with drawing("skip", path) as fig:
+        import matplotlib
+        cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.85")
+        axes = fig.subplots(1, 2, sharey=True)
+        for ax, phase in zip(axes, ("prefill", "decode")):
+            grid = np.concatenate([table[phase] for table in tables])
+            image = ax.imshow(grid, cmap=cmap, vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+            if grid.size <= 200:  # values are legible only in a small table
+                for (r, c), v in np.ndenumerate(grid):
+                    if not np.isnan(v):
+                        ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=8,
+                                color="black" if v > 0.6 else "white")
+            for r in range(3, len(names), 3):
+                ax.axhline(r - 0.5, color="white", lw=3)
+            ax.set_xticks(range(n_layers), [str(i) for i in range(n_layers)], fontsize=8 if n_layers > 30 else 10)
+            ax.set_xlabel("decoder layer")
+            ax.set_title(phase)
+        axes[0].set_yticks(range(len(names)), names)
+        fig.colorbar(image, ax=axes, label="skip ratio (skipped / routed top-k slots)", shrink=0.9)
+        fig.suptitle("Skipped expert slots per layer and modality (grey: nothing counted: a dense layer, or no "
+                     "tokens of that modality)")
+    return path
+
+
+def plot_search(doc, path):
+    """Three panels: evaluated (tau_text, tau_vision) coloured by prefill skip ratio, the same by KL, and the
+    evaluations on the D x D index grid. Feasible points (skip >= target) are ringed; the line is the frontier
+    walk in evaluation order (not drawn for --exhaustive, whose order is a raster scan)."""
+    points, where = listing(doc, "evaluated")
+    keys = ("i_text", "i_vision", "tau_text", "tau_vision", "kl", "skip")
+    ev = {k: np.array([number(p, k, f"{where}[{i}]") for i, p in enumerate(points)]) for k in keys}
+    target = number(doc, "target_skip")
+    tau, _ = field(doc, "tau")
+    chosen_tau = (number(tau, "text", "tau"), number(tau, "vision", "tau"))
+    search, _ = field(doc, "search")
+    method, _ = field(search, "method", "search")
+    D = int(number(field(search, "grid", "search")[0], "n", "search.grid"))
+    if not all(0 <= i < D for i in (*ev["i_text"], *ev["i_vision"])):
+        raise ArtifactError(f"field {where!r} has grid indices outside 0..{D - 1} (search.grid.n = {D})")
+    match = np.flatnonzero((ev["tau_text"] == chosen_tau[0]) & (ev["tau_vision"] == chosen_tau[1]))
+    if len(match) == 0:
+        raise ArtifactError(f"the chosen tau {chosen_tau} is not among the evaluated points")
+    best = match[0]
+    feasible = ev["skip"] >= target
+    walk = method == "frontier"
+    loss = number(doc, "loss")
+    with drawing("search", path) as fig:
+        from matplotlib.colors import ListedColormap, LogNorm
+        from matplotlib.lines import Line2D
+        from matplotlib.patches import Patch
+        axes = fig.subplots(1, 3)
+        positive = ev["kl"][ev["kl"] > 0]
+        # a KL of exactly 0 (nothing skipped) has no place on a log scale: it is drawn at the smallest positive one
+        kl_floor = positive.min() if len(positive) else 1e-12
+        kl_norm = LogNorm(vmin=kl_floor, vmax=max(ev["kl"].max(), kl_floor * 10))
+        log_tau = bool((ev["tau_text"] > 0).all() and (ev["tau_vision"] > 0).all())
+        for ax, values, label, cmap, norm in (
+                (axes[0], ev["skip"], "prefill skip ratio (skipped / routed slots)", "viridis", None),
+                (axes[1], np.maximum(ev["kl"], kl_floor), "mean answer-token KL (nats)", "magma_r", kl_norm)):
+            if walk:
+                ax.plot(ev["tau_text"], ev["tau_vision"], color="0.6", lw=1, zorder=1)
+            dots = ax.scatter(ev["tau_text"], ev["tau_vision"], c=values, s=40, zorder=2, cmap=cmap, norm=norm)
+            ax.scatter(ev["tau_text"][feasible], ev["tau_vision"][feasible], s=110, facecolors="none",
+                       edgecolors="black", lw=1.2, zorder=3)
+            ax.scatter(*chosen_tau, marker="*", s=320, color="red", edgecolors="black", zorder=4)
+            if log_tau:
+                ax.set_xscale("log")
+                ax.set_yscale("log")
+                plain_log_labels(ax.xaxis, ax.yaxis)
+            ax.set_xlabel("tau_text" + (" (log)" if log_tau else ""))
+            ax.set_ylabel("tau_vision" + (" (log)" if log_tau else ""))
+            bar = fig.colorbar(dots, ax=ax, label=label)
+        plain_log_labels(bar.ax.yaxis)  # the KL colour bar
+        axes[0].set_title("evaluated points by skip ratio")
+        axes[1].set_title("evaluated points by loss")
+        handles = [Line2D([], [], ls="", marker="o", mfc="none", mec="black", ms=10,
+                          label=f"feasible: skip >= {target:g}"),
+                   Line2D([], [], ls="", marker="*", color="red", mec="black", ms=14, label="chosen")]
+        if walk:
+            handles.insert(1, Line2D([], [], color="0.6", label="walk, in evaluation order"))
+        axes[0].legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3)
+
+        state = np.zeros((D, D))  # [i_vision, i_text]: 0 not evaluated, 1 short of the target, 2 feasible
+        state[ev["i_vision"].astype(int), ev["i_text"].astype(int)] = np.where(feasible, 2, 1)
+        ax = axes[2]
+        ax.imshow(state, origin="lower", cmap=ListedColormap(["0.94", "tab:orange", "tab:green"]), vmin=0, vmax=2,
+                  interpolation="nearest", extent=(-0.5, D - 0.5, -0.5, D - 0.5))
+        if D <= 40:  # cell borders help only while cells are big enough to see
+            ax.set_xticks(np.arange(-0.5, D, 1), minor=True)
+            ax.set_yticks(np.arange(-0.5, D, 1), minor=True)
+            ax.grid(which="minor", color="white", lw=0.8)
+            ax.tick_params(which="minor", length=0)
+        if walk:
+            ax.plot(ev["i_text"], ev["i_vision"], color="black", lw=1, marker=".", ms=4)
+        ax.scatter(ev["i_text"][best], ev["i_vision"][best], marker="*", s=320, color="red", edgecolors="black",
+                   zorder=4)
+        ax.set_xlabel("tau_text grid index i")
+        ax.set_ylabel("tau_vision grid index j")
+        ax.set_aspect("equal")
+        ax.set_title(f"{method} search: {len(points)} evaluations\nof the D² = {D * D} grid points (D = {D})")
+        ax.legend(handles=[Patch(color="tab:green", label="feasible"),
+                           Patch(color="tab:orange", label="short of target"),
+                           Patch(color="0.94", label="not evaluated")], loc="upper center",
+                  bbox_to_anchor=(0.5, -0.13), ncol=3)
+        fig.suptitle(f"Threshold search at target skip {target:g}: chosen tau_text {chosen_tau[0]:.4g}, "
+                     f"tau_vision {chosen_tau[1]:.4g}, KL {loss:.4g}, skip {ev['skip'][best]:.3f}")
+    return path
+
+
+def plot_bench(doc, path):
+    """Two panels, a bar per policy: time to first token split into vision tower and LM prefill, and decode
+    ms/token with its floor (the bytes a step must read at the measured copy bandwidth)."""
+    rows, where = listing(doc, "rows")
+    bars = []
+    for i, r in enumerate(rows):
+        w = f"{where}[{i}]"
+        bars.append(dict(policy=str(field(r, "policy", w)[0]), decode=number(r, "decode_ms", w),
+                         **{k: number(r, k, w, optional=True) for k in ("vision_ms", "prefill_ms", "decode_floor_ms",
+                                                                        "skip_prefill_all", "skip_decode_all")}))
+        if bars[-1]["prefill_ms"] is None:  # the transformers row: only a time to first token
+            bars[-1]["ttft_ms"] = number(r, "ttft_ms", w)
+    with drawing("bench", path) as fig:
+        ax_pre, ax_dec = fig.subplots(1, 2)
+        x = np.arange(len(bars))
+        ticks = [b["policy"] + ("" if b["skip_prefill_all"] is None else f"\nskip {b['skip_prefill_all']:.2f} / "
+                                + ("-" if b["skip_decode_all"] is None else f"{b['skip_decode_all']:.2f}"))
+                 for b in bars]
+        for i, b in enumerate(bars):
+            if b["prefill_ms"] is None:
+                ax_pre.bar(i, b["ttft_ms"], color="0.7", hatch="//", label="time to first token (not split)")
+                total = b["ttft_ms"]
+            else:
+                vision = b["vision_ms"] or 0.0
+                ax_pre.bar(i, vision, color=MODALITY_COLORS["vision"], label="vision tower")
+                ax_pre.bar(i, b["prefill_ms"], bottom=vision, color=MODALITY_COLORS["text"], label="LM prefill")
+                total = vision + b["prefill_ms"]
+            ax_pre.text(i, total, f"{total:.1f}", ha="center", va="bottom")
+            ax_dec.bar(i, b["decode"], color="tab:purple", label="decode step, measured")
+            ax_dec.text(i, b["decode"], f"{b['decode']:.2f}", ha="center", va="bottom")
+            floor = b["decode_floor_ms"]
+            if floor is not None:
+                ax_dec.hlines(floor, i - 0.4, i + 0.4, color="black", lw=2.5,
+                              label="floor: bytes a step reads / copy bandwidth")
+                ax_dec.text(i, floor, f"floor {floor:.2f} ms\n= {100 * floor / b['decode']:.0f}% of measured",
+                            ha="center", va="bottom", fontsize=8,
+                            bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=1))
+        for ax, title, label in ((ax_pre, "prefill: time to first token", "ms (median)"),
+                                 (ax_dec, "decode step", "ms per token (median)")):
+            ax.set_xticks(x, ticks)
+            ax.set_ylabel(label)
+            ax.set_title(title)
+            ax.margins(y=0.1)
+        ax_pre.set_xlabel("policy (skip ratio prefill / decode)")
+        ax_dec.set_xlabel("policy (skip ratio prefill / decode)")
+        unique = {}  # one legend entry per label, not per bar
+        for ax in (ax_pre, ax_dec):
+            unique.update((label, h) for h, label in zip(*ax.get_legend_handles_labels()))
+        fig.legend(unique.values(), unique.keys(), loc="outside lower center", ncol=len(unique))
+        fig.suptitle(f"Speed per policy: {doc.get('model_type', 'model')} on {doc.get('device', '?')}, "
+                     f"{doc.get('dtype', '?')}, batch {doc.get('batch', '?')}, prompt {doc.get('prompt_tokens', '?')} "
+                     f"tokens ({doc.get('visual_tokens', '?')} visual), median of {doc.get('repeats', '?')}")
+    return path
+
+
+def fidelity_points(doc):
+    """(policy, point) of each row of one bench.py --fidelity document; accuracy, retention and calib_skip may be
+    null or absent."""
+    rows, where = listing(doc, "fidelity")
+    out = []
+    for i, r in enumerate(rows):
+        w = f"{where}[{i}]"
+        policy, _ = field(r, "policy", w)
+        point = dict(skip=number(field(r, "skip", w)[0], "all", f"{w}.skip"), kl=number(r, "kl", w),
+                     top1=number(r, "top1", w),
+                     **{k: number(r, k, w, optional=True) for k in ("accuracy", "retention", "calib_skip")})
+        out.append((str(policy), point))
+    return out
+
+
+def plot_fidelity(docs, path):
+    """Accuracy, retention, answer KL and top-1 agreement against the held-out skip ratio, one curve per policy
+    over the fidelity files (one per --target). The unskipped row is a dashed reference line; a policy whose
+    accuracy is null (--no-accuracy) is drawn in the KL and top-1 panels only."""
+    if not docs:
+        raise ArtifactError("no fidelity documents")
+    curves, full, reached = {}, {}, []
+    for d, doc in enumerate(docs):
+        try:
+            points = fidelity_points(doc)
+        except ArtifactError as e:
+            raise ArtifactError(f"fidelity document {d}: {e}" if len(docs) > 1 else str(e)) from None
+        for policy, point in points:
+            if policy == "full":
+                full = point
+                continue
+            if policy == "modes" and point["calib_skip"] is not None:
+                reached.append(point["calib_skip"])
+            curves.setdefault(policy, []).append(point)
+    panels = (("accuracy", "exact-match accuracy", "accuracy (fraction of samples)", False),
+              ("retention", "retention", "accuracy / unskipped accuracy (%)", False),
+              ("kl", "answer KL against the unskipped model", "mean answer-token KL (nats, log)", True),
+              ("top1", "top-1 agreement with the unskipped model", "agreeing answer tokens (fraction)", False))
+    with drawing("fidelity", path) as fig:
+        import matplotlib
+        colors = [c for i, c in enumerate(matplotlib.colormaps["tab10"].colors) if i != 3]  # red is MoDES's
+        axes = fig.subplots(2, 2).ravel()
+        for ax, (key, title, label, log) in zip(axes, panels):
+            drawn = False
+            for k, (policy, pts) in enumerate(curves.items()):
+                pts = sorted((p for p in pts if p[key] is not None and (p[key] > 0 or not log)),
+                             key=lambda p: p["skip"])
+                if not pts:
+                    continue
+                mine = policy == "modes"  # MoDES stands out, as in the paper's Figure 1
+                ax.plot([p["skip"] for p in pts], [p[key] for p in pts], marker="*" if mine else "o",
+                        ms=11 if mine else 5, lw=2.5 if mine else 1.2, zorder=3 if mine else 2,
+                        color="red" if mine else colors[(k - 1) % len(colors)],
+                        label=POLICY_LABELS.get(policy, policy))
+                drawn = True
+            if not drawn:
+                why = {"accuracy": "no data: accuracy not measured\n(bench.py --no-accuracy)",
+                       "retention": "no data: retention needs a nonzero\nunskipped accuracy"}.get(key, "no data")
+                no_data(ax, why)
+                ax.set_title(title)
+                continue
+            if full.get(key) is not None and not log:
+                ax.axhline(full[key], color="0.3", ls="--", lw=1, label="unskipped")
+            if log:
+                ax.set_yscale("log")
+                plain_log_labels(ax.yaxis)
+            ax.set_xlabel("prefill skip ratio, held-out (skipped / routed slots)")
+            ax.set_ylabel(label)
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+        legend = max((ax.get_legend_handles_labels() for ax in axes), key=lambda hl: len(hl[0]))
+        if legend[0]:
+            fig.legend(*legend, loc="outside right center")
+        fitted = ", ".join(f"{s:.2f}" for s in sorted(reached)) or "?"
+        fig.suptitle(f"Fidelity against skip ratio: every baseline fitted to MoDES's calibration skip ratio "
+                     f"({fitted})")
+    return path
+
+
+def png_name(source, kind, out_dir=None):
+    stem = os.path.splitext(os.path.basename(source))[0]
+    return os.path.join(out_dir if out_dir is not None else os.path.dirname(source), f"{stem}.{kind}.png")
+
+
+def draw(path, doc, found, out_dir, alpha_scale="auto"):
+    """The plots of the given kinds of the document read from path; errors name the file."""
+    plots = {"alpha": lambda d, out: plot_alpha(d, out, alpha_scale), "search": plot_search, "skip": plot_skip,
+             "bench": plot_bench, "fidelity": lambda d, out: plot_fidelity([d], out)}
+    try:
+        return [plots[kind](doc, png_name(path, kind, out_dir)) for kind in found]
+    except ArtifactError as e:
+        raise ArtifactError(f"{path}: {e}") from None
+
+
+def plot_artifact(path, out_dir, alpha_scale="auto"):
+    """Every plot of the JSON file at path, written to out_dir as <stem>.<kind>.png; the list of written paths."""
+    doc = read_artifact(path)
+    found, why = kinds(doc)
+    if not found:
+        raise ArtifactError(f"{path}: not a MoDES artifact ({why})")
+    return draw(path, doc, found, out_dir, alpha_scale)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def json_files(paths):
+    """(file, named directly) for each path, a folder giving its *.json files in name order."""
+    out = []
+    for p in paths:
+        if os.path.isdir(p):
+            found = sorted(os.path.join(p, f) for f in os.listdir(p) if f.endswith(".json"))
+            if not found:
+                raise ArtifactError(f"{p}: no .json files")
+            out += [(f, False) for f in found]
+        elif os.path.isfile(p):
+            out.append((p, True))
+        else:
+            raise ArtifactError(f"{p}: no such file or folder")
+    return out
+
+
+def main(args):
+    require_matplotlib()  # first, so that a missing install is the only line printed
+    drawn, fidelity = 0, []
+    for path, direct in json_files(args.paths):
+        doc = read_artifact(path)
+        found, why = kinds(doc)
+        if not found:
+            if direct:
+                raise ArtifactError(f"{path}: not a MoDES artifact ({why})")
+            print(f"note: skipped {path}: not a MoDES artifact ({why})", file=sys.stderr)
+        if "fidelity" in found:  # drawn together below, each file one point of every curve; checked now by file
+            try:
+                fidelity_points(doc)
+            except ArtifactError as e:
+                raise ArtifactError(f"{path}: {e}") from None
+            fidelity.append((path, doc))
+        for out in draw(path, doc, [k for k in found if k != "fidelity"], args.out, args.alpha_scale):
+            print(f"wrote {out}")
+            drawn += 1
+    if fidelity:
+        first = fidelity[0][0]
+        out = (png_name(first, "fidelity", args.out) if len(fidelity) == 1 else
+               os.path.join(args.out if args.out is not None else os.path.dirname(first), "fidelity.png"))
+        if len({doc.get("source") for _, doc in fidelity}) > 1:
+            print("note: the fidelity files come from different models; drawn together anyway", file=sys.stderr)
+        print(f"wrote {plot_fidelity([doc for _, doc in fidelity], out)}")
+        drawn += 1
+    if not drawn:
+        raise ArtifactError(f"{', '.join(args.paths)}: no MoDES artifacts to plot")
+
+
+def parser():
+    p = argparse.ArgumentParser(description="PNG plots of calibrate.py, search.py, bench.py and model.py JSON files.")
+    p.add_argument("paths", nargs="+", help="artifact folders (their *.json files) or JSON files")
+    p.add_argument("--out", help="folder for the PNGs (default: next to each JSON file)")
+    p.add_argument("--alpha-scale", default="auto", choices=["auto", "linear", "log"],
+                   help="alpha axis; auto is log when the values span more than two decades")
+    return p
+
+
+def cli(argv=None):
+    """The command line's exit status: 0, or 2 after one `error:` line (bad input, matplotlib missing)."""
+    try:
+        main(parser().parse_args(argv))
+    except (ArtifactError, MissingMatplotlib, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,181 @@
+"""plot.py: every plot kind from real artifacts, the folder command, and its one-line errors.
+
+The fixtures in fixtures/artifacts were made by the scripts on the tiny built-in checkpoints (2-core CPU):
+    python calibrate.py --n 8 --out alpha.json                 (and --model tiny-kimi --out alpha-kimi.json)
+    python search.py --n 8 --grid 12 --target T --alpha alpha.json --out thresholds-T.json      T = 0.3, 0.5, 0.6
+    python search.py --n 8 --grid 12 --target 0.5 --alpha alpha.json --exhaustive --out thresholds-0.5-exhaustive.json
+    python bench.py --policy full,threshold --decode-steps 4 --repeats 2 --json bench.json
+    python bench.py --fidelity --thresholds thresholds-T.json --eval-n 4 --json fidelity-T.json
+(of the thresholds files only T = 0.5 is kept). bench-skip.json is bench.json with `skip_per_layer` added to each
+row, from router.SkipStats.summary()'s per-layer part of the same untimed pass bench.py counts its skip ratios in;
+generate-kimi.json is model.py's --json report of a tiny-kimi generation with MoDES (alpha-kimi.json, both taus
+0.03) plus `skip_per_layer` (layer 0 is dense, hence null). That field is the one the scripts will write.
+"""
+import importlib.util
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+
+import pytest
+
+import plot
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "artifacts")
+FIDELITY = ["fidelity-0.3.json", "fidelity-0.5.json", "fidelity-0.6.json"]
+KINDS = {"alpha.json": ["alpha"], "alpha-kimi.json": ["alpha"], "bench.json": ["bench"],
+         "bench-skip.json": ["bench", "skip"], "generate-kimi.json": ["skip"], "thresholds-0.5.json": ["search"],
+         "thresholds-0.5-exhaustive.json": ["search"], **{f: ["fidelity"] for f in FIDELITY}}
+
+# drawing needs matplotlib, and so does the command line, which checks for it before reading anything
+needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="needs matplotlib")
+
+
+def load(name):
+    with open(os.path.join(FIXTURES, name)) as f:
+        return json.load(f)
+
+
+def png_size(path):
+    """(width, height) from the PNG signature and IHDR chunk."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR", f"{path} is not a PNG"
+    return struct.unpack(">II", head[16:24])
+
+
+def expected_size(kind):
+    w, h = plot.FIGSIZE[kind]
+    return round(w * plot.DPI), round(h * plot.DPI)
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "plot.py"), *args], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def test_fixtures_are_recognised_and_small():
+    assert sorted(KINDS) == sorted(f for f in os.listdir(FIXTURES) if f.endswith(".json"))
+    for name, kinds in KINDS.items():
+        assert plot.kinds(load(name)) == (kinds, None), name
+        assert os.path.getsize(os.path.join(FIXTURES, name)) < 100_000, name
+
+
+@needs_matplotlib
+@pytest.mark.parametrize("kind, draw", [  # the other fixtures are drawn by the tests below
+    ("alpha", lambda out: plot.plot_alpha(load("alpha-kimi.json"), out)),
+    ("skip", lambda out: plot.plot_skip(load("generate-kimi.json"), out)),
+    ("search", lambda out: plot.plot_search(load("thresholds-0.5-exhaustive.json"), out)),
+    ("bench", lambda out: plot.plot_bench(load("bench.json"), out)),
+])
+def test_each_plot_is_a_png_of_its_fixed_size(tmp_path, kind, draw):
+    out = str(tmp_path / f"{kind}.png")
+    assert draw(out) == out
+    assert png_size(out) == expected_size(kind)
+    assert os.listdir(tmp_path) == [f"{kind}.png"]  # the temporary file was renamed, nothing left behind
+
+
+@needs_matplotlib
+def test_fidelity_without_accuracy(tmp_path):
+    docs = [load(f) for f in FIDELITY]
+    for row in docs[0]["fidelity"]:  # as bench.py --no-accuracy writes
+        row["accuracy"] = row["retention"] = None
+    docs[1]["fidelity"][3]["accuracy"] = None  # one policy unscored: drawn in the KL and top-1 panels only
+    out = str(tmp_path / "fidelity.png")
+    assert png_size(plot.plot_fidelity(docs, out)) == expected_size("fidelity")
+    only_full = [dict(docs[0], fidelity=docs[0]["fidelity"][:1])]  # no curve at all: empty panels, no legend
+    assert png_size(plot.plot_fidelity(only_full, out)) == expected_size("fidelity")
+
+
+@needs_matplotlib
+def test_folder_command_makes_every_plot(tmp_path, capsys, monkeypatch):
+    import matplotlib
+    art, out = tmp_path / "artifacts", tmp_path / "plots"
+    art.mkdir()
+    chosen = ["alpha.json", "bench-skip.json", "thresholds-0.5.json", *FIDELITY]  # every kind once
+    for name in chosen:
+        shutil.copy(os.path.join(FIXTURES, name), art)
+    (art / "notes.json").write_text('{"hello": 1}')
+    (art / "alpha.partial.json").write_text('{"format": "modes-alpha-partial/1", "steps_done": 1}')
+    for key, value in (("savefig.bbox", "tight"), ("savefig.dpi", 37), ("figure.dpi", 37)):
+        monkeypatch.setitem(matplotlib.rcParams, key, value)  # a user's matplotlibrc must not change the size
+    assert plot.cli([str(art), "--out", str(out)]) == 0
+    result = capsys.readouterr()
+    # files in name order, then the one plot the fidelity files make together
+    expected = ["alpha.alpha.png", "bench-skip.bench.png", "bench-skip.skip.png", "thresholds-0.5.search.png",
+                "fidelity.png"]
+    assert result.out.splitlines() == [f"wrote {out / name}" for name in expected]
+    assert sorted(os.listdir(out)) == sorted(expected)
+    for name, kind in zip(expected, ["alpha", "bench", "skip", "search", "fidelity"]):
+        assert png_size(out / name) == expected_size(kind)
+    assert result.err.splitlines() == [
+        f"note: skipped {art / 'alpha.partial.json'}: not a MoDES artifact (format 'modes-alpha-partial/1' has no "
+        "plot)",
+        f"note: skipped {art / 'notes.json'}: not a MoDES artifact (no format, rows, fidelity or skip_per_layer field)"]
+
+
+@needs_matplotlib
+def test_plot_artifact_returns_what_it_wrote(tmp_path):
+    written = plot.plot_artifact(os.path.join(FIXTURES, "bench-skip.json"), str(tmp_path))
+    assert written == [str(tmp_path / "bench-skip.bench.png"), str(tmp_path / "bench-skip.skip.png")]
+    assert [png_size(p) for p in written] == [expected_size("bench"), expected_size("skip")]
+
+
+def test_import_does_not_load_matplotlib():
+    code = "import sys, plot; sys.exit('matplotlib' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=60).returncode == 0
+
+
+def test_missing_matplotlib_is_one_line(tmp_path, monkeypatch):
+    fake = tmp_path / "fake" / "matplotlib"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('No module named matplotlib')\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "fake"))
+    result = run_cli(FIXTURES, "--out", str(tmp_path / "plots"), env=env)
+    assert result.returncode == 2
+    assert result.stderr == "error: plotting needs matplotlib (pip install matplotlib)\n"
+    assert result.stdout == "" and not (tmp_path / "plots").exists()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # the library raises the same message
+    for call in (plot.require_matplotlib, lambda: plot.plot_alpha(load("alpha.json"), str(tmp_path / "a.png"))):
+        # a ValueError too: the scripts' command lines print it as their one `error:` line
+        with pytest.raises(ValueError, match=r"^plotting needs matplotlib \(pip install matplotlib\)$") as e:
+            call()
+        assert isinstance(e.value, plot.MissingMatplotlib)
+    assert not (tmp_path / "a.png").exists()
+
+
+@needs_matplotlib
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not JSON (Expecting property name enclosed in double quotes at line 1 column 2)"),
+    ('{"format": "modes-thresholds/9"}', "not a MoDES artifact (format 'modes-thresholds/9' has no plot)"),
+    ("[1, 2]", "not a MoDES artifact (a JSON list, not an object)"),
+    ('{"format": "modes-alpha/1", "layers": [{"layer": 0, "text": 0.5}]}', "missing field 'layers[0].vision'"),
+    ('{"rows": [{"policy": "full", "prefill_ms": "fast", "decode_ms": 1}]}',
+     "field 'rows[0].prefill_ms' is 'fast', expected a finite number"),
+    ('{"skip_per_layer": {"prefill": {"text": [0.5], "vision": [null], "all": [0.5]}}}',
+     "missing field 'skip_per_layer.decode'"),
+])
+def test_bad_input_is_one_line(tmp_path, capsys, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    assert plot.cli([str(path), "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: {path}: {message}\n"
+    assert list(tmp_path.iterdir()) == [path]
+
+
+@needs_matplotlib
+def test_bad_input_exits_2_without_traceback(tmp_path, capsys):
+    path = tmp_path / "bad.json"
+    path.write_text("{not json")
+    result = run_cli(str(path))
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == f"error: {path}: not JSON (Expecting property name enclosed in double quotes at line 1 " \
+                            "column 2)\n"
+    assert plot.cli([str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'nowhere'}: no such file or folder\n"
+    (tmp_path / "empty").mkdir()
+    assert plot.cli([str(tmp_path / "empty")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'empty'}: no .json files\n"
