@@ -474,6 +474,9 @@ def check_args(args):
     args.cuda_graph = args.device.startswith("cuda") if args.cuda_graph is None else args.cuda_graph
     cli.check(not args.cuda_graph or args.device.startswith("cuda"), "--cuda-graph needs a CUDA --device")
     cli.check(not args.plot or args.json, "--plot DIR draws from the --json FILE: give both")
+    if args.plot:  # now, not after a long run
+        import plot
+        plot.require_matplotlib()
     if args.json:
         cli.check_output(args.json, "--json")
 

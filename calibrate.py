@@ -285,6 +285,9 @@ def check_args(args):
     cli.check(args.n is None or args.n >= 1, f"--n must be >= 1, got {args.n}")
     cli.check(args.start >= 0, f"--start must be >= 0, got {args.start}")
     args.device = cli.check_device(args.device)
+    if args.plot:  # now, not after a long run
+        import plot
+        plot.require_matplotlib()
 
 
 def load_model(args):

@@ -305,3 +305,10 @@ def kl_sum(logits_p, logits_q):
     too large for fp32's exp falls back to fp64."""
     kl = _kl(logits_p.float(), logits_q.float())
     return kl if torch.isfinite(kl) else _kl(logits_p.double(), logits_q.double())
+
+
+
+
+if __name__ == "__main__":
+    print("data.py is a library (the calibration and evaluation data), not a script:\n"
+          "run model.py, calibrate.py, search.py, bench.py or plot.py (each has --help)")

@@ -253,3 +253,10 @@ class DecodeStep:
             self.logits = self.fn(self.token)
         for t, old in zip(written, saved):
             t.copy_(old)
+
+
+
+
+if __name__ == "__main__":
+    print("kernels.py is a library (the expert kernels and the compiled decode step), not a script:\n"
+          "run model.py, calibrate.py, search.py, bench.py or plot.py (each has --help)")

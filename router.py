@@ -453,3 +453,10 @@ def load_thresholds(path, model) -> MoDES:
     for m in ("text", "vision"):
         check(_number(tau.get(m)), f"{path}: tau.{m} must be a finite number >= 0, got {tau.get(m)!r}")
     return MoDES(tau["text"], tau["vision"], alpha_table(doc, model, path))
+
+
+
+
+if __name__ == "__main__":
+    print("router.py is a library (the skip policies and their alpha / thresholds files), not a script:\n"
+          "run model.py, calibrate.py, search.py, bench.py or plot.py (each has --help)")

@@ -374,3 +374,10 @@ def checkpoint(name, build, save):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+
+
+if __name__ == "__main__":
+    print("tiny.py is a library (the built-in checkpoints tiny-qwen, tiny-kimi, tiny-vqa), not a script:\n"
+          "run model.py, calibrate.py, search.py, bench.py or plot.py (each has --help)")
