@@ -187,5 +187,5 @@ def shard(items, rank, world):
 
 
 if __name__ == "__main__":
-    print("cli.py is a library (the scripts' shared command-line plumbing), not a script:\n"
-          "run model.py, calibrate.py, search.py, bench.py or plot.py (each has --help)")
+    print("cli.py is a library (the scripts' shared command-line plumbing); not a script: run "
+          "model.py, calibrate.py, search.py, bench.py or plot.py (each has --help)")

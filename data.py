@@ -310,5 +310,5 @@ def kl_sum(logits_p, logits_q):
 
 
 if __name__ == "__main__":
-    print("data.py is a library (the calibration and evaluation data), not a script:\n"
-          "run model.py, calibrate.py, search.py, bench.py or plot.py (each has --help)")
+    print("data.py is a library (the calibration and evaluation data); not a script: run "
+          "model.py, calibrate.py, search.py, bench.py or plot.py (each has --help)")

@@ -258,5 +258,5 @@ class DecodeStep:
 
 
 if __name__ == "__main__":
-    print("kernels.py is a library (the expert kernels and the compiled decode step), not a script:\n"
-          "run model.py, calibrate.py, search.py, bench.py or plot.py (each has --help)")
+    print("kernels.py is a library (the expert kernels and the compiled decode step); not a script: run "
+          "model.py, calibrate.py, search.py, bench.py or plot.py (each has --help)")

@@ -1042,5 +1042,5 @@ def for_model(path, model_type):
 
 
 if __name__ == "__main__":
-    print("processor.py is a library (prompts, tokenizers, image and video preprocessing), not a script:\n"
-          "run model.py, calibrate.py, search.py, bench.py or plot.py (each has --help)")
+    print("processor.py is a library (prompts, tokenizers, image and video preprocessing); not a script: run "
+          "model.py, calibrate.py, search.py, bench.py or plot.py (each has --help)")

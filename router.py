@@ -458,5 +458,5 @@ def load_thresholds(path, model) -> MoDES:
 
 
 if __name__ == "__main__":
-    print("router.py is a library (the skip policies and their alpha / thresholds files), not a script:\n"
-          "run model.py, calibrate.py, search.py, bench.py or plot.py (each has --help)")
+    print("router.py is a library (the skip policies and their alpha / thresholds files); not a script: run "
+          "model.py, calibrate.py, search.py, bench.py or plot.py (each has --help)")

@@ -379,5 +379,5 @@ def checkpoint(name, build, save):
 
 
 if __name__ == "__main__":
-    print("tiny.py is a library (the built-in checkpoints tiny-qwen, tiny-kimi, tiny-vqa), not a script:\n"
-          "run model.py, calibrate.py, search.py, bench.py or plot.py (each has --help)")
+    print("tiny.py is a library (the built-in checkpoints tiny-qwen, tiny-kimi, tiny-vqa); not a script: run "
+          "model.py, calibrate.py, search.py, bench.py or plot.py (each has --help)")
