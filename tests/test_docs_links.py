@@ -271,3 +271,35 @@ def test_the_checks_catch_what_they_are_for():
     assert [p.split(": ", 1)[1] for p in path_problems(doc, text)] == [
         "path `benchmarks/nothing.py` does not exist in the repository",
         "path `../../shared/spec/` is outside the repository"]
+
+
+def definition_length(file: str, name: str) -> int:
+    """Source lines of a top-level function or class, or of one member of a class."""
+    outer, _, member = name.partition(".")
+    for node in ast.parse((ROOT / file).read_text(encoding="utf-8")).body:
+        if getattr(node, "name", None) == outer:
+            if member:
+                node = next(n for n in node.body if getattr(n, "name", None) == member)
+            return node.end_lineno - node.lineno + 1
+    raise LookupError(f"{file} defines no {name}")
+
+
+GUIDE_ROW = re.compile(r"^\|.*\|\s*((?:`[\w./-]+\.py:\s*[\w.]+`,?\s*)+)\|\s*([\d,\s]+)\|\s*$")
+
+
+def test_reading_guide_gives_each_definition_its_length():
+    """docs/method.md's tables give the length of every definition they point to: they must stay true."""
+    problems, checked = [], 0
+    for line in (ROOT / "docs" / "method.md").read_text(encoding="utf-8").splitlines():
+        m = GUIDE_ROW.match(line)
+        if not m:
+            continue
+        refs = re.findall(r"`([\w./-]+\.py):\s*([\w.]+)`", m.group(1))
+        lengths = [int(n) for n in m.group(2).split(",")]
+        assert len(refs) == len(lengths), f"docs/method.md: one length per reference: {line}"
+        for (file, name), n in zip(refs, lengths):
+            checked += 1
+            actual = definition_length(file, name)
+            if actual != n:
+                problems.append(f"docs/method.md: `{file}: {name}` is {actual} lines long, the guide says {n}")
+    assert checked >= 40 and problems == []
