@@ -5,6 +5,7 @@ process, which holds the whole model.
 """
 import json
 import os
+import resource
 import subprocess
 import sys
 
@@ -55,17 +56,16 @@ def compute(name, shard):
                                           stats=stats, **batch.pixels) if tag != "mc-moe" else None,
                         counts=stats.counts.clone())
     router.uninstall(model)
-    experts = model.layers[1].mlp.experts
+    experts, attn = model.layers[1].mlp.experts, model.layers[1].self_attn
     out["own"] = dict(first=experts.first, gate_up_proj=experts.gate_up_proj.clone(),
-                      embed_rows=model.embed_tokens.weight[[0, -1]].clone(), k_proj=model.layers[1].self_attn.k_proj
-                      .weight.clone() if name == "tiny-qwen" else model.layers[1].self_attn.kv_b_proj.weight.clone())
+                      embed_rows=model.embed_tokens.weight[[0, -1]].clone(),
+                      heads=(attn.k_proj if name == "tiny-qwen" else attn.kv_b_proj).weight.clone())
     return out
 
 
 def load_memory(name, shard):
     """(growth of the peak RSS while this rank loads its part, bytes of its parameters, bytes of the whole model's)
     in fp32; first thing in a fresh process."""
-    import resource
     cfg = M.read_config(M.resolve_model(name))
     with torch.device("meta"):  # the first meta build imports torch's meta kernels: not part of loading
         whole = M.MODELS[type(cfg)](cfg)
@@ -108,6 +108,7 @@ def ranks(launch):
 
 @pytest.fixture(scope="module")
 def whole():
+    """The same computations with the whole model, in this process."""
     return {name: compute(name, M.Shard()) for name in NAMES}
 
 
@@ -170,10 +171,10 @@ def test_each_rank_loads_only_its_part(ranks, whole, name):
             # attention heads: Qwen's 2 kv heads, one per rank; Kimi's 4 heads of kv_b_proj, two per rank
             if name == "tiny-qwen":
                 k = f.get_tensor("model.language_model.layers.1.self_attn.k_proj.weight")
-                assert torch.equal(own["k_proj"], k.view(2, -1, k.shape[1])[r])
+                assert torch.equal(own["heads"], k.view(2, -1, k.shape[1])[r])
             else:
                 kv_b = f.get_tensor("language_model.model.layers.1.self_attn.kv_b_proj.weight")
-                assert torch.equal(own["k_proj"], kv_b.view(WORLD, -1, kv_b.shape[1])[r])
+                assert torch.equal(own["heads"], kv_b.view(WORLD, -1, kv_b.shape[1])[r])
 
 
 def test_loading_memory_is_a_rank_share(ranks):
@@ -188,6 +189,22 @@ def test_loading_memory_is_a_rank_share(ranks):
               f"{(whole_bytes + file_bytes) / 2**20:.1f} MiB)")
         assert loaded < 0.55 * whole_bytes
         assert grew < 0.6 * (whole_bytes + file_bytes)
+
+
+@torch.no_grad()
+def test_more_ranks_than_kv_heads():
+    """tiny-qwen has 2 kv heads: over 4 ranks each pair of ranks keeps the kv head its query heads use, and the 4
+    ranks' partial attention outputs (before the all-reduce, so no processes are needed) sum to the whole one's."""
+    path = M.resolve_model("tiny-qwen")
+    whole = M.load(path, "cpu", torch.float32)
+    h, ctx = whole.embed(torch.randint(0, 500, (2, 7)))
+    total = 0
+    for r in range(4):
+        attn = M.load(path, "cpu", torch.float32, M.Shard(r, 4)).layers[1].self_attn
+        q, k, v = attn.project(h, ctx)  # [B, 1, S, d], [B, 1, S, d]
+        assert q.shape[1] == 1 and k.shape[1] == 1
+        total = total + attn.o_proj(M.attention(q, k, v, ctx.mask).transpose(1, 2).flatten(2))
+    torch.testing.assert_close(total, whole.layers[1].self_attn(h, ctx), rtol=1e-5, atol=1e-5)
 
 
 def test_model_py_command_line(launch):
