@@ -9,7 +9,8 @@ compiled decode graph serves them all. Every number is a median over --repeats r
 time is reported apart); on CUDA each timing is synchronised. Decode GB/s counts the bytes a step must read (all
 non-expert weights, the kept experts, the KV cache); its floor is those bytes at the bandwidth measured by a
 device copy. The header records the machine (CPU model or GPU, cores, threads, BLAS). The last stdout line is one
-JSON object.
+JSON object. Under torchrun the ranks run one model together (model.py's Shard) and rank 0 reports: weights,
+memory and the decode roofline are then per rank (assuming the kept slots spread evenly over the experts).
 
 Examples
     python bench.py                                                  # tiny built-in checkpoint, CPU
@@ -19,8 +20,11 @@ Examples
         --policy full,modes
     python bench.py --config configs/qwen3_vl_30b_a3b.json --random-weights --device cuda --dtype bfloat16 \
         --policy full,threshold --target 0.88 --batch 8 --image-size 1280 --text-tokens 400
+    torchrun --nproc_per_node 4 bench.py --config configs/qwen3_vl_235b_a22b.json --random-weights --device cuda \
+        --dtype bfloat16 --policy full,threshold                  # one model over 4 GPUs
 """
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -88,18 +92,18 @@ def machine(device):
     return info
 
 
-def build(args):
+def build(args, shard):
     """(model, source, load seconds, host peak growth)."""
     dtype = cli.DTYPES[args.dtype]
     before = host_peak_bytes()
     if args.config:
         def make():
-            return tiny.random_weights(M.build(M.read_config(args.config), args.device, dtype)).eval()
+            return tiny.random_weights(M.build(M.read_config(args.config), args.device, dtype, shard)).eval()
         (model, seconds), source = timed(make, args.device), args.config
         model.requires_grad_(False)
     else:
         source = M.resolve_model(args.model)
-        model, seconds = timed(lambda: M.load(source, device=args.device, dtype=dtype), args.device)
+        model, seconds = timed(lambda: M.load(source, args.device, dtype, shard), args.device)
     return M.set_expert_impl(model, args.expert_impl), source, seconds, host_peak_bytes() - before
 
 
@@ -216,8 +220,9 @@ def check_graph(model, step, cache, ids, pixels, args):
 
 
 def roofline(model, args, row, bandwidth, context):
-    """Bytes a decode step must read and FLOPs of the prefill, from the shapes and the measured kept fraction."""
-    cfg = model.cfg
+    """Bytes a decode step must read and FLOPs of the prefill, from the shapes and the measured kept fraction (of
+    this rank's part of a model split over ranks)."""
+    cfg, world = model.cfg, model.shard.world
     elem = torch.finfo(cli.DTYPES[args.dtype]).bits // 8
     moe = [model.layers[i].mlp for i in router.moe_layers(model)]
     E, two_i, H = moe[0].experts.gate_up_proj.shape
@@ -227,16 +232,17 @@ def roofline(model, args, row, bandwidth, context):
     embed = sum(v for n, v in lm.items() if n.startswith("embed_tokens"))
     fixed = sum(lm.values()) - embed - routed  # read once per decode step whatever the batch
     kept = 1 - (row["skip_decode_all"] or 0.0)
-    slots = args.batch * cfg.num_experts_per_tok * kept  # batch 1: kept slots are distinct experts
+    slots = args.batch * cfg.num_experts_per_tok * kept / world  # batch 1: kept slots are distinct experts
     cache = model.new_cache(1, 1, device="meta")
     kv_bytes = sum(t.numel() for t in cache.k + cache.v) * elem * args.batch * context
     step_bytes = (fixed + len(moe) * min(E, slots) * expert_params) * elem + kv_bytes
     kept_prefill = 1 - (row["skip_prefill_all"] or 0.0)
     S = row["prompt_tokens"]
     head_dims = getattr(cfg, "head_dim", None) or (cfg.qk_head_dim + cfg.v_head_dim) / 2
-    attn = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dims * S * S / 2  # causal QK^T and PV
-    per_token = fixed - cfg.vocab_size * H + len(moe) * cfg.num_experts_per_tok * kept_prefill * expert_params
-    flops = args.batch * (2 * S * per_token + attn + 2 * cfg.vocab_size * H)  # lm_head on the last token only
+    attn = 4 * cfg.num_hidden_layers * cfg.num_attention_heads / world * head_dims * S * S / 2  # causal QK^T, PV
+    head = model.lm_head.weight.numel()
+    per_token = fixed - head + len(moe) * cfg.num_experts_per_tok * kept_prefill / world * expert_params
+    flops = args.batch * (2 * S * per_token + attn + 2 * head)  # lm_head on the last token only
     return dict(decode_bytes_per_step=step_bytes, decode_gb_per_s=step_bytes / row["decode_ms"] * 1e-6,
                 decode_floor_ms=step_bytes / bandwidth * 1e3,
                 decode_pct_of_floor=100 * step_bytes / bandwidth * 1e3 / row["decode_ms"],
@@ -248,6 +254,7 @@ def transformers_row(model, source, ids, pixels, args):
     """The same config, weights (shared, not copied) and inputs through transformers' own implementation."""
     from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
     cli.check(isinstance(model, M.Qwen3VLMoe), "--compare-transformers: only Qwen3-VL-MoE is wired up")
+    cli.check(model.shard.world == 1, "--compare-transformers: one process only (not under torchrun)")
     with open(source if source.endswith(".json") else os.path.join(source, "config.json")) as f:
         hf_cfg = Qwen3VLMoeConfig(**json.load(f))
     with torch.device("meta"):
@@ -283,8 +290,8 @@ def transformers_row(model, source, ids, pixels, args):
 def speed(model, source, load_s, host_load, args):
     ids, pixels = synthetic_inputs(model, args, args.batch)
     bandwidth = copy_bandwidth(args.device)
-    header = dict(source=source, **machine(args.device), dtype=args.dtype, batch=args.batch,
-                  prompt_tokens=ids.shape[1], model_type=model.cfg.model_type,
+    header = dict(source=source, **machine(args.device), processes=model.shard.world, dtype=args.dtype,
+                  batch=args.batch, prompt_tokens=ids.shape[1], model_type=model.cfg.model_type,
                   visual_tokens=sum(int((ids[0] == t).sum()) for t in model.cfg.media_token_ids),
                   decode_steps=args.decode_steps, repeats=args.repeats, warmup=args.warmup, compile=args.compile,
                   cuda_graph=args.cuda_graph,
@@ -295,7 +302,8 @@ def speed(model, source, load_s, host_load, args):
           f"{args.dtype} | batch {args.batch} | prompt {header['prompt_tokens']} tokens ({header['visual_tokens']} "
           f"visual) | {args.decode_steps} decode steps | compile {'on' if args.compile else 'off'} | CUDA graph "
           f"{'on' if args.cuda_graph else 'off'} | experts {args.expert_impl} | median of {args.repeats} after "
-          f"{args.warmup} warm-up")
+          f"{args.warmup} warm-up" + (f" | one model over {model.shard.world} processes, per rank:"
+                                      if model.shard.world > 1 else ""))
     print(f"# {source}: loaded in {load_s:.2f} s, host peak +{host_load / 2**20:.0f} MiB for "
           f"{header['weight_bytes'] / 2**20:.0f} MiB of weights; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     cache = model.new_cache(args.batch, ids.shape[1] + args.decode_steps + 1)
@@ -483,8 +491,13 @@ def check_args(args):
 
 def main(args):
     check_args(args)
-    model, source, load_s, host_load = build(args)
-    result = fidelity(model, source, args) if args.fidelity else speed(model, source, load_s, host_load, args)
+    rank, world, args.device = cli.init_distributed(args.device)  # torchrun: the ranks run one model together
+    model, source, load_s, host_load = build(args, M.Shard(rank, world))
+    quiet = contextlib.redirect_stdout(open(os.devnull, "w")) if rank > 0 else contextlib.nullcontext()
+    with quiet:  # every rank runs the measurements, rank 0 reports them
+        result = fidelity(model, source, args) if args.fidelity else speed(model, source, load_s, host_load, args)
+    if rank > 0:
+        return
     if args.json:
         cli.write_json(args.json, result)
         if args.plot:

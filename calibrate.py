@@ -17,7 +17,8 @@ Notable features
 - Teacher-forced answers: the loss is on the logits that predict the answer tokens and the end-of-turn marker.
 - Data (data.py): a JSONL file, GQA's question JSON + image folder, easy-vqa, or a built-in synthetic set.
 - Resumable (`--resume`: a sidecar partial file is replaced atomically after every batch) and data-parallel under
-  torchrun (samples sharded over ranks, sums all-reduced, rank 0 writes).
+  torchrun (samples sharded over ranks, sums all-reduced, rank 0 writes); with `--model-parallel` the ranks run
+  one model too large for one GPU together instead (model.py's Shard), each on every sample.
 
 Indexing: files key alpha by absolute decoder-layer index (Qwen3-VL-MoE 0..47, Kimi-VL 1..26; Kimi's layer 0 is a
 dense MLP and has no alpha); router.alpha_table turns them into the [L, 2] table router.MoDES takes.
@@ -30,6 +31,8 @@ Examples
     torchrun --nproc_per_node 8 calibrate.py --model ~/Kimi-VL-A3B-Instruct --gqa-questions \
         testdev_balanced_questions.json --gqa-images images/ --num-samples 1024 --seed 0 --device cuda --dtype bfloat16
     (under torchrun, --n and --start are taken by torchrun itself: use --num-samples / --start-index)
+    torchrun --nproc_per_node 8 calibrate.py --model-parallel --model ~/Qwen3-VL-235B-A22B-Instruct \
+        --data gqa.jsonl --num-samples 1024 --device cuda --dtype bfloat16 --out alpha-qwen3-235b.json
 """
 import argparse
 import contextlib
@@ -179,7 +182,7 @@ def expert_similarity(model, proc, samples, batch_size=4, tokens=256):
     """DiEP's expert-output similarity on calibration data: [L, E, E] linear CKA of the outputs of every pair of
     routed experts of each MoE layer on its first `tokens` input rows; zeros for dense layers."""
     layers = router.moe_layers(model)
-    E = model.layers[layers[0]].mlp.experts.gate_up_proj.shape[0]
+    E = model.layers[layers[0]].mlp.gate.weight.shape[0]
     device = model.lm_head.weight.device
     wrappers = {i: CaptureInput(model.layers[i].mlp, tokens) for i in layers}
     for i, w in wrappers.items():
@@ -199,6 +202,10 @@ def expert_similarity(model, proc, samples, batch_size=4, tokens=256):
         x = torch.cat(w.rows)[:tokens].to(experts.gate_up_proj.dtype)  # [n, H]
         gate, up = torch.einsum("nh,eih->eni", x, experts.gate_up_proj).chunk(2, dim=-1)  # [E, n, I] each
         y = torch.einsum("eni,ehi->enh", nn.functional.silu(gate) * up, experts.down_proj)  # [E, n, H]
+        if model.shard.world > 1:  # split over ranks: each holds a range of the experts, gathered in order
+            parts = [torch.empty_like(y) for _ in range(model.shard.world)]
+            torch.distributed.all_gather(parts, y.contiguous())
+            y = torch.cat(parts)
         cka[i] = linear_cka(y.float()).cpu()
     return cka
 
@@ -211,15 +218,15 @@ def calibrate(model, proc, samples, *, batch_size=4, removal="zero", naive=False
               resume=False, max_batches=None, data_info=None, quiet=False):
     """The alpha document (a dict, the same on every rank) of `model` on `samples`; None if max_batches stopped it.
 
-    Samples are sharded over the torch.distributed ranks; one step = one batch on every rank, all-reduced. With
-    `partial` (a path), the running sums are written there atomically after each step, and resume=True continues
-    from them. max_batches stops after that many steps of this call, leaving the partial file.
+    Samples are sharded over the data-parallel ranks (cli.data_parallel); one step = one batch on every rank,
+    all-reduced. With `partial` (a path), the running sums are written there atomically after each step, and
+    resume=True continues from them. max_batches stops after that many steps of this call, leaving the partial
+    file.
     """
     cli.check(removal in ("zero", "input"), f"removal must be 'zero' or 'input', got {removal!r}")
     cli.check(batch_size >= 1, f"--batch-size must be >= 1, got {batch_size}")
     router.uninstall(model)  # the original model is plain top-k
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
-        if torch.distributed.is_initialized() else (0, 1)
+    rank, world = cli.data_parallel(model)
     layers = router.moe_layers(model)
     mine = cli.shard(samples, rank, world)
     steps = math.ceil(math.ceil(len(samples) / world) / batch_size)
@@ -249,7 +256,7 @@ def calibrate(model, proc, samples, *, batch_size=4, removal="zero", naive=False
             batch_kl, n, p = ablate_batch(model, D.make_batch(chunk, proc, dev), layers, removal, naive, pair)
             delta[:-3] = batch_kl.flatten().to(dev)
             delta[-3:] = torch.tensor([n, p, (1 + 2 * len(layers)) * len(model.layers)], dtype=torch.float64)
-        cli.all_sum(delta)
+        cli.all_sum(delta, world)
         kl += delta[:-3].cpu().view(len(layers), 2)
         n, p, q = (int(d) for d in delta[-3:].tolist())
         tokens, passes, naive_passes = tokens + n, passes + p, naive_passes + q
@@ -291,10 +298,12 @@ def check_args(args):
 
 
 def load_model(args):
-    """(model, processor, checkpoint folder) of --model on --device (this rank's GPU under torchrun)."""
-    _, _, device = cli.init_distributed(args.device)
+    """(model, processor, checkpoint folder) of --model on --device (this rank's GPU under torchrun); with
+    --model-parallel, this rank's part of the model."""
+    rank, world, device = cli.init_distributed(args.device)
     path = M.resolve_model(args.model)
-    model = M.set_expert_impl(M.load(path, device=device, dtype=cli.DTYPES[args.dtype]), "auto")
+    shard = M.Shard(rank, world) if args.model_parallel else M.Shard()
+    model = M.set_expert_impl(M.load(path, device, cli.DTYPES[args.dtype], shard), "auto")
     import processor
     return model, processor.for_model(path, model.cfg.model_type), path
 
@@ -334,6 +343,8 @@ def main(args):
 def add_model_args(p):
     p.add_argument("--model", help="checkpoint folder, or a built-in one: tiny-qwen (default), tiny-kimi, tiny-vqa")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (under torchrun: each rank's LOCAL_RANK GPU)")
+    p.add_argument("--model-parallel", action="store_true", help="under torchrun: the ranks run one model together "
+                   "(experts, heads and vocabulary split), each on every sample, instead of one copy each")
     p.add_argument("--dtype", default="float32", choices=list(cli.DTYPES))
     p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
     p.add_argument("--plot", metavar="DIR", help="also draw this run's plots as PNG files into DIR (needs matplotlib)")

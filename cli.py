@@ -151,7 +151,8 @@ class Progress:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Data parallelism under torchrun
+# torchrun: data parallelism (a model copy and a share of the samples per rank) or model parallelism (the ranks
+# run one model together, model.py's Shard)
 
 
 def init_distributed(device):
@@ -171,9 +172,17 @@ def is_main():
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def all_sum(t):
-    """t summed over ranks, in place."""
-    if dist.is_initialized():
+def data_parallel(model):
+    """(rank, world) of the data split: the torchrun ranks when each holds a whole model, (0, 1) without torchrun
+    or when they hold one model together (every rank then sees every sample)."""
+    if not dist.is_initialized() or model.shard.world > 1:
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def all_sum(t, world):
+    """t summed over the `world` data-parallel ranks, in place."""
+    if world > 1:
         dist.all_reduce(t)
     return t
 

@@ -16,6 +16,10 @@ Notable features
   every problem is reported at once.
 - A static per-layer KV cache with tensor positions: a decode step is tensors only, so kernels.py can compile it
   and capture it in a CUDA graph. Greedy generation with stop tokens.
+- One model over several processes under torchrun (`Shard`, DeepSeek-V3's layout): each rank holds and loads
+  only its own routed experts, attention heads, dense-MLP rows and vocabulary rows; one all-reduce completes
+  each attention and each MLP. Router, skip policy, norms and vision tower are replicated, so every rank skips
+  the same slots. Without torchrun nothing of this runs.
 
 Examples
     python model.py --prompt hi                                   # tiny built-in checkpoint (random weights)
@@ -23,6 +27,8 @@ Examples
     python model.py --model ~/Qwen3-VL-30B-A3B-Instruct --prompt "What is this?" --image cat.jpg \
         --device cuda --dtype bfloat16 --max-new-tokens 64
     python model.py --prompt "Describe the clip" --video frames/ --json
+    torchrun --nproc_per_node 8 model.py --model ~/Qwen3-VL-235B-A22B-Instruct --prompt "What is this?" \
+        --image cat.jpg --device cuda --dtype bfloat16                # one model over 8 GPUs
 """
 import argparse
 import json
@@ -33,6 +39,7 @@ import time
 from dataclasses import dataclass, field, fields
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -274,6 +281,67 @@ def config_from_dict(raw, where):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Model parallelism: the pieces that make one model run over several processes
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of a model that `world` processes run together (torchrun). Split over the ranks: routed
+    experts (rank r holds a contiguous range), attention heads, dense-MLP rows and the vocabulary; each attention
+    and MLP output is then a partial sum that one all-reduce completes. Everything else is replicated. Shard() is
+    the whole model, and then torch.distributed is never called."""
+    rank: int = 0
+    world: int = 1
+
+    def split(self, n, what, shared=False):
+        """This rank's count of n heads, experts or rows. shared: n smaller than world may instead be kept whole
+        by world / n consecutive ranks each (GQA's kv heads: a rank keeps the one its query heads use)."""
+        if n % self.world == 0:
+            return n // self.world
+        if shared and self.world % n == 0:
+            return 1
+        raise ValueError(f"{what} = {n} does not split over {self.world} processes")
+
+    def reduce(self, x):
+        """The sum over the ranks of their partial x, in place."""
+        if self.world > 1:
+            dist.all_reduce(x)
+        return x
+
+
+class ParallelEmbedding(nn.Embedding):
+    """The token embedding with its vocabulary split over the ranks: a rank looks up the ids of its own range and
+    gives zeros for the others, so the sum over ranks is the embedding (exactly: one term is non-zero)."""
+
+    def __init__(self, vocab, dim, shard):
+        super().__init__(shard.split(vocab, "vocab_size"), dim)
+        self.shard = shard
+
+    def forward(self, ids):
+        if self.shard.world == 1:
+            return super().forward(ids)
+        ids = ids - self.shard.rank * self.num_embeddings
+        outside = (ids < 0) | (ids >= self.num_embeddings)
+        return self.shard.reduce(super().forward(ids.masked_fill(outside, 0)).masked_fill(outside[..., None], 0))
+
+
+class ParallelHead(nn.Linear):
+    """lm_head with its vocabulary split over the ranks: each computes its own ids' logits; all are gathered."""
+
+    def __init__(self, dim, vocab, shard):
+        super().__init__(dim, shard.split(vocab, "vocab_size"), bias=False)
+        self.shard = shard
+
+    def forward(self, x):
+        y = super().forward(x)
+        if self.shard.world == 1:
+            return y
+        parts = [torch.empty_like(y) for _ in range(self.shard.world)]
+        dist.all_gather(parts, y.contiguous())
+        return torch.cat(parts, dim=-1)  # [..., V], the ranks' vocabulary ranges in order
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Shared primitives: norms, rotary, MLPs, routed-expert compute, the forward context, KV cache, attention
 
 
@@ -304,25 +372,39 @@ def rope_interleaved(x, cos, sin):
 
 
 class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)): dense MLP layers and shared experts."""
+    """down(silu(gate(x)) * up(x)): dense MLP layers and shared experts. Split over ranks by hidden units."""
 
-    def __init__(self, dim, hidden):
+    def __init__(self, dim, hidden, shard):
         super().__init__()
+        hidden = shard.split(hidden, "MLP width")
+        self.shard = shard
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
-    def forward(self, x, ctx=None):  # ctx unused: a dense layer takes what an MoE layer takes
+    def partial(self, x):
+        """This rank's hidden units' share of the output."""
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def forward(self, x, ctx=None):  # ctx unused: a dense layer takes what an MoE layer takes
+        return self.shard.reduce(self.partial(x))
 
 
 class Experts(nn.Module):
-    """E routed SwiGLU experts stacked in nn.Linear orientation: gate rows then up rows in gate_up_proj."""
+    """E routed SwiGLU experts stacked in nn.Linear orientation: gate rows then up rows in gate_up_proj. Split over
+    ranks (expert parallel), a rank holds experts first .. first + E / world - 1."""
 
-    def __init__(self, n_experts, dim, hidden):
+    def __init__(self, n_experts, dim, hidden, shard):
         super().__init__()
-        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * hidden, dim))  # [E, 2I, H]
-        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden))  # [E, H, I]
+        n = shard.split(n_experts, "number of routed experts")
+        self.first = shard.rank * n
+        self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * hidden, dim))  # [E, 2I, H]
+        self.down_proj = nn.Parameter(torch.empty(n, dim, hidden))  # [E, H, I]
+
+    def local(self, ids):
+        """Expert ids [T, K] -> indices into this rank's experts; the other ranks' experts (and SKIP) become SKIP."""
+        ids = ids - self.first
+        return torch.where((ids >= 0) & (ids < self.down_proj.shape[0]), ids, SKIP)
 
 
 def moe_experts(x, experts, ids, weights, impl="ref"):
@@ -349,13 +431,16 @@ def moe_experts(x, experts, ids, weights, impl="ref"):
 
 
 def routed(moe, x, routing, ctx):
-    """What both models' MoE layers do once routed: ask the skip policy, count, compute. x [T, H]."""
+    """What both models' MoE layers do once routed: ask the skip policy, count, compute. x [T, H]. Split over
+    ranks, every rank routes, skips and counts the same (replicated) way and computes only its own experts."""
     weights, ids = routing.weights, routing.ids
     modality = ctx.modality.reshape(-1)
     if moe.policy is not None:
         weights, ids = moe.policy(routing, modality, moe.layer_idx)
     if ctx.stats is not None:
         ctx.stats.record(moe.layer_idx, ids, modality, ctx.valid.reshape(-1), ctx.phase)
+    if moe.shard.world > 1:
+        ids = moe.experts.local(ids)
     return moe_experts(x, moe.experts, ids, weights, moe.impl)
 
 
@@ -627,14 +712,17 @@ def mrope_cos_sin(cfg: QwenConfig, positions, dtype):
 
 
 class QwenAttention(nn.Module):
-    def __init__(self, cfg: QwenConfig, layer_idx):
+    def __init__(self, cfg: QwenConfig, layer_idx, shard):
         super().__init__()
-        H, nh, nkv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.layer_idx, self.nh, self.nkv, self.d = layer_idx, nh, nkv, d
+        H, d = cfg.hidden_size, cfg.head_dim
+        nh = shard.split(cfg.num_attention_heads, "num_attention_heads")  # this rank's heads
+        nkv = shard.split(cfg.num_key_value_heads, "num_key_value_heads", shared=True)
+        self.layer_idx, self.nh, self.nkv, self.d, self.shard = layer_idx, nh, nkv, d, shard
         self.q_proj = nn.Linear(H, nh * d, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(H, nkv * d, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(H, nkv * d, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(nh * d, H, bias=cfg.attention_bias)
+        # the ranks' outputs are summed, so only rank 0 adds the bias
+        self.o_proj = nn.Linear(nh * d, H, bias=cfg.attention_bias and shard.rank == 0)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps)  # one weight shared by all heads, applied before rotary
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
 
@@ -659,19 +747,19 @@ class QwenAttention(nn.Module):
             if ctx.phase == "decode":
                 k, v = k_cache, v_cache
         out = attention(q, k, v, ctx.mask)  # [B, nh, S, d]
-        return self.o_proj(out.transpose(1, 2).reshape(B, S, self.nh * self.d))
+        return self.shard.reduce(self.o_proj(out.transpose(1, 2).reshape(B, S, self.nh * self.d)))
 
 
 class QwenMoE(nn.Module):
     """Softmax over all experts in fp32, then top-k, then renormalise the k weights to sum 1 (softmax before top-k,
     as in DeepSeek/Qwen; gpt-oss does top-k first). No shared expert."""
 
-    def __init__(self, cfg: QwenConfig, layer_idx):
+    def __init__(self, cfg: QwenConfig, layer_idx, shard):
         super().__init__()
         self.k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
-        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
-        self.layer_idx = layer_idx
+        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, shard)
+        self.layer_idx, self.shard = layer_idx, shard
         self.policy = None  # a router.py skip policy, set by router.install
         self.impl = "ref"  # routed-expert compute, set by set_expert_impl
 
@@ -684,17 +772,18 @@ class QwenMoE(nn.Module):
     def forward(self, x, ctx):
         B, S, H = x.shape
         x = x.view(B * S, H)  # [T, H]
-        return routed(self, x, self.route(x), ctx).view(B, S, H)
+        return self.shard.reduce(routed(self, x, self.route(x), ctx)).view(B, S, H)
 
 
 class QwenDecoderLayer(nn.Module):
-    def __init__(self, cfg: QwenConfig, i):
+    def __init__(self, cfg: QwenConfig, i, shard):
         super().__init__()
         self.layer_idx = i
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = QwenAttention(cfg, i)
+        self.self_attn = QwenAttention(cfg, i, shard)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = QwenMoE(cfg, i) if cfg.is_moe_layer(i) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = (QwenMoE(cfg, i, shard) if cfg.is_moe_layer(i)
+                    else SwiGLU(cfg.hidden_size, cfg.intermediate_size, shard))
 
     def forward(self, h, ctx):
         h = h + self.self_attn(self.input_layernorm(h), ctx)
@@ -711,14 +800,14 @@ class Qwen3VLMoe(nn.Module):
                            "lm_head.": "lm_head."}
     FP32_PARAMETERS = ()  # parameter name suffixes kept in fp32 whatever the model's dtype
 
-    def __init__(self, cfg: QwenConfig):
+    def __init__(self, cfg: QwenConfig, shard=Shard()):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.shard = cfg, shard
         self.visual = QwenVision(cfg.vision)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = DecoderLayers(QwenDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.embed_tokens = ParallelEmbedding(cfg.vocab_size, cfg.hidden_size, shard)
+        self.layers = DecoderLayers(QwenDecoderLayer(cfg, i, shard) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = ParallelHead(cfg.hidden_size, cfg.vocab_size, shard)
         tie_weights(self)
         # ids of the special tokens (SPECIAL modality), set by the loader from the tokenizer files
         self.register_buffer("special_ids", torch.zeros(0, dtype=torch.long), persistent=False)
@@ -751,7 +840,8 @@ class Qwen3VLMoe(nn.Module):
 
     def new_cache(self, batch, max_len, device=None, dtype=None):
         c, w = self.cfg, self.lm_head.weight
-        shape = (batch, c.num_key_value_heads, max_len, c.head_dim)
+        nkv = self.shard.split(c.num_key_value_heads, "num_key_value_heads", shared=True)  # this rank's kv heads
+        shape = (batch, nkv, max_len, c.head_dim)
         return KVCache(c.num_hidden_layers, shape, shape, max_len, device or w.device, dtype or w.dtype)
 
     def encode_vision(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
@@ -839,15 +929,16 @@ class Qwen3VLMoe(nn.Module):
 
 
 class MLA(nn.Module):
-    """Multi-head latent attention with a full-rank q_proj (q_lora_rank null)."""
+    """Multi-head latent attention with a full-rank q_proj (q_lora_rank null). Split over ranks by heads (q_proj,
+    kv_b_proj, o_proj); the latent projection is replicated, so is an absorbed cache."""
 
-    def __init__(self, cfg: KimiVLConfig, layer_idx, attn_impl="naive"):
+    def __init__(self, cfg: KimiVLConfig, layer_idx, attn_impl, shard):
         super().__init__()
         if attn_impl not in ("naive", "absorbed"):
             raise ValueError(f"attn_impl {attn_impl!r}, expected 'naive' or 'absorbed'")
-        self.layer_idx, self.attn_impl = layer_idx, attn_impl
-        self.nh, self.d, self.r, self.dv, self.c = (cfg.num_attention_heads, cfg.qk_nope_head_dim,
-                                                    cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank)
+        self.layer_idx, self.attn_impl, self.shard = layer_idx, attn_impl, shard
+        self.nh = shard.split(cfg.num_attention_heads, "num_attention_heads")  # this rank's heads
+        self.d, self.r, self.dv, self.c = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
         self.scale = cfg.qk_head_dim ** -0.5  # the full 192-d q/k head; no yarn, so no mscale
         H = cfg.hidden_size
         self.q_proj = nn.Linear(H, self.nh * (self.d + self.r), bias=False)
@@ -881,7 +972,7 @@ class MLA(nn.Module):
             cache.v[i].index_copy_(1, ctx.cache_pos, k_rope)  # [b, t, r]
             if ctx.phase == "decode":
                 out = self.absorbed(q_nope, q_rope, cache.k[i], cache.v[i], ctx.mask)  # [b, s, h, d]
-                return self.o_proj(out.reshape(B, S, self.nh * self.dv))
+                return self.shard.reduce(self.o_proj(out.reshape(B, S, self.nh * self.dv)))
             # a prefill is compute-bound: per-head K/V from the call's latents, as in naive
         q, k, v = self.expand(q_nope, q_rope, latent, k_rope)
         if self.attn_impl == "naive" and cache is not None:
@@ -889,8 +980,8 @@ class MLA(nn.Module):
             cache.v[i].index_copy_(2, ctx.cache_pos, v)  # [b, h, t, d]
             if ctx.phase == "decode":
                 k, v = cache.k[i], cache.v[i]
-        out = attention(q, k, v, ctx.mask, self.scale)  # [b, h, s, d]
-        return self.o_proj(out.transpose(1, 2).reshape(B, S, self.nh * self.dv))  # heads concatenated
+        out = attention(q, k, v, ctx.mask, self.scale).transpose(1, 2)  # [b, s, h, d]
+        return self.shard.reduce(self.o_proj(out.reshape(B, S, self.nh * self.dv)))  # heads concatenated
 
     def absorbed(self, q_nope, q_rope, latent, k_rope, mask):
         """Decode in the latent space. kv_b_proj holds per head W_UK [d, c] and W_UV [d, c]: k_nope = W_UK c and
@@ -944,28 +1035,30 @@ class KimiGate(nn.Module):
 class KimiMoE(nn.Module):
     """Routed experts (skippable by the policy) plus shared experts that every token always runs, unweighted."""
 
-    def __init__(self, cfg: KimiVLConfig, layer_idx):
+    def __init__(self, cfg: KimiVLConfig, layer_idx, shard):
         super().__init__()
         self.gate = KimiGate(cfg)
-        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
-        self.shared_experts = SwiGLU(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size)
-        self.layer_idx = layer_idx
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, shard)
+        self.shared_experts = SwiGLU(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size, shard)
+        self.layer_idx, self.shard = layer_idx, shard
         self.policy = None  # a router.py skip policy, set by router.install
         self.impl = "ref"  # routed-expert compute, set by set_expert_impl
 
     def forward(self, x, ctx):
         B, S, H = x.shape
         x = x.view(B * S, H)  # [T, H]
-        return (routed(self, x, self.gate(x), ctx) + self.shared_experts(x)).view(B, S, H)
+        # split over ranks, the shared experts' partial sum joins the routed one in a single all-reduce
+        return self.shard.reduce(routed(self, x, self.gate(x), ctx) + self.shared_experts.partial(x)).view(B, S, H)
 
 
 class KimiDecoderLayer(nn.Module):
-    def __init__(self, cfg: KimiVLConfig, i, attn_impl):
+    def __init__(self, cfg: KimiVLConfig, i, attn_impl, shard):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLA(cfg, i, attn_impl)
+        self.self_attn = MLA(cfg, i, attn_impl, shard)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = KimiMoE(cfg, i) if cfg.is_moe_layer(i) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = (KimiMoE(cfg, i, shard) if cfg.is_moe_layer(i)
+                    else SwiGLU(cfg.hidden_size, cfg.intermediate_size, shard))
 
     def forward(self, h, ctx):
         h = h + self.self_attn(self.input_layernorm(h), ctx)
@@ -1108,16 +1201,16 @@ class KimiVL(nn.Module):
                            "language_model.lm_head.": "lm_head."}
     FP32_PARAMETERS = ("e_score_correction_bias",)  # transformers keeps it fp32: near-tie expert choices
 
-    def __init__(self, cfg: KimiVLConfig, attn_impl="absorbed"):
+    def __init__(self, cfg: KimiVLConfig, shard=Shard(), attn_impl="absorbed"):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.shard = cfg, shard
         self.attn_impl = attn_impl
         self.visual = MoonViT(cfg)
         self.projector = KimiProjector(cfg)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = DecoderLayers(KimiDecoderLayer(cfg, i, attn_impl) for i in range(cfg.num_hidden_layers))
+        self.embed_tokens = ParallelEmbedding(cfg.vocab_size, cfg.hidden_size, shard)
+        self.layers = DecoderLayers(KimiDecoderLayer(cfg, i, attn_impl, shard) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = ParallelHead(cfg.hidden_size, cfg.vocab_size, shard)
         tie_weights(self)
         # ids of the special tokens (SPECIAL modality), set by the loader from the tokenizer files
         self.register_buffer("special_ids", torch.zeros(0, dtype=torch.long), persistent=False)
@@ -1148,9 +1241,9 @@ class KimiVL(nn.Module):
 
     def new_cache(self, batch, max_len, device=None, dtype=None):
         c, w = self.cfg, self.lm_head.weight
-        if self.attn_impl == "naive":  # per-head keys and values
-            k, v = (batch, c.num_attention_heads, max_len, c.qk_head_dim), (batch, c.num_attention_heads, max_len,
-                                                                               c.v_head_dim)
+        if self.attn_impl == "naive":  # per-head keys and values of this rank's heads
+            nh = self.shard.split(c.num_attention_heads, "num_attention_heads")
+            k, v = (batch, nh, max_len, c.qk_head_dim), (batch, nh, max_len, c.v_head_dim)
         else:  # the normalised latent and the rotated shared rope key: 576 numbers per token instead of 5120
             k, v = (batch, max_len, c.kv_lora_rank), (batch, max_len, c.qk_rope_head_dim)
         return KVCache(c.num_hidden_layers, k, v, max_len, device or w.device, dtype or w.dtype)
@@ -1210,10 +1303,11 @@ CONFIGS = {"qwen3_vl_moe": QwenConfig, "kimi_vl": KimiVLConfig}
 MODELS = {QwenConfig: Qwen3VLMoe, KimiVLConfig: KimiVL}
 
 
-def build(cfg, device="cpu", dtype=torch.bfloat16):
-    """The model of `cfg` with uninitialised weights on `device`: built on the meta device, then allocated once."""
+def build(cfg, device="cpu", dtype=torch.bfloat16, shard=Shard()):
+    """The model of `cfg` (this rank's part of it) with uninitialised weights on `device`: built on the meta
+    device, then allocated once."""
     with torch.device("meta"):
-        model = MODELS[type(cfg)](cfg)
+        model = MODELS[type(cfg)](cfg, shard)
     model.to(dtype)
     for name, p in model.named_parameters():
         if name.endswith(model.FP32_PARAMETERS):
@@ -1235,13 +1329,15 @@ def checkpoint_names(model):
         # the checkpoint stores experts.{e}.{gate,up,down}_proj.weight; we hold one stacked gate_up_proj [E, 2I, H]
         # (gate rows, then up rows) and down_proj [E, H, I] per layer
         cfg, I = model.cfg, model.cfg.moe_intermediate_size
+        n = model.shard.split(cfg.n_routed_experts, "number of routed experts")
+        first = model.shard.rank * n  # split over ranks: this rank's experts only
         for i in filter(cfg.is_moe_layer, range(cfg.num_hidden_layers)):
             ours, theirs = f"layers.{i}.mlp.experts", f"language_model.model.layers.{i}.mlp.experts"
             del names[f"{theirs}.gate_up_proj"], names[f"{theirs}.down_proj"]
-            for e in range(cfg.n_routed_experts):
-                names[f"{theirs}.{e}.gate_proj.weight"] = (f"{ours}.gate_up_proj", (e, slice(0, I)))
-                names[f"{theirs}.{e}.up_proj.weight"] = (f"{ours}.gate_up_proj", (e, slice(I, 2 * I)))
-                names[f"{theirs}.{e}.down_proj.weight"] = (f"{ours}.down_proj", (e,))
+            for e in range(n):
+                names[f"{theirs}.{first + e}.gate_proj.weight"] = (f"{ours}.gate_up_proj", (e, slice(0, I)))
+                names[f"{theirs}.{first + e}.up_proj.weight"] = (f"{ours}.gate_up_proj", (e, slice(I, 2 * I)))
+                names[f"{theirs}.{first + e}.down_proj.weight"] = (f"{ours}.down_proj", (e,))
     return names
 
 
@@ -1293,25 +1389,42 @@ def expert_layout(stored, wanted):
     return "mixes both expert layouts" if votes else "the stacked experts' layout is ambiguous"
 
 
-def copy_chunked(src, target, transpose, chunk_bytes=16 << 20):
-    """target <- src (a safetensors slice, transposed in its last two axes if asked) in pieces along its first
-    axis, so the host never holds more than one piece beside the parameters."""
-    shape = src.get_shape()
-    if not shape:
+def rank_part(whole, mine, shard):
+    """The slices (one per axis) of a tensor of shape `whole` that this rank holds as shape `mine`. An axis cut into
+    parts = whole / mine pieces gives rank r piece r * parts // world: its own when there are as many pieces as
+    ranks, the one that consecutive ranks share when there are fewer (GQA's kv heads), piece 0 when not cut."""
+    part = []
+    for n, m in zip(whole, mine):
+        k = shard.rank * (n // m) // shard.world
+        part.append(slice(k * m, (k + 1) * m))
+    return tuple(part)
+
+
+def copy_chunked(src, target, transpose, part, chunk_bytes=16 << 20):
+    """target <- src[part] (src a safetensors slice, part one slice per axis), transposed in its last two axes if
+    asked, in pieces along the first axis: the host never holds more than one piece beside the parameters, and
+    nothing outside `part` is read."""
+    if not part:
         target.copy_(src[...])
         return
-    step = max(1, chunk_bytes // max(1, math.prod(shape[1:]) * target.element_size()))
-    for a in range(0, shape[0], step):
-        piece = src[a:a + step]
-        target[a:a + step].copy_(piece.transpose(-2, -1) if transpose else piece)
+    rows, rest = part[0], part[1:]
+    step = max(1, chunk_bytes // max(1, math.prod(target.shape[1:]) * target.element_size()))
+    for a in range(rows.start, rows.stop, step):
+        piece = src[(slice(a, min(a + step, rows.stop)),) + rest]
+        target[a - rows.start:a - rows.start + step].copy_(piece.transpose(-2, -1) if transpose else piece)
 
 
 def fill_from_checkpoint(model, path):
     """Copy every checkpoint tensor into its parameter (slice), one tensor (or one expert) at a time, after
-    checking every name and shape; all problems are reported together."""
+    checking every name and shape; all problems are reported together. A model split over ranks is checked as
+    the whole model, and each rank reads only its own part of each tensor."""
     files = checkpoint_files(path)
-    wanted = checkpoint_names(model)
-    params = dict(model.named_parameters())
+    whole = model
+    if model.shard.world > 1:
+        with torch.device("meta"):
+            whole = type(model)(model.cfg)
+    wanted = checkpoint_names(whole)
+    params = dict(whole.named_parameters())
     problems = [f"missing tensor {n}" for n in sorted(set(wanted) - set(files))]
     problems += [f"unexpected tensor {n} in {os.path.basename(files[n])}" for n in sorted(set(files) - set(wanted))]
     by_file = {}
@@ -1335,21 +1448,24 @@ def fill_from_checkpoint(model, path):
             problems.append(f"{name}: expected shape {want}, found {shape} in {os.path.basename(files[name])}")
     if problems:
         raise ValueError(f"{path}: {len(problems)} checkpoint problem(s): " + "; ".join(problems))
+    mine, local = checkpoint_names(model), dict(model.named_parameters())
     for file, names in by_file.items():
         with open_safetensors(file) as f:
-            for name in names:
-                pname, index = wanted[name]
-                target = params[pname].data if index is None else params[pname].data[index]
+            for name in [n for n in names if n in mine]:
+                pname, index = mine[name]
+                target = local[pname].data if index is None else local[pname].data[index]
+                part, flip = rank_part(target_shape[name], target.shape, model.shard), name in stacked and transpose
                 try:
-                    copy_chunked(f.get_slice(name), target, name in stacked and transpose)
+                    copy_chunked(f.get_slice(name), target, flip, part[:1] + part[1:][::-1] if flip else part)
                 except Exception as e:  # a shard cut short after its header, say
                     raise ValueError(f"{file}: tensor {name} is unreadable ({e})") from None
 
 
-def load(path, device="cpu", dtype=torch.bfloat16):
-    """The model of checkpoint folder `path` with its weights on `device` in `dtype`, strictly checked."""
+def load(path, device="cpu", dtype=torch.bfloat16, shard=Shard()):
+    """The model of checkpoint folder `path` (this rank's part of it) with its weights on `device` in `dtype`,
+    strictly checked."""
     cfg = read_config(path)
-    model = build(cfg, device, dtype)
+    model = build(cfg, device, dtype, shard)
     special = set(processor.special_token_ids(path)) - set(cfg.media_token_ids)  # media pads are VISION tokens
     model.special_ids = torch.tensor(sorted(special), dtype=torch.long, device=device)
     fill_from_checkpoint(model, path)
@@ -1435,11 +1551,11 @@ def resolve_model(name):
 
 def main(args):
     cli.check(args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    device = cli.check_device(args.device)
+    rank, world, device = cli.init_distributed(cli.check_device(args.device))  # torchrun: the ranks run one model
     compile = device.startswith("cuda") if args.compile is None else args.compile
     path = resolve_model(args.model)
     t0 = time.perf_counter()
-    model = set_expert_impl(load(path, device=device, dtype=cli.DTYPES[args.dtype]), args.expert_impl)
+    model = set_expert_impl(load(path, device, cli.DTYPES[args.dtype], Shard(rank, world)), args.expert_impl)
     proc = processor.for_model(path, model.cfg.model_type)
     load_s = time.perf_counter() - t0
     stats = None
@@ -1454,6 +1570,8 @@ def main(args):
                          stats=stats, compile=compile, **pixels)[0].tolist()
     report = dict(text=proc.decode(token_ids), token_ids=token_ids, prompt_tokens=input_ids.shape[1], model=path,
                   load_s=round(load_s, 3), generate_s=round(time.perf_counter() - t0, 3))
+    if rank > 0:  # every rank has the same tokens and skip counts; rank 0 reports them
+        return
     if tiny.random_weights_note(args.model):
         print(tiny.random_weights_note(args.model), file=sys.stderr)
     print(cli.printable(report["text"]))
@@ -1477,7 +1595,7 @@ def parser():
     p.add_argument("--video", help="a folder of frame images or an animated GIF")
     p.add_argument("--system", help="optional system message")
     p.add_argument("--max-new-tokens", type=int, default=32, help="at most this many generated tokens (>= 1)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (under torchrun: each rank's LOCAL_RANK GPU)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--thresholds", help="MoDES thresholds file from search.py: skip experts while generating")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,

@@ -242,7 +242,9 @@ class TokenImportance(nn.Module):
             x = self.layer.input_layernorm(h)
             q, k, _ = self.layer.self_attn.project(x, ctx)  # [B, h, S, d], [B, h_kv, S, d]: the call's own tokens
             probs = attention_probs(q, k, ctx.mask)
-            self.policy.importance = token_importance(probs, x, ctx.mask, ctx.valid).reshape(-1)
+            importance = token_importance(probs, x, ctx.mask, ctx.valid).reshape(-1)
+            shard = self.layer.self_attn.shard  # split over ranks, each has its heads' mean: average those
+            self.policy.importance = shard.reduce(importance) / shard.world
         return self.layer(h, ctx)
 
 
@@ -309,7 +311,7 @@ def install(model: nn.Module, policy) -> nn.Module:
     for i, layer in enumerate(model.layers):
         if isinstance(layer, TokenImportance):
             model.layers[i] = layer.layer
-    L, E = len(model.layers), model.layers[moe_layers(model)[0]].mlp.experts.gate_up_proj.shape[0]
+    L, E = len(model.layers), model.layers[moe_layers(model)[0]].mlp.gate.weight.shape[0]  # all E, also when split
     for i in moe_layers(model):
         p = policy(i) if callable(policy) and not isinstance(policy, nn.Module) else policy
         check(p is None or isinstance(p, nn.Module),
@@ -392,7 +394,11 @@ def threshold_grid(n: int, x_max: float = 1.0, x_min: float = 0.0, mapping: str 
 
 def fingerprint(model) -> str:
     """sha256 of the model's config and parameter shapes: equal for the same architecture in any dtype or device,
-    different for any other checkpoint layout. Weights are not read (it works on the meta device)."""
+    different for any other checkpoint layout. Weights are not read (it works on the meta device). A model split
+    over ranks has the fingerprint of the whole model."""
+    if model.shard.world > 1:
+        with torch.device("meta"):
+            model = type(model)(model.cfg)
     shapes = {name: list(p.shape) for name, p in model.named_parameters()}
     blob = json.dumps({"model_type": model.cfg.model_type, "config": dataclasses.asdict(model.cfg), "shapes": shapes},
                       sort_keys=True, default=str)

@@ -21,7 +21,8 @@ Notable features
 - One preparation pass keeps each batch's tokens, vision features and unskipped answer logits (on the host), so an
   evaluation runs only the language model. Host memory: about N_answer_tokens * V * 4 bytes.
 - Resumable: every evaluation is appended to OUT.partial; `--resume` reuses them.
-- Data-parallel under torchrun like calibrate.py: every rank walks the same path because f and g are all-reduced.
+- Data-parallel under torchrun like calibrate.py: every rank walks the same path because f and g are all-reduced;
+  or, with `--model-parallel`, one model over the ranks, which all see the same f and g.
 
 Examples
     python search.py                                     # tiny built-in model and data; calibrates alpha first
@@ -90,11 +91,10 @@ class Evaluator:
     vision features and the unskipped logits are kept on the host (they would go stale if the weights changed)."""
 
     def __init__(self, model, proc, samples, alpha=None, batch_size=4, quiet=False):
-        rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
-            if torch.distributed.is_initialized() else (0, 1)
+        rank, self.world = cli.data_parallel(model)
         self.model = model
         self.device = model.lm_head.weight.device
-        mine = cli.shard(samples, rank, world)
+        mine = cli.shard(samples, rank, self.world)
         router.uninstall(model)
         stats = router.SkipStats(len(model.layers), self.device)
         self.batches = []
@@ -108,7 +108,7 @@ class Evaluator:
                 self.batches.append((batch, move(media, "cpu"), original))
                 progress.update(len(self.batches))
         progress.update(len(self.batches), finished=True)
-        counts = cli.all_sum(stats.counts)[0].sum(0)  # [3 modalities, (skipped, total)] of the prefill
+        counts = cli.all_sum(stats.counts, self.world)[0].sum(0)  # [3 modalities, (skipped, total)] of the prefill
         self.ceiling = 1 - float(counts[SPECIAL, 1]) / max(1, float(counts[:, 1].sum()))  # special slots stay
         self.policy = router.MoDES(0.0, 0.0, alpha) if alpha is not None else None
 
@@ -135,8 +135,8 @@ class Evaluator:
                     sums[2] += len(batch.rows)
         finally:
             router.uninstall(model)
-        cli.all_sum(sums)
-        cli.all_sum(stats.counts)
+        cli.all_sum(sums, self.world)
+        cli.all_sum(stats.counts, self.world)
         prefill = stats.summary()["prefill"]
         return dict(kl=float(sums[0] / sums[2]), top1=float(sums[1] / sums[2]),
                     skip={k: prefill[k] for k in ("all", "text", "vision")})
