@@ -1,0 +1,649 @@
+"""Train a tiny Qwen3-VL-MoE of this project's architecture on easy-VQA, on the CPU, into a Hugging Face folder.
+
+The result is an ordinary checkpoint folder (config.json in the hub qwen3_vl_moe dialect, model.safetensors in bf16,
+tokenizer.json + tokenizer_config.json, preprocessor_config.json) that model.py's `load()`, processor.py and
+transformers read like any other, small enough to ship (6.5 MB), and trained, so that expert skipping can be measured
+against answers that are actually right. easy-VQA: 64x64 images of one coloured shape, one-word answers (yes/no,
+8 colours, 3 shapes); the data ships inside the `easy-vqa` package, a training/test dependency only.
+
+What makes it learn
+- Prompts are made by processor.py exactly as at inference (chat template, one image then the question, the
+  generation prompt); the answer is teacher-forced and followed by <|im_end|>, and only those tokens are scored.
+- Plain cross-entropy on the answer stayed at the answer prior in a trial run: the language model never learned to
+  look. A small auxiliary head on the vision tower's output (discarded after training) predicts the image's colour
+  and shape from every visual token; the labels are read off the training questions and answers (images whose
+  questions do not determine them get none).
+- 8 px patches on the native 64 px images (16 visual tokens): with Qwen's 16 px patches the vision tower learned
+  colours at once but shapes barely (vision-only probe, 600 steps of 32 images: shape accuracy 0.44 at 64 px,
+  0.59 upscaled to 128 px, 0.79 with 8 px patches).
+- A small Switch-style load-balancing loss on every MoE router keeps the experts in use (so that skipping them is a
+  meaningful experiment); the final per-layer expert loads are printed.
+- A compact byte-level BPE vocabulary in the Qwen tokenizer.json format (trained on the easy-VQA text, the Qwen
+  added tokens right after it at small ids): the real 151,936-row embeddings alone would be 78 MB.
+- One torch thread by default: these ops are tiny, and two threads stall badly when another job shares 2 cores.
+
+Touches of model.py internals are marked `# model.py API:` (building from a config dict, encode_vision, forward
+with media, the MoE routers' gate modules, save_checkpoint, load, generate).
+
+Examples
+    python train_vqa.py                                      # full run -> checkpoints/tiny-vqa (~26 min, 2 cores)
+    python train_vqa.py --resume                             # continue an interrupted run from its last state
+    python train_vqa.py --eval-only                          # held-out accuracy of checkpoints/tiny-vqa (all 9,673)
+    python train_vqa.py --eval-only --model DIR --eval-n 2000 --eval-seed 0      # a random sample instead
+    python train_vqa.py --steps 20 --train-images 32 --val-images 0 --out /tmp/vqa-smoke --eval-n 32  # smoke
+"""
+import argparse
+import collections
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import model as M
+import processor as P
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_OUT = os.path.join(ROOT, "checkpoints", "tiny-vqa")
+COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
+SHAPES = ("circle", "rectangle", "triangle")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoint files: config, tokenizer, preprocessor
+
+
+def vqa_config(ids, vocab_size, args):
+    """config.json in the hub's qwen3_vl_moe dialect. H = 128 and I = 48 keep Qwen3-VL-30B-A3B's expert width ratio
+    (768 / 2048) and stay clear of H == 2I, where the stored expert layout cannot be told from the shape."""
+    H = args.hidden
+    return {
+        "architectures": ["Qwen3VLMoeForConditionalGeneration"], "model_type": "qwen3_vl_moe",
+        "image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"],
+        "tie_word_embeddings": False,
+        "text_config": {
+            "model_type": "qwen3_vl_moe_text", "vocab_size": vocab_size, "hidden_size": H,
+            "num_hidden_layers": args.layers, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+            "intermediate_size": 2 * H, "moe_intermediate_size": args.expert_width, "num_experts": args.experts,
+            "num_experts_per_tok": args.top_k, "norm_topk_prob": True, "decoder_sparse_step": 1,
+            "mlp_only_layers": [], "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 5000000,
+            "attention_bias": False, "attention_dropout": 0.0, "max_position_embeddings": 4096,
+            "rope_scaling": {"rope_type": "default", "mrope_section": [6, 5, 5], "mrope_interleaved": True},
+            "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"], "dtype": "bfloat16"},
+        "vision_config": {
+            "model_type": "qwen3_vl_moe", "depth": 4, "hidden_size": 64, "num_heads": 4, "intermediate_size": 128,
+            "hidden_act": "gelu_pytorch_tanh", "in_channels": 3, "patch_size": args.patch_size,
+            "temporal_patch_size": 2, "spatial_merge_size": 2, "out_hidden_size": H, "num_position_embeddings": 64,
+            "deepstack_visual_indexes": [0, 1, 2], "initializer_range": 0.02},
+        "dtype": "bfloat16",
+    }
+
+
+def preprocessor_config(image_size, patch_size):
+    """Qwen3-VL's preprocessor_config.json with the pixel budget pinned to image_size^2, so easy-VQA's 64x64 images
+    are resized to image_size x image_size (the real min_pixels, 256^2, would upscale them 4 times in area)."""
+    n = image_size * image_size
+    return {"size": {"longest_edge": n, "shortest_edge": n}, "patch_size": patch_size, "temporal_patch_size": 2,
+            "merge_size": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+            "processor_class": "Qwen3VLProcessor", "image_processor_type": "Qwen2VLImageProcessorFast"}
+
+
+def write_vqa_tokenizer(out_dir, texts, bpe_size=384):
+    """tokenizer.json + tokenizer_config.json in the real Qwen format (byte-level BPE, the Qwen pre-tokenizer split,
+    the Qwen added tokens marked special as in the real file), trained on `texts`; the added tokens follow the BPE
+    vocabulary at small ids. Like processor.write_tiny_tokenizer, but compact. Returns {added token: id}, size."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    with open(P.DEFAULT_CHAT_TEMPLATE_PATH, encoding="utf-8") as f:
+        chat_template = f.read()
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(P.QWEN_SPLIT_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=bpe_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    first = len(vocab)
+    assert sorted(vocab.values()) == list(range(first))
+    added, ids = [], {}
+    for i, (content, special) in enumerate(P.QWEN_ADDED_TOKENS):
+        # entered into the BPE vocabulary too, or `tokenizers` renumbers them (see write_tiny_tokenizer)
+        vocab[content] = ids[content] = first + i
+        added.append({"id": first + i, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
+                      "normalized": False, "special": special})
+    spec["added_tokens"] = added
+    tok_config = {
+        "add_bos_token": False, "add_prefix_space": False,
+        "added_tokens_decoder": {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in added},
+        "bos_token": None, "chat_template": chat_template, "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>", "errors": "replace", "model_max_length": 4096, "pad_token": "<|endoftext|>",
+        "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer", "unk_token": None}
+    os.makedirs(out_dir, exist_ok=True)
+    P.write_atomic(os.path.join(out_dir, "tokenizer.json"), json.dumps(spec, ensure_ascii=False, indent=1).encode())
+    P.write_atomic(os.path.join(out_dir, "tokenizer_config.json"),
+                   json.dumps(tok_config, ensure_ascii=False, indent=2).encode())
+    return ids, first + len(added)
+
+
+def write_folder(out_dir, raw_config, args, texts):
+    """Everything but the weights: tokenizer files, config.json, preprocessor_config.json, generation_config.json."""
+    ids, _ = write_vqa_tokenizer(out_dir, texts)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(raw_config, f, indent=2)
+    with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
+        json.dump(preprocessor_config(args.image_size, args.patch_size), f, indent=2)
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+        json.dump({"bos_token_id": ids["<|endoftext|>"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+                   "pad_token_id": ids["<|endoftext|>"], "do_sample": False}, f, indent=2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def easy_vqa_split(split):
+    """(questions, answers, image ids, {image id: png path}) of easy-VQA's "train" or "test" split."""
+    import easy_vqa
+    if split == "train":
+        return (*easy_vqa.get_train_questions(), easy_vqa.get_train_image_paths())
+    return (*easy_vqa.get_test_questions(), easy_vqa.get_test_image_paths())
+
+
+def image_labels(questions, answers, image_ids):
+    """{image id: (colour index or -100, shape index or -100)} read off the questions: a "what ..." answer names
+    the colour or shape, a yes/no answer says whether the named one is there ("not"/"no" flip it), and the last
+    candidate left after the others were ruled out counts too; -100 where the questions leave it open."""
+    pos, neg = collections.defaultdict(set), collections.defaultdict(set)
+    for q, a, i in zip(questions, answers, image_ids):
+        words = set(re.findall(r"[a-z]+", q)) & set(COLORS + SHAPES)
+        if a in ("yes", "no"):
+            present = (a == "yes") != bool({"not", "no"} & set(re.findall(r"[a-z]+", q)))
+            (pos if present else neg)[i].update(words)
+        else:
+            pos[i].update(words | {a})
+    labels = {}
+    for i in set(image_ids):
+        out = []
+        for names in (COLORS, SHAPES):
+            known = pos[i] & set(names)
+            left = set(names) - neg[i]
+            name = next(iter(known)) if len(known) == 1 else (next(iter(left)) if len(left) == 1 else None)
+            out.append(-100 if name is None else names.index(name))
+        labels[i] = tuple(out)
+    return labels
+
+
+class VQAData:
+    """One split, tokenised by the checkpoint's processor: prompt ids per distinct question (the pads depend only on
+    the image size, which is fixed), pixel rows per image, answer ids + <|im_end|> per question."""
+
+    def __init__(self, proc, split, image_ids_subset=None, log=print):
+        questions, answers, image_ids, paths = easy_vqa_split(split)
+        keep = [j for j, i in enumerate(image_ids) if image_ids_subset is None or i in image_ids_subset]
+        self.questions = [questions[j] for j in keep]
+        self.answers = [answers[j] for j in keep]
+        self.image_ids = [image_ids[j] for j in keep]
+        self.paths = paths
+        self.labels = image_labels(questions, answers, image_ids)
+        t0 = time.perf_counter()
+        any_image = paths[self.image_ids[0]]
+        im_end = proc.tokenizer.token_to_id("<|im_end|>")
+        self.prompt = {q: proc.from_cli(q, images=[any_image])["input_ids"].tolist()
+                       for q in dict.fromkeys(self.questions)}
+        self.answer_ids = {a: proc.encode(a) + [im_end] for a in dict.fromkeys(self.answers)}
+        self.pixels, self.grid = {}, None
+        for i in dict.fromkeys(self.image_ids):
+            b = proc.from_cli("", images=[paths[i]])
+            self.pixels[i] = b["pixel_values"]
+            assert self.grid is None or b["image_grid_thw"][0].tolist() == self.grid
+            self.grid = b["image_grid_thw"][0].tolist()
+        log(f"{split}: {len(self.questions)} questions, {len(self.pixels)} images, {len(self.prompt)} distinct "
+            f"questions, grid {self.grid}, prepared in {time.perf_counter() - t0:.1f}s")
+
+    def __len__(self):
+        return len(self.questions)
+
+    def batch(self, idx, pad_id):
+        """Right-padded teacher-forcing batch: input_ids, attention_mask, targets (-100 except the answer and
+        <|im_end|>), pixel_values, image_grid_thw, aux labels (colour, shape) per example."""
+        seqs, targets = [], []
+        for j in idx:
+            p, a = self.prompt[self.questions[j]], self.answer_ids[self.answers[j]]
+            seqs.append(p + a)
+            targets.append([-100] * (len(p) - 1) + a + [-100])  # position t predicts token t + 1
+        S = max(map(len, seqs))
+        ids = torch.full((len(idx), S), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(idx), S, dtype=torch.long)
+        tgt = torch.full((len(idx), S), -100, dtype=torch.long)
+        for r, (s, t) in enumerate(zip(seqs, targets)):
+            ids[r, :len(s)] = torch.tensor(s)
+            mask[r, :len(s)] = 1
+            tgt[r, :len(t)] = torch.tensor(t)
+        imgs = [self.image_ids[j] for j in idx]
+        return dict(input_ids=ids, attention_mask=mask, targets=tgt,
+                    pixel_values=torch.cat([self.pixels[i] for i in imgs]),
+                    image_grid_thw=torch.tensor([self.grid] * len(idx)),
+                    aux=torch.tensor([self.labels[i] for i in imgs]))
+
+
+def corpus(questions, answers):
+    """Texts the BPE is trained on: every training question and answer (answers also stand alone, as the model
+    emits them after "assistant\\n"), the chat roles, and processor.py's small general corpus."""
+    return list(questions) + list(answers) + ["user", "assistant", "system"] * 100 + [P.TINY_CORPUS]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model, losses
+
+
+def init_weights(model, layers, seed):
+    """Fan-in normal init (model.py allocates the stacked experts with torch.empty); residual output projections
+    scaled by 1/sqrt(2L), routers small so that routing starts near uniform."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        # model.py API: parameter names, matched by their leaf (suffix) only; the stacked experts are 3-D
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)  # norms 1, biases 0
+                continue
+            fan_in = p[0].numel() if p.ndim == 5 else p.shape[-1]  # Conv3d patch embedding: C*T*P*P
+            std = fan_in ** -0.5
+            if name.endswith("embed_tokens.weight"):
+                std = 1.0  # RMSNorm reads it; unit scale like the residual stream
+            elif name.endswith("pos_embed.weight"):
+                std = 0.02  # learned positions start small beside the patch embedding (ViT)
+            elif name.endswith("mlp.gate.weight"):
+                std = 0.1 * fan_in ** -0.5
+            elif name.endswith(("o_proj.weight", "experts.down_proj", "attn.proj.weight", "linear_fc2.weight")):
+                std /= math.sqrt(2 * layers)
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+class GateTap:
+    """Collects the router logits of every MoE layer during a forward (forward hooks on the gate Linear modules:
+    the training loop's balance loss needs the un-skipped logits with their gradient)."""
+
+    def __init__(self, model):
+        self.logits = []
+        # model.py API: model.layers[i].mlp.gate is the router nn.Linear of MoE layer i
+        for layer in model.layers:
+            layer.mlp.gate.register_forward_hook(lambda mod, inp, out: self.logits.append(out))
+
+
+def balance_loss(logits, valid, k):
+    """Switch-transformer load balancing per layer: E * sum_e f_e * P_e, where f_e is the share of routed slots that
+    go to expert e and P_e its mean router probability over the real (non-padding) tokens; 1 when uniform."""
+    losses = []
+    for z in logits:  # [T, E]
+        z = z[valid]
+        E = z.shape[-1]
+        probs = z.float().softmax(-1)
+        chosen = F.one_hot(probs.topk(k, -1).indices, E).sum(1).float()  # [T, E]
+        losses.append(E * (chosen.mean(0) / k * probs.mean(0)).sum())
+    return torch.stack(losses).mean()
+
+
+def forward_losses(net, aux_head, b, k):
+    """(answer loss, aux loss, balance loss, answer-token accuracy) of one batch."""
+    tap = net.tap
+    tap.logits.clear()
+    pixels = dict(pixel_values=b["pixel_values"], image_grid_thw=b["image_grid_thw"])
+    # model.py API: encode_vision -> (visual mask, main features [n, H], deepstack list), then forward with media
+    media = net.encode_vision(b["input_ids"], **pixels)
+    logits = net(b["input_ids"], b["attention_mask"], media=media, image_grid_thw=b["image_grid_thw"])  # [B, S, V]
+    tgt = b["targets"]
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=-100)
+    scored = tgt != -100
+    acc = (logits.argmax(-1)[scored] == tgt[scored]).float().mean()
+    # every visual token predicts its image's colour and shape (rows of `main` are in sequence order)
+    visual, main = media[0], media[1]
+    per_row = visual.sum(1)  # [B]
+    aux_logits = aux_head(main)  # [n, 8 + 3]
+    lab = b["aux"].repeat_interleave(per_row, dim=0)  # [n, 2]
+    aux = (F.cross_entropy(aux_logits[:, :len(COLORS)], lab[:, 0], ignore_index=-100)
+           + F.cross_entropy(aux_logits[:, len(COLORS):], lab[:, 1], ignore_index=-100))
+    bal = balance_loss(tap.logits, b["attention_mask"].bool().flatten(), k)
+    return ce, aux, bal, acc
+
+
+@torch.no_grad()
+def expert_loads(net, data, pad_id, n=256):
+    """Per MoE layer: the share of routed slots each expert gets on n training examples (real tokens only)."""
+    net.tap.logits.clear()
+    b = data.batch(list(range(min(n, len(data)))), pad_id)
+    net(b["input_ids"], b["attention_mask"], pixel_values=b["pixel_values"], image_grid_thw=b["image_grid_thw"])
+    valid = b["attention_mask"].bool().flatten()
+    k = net.cfg.num_experts_per_tok
+    loads = []
+    for z in net.tap.logits:
+        ids = z[valid].float().softmax(-1).topk(k, -1).indices.flatten()
+        loads.append(torch.bincount(ids, minlength=z.shape[-1]).float() / ids.numel())
+    return torch.stack(loads)  # [L, E]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Progress
+
+
+class Progress:
+    """One updating line on a terminal (count, rate, ETA, losses); on a pipe or log file a line every `every`."""
+
+    def __init__(self, total, start=0, every=100, unit="step"):
+        self.total, self.start, self.every, self.unit = total, start, every, unit
+        self.t0 = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, done, extra=""):
+        dt = time.perf_counter() - self.t0
+        rate = (done - self.start) / dt if dt > 0 else 0.0
+        eta = (self.total - done) / rate if rate > 0 else float("nan")
+        line = (f"{self.unit} {done}/{self.total} {rate:.2f} {self.unit}/s elapsed {fmt_s(dt)} "
+                f"eta {fmt_s(eta)} {extra}")
+        if self.tty:
+            print("\r" + line + "\033[K", end="" if done < self.total else "\n", file=sys.stderr, flush=True)
+        elif done % self.every == 0 or done == self.total:
+            print(line, file=sys.stderr, flush=True)
+
+
+def fmt_s(s):
+    if not math.isfinite(s):
+        return "?"
+    s = int(s)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def lr_at(step, args):
+    """Linear warm-up, then cosine decay to a tenth."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    t = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def train(args):
+    if args.hidden in (args.expert_width, 2 * args.expert_width):
+        raise ValueError(f"--hidden {args.hidden} with --expert-width {args.expert_width}: a stored expert tensor "
+                         "would read the same either way round, and model.py's loader decides its layout by shape")
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    t_start = time.perf_counter()
+    questions, answers, image_ids, _ = easy_vqa_split("train")
+    all_images = sorted(set(image_ids))
+    rng = random.Random(args.seed)
+    val_images = set(rng.sample(all_images, args.val_images)) if args.val_images else set()
+    train_images = [i for i in all_images if i not in val_images]
+    if args.train_images:
+        train_images = sorted(rng.sample(train_images, min(args.train_images, len(train_images))))
+
+    # the output folder's files first: the processor used for training is the one users will get
+    os.makedirs(args.out, exist_ok=True)
+    texts = corpus(questions, answers)
+    ids, n_tokens = write_vqa_tokenizer(args.out, texts)
+    vocab_size = -(-n_tokens // 64) * 64  # rows past the tokenizer are padding, as in the real checkpoint
+    raw = vqa_config(ids, vocab_size, args)
+    write_folder(args.out, raw, args, texts)
+    proc = P.QwenProcessor.from_dir(args.out)
+    pad_id = proc.pad_token_id
+    data = VQAData(proc, "train", set(train_images))
+    val = VQAData(proc, "train", val_images) if val_images else None
+
+    # model.py API: the config dict parsed by model.py's reader, the model built from it
+    cfg = M.read_config(os.path.join(args.out, "config.json"))
+    net = M.Qwen3VLMoe(cfg)
+    init_weights(net, cfg.num_hidden_layers, args.seed)
+    net.tap = GateTap(net)
+    aux_head = nn.Linear(cfg.hidden_size, len(COLORS) + len(SHAPES))
+    params = list(net.parameters()) + list(aux_head.parameters())
+    n_params = sum(p.numel() for p in net.parameters())
+    print(f"model: {n_params / 1e6:.2f}M parameters ({2 * n_params / 2**20:.2f} MiB in bf16), vocab {vocab_size} "
+          f"({n_tokens} tokens), {cfg.num_hidden_layers} MoE layers x {cfg.num_experts} experts of width "
+          f"{cfg.moe_intermediate_size}, top-{cfg.num_experts_per_tok}; {len(data)} training questions on "
+          f"{len(set(data.image_ids))} images, image {args.image_size} px", file=sys.stderr)
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+
+    state_path = os.path.join(args.work_dir, "train_state.pt")
+    step, elapsed_before = 0, 0.0
+    if args.resume and os.path.isfile(state_path):
+        st = torch.load(state_path, weights_only=False)
+        if st["args"]["steps"] != args.steps or st["raw_config"] != raw:
+            raise ValueError(f"{state_path}: made with other settings; delete it or drop --resume")
+        net.load_state_dict(st["model"])
+        aux_head.load_state_dict(st["aux_head"])
+        opt.load_state_dict(st["opt"])
+        step, elapsed_before = st["step"], st["elapsed_s"]
+        torch.set_rng_state(st["torch_rng"])
+        print(f"resumed from {state_path} at step {step}", file=sys.stderr)
+
+    def save_state():
+        os.makedirs(args.work_dir, exist_ok=True)
+        tmp = state_path + ".tmp"
+        torch.save(dict(model=net.state_dict(), aux_head=aux_head.state_dict(), opt=opt.state_dict(), step=step,
+                        elapsed_s=elapsed_before + time.perf_counter() - t_loop, torch_rng=torch.get_rng_state(),
+                        args=vars(args), raw_config=raw), tmp)
+        os.replace(tmp, state_path)
+
+    def order(epoch):  # the data order is a function of (seed, epoch), so a resumed run sees the same batches
+        return torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed * 7919 + epoch))
+
+    net.train()
+    progress = Progress(args.steps, start=step, every=args.log_every)
+    t_loop = time.perf_counter()
+    smooth = None
+    while step < args.steps:
+        start = step * args.batch_size
+        epoch, offset = divmod(start, len(data))
+        perm = order(epoch)
+        idx = perm[offset:offset + args.batch_size].tolist()
+        if len(idx) < args.batch_size:
+            idx += order(epoch + 1)[:args.batch_size - len(idx)].tolist()
+        b = data.batch(idx, pad_id)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args)
+        ce, aux, bal, acc = forward_losses(net, aux_head, b, cfg.num_experts_per_tok)
+        loss = ce + args.aux_weight * aux + args.balance_weight * bal
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        now = torch.tensor([ce.item(), aux.item(), bal.item(), acc.item()])
+        smooth = now if smooth is None else 0.98 * smooth + 0.02 * now
+        progress(step, f"| ce {smooth[0]:.3f} aux {smooth[1]:.3f} bal {smooth[2]:.3f} tok-acc {smooth[3]:.3f}")
+        if val is not None and (step % args.val_every == 0 or step == args.steps):
+            print(f"step {step}: val answer-token accuracy {val_accuracy(net, val, pad_id):.4f} "
+                  f"({len(val)} questions on {len(val_images)} held-out training images)", file=sys.stderr)
+            net.train()
+        if args.save_every and step % args.save_every == 0 and step < args.steps:
+            save_state()
+    train_s = elapsed_before + time.perf_counter() - t_loop
+    net.eval()
+    loads = expert_loads(net, data, pad_id)
+    E = cfg.num_experts
+    for layer, load in enumerate(loads):
+        print(f"layer {layer} expert load x E: min {load.min() * E:.2f} max {load.max() * E:.2f} "
+              f"(1 = uniform), unused experts {int((load == 0).sum())}", file=sys.stderr)
+
+    # model.py API: save_checkpoint writes model.safetensors (bf16, hub expert layout) and config.json
+    M.save_checkpoint(net, raw, args.out)
+    check_reload(net, args.out, data, pad_id)
+    summary = dict(steps=args.steps, batch_size=args.batch_size, train_s=round(train_s, 1),
+                   total_s=round(time.perf_counter() - t_start, 1), parameters=n_params,
+                   safetensors_bytes=os.path.getsize(os.path.join(args.out, "model.safetensors")),
+                   expert_load_max_x_E=[round(float(l.max() * E), 2) for l in loads],
+                   expert_load_min_x_E=[round(float(l.min() * E), 2) for l in loads])
+    print(json.dumps(summary))
+    return summary
+
+
+@torch.no_grad()
+def val_accuracy(net, val, pad_id, n=1024, batch_size=128):
+    """Teacher-forced: the share of held-out questions whose answer tokens and <|im_end|> are all argmax-right."""
+    net.eval()
+    right = total = 0
+    idx = list(range(0, len(val), max(1, len(val) // n)))[:n]
+    for s in range(0, len(idx), batch_size):
+        b = val.batch(idx[s:s + batch_size], pad_id)
+        logits = net(b["input_ids"], b["attention_mask"], pixel_values=b["pixel_values"],
+                     image_grid_thw=b["image_grid_thw"])
+        tgt = b["targets"]
+        wrong = ((logits.argmax(-1) != tgt) & (tgt != -100)).any(1)
+        right += int((~wrong).sum())
+        total += len(wrong)
+    return right / total
+
+
+@torch.no_grad()
+def check_reload(net, path, data, pad_id, tol=1e-4):
+    """The saved folder, read back by model.py's load(), must give the in-memory model's logits (with the weights
+    rounded to bf16 as stored): catches any layout mix-up of the stacked experts."""
+    ref = M.Qwen3VLMoe(net.cfg)  # model.py API: the model class and its state_dict
+    ref.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in net.state_dict().items()})
+    ref.eval()
+    loaded = M.load(path, dtype=torch.float32)  # model.py API: load
+    b = data.batch(list(range(min(8, len(data)))), pad_id)
+    kw = dict(pixel_values=b["pixel_values"], image_grid_thw=b["image_grid_thw"])
+    a = ref(b["input_ids"], b["attention_mask"], **kw)
+    c = loaded(b["input_ids"], b["attention_mask"], **kw)
+    diff = (a - c).abs().max().item()
+    if not diff <= tol:
+        raise RuntimeError(f"{path}: the reloaded checkpoint's logits differ from the trained model's by {diff:.3g}")
+    print(f"reload check: max |logit difference| {diff:.2e} after save + load()", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation: the path users run (load(), the processor's prompt, greedy generate with the stop ids)
+
+
+@torch.no_grad()
+def evaluate(path, n=None, seed=0, batch_size=64, dtype="float32", split="test", log_every=20):
+    """Exact-match accuracy of greedy answers on easy-VQA `split` (all questions, or a random sample of n)."""
+    model = M.load(path, dtype=getattr(torch, dtype))  # model.py API: load
+    proc = P.QwenProcessor.from_dir(path)
+    questions, answers, image_ids, paths = easy_vqa_split(split)
+    order = list(range(len(questions)))
+    if n is not None and n < len(order):
+        order = sorted(random.Random(seed).sample(order, n))
+    right, per_answer = 0, collections.Counter()
+    wrong_examples = []
+    progress = Progress(len(order), every=log_every * batch_size, unit="question")
+    t0 = time.perf_counter()
+    for s in range(0, len(order), batch_size):
+        chunk = order[s:s + batch_size]
+        batches = [proc.from_cli(questions[j], images=[paths[image_ids[j]]]) for j in chunk]
+        S = max(len(b["input_ids"]) for b in batches)
+        ids = torch.full((len(chunk), S), proc.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(chunk), S, dtype=torch.long)
+        for r, b in enumerate(batches):  # left padding, as generate expects
+            ids[r, S - len(b["input_ids"]):] = b["input_ids"]
+            mask[r, S - len(b["input_ids"]):] = 1
+        out = M.generate(model, ids, mask, max_new_tokens=4, stop_ids=proc.stop_token_ids,  # model.py API
+                         pixel_values=torch.cat([b["pixel_values"] for b in batches]),
+                         image_grid_thw=torch.cat([b["image_grid_thw"] for b in batches]))
+        for r, j in enumerate(chunk):
+            tokens = out[r].tolist()
+            stops = [t for t, tok in enumerate(tokens) if tok in proc.stop_token_ids]
+            text = proc.decode(tokens[:stops[0]] if stops else tokens).strip()
+            ok = text == answers[j]
+            right += ok
+            per_answer[(answers[j], ok)] += 1
+            if not ok and len(wrong_examples) < 10:
+                wrong_examples.append((questions[j], answers[j], text, image_ids[j]))
+        progress(s + len(chunk), f"| accuracy so far {right / (s + len(chunk)):.4f}")
+    result = dict(model=path, split=split, questions=len(order), sample=None if n is None else dict(n=n, seed=seed),
+                  correct=right, accuracy=round(right / len(order), 5), dtype=dtype,
+                  eval_s=round(time.perf_counter() - t0, 1),
+                  per_answer={a: round(per_answer[(a, True)] / (per_answer[(a, True)] + per_answer[(a, False)]), 4)
+                              for a in sorted({a for a, _ in per_answer})})
+    for q, a, got, i in wrong_examples:
+        print(f"wrong: image {i} {q!r}: expected {a!r}, got {got!r}", file=sys.stderr)
+    return result
+
+
+def main(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.eval_only:
+        train(args)
+        if args.eval_n == 0:
+            return
+    model_dir = args.model or args.out
+    result = evaluate(model_dir, n=args.eval_n, seed=args.eval_seed, batch_size=args.eval_batch_size,
+                      dtype=args.dtype)
+    print(f"held-out accuracy {result['accuracy']:.4f} ({result['correct']}/{result['questions']} easy-VQA test "
+          f"questions, greedy generate, exact match)", file=sys.stderr)
+    print(json.dumps(result))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train a tiny Qwen3-VL-MoE on easy-VQA (CPU) and/or measure its held-out "
+                                "accuracy through load() + generate.")
+    p.add_argument("--out", default=DEFAULT_OUT, help="checkpoint folder to write (default checkpoints/tiny-vqa)")
+    p.add_argument("--work-dir", default=os.path.join(ROOT, "out", "tiny-vqa-train"),
+                   help="where the resumable training state goes")
+    p.add_argument("--resume", action="store_true", help="continue from WORK_DIR/train_state.pt if present")
+    p.add_argument("--save-every", type=int, default=500, help="steps between training states (0 = never)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default); these ops are "
+                   "tiny, so one thread is about as fast as two and does not stall when another job shares the cores")
+    g = p.add_argument_group("model")
+    g.add_argument("--hidden", type=int, default=128)
+    g.add_argument("--layers", type=int, default=4, help="decoder layers, all MoE")
+    g.add_argument("--experts", type=int, default=32)
+    g.add_argument("--expert-width", type=int, default=48, help="moe_intermediate_size (not hidden/2, see vqa_config)")
+    g.add_argument("--top-k", type=int, default=4)
+    g.add_argument("--image-size", type=int, default=64, help="pixels per side the images are resized to")
+    g.add_argument("--patch-size", type=int, default=8, help="vision patch side in pixels (Qwen3-VL: 16); 8 px "
+                   "patches of the native 64 px images learn shapes much sooner than 16 px ones")
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=int, default=1600)
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--lr", type=float, default=3e-3)
+    g.add_argument("--warmup", type=int, default=100)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--aux-weight", type=float, default=1.0, help="weight of the colour/shape loss on visual tokens")
+    g.add_argument("--balance-weight", type=float, default=0.01, help="weight of the router load-balancing loss")
+    g.add_argument("--train-images", type=int, default=0, help="train on this many images only (0 = all)")
+    g.add_argument("--val-images", type=int, default=200,
+                   help="hold out this many training images for a teacher-forced validation accuracy")
+    g.add_argument("--val-every", type=int, default=250)
+    g.add_argument("--log-every", type=int, default=100, help="steps between progress lines when not on a terminal")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-only", action="store_true", help="skip training; evaluate --model (default --out)")
+    g.add_argument("--model", help="checkpoint folder to evaluate (default --out)")
+    g.add_argument("--eval-n", type=int, default=None,
+                   help="evaluate a random sample of this many test questions (default all; 0 = no evaluation)")
+    g.add_argument("--eval-seed", type=int, default=0, help="seed of the --eval-n sample")
+    g.add_argument("--eval-batch-size", type=int, default=64)
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="evaluation compute dtype")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except ModuleNotFoundError as e:
+        if e.name != "easy_vqa":
+            raise
+        print("error: the easy-VQA data comes from the easy-vqa package: pip install easy-vqa", file=sys.stderr)
+        sys.exit(2)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
