@@ -92,19 +92,19 @@ def machine(device):
     return info
 
 
-def build(args, shard):
-    """(model, source, load seconds, host peak growth)."""
+def build(args, source, shard):
+    """(model, load seconds, host peak growth) of --config (random weights) or the checkpoint folder source: this
+    rank's part of it (shard)."""
     dtype = cli.DTYPES[args.dtype]
     before = host_peak_bytes()
     if args.config:
         def make():
             return tiny.random_weights(M.build(M.read_config(args.config), args.device, dtype, shard)).eval()
-        (model, seconds), source = timed(make, args.device), args.config
+        model, seconds = timed(make, args.device)
         model.requires_grad_(False)
     else:
-        source = M.resolve_model(args.model)
         model, seconds = timed(lambda: M.load(source, args.device, dtype, shard), args.device)
-    return M.set_expert_impl(model, args.expert_impl), source, seconds, host_peak_bytes() - before
+    return M.set_expert_impl(model, args.expert_impl), seconds, host_peak_bytes() - before
 
 
 def synthetic_inputs(model, args, batch):
@@ -141,9 +141,10 @@ def prefill_ratio(model, ids, pixels, policy):
     return stats.summary()["prefill"]["all"] or 0.0
 
 
-def row_policy(name, model, args, shared):
+def row_policy(name, model, args, shared, modes):
     """The policy of a speed row: `shared` (one MoDES module whose alpha and tau are set for the row, so the rows
-    share one compiled decode graph; full = tau 0, which skips nothing) or a policy of its own (reduce-k)."""
+    share one compiled decode graph; full = tau 0, which skips nothing; modes = those of --thresholds) or a policy
+    of its own (reduce-k)."""
     if name == "reduce-k":
         return router.ReduceK(args.keep)
     alpha, tau = torch.ones_like(shared.alpha), [0.0, 0.0]
@@ -154,7 +155,6 @@ def row_policy(name, model, args, shared):
                   f"never skipped; lower --target or lengthen the prompt (--image-size, --text-tokens)")
         tau = [fit[1]] * 2
     elif name == "modes":
-        modes = router.load_thresholds(args.thresholds, model)
         alpha, tau = modes.alpha, modes.tau.tolist()
     shared.alpha.copy_(alpha)
     shared.tau.copy_(torch.tensor(tau))
@@ -287,7 +287,7 @@ def transformers_row(model, source, ids, pixels, args):
     return dict(ttft_ms=1e3 * statistics.median(prefill), decode_ms=1e3 * statistics.median(decode))
 
 
-def speed(model, source, load_s, host_load, args):
+def speed(model, source, load_s, host_load, args, modes):
     ids, pixels = synthetic_inputs(model, args, args.batch)
     bandwidth = copy_bandwidth(args.device)
     header = dict(source=source, **machine(args.device), processes=model.shard.world, dtype=args.dtype,
@@ -311,7 +311,7 @@ def speed(model, source, load_s, host_load, args):
     steps = {}  # policy module -> its decode step: the shared policy's rows reuse one compiled graph
     rows = []
     for name in args.policy.split(","):
-        policy = row_policy(name, model, args, shared)
+        policy = row_policy(name, model, args, shared, modes)
         router.install(model, policy)
         if policy not in steps:
             steps[policy] = kernels.DecodeStep(model, cache, compile=args.compile, cuda_graph=args.cuda_graph)
@@ -389,25 +389,37 @@ def calibration_samples(doc, path):
     info = doc.get("data")
     cli.check(isinstance(info, dict) and {"source", "n", "start", "seed", "sha256"} <= set(info),
               f"{path}: no 'data' section naming its calibration samples (made by search.py?)")
-    source = info["source"]
+    source, n, start, seed = info["source"], info["n"], info["start"], info["seed"]
+    cli.check(isinstance(source, str) and isinstance(n, int) and n >= 1 and isinstance(start, int) and start >= 0
+              and (seed is None or isinstance(seed, int)), f"{path}: data needs a source string, n >= 1, start >= 0 "
+              f"and a seed that is an integer or null, got {dict(source=source, n=n, start=start, seed=seed)}")
     cli.check(source in ("synthetic", "easy-vqa-train", "easy-vqa-test") or source.endswith(".jsonl"),
               f"{path}: calibration data {source} cannot be re-read here (only JSONL, easy-vqa or synthetic)")
-    samples = D.select(D.read_samples(source), info["n"], info["start"], info["seed"])
+    samples = D.select(D.read_samples(source), n, start, seed)
     cli.check(D.data_hash(samples) == info["sha256"], f"{path}: the calibration data {source} changed since the "
               f"search (its sha256 differs)")
     return samples
 
 
-def fidelity(model, source, args):
+def fidelity_inputs(args):
+    """(thresholds document, calibration samples, evaluation samples) of --fidelity, read and checked before the
+    model loads."""
+    doc = cli.read_json(args.thresholds, "thresholds")
+    ratio = doc["skip_ratio"].get("all") if isinstance(doc.get("skip_ratio"), dict) else None
+    cli.check(search.finite(ratio) and 0 <= ratio <= 1,
+              f"{args.thresholds}: skip_ratio.all must be the search's skip ratio in [0, 1], got {ratio!r}")
+    calib = calibration_samples(doc, args.thresholds)
+    evals = D.read_samples(args.data)[:args.eval_n] if args.data else D.synthetic_samples(args.eval_n, seed=1)
+    return doc, calib, evals
+
+
+def fidelity(model, source, args, modes, inputs):
     """Rows of skip ratios, mean answer-token KL and top-1 agreement against the unskipped model, and exact-match
     accuracy with retention, on the evaluation set (--data, or built-in synthetic samples unseen in calibration)."""
     import processor
-    doc = cli.read_json(args.thresholds, "thresholds")
-    modes = router.load_thresholds(args.thresholds, model)
-    calib = calibration_samples(doc, args.thresholds)
-    proc = processor.for_model(source, model.cfg.model_type)
-    evals = D.read_samples(args.data)[:args.eval_n] if args.data else D.synthetic_samples(args.eval_n, seed=1)
+    doc, calib, evals = inputs
     target = doc["skip_ratio"]["all"]
+    proc = processor.for_model(source, model.cfg.model_type)
     alpha = modes.alpha
     calib_eval = search.Evaluator(model, proc, calib, alpha, quiet=True)
     test_eval = search.Evaluator(model, proc, evals, alpha, quiet=True)
@@ -482,20 +494,31 @@ def check_args(args):
     args.cuda_graph = args.device.startswith("cuda") if args.cuda_graph is None else args.cuda_graph
     cli.check(not args.cuda_graph or args.device.startswith("cuda"), "--cuda-graph needs a CUDA --device")
     cli.check(not args.plot or args.json, "--plot DIR draws from the --json FILE: give both")
+    if args.json:
+        cli.check_output(args.json, "--json", inputs=[(args.thresholds, "--thresholds"), (args.data, "--data"),
+                                                      (args.config, "--config")])
     if args.plot:  # now, not after a long run
         import plot
         plot.require_matplotlib()
-    if args.json:
-        cli.check_output(args.json, "--json")
+        plot.check_out_dir(args.plot, "--plot")
 
 
 def main(args):
     check_args(args)
     rank, world, args.device = cli.init_distributed(args.device)  # torchrun: the ranks run one model together
-    model, source, load_s, host_load = build(args, M.Shard(rank, world))
+    # every file is read and checked before the weights load: the thresholds against the architecture alone (a
+    # model on the meta device holds no weights), and the samples of --fidelity
+    source = args.config or M.resolve_model(args.model)
+    skeleton = M.build(M.read_config(source), "meta")
+    top_k = skeleton.cfg.num_experts_per_tok
+    cli.check(args.keep <= top_k, f"--keep {args.keep}: the model routes each token to {top_k} experts")
+    modes = router.load_thresholds(args.thresholds, skeleton) if args.thresholds else None
+    inputs = fidelity_inputs(args) if args.fidelity else None
+    model, load_s, host_load = build(args, source, M.Shard(rank, world))
     quiet = contextlib.redirect_stdout(open(os.devnull, "w")) if rank > 0 else contextlib.nullcontext()
     with quiet:  # every rank runs the measurements, rank 0 reports them
-        result = fidelity(model, source, args) if args.fidelity else speed(model, source, load_s, host_load, args)
+        result = (fidelity(model, source, args, modes, inputs) if args.fidelity
+                  else speed(model, source, load_s, host_load, args, modes))
     if rank > 0:
         return
     if args.json:

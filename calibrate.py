@@ -16,7 +16,8 @@ Notable features
   official code's substitution of the MoE input (modes.md §3.3). Shared experts (Kimi-VL) run in both.
 - Teacher-forced answers: the loss is on the logits that predict the answer tokens and the end-of-turn marker.
 - Data (data.py): a JSONL file, GQA's question JSON + image folder, easy-vqa, or a built-in synthetic set.
-- Resumable (`--resume`: a sidecar partial file is replaced atomically after every batch) and data-parallel under
+- Resumable (`--resume`: a sidecar partial file is replaced atomically after every batch; a run without --resume
+  refuses to overwrite it; samples after the finished batches may be fixed between runs) and data-parallel under
   torchrun (samples sharded over ranks, sums all-reduced, rank 0 writes); with `--model-parallel` the ranks run
   one model too large for one GPU together instead (model.py's Shard), each on every sample.
 
@@ -39,6 +40,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import sys
 import time
 
 import torch
@@ -189,7 +191,8 @@ def expert_similarity(model, proc, samples, batch_size=4, tokens=256):
         model.layers[i].mlp = w
     try:
         for start in range(0, len(samples), batch_size):
-            batch = D.make_batch(samples[start:start + batch_size], proc, device)
+            batch = D.make_batch(samples[start:start + batch_size], proc, device,
+                                 max_positions=model.cfg.max_position_embeddings)
             model.layers(*D.embed(model, batch, D.vision_features(model, batch)))
             if all(sum(len(r) for r in w.rows) >= tokens for w in wrappers.values()):
                 break
@@ -214,6 +217,32 @@ def expert_similarity(model, proc, samples, batch_size=4, tokens=256):
 # The calibration loop
 
 
+def consumed(samples, steps, batch_size, world):
+    """sha256 of the samples that the first `steps` steps read, on every rank."""
+    return D.data_hash([s for r in range(world) for s in cli.shard(samples, r, world)[:steps * batch_size]])
+
+
+def read_partial(path, settings, samples, steps):
+    """(KL sums [L_moe, 2], answer tokens, layer passes, naive layer passes, steps done) of an earlier run, refused
+    unless it was made with the same settings, its finished batches read the same samples, and it is intact."""
+    state = cli.read_state(path, PARTIAL_FORMAT, settings, "partial calibration")
+    counts = [state.get(k) for k in ("answer_tokens", "layer_passes", "naive_layer_passes", "steps_done")]
+    cli.check(all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts) and counts[-1] <= steps,
+              f"{path}: damaged (its counts must be integers >= 0, at most {steps} steps); delete it to start over")
+    try:
+        kl = torch.tensor(state.get("kl_sum"), dtype=torch.float64).view(len(settings["layers"]), 2)
+    except (TypeError, ValueError, RuntimeError):
+        kl = None
+    cli.check(kl is not None and bool(torch.isfinite(kl).all()),
+              f"{path}: damaged (kl_sum must be {len(settings['layers'])} rows of 2 finite numbers); delete it to "
+              f"start over")
+    done = counts[-1]
+    cli.check(state.get("done_sha256") == consumed(samples, done, settings["batch_size"], settings["world_size"]),
+              f"{path}: the samples of its {done} finished batch(es) are not the ones it read (edited or reordered "
+              f"data); delete it to start over")
+    return (kl, *counts)
+
+
 def calibrate(model, proc, samples, *, batch_size=4, removal="zero", naive=False, pair=True, partial=None,
               resume=False, max_batches=None, data_info=None, quiet=False):
     """The alpha document (a dict, the same on every rank) of `model` on `samples`; None if max_batches stopped it.
@@ -230,30 +259,23 @@ def calibrate(model, proc, samples, *, batch_size=4, removal="zero", naive=False
     layers = router.moe_layers(model)
     mine = cli.shard(samples, rank, world)
     steps = math.ceil(math.ceil(len(samples) / world) / batch_size)
-    settings = dict(fingerprint=router.fingerprint(model),
-                    data=data_info or dict(n=len(samples), sha256=D.data_hash(samples)),
+    data = data_info or dict(n=len(samples), sha256=D.data_hash(samples))
+    # the data's hash is not a setting: a resumed run must see the samples of the finished batches again (done_sha256),
+    # while a later sample may be fixed between runs (an image that only the processor refused when its batch came)
+    settings = dict(fingerprint=router.fingerprint(model), data={k: v for k, v in data.items() if k != "sha256"},
                     batch_size=batch_size, world_size=world, removal=removal, naive=naive, layers=layers)
     kl = torch.zeros(len(layers), 2, dtype=torch.float64)
     tokens, passes, naive_passes, done = 0, 0, 0, 0
     if resume and partial and os.path.isfile(partial):
-        state = cli.read_json(partial, "partial calibration")
-        cli.check(isinstance(state, dict) and state.get("format") == PARTIAL_FORMAT,
-                  f"{partial}: not a partial calibration file; delete it or rerun without --resume")
-        cli.check(state.get("settings") == settings, f"{partial}: made with other settings (model, data, batch size, "
-                  f"world size or removal); delete it or rerun without --resume")
-        try:
-            kl = torch.tensor(state["kl_sum"], dtype=torch.float64).view(len(layers), 2)
-            tokens, passes = int(state["answer_tokens"]), int(state["layer_passes"])
-            naive_passes, done = int(state["naive_layer_passes"]), int(state["steps_done"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise ValueError(f"{partial}: damaged ({e}); delete it to start over") from None
+        kl, tokens, passes, naive_passes, done = read_partial(partial, settings, samples, steps)
     progress = cli.Progress("calibrate", steps, quiet)
     dev = model.lm_head.weight.device
     for step in range(done, steps if max_batches is None else min(steps, done + max_batches)):
         delta = torch.zeros(len(layers) * 2 + 3, dtype=torch.float64, device=dev)  # KL sums, counts
         chunk = mine[step * batch_size:(step + 1) * batch_size]
         if chunk:
-            batch_kl, n, p = ablate_batch(model, D.make_batch(chunk, proc, dev), layers, removal, naive, pair)
+            batch = D.make_batch(chunk, proc, dev, max_positions=model.cfg.max_position_embeddings)
+            batch_kl, n, p = ablate_batch(model, batch, layers, removal, naive, pair)
             delta[:-3] = batch_kl.flatten().to(dev)
             delta[-3:] = torch.tensor([n, p, (1 + 2 * len(layers)) * len(model.layers)], dtype=torch.float64)
         cli.all_sum(delta, world)
@@ -263,8 +285,8 @@ def calibrate(model, proc, samples, *, batch_size=4, removal="zero", naive=False
         done = step + 1
         if partial and cli.is_main():
             cli.write_json(partial, dict(format=PARTIAL_FORMAT, settings=settings, steps_done=done,
-                                         kl_sum=kl.tolist(), answer_tokens=tokens, layer_passes=passes,
-                                         naive_layer_passes=naive_passes))
+                                         done_sha256=consumed(samples, done, batch_size, world), kl_sum=kl.tolist(),
+                                         answer_tokens=tokens, layer_passes=passes, naive_layer_passes=naive_passes))
         progress.update(done, f"batches, {tokens} answer tokens")
     progress.update(done, f"batches, {tokens} answer tokens", finished=True)
     if done < steps:
@@ -274,7 +296,7 @@ def calibrate(model, proc, samples, *, batch_size=4, removal="zero", naive=False
         format=router.ALPHA_FORMAT,
         model=dict(fingerprint=settings["fingerprint"], model_type=model.cfg.model_type,
                    num_layers=len(model.layers), moe_layers=layers),
-        data=settings["data"],
+        data=data,
         calibration=dict(loss="kl", temperature=1.0, removal=removal, naive=naive, world_size=world,
                          answer_tokens=tokens, layer_passes=passes, naive_layer_passes=naive_passes),
         layers=[dict(layer=l, text=a[0], vision=a[1]) for l, a in zip(layers, alpha.tolist())],
@@ -295,6 +317,7 @@ def check_args(args):
     if args.plot:  # now, not after a long run
         import plot
         plot.require_matplotlib()
+        plot.check_out_dir(args.plot, "--plot")
 
 
 def load_model(args):
@@ -311,10 +334,14 @@ def load_model(args):
 def main(args):
     check_args(args)
     cli.check(args.max_batches is None or args.max_batches >= 1, f"--max-batches must be >= 1, got {args.max_batches}")
-    cli.check_output(args.out)
+    cli.check_output(args.out, inputs=[(args.data, "--data"), (args.gqa_questions, "--gqa-questions")])
+    partial = args.out + ".partial"
+    cli.check_output(partial, "--out's partial state")
+    cli.check_no_state(partial, args.resume)
     samples, info = D.load_samples(args)
     model, proc, path = load_model(args)
-    partial = args.out + ".partial"
+    if args.resume and not os.path.exists(partial) and cli.is_main():
+        print(f"note: --resume: no {partial} yet, starting from the first batch", file=sys.stderr)
     t0 = time.perf_counter()
     doc = calibrate(model, proc, samples, batch_size=args.batch_size, removal=args.removal, naive=args.naive,
                     pair=not args.separate_modalities, partial=partial, resume=args.resume,

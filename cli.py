@@ -43,15 +43,22 @@ def check_device(device):
     return str(d)
 
 
-def check_output(path, what="--out"):
-    """Refuse an output path that cannot be written (a folder, a missing or read-only folder) before any work."""
+def check_output(path, what="--out", inputs=()):
+    """Refuse an output path that cannot be written (empty, a folder, in a missing or read-only folder, under a
+    regular file) or that names one of the run's input files, inputs = [(path or None, argument)], before any work."""
+    check(path, f"{what}: empty path, expected a file path")
     folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise ValueError(f"{what} {path}: is a folder, expected a file path")
-    if not os.path.isdir(folder):
-        raise ValueError(f"{what} {path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise ValueError(f"{what} {path}: not writable")
+    check(not os.path.isdir(path), f"{what} {path}: is a folder, expected a file path")
+    above = folder
+    while not os.path.exists(above):
+        above = os.path.dirname(above)
+    check(os.path.isdir(above), f"{what} {path}: {above} is a file, not a folder")
+    check(above == folder, f"{what} {path}: folder {folder} does not exist")
+    check(os.access(folder, os.W_OK | os.X_OK) and (not os.path.exists(path) or os.access(path, os.W_OK)),
+          f"{what} {path}: not writable")
+    for other, name in inputs:
+        check(not other or os.path.realpath(other) != os.path.realpath(path),
+              f"{what} {path}: is also {name}, an input of this run; write the output elsewhere")
 
 
 def printable(text):
@@ -60,16 +67,21 @@ def printable(text):
 
 
 def run(main, args):
-    """main(args); bad input ends as one `error: ...` line on stderr (rank 0 only) and exit status 2."""
+    """main(args); bad input ends as one `error: ...` line on stderr (rank 0 only) and exit status 2, running out of
+    device memory as one such line (any rank) and exit status 1."""
+    start = "\r\033[K" if sys.stderr.isatty() else ""  # over a progress line left open on the terminal
     try:
         main(args)
     except (OSError, ValueError) as e:
         if is_main():
-            print(f"error: {e}", file=sys.stderr)
+            print(start + "error: " + str(e).replace("\n", " "), file=sys.stderr)
         sys.exit(2)
+    except torch.OutOfMemoryError as e:  # not bad input, but a fault the user fixes with smaller settings
+        print(start + "error: " + str(e).splitlines()[0], file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         if is_main():
-            print("interrupted", file=sys.stderr)
+            print(start + "interrupted", file=sys.stderr)
         sys.exit(130)
     finally:
         if dist.is_initialized():
@@ -106,6 +118,8 @@ def write_json(path, doc):
 
 def read_json(path, what):
     """A JSON file's content; a missing, unreadable or malformed file is one line naming it."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{what} file {path}: is a folder")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} file not found: {path}")
     try:
@@ -115,6 +129,23 @@ def read_json(path, what):
         raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not UTF-8 text") from None
+
+
+def read_state(path, fmt, settings, what):
+    """The state an interrupted run left at path (its --resume file), refused unless it has format fmt and was made
+    with the same settings; the message names the settings that differ."""
+    state = read_json(path, what)
+    check(isinstance(state, dict) and state.get("format") == fmt, f"{path}: not a {what} file; delete it to start over")
+    old = state.get("settings")
+    other = [k for k in settings if not isinstance(old, dict) or old.get(k) != settings[k]]
+    check(not other, f"{path}: made with another {', '.join(other)}; delete it to start over")
+    return state
+
+
+def check_no_state(path, resume):
+    """An interrupted run's state is never overwritten unasked: without --resume an existing file is refused."""
+    check(resume or not os.path.exists(path),
+          f"{path} holds an interrupted run's state: add --resume to continue it, or delete it to start over")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -161,7 +192,10 @@ def init_distributed(device):
     if world == 1:
         return 0, 1, device
     if device.startswith("cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        check(local < torch.cuda.device_count(),
+              f"--device cuda: LOCAL_RANK {local}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+        device = f"cuda:{local}"
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from cli import check, read_json
-from processor import PIXEL_KEYS
+from processor import IMAGE_SUFFIXES, PIXEL_KEYS
 END_OF_TURN = "<|im_end|>"  # the turn end of both Qwen3-VL and Kimi-VL
 
 # B batch rows, S sequence, V vocabulary, N answer positions
@@ -36,20 +36,35 @@ class Sample:
 
 
 def check_image(path, where):
-    """Refuse a path that is not a readable image, naming the sample it came from (only the header is read)."""
-    from PIL import Image, UnidentifiedImageError
+    """Refuse a path that is not a readable image, naming the sample it came from. The image is decoded, so a
+    truncated file is found here, before any model work, and not when its batch is reached."""
+    from PIL import Image
     check(os.path.exists(path), f"{where}: file not found: {path}")
     check(os.path.isfile(path), f"{where}: {path} is a folder, expected an image file")
     try:
         with Image.open(path) as im:
-            im.size
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{where}: {path} is not a readable image ({e.__class__.__name__})") from None
+            im.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{where}: {path} is not a readable image ({e})") from None
+
+
+def check_video(path, where):
+    """Refuse a video that is not a folder of readable frame images or a readable animated image file."""
+    check(os.path.exists(path), f"{where}: file not found: {path}")
+    if os.path.isdir(path):
+        frames = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_SUFFIXES))
+        check(frames, f"{where}: video folder {path} has no image files ({', '.join(IMAGE_SUFFIXES)})")
+        for name in frames:
+            check_image(os.path.join(path, name), where)
+    else:
+        check_image(path, where)
 
 
 def read_jsonl(path):
     """Samples of a JSONL file: {"image": path or [paths], "video": path, "question": str, "answer": str} per line,
     paths relative to the file. Blank lines are skipped; any other problem names its line."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"data file {path}: is a folder, expected a JSONL file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file not found: {path}")
     folder = os.path.dirname(os.path.abspath(path))
@@ -82,7 +97,7 @@ def read_jsonl(path):
                 check_image(p, where)
             if video is not None:
                 video = os.path.join(folder, video)
-                check(os.path.exists(video), f"{where}: file not found: {video}")
+                check_video(video, where)
             samples.append(Sample(row["question"], row["answer"], images, video, where))
     check(samples, f"{path}: no samples")
     return samples
@@ -201,6 +216,9 @@ def load_samples(args):
         samples = read_samples(args.data)
         source = args.data if args.data in (None, "easy-vqa-train", "easy-vqa-test") else os.path.abspath(args.data)
     chosen = select(samples, args.n, args.start, args.seed)
+    if args.gqa_questions:  # decoded only now: a GQA file asks about many more images than are chosen
+        for s in chosen:
+            check_image(s.images[0], s.where)
     info = dict(source=source or "synthetic", n=len(chosen), start=args.start, seed=args.seed,
                 batch_size=args.batch_size, sha256=data_hash(chosen))
     return chosen, info
@@ -241,16 +259,22 @@ def prompt(sample, proc):
                 add_generation_prompt=True)
 
 
-def make_batch(samples, proc, device, answers=True):
+def make_batch(samples, proc, device, answers=True, max_positions=None):
     """Prompt (user turn + generation prompt) followed by the answer and the end-of-turn marker, per sample (only
-    the prompts with answers=False, for generation)."""
+    the prompts with answers=False, for generation); a sample longer than max_positions (the model's
+    max_position_embeddings) is refused by name."""
     end = proc.tokenizer.token_to_id(END_OF_TURN)
     check(end is not None, f"the tokenizer has no {END_OF_TURN} token to end the answer with")
     seqs, n_answer, pixels = [], [], {}
     for s in samples:
-        out = prompt(s, proc)
+        try:
+            out = prompt(s, proc)
+        except (OSError, ValueError) as e:  # what only the model's processor refuses (an image's aspect ratio)
+            raise ValueError(f"{s.where}: {e}") from None
         answer = proc.encode(s.answer) + [end] if answers else []
         seqs.append(out["input_ids"].tolist() + answer)
+        check(max_positions is None or len(seqs[-1]) <= max_positions,
+              f"{s.where}: {len(seqs[-1])} tokens, more than the model's max_position_embeddings {max_positions}")
         n_answer.append(len(answer))
         for k in PIXEL_KEYS:
             if out.get(k) is not None:

@@ -1554,15 +1554,23 @@ def main(args):
     rank, world, device = cli.init_distributed(cli.check_device(args.device))  # torchrun: the ranks run one model
     compile = device.startswith("cuda") if args.compile is None else args.compile
     path = resolve_model(args.model)
+    # the inputs and the thresholds are read and checked before the weights load; the thresholds against the
+    # architecture alone (a model on the meta device holds no weights)
+    cfg = read_config(path)
+    proc = processor.for_model(path, cfg.model_type)
+    batch = proc.from_cli(args.prompt, images=args.image, video=args.video, system=args.system)
+    prompt_tokens = len(batch["input_ids"])
+    cli.check(prompt_tokens + args.max_new_tokens <= cfg.max_position_embeddings,
+              f"--prompt with its images and video is {prompt_tokens} tokens; with --max-new-tokens "
+              f"{args.max_new_tokens} that exceeds the model's max_position_embeddings {cfg.max_position_embeddings}")
+    policy = router.load_thresholds(args.thresholds, build(cfg, "meta")) if args.thresholds else None
     t0 = time.perf_counter()
     model = set_expert_impl(load(path, device, cli.DTYPES[args.dtype], Shard(rank, world)), args.expert_impl)
-    proc = processor.for_model(path, model.cfg.model_type)
     load_s = time.perf_counter() - t0
     stats = None
-    if args.thresholds:
-        router.install(model, router.load_thresholds(args.thresholds, model))
+    if policy is not None:
+        router.install(model, policy)
         stats = router.SkipStats(len(model.layers), device)
-    batch = proc.from_cli(args.prompt, images=args.image, video=args.video, system=args.system)
     pixels = {k: batch[k].to(device) for k in processor.PIXEL_KEYS if batch.get(k) is not None}
     input_ids = batch["input_ids"][None].to(device)
     t0 = time.perf_counter()

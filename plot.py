@@ -67,6 +67,21 @@ def require_matplotlib():
         raise MissingMatplotlib(MATPLOTLIB_MISSING) from e
 
 
+def check_out_dir(path, what="--out"):
+    """Refuse a folder for PNGs that cannot be made (a file, or under one) or written, before anything is drawn;
+    a missing folder is fine, drawing makes it."""
+    if not path:
+        raise ArtifactError(f"{what}: empty path, expected a folder")
+    above = os.path.abspath(path)
+    while not os.path.exists(above):
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise ArtifactError(f"{what} {path}: {'' if above == os.path.abspath(path) else above + ' '}is a file, "
+                            f"expected a folder")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise ArtifactError(f"{what} {path}: {above} is not writable")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Reading fields: every problem becomes one ArtifactError naming the field by its JSON path
 
@@ -542,6 +557,8 @@ def json_files(paths):
 
 def main(args):
     require_matplotlib()  # first, so that a missing install is the only line printed
+    if args.out is not None:
+        check_out_dir(args.out)
     drawn, fidelity = 0, []
     for path, direct in json_files(args.paths):
         doc = read_artifact(path)

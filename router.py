@@ -406,7 +406,9 @@ def fingerprint(model) -> str:
 
 
 def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    """A JSON number that is >= 0 and finite in fp32, the policies' dtype."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and 0 <= value <= torch.finfo(torch.float32).max)
 
 
 def read_document(path, model, fmt, what):
@@ -435,7 +437,7 @@ def alpha_table(doc, model, where) -> torch.Tensor:
         check(layer in moe, f"{at}.layer {layer} is not an MoE layer of this model ({moe[0]}..{moe[-1]})")
         check(layer not in seen, f"{at}: layer {layer} is listed twice")
         for col, m in enumerate(("text", "vision")):
-            check(_number(row.get(m)), f"{at}.{m} must be a finite number >= 0, got {row.get(m)!r}")
+            check(_number(row.get(m)), f"{at}.{m} must be a number >= 0, finite in fp32, got {row.get(m)!r}")
             table[layer, col] = row[m]
         seen.add(layer)
     missing = [i for i in moe if i not in seen]
@@ -457,7 +459,7 @@ def load_thresholds(path, model) -> MoDES:
     tau = doc.get("tau")
     check(isinstance(tau, dict), f"{path}: 'tau' must be an object {{text, vision}}")
     for m in ("text", "vision"):
-        check(_number(tau.get(m)), f"{path}: tau.{m} must be a finite number >= 0, got {tau.get(m)!r}")
+        check(_number(tau.get(m)), f"{path}: tau.{m} must be a number >= 0, finite in fp32, got {tau.get(m)!r}")
     return MoDES(tau["text"], tau["vision"], alpha_table(doc, model, path))
 
 

@@ -20,7 +20,8 @@ Notable features
   absolute grids instead (x over [0, 0.71] and [0, 0.6], s = 1).
 - One preparation pass keeps each batch's tokens, vision features and unskipped answer logits (on the host), so an
   evaluation runs only the language model. Host memory: about N_answer_tokens * V * 4 bytes.
-- Resumable: every evaluation is appended to OUT.partial; `--resume` reuses them.
+- Resumable: every evaluation is appended to OUT.partial; `--resume` reuses them (and continues an interrupted
+  calibration of a missing --alpha from ALPHA.partial); a run without --resume refuses to overwrite either.
 - Data-parallel under torchrun like calibrate.py: every rank walks the same path because f and g are all-reduced;
   or, with `--model-parallel`, one model over the ranks, which all see the same f and g.
 
@@ -33,6 +34,7 @@ Examples
 """
 import argparse
 import hashlib
+import math
 import os
 import time
 
@@ -41,6 +43,7 @@ import torch
 import calibrate as C
 import cli
 import data as D
+import model as M
 import router
 from router import SPECIAL
 
@@ -101,7 +104,8 @@ class Evaluator:
         progress = cli.Progress("prepare", len(range(0, len(mine), batch_size)), quiet)
         with torch.inference_mode():
             for start in range(0, len(mine), batch_size):
-                batch = D.make_batch(mine[start:start + batch_size], proc, self.device)
+                batch = D.make_batch(mine[start:start + batch_size], proc, self.device,
+                                     max_positions=model.cfg.max_position_embeddings)
                 media = D.vision_features(model, batch)
                 h = model.layers(*D.embed(model, batch, media, stats))
                 original = D.answer_logits(model, h, batch)[0].cpu()  # [N, V]
@@ -261,31 +265,38 @@ def file_sha256(path):
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def get_alpha(args, model, proc, samples, info):
-    """The alpha document of --alpha, made first (and written by rank 0) when the file does not exist."""
-    if os.path.exists(args.alpha):
-        return router.load_alpha(args.alpha, model)
+def calibrate_alpha(args, model, proc, samples, info):
+    """The alpha document calibrated on the search's samples and written to --alpha (by rank 0); an interrupted
+    calibration continues from ALPHA.partial with --resume."""
+    partial = args.alpha + ".partial"
     if cli.is_main():
         print(f"{args.alpha} not found: calibrating alpha first", flush=True)
-    doc = C.calibrate(model, proc, samples, batch_size=args.batch_size, removal=args.removal, data_info=info,
-                      quiet=args.quiet)
+    doc = C.calibrate(model, proc, samples, batch_size=args.batch_size, removal=args.removal, partial=partial,
+                      resume=args.resume, data_info=info, quiet=args.quiet)
     if cli.is_main():
         cli.write_json(args.alpha, doc)
+        if os.path.exists(partial):
+            os.remove(partial)
     return doc
+
+
+def finite(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def read_partial(path, settings):
     """{(tau_text, tau_vision): (loss, ratios)} evaluated by an earlier run with the same settings."""
-    state = cli.read_json(path, "partial search")
-    cli.check(isinstance(state, dict) and state.get("format") == PARTIAL_FORMAT,
-              f"{path}: not a partial search file; delete it or rerun without --resume")
-    cli.check(state.get("settings") == settings, f"{path}: made with other settings (model, data, alpha, grid); "
-              f"delete it or rerun without --resume")
+    state = cli.read_state(path, PARTIAL_FORMAT, settings, "partial search")
+    known = {}
     try:
-        return {(float(e["tau_text"]), float(e["tau_vision"])): (float(e["kl"]), dict(e["skip"]))
-                for e in state["evaluated"]}
+        for k, e in enumerate(state["evaluated"]):
+            skip = {m: e["skip"][m] for m in ("all", "text", "vision")}  # text / vision are None without such tokens
+            cli.check(all(finite(e[x]) for x in ("tau_text", "tau_vision", "kl")) and finite(skip["all"])
+                      and all(r is None or finite(r) for r in skip.values()), f"evaluated[{k}] is not finite")
+            known[(float(e["tau_text"]), float(e["tau_vision"]))] = (float(e["kl"]), skip)
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: damaged ({e}); delete it to start over") from None
+        raise ValueError(f"{path}: damaged ({e.__class__.__name__}: {e}); delete it to start over") from None
+    return known
 
 
 def main(args):
@@ -294,20 +305,30 @@ def main(args):
     cli.check(args.grid >= 1, f"--grid must be >= 1, got {args.grid}")
     for name in ("text_range", "vision_range"):
         r = getattr(args, name)
-        cli.check(r is None or 0.0 <= r[0] <= r[1], f"--{name.replace('_', '-')} must be 0 <= MIN <= MAX, got {r}")
-    cli.check_output(args.out)
-    cli.check_output(args.alpha, "--alpha")
+        cli.check(r is None or (finite(r[0]) and finite(r[1]) and 0.0 <= r[0] <= r[1]),
+                  f"--{name.replace('_', '-')} must be finite, 0 <= MIN <= MAX, got {r}")
+    inputs = [(args.data, "--data"), (args.gqa_questions, "--gqa-questions")]
+    cli.check_output(args.out, inputs=inputs + [(args.alpha, "--alpha")])
+    partial = args.out + ".partial"
+    cli.check_output(partial, "--out's partial state")
+    cli.check_no_state(partial, args.resume)
+    if not os.path.exists(args.alpha):  # made first, then read
+        cli.check_output(args.alpha, "--alpha", inputs)
+        cli.check_output(args.alpha + ".partial", "--alpha's partial state")
+        cli.check_no_state(args.alpha + ".partial", args.resume)
     samples, info = D.load_samples(args)
+    # an existing alpha file is checked against the architecture (no weights on the meta device) before loading
+    skeleton = M.build(M.read_config(M.resolve_model(args.model)), "meta")
+    alpha = router.load_alpha(args.alpha, skeleton) if os.path.exists(args.alpha) else None
     model, proc, path = C.load_model(args)
-    alpha = get_alpha(args, model, proc, samples, info)
+    alpha = alpha or calibrate_alpha(args, model, proc, samples, info)
     t0 = time.perf_counter()
     table = router.alpha_table(alpha, model, args.alpha)
-    evaluator = Evaluator(model, proc, samples, table, args.batch_size, args.quiet)
     grid_text, grid_vision, grid_info = grids(args, table)
-    partial = args.out + ".partial"
     settings = dict(fingerprint=router.fingerprint(model), data=info["sha256"], alpha=file_sha256(args.alpha),
                     grid_text=grid_text.tolist(), grid_vision=grid_vision.tolist())
     known = read_partial(partial, settings) if args.resume and os.path.exists(partial) else {}
+    evaluator = Evaluator(model, proc, samples, table, args.batch_size, args.quiet)
     evaluated = [dict(tau_text=t, tau_vision=v, kl=r[0], skip=r[1]) for (t, v), r in known.items()]
 
     def keep(taus, result):
@@ -366,7 +387,8 @@ def parser():
     p.add_argument("--vision-range", type=float, nargs=2, metavar=("MIN", "MAX"),
                    help="absolute vision grid (official: 0 0.6); default: from the model's scores")
     p.add_argument("--exhaustive", action="store_true", help="evaluate all D^2 points (for checking)")
-    p.add_argument("--resume", action="store_true", help="reuse the evaluations an interrupted run left in OUT.partial")
+    p.add_argument("--resume", action="store_true", help="reuse the evaluations an interrupted run left in OUT.partial "
+                   "(and its alpha calibration's ALPHA.partial)")
     p.add_argument("--out", default="thresholds.json", help="output JSON (default: thresholds.json)")
     return p
 

@@ -2,6 +2,7 @@
 fingerprints and one-line errors."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -120,7 +121,7 @@ def test_resume_after_stop_equals_uninterrupted(tiny, reference, tmp_path):
     argv = ["--model", path, "--n", "3", "--batch-size", "1", "--out", str(out), "--quiet"]
     C.main(C.parser().parse_args(argv + ["--max-batches", "1"]))  # stands for a run killed after batch 1
     assert not out.exists() and json.load(open(partial))["steps_done"] == 1
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match="made with another removal"):
         C.main(C.parser().parse_args(argv + ["--resume", "--removal", "input"]))
     C.main(C.parser().parse_args(argv + ["--resume", "--max-batches", "1"]))
     assert json.load(open(partial))["steps_done"] == 2
@@ -130,6 +131,60 @@ def test_resume_after_stop_equals_uninterrupted(tiny, reference, tmp_path):
     assert resumed["layers"] == reference["layers"] and resumed["kl_sum"] == reference["kl_sum"]
     assert resumed["data"]["sha256"] == reference["data"]["sha256"]
     assert {k: v for k, v in resumed["calibration"].items() if k != "seconds"} == reference["calibration"]
+
+
+def test_resume_after_a_failure_fixed_between_runs(tiny, tmp_path):
+    """An image only the processor refuses (aspect ratio 250) stops the run at its batch, naming the line; with the
+    line fixed, --resume keeps the three finished batches and gives the uninterrupted result on the fixed file."""
+    from PIL import Image
+    _, _, path = tiny
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / "red.png")
+    Image.new("RGB", (1000, 4), (30, 30, 200)).save(tmp_path / "strip.png")
+    lines = [f'{{"image": "red.png", "question": "Colour {i}?", "answer": "Red."}}' for i in range(3)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(lines + ['{"image": "strip.png", "question": "And this?", "answer": "Blue."}']) + "\n")
+    out, partial = tmp_path / "alpha.json", tmp_path / "alpha.json.partial"
+    argv = ["--model", path, "--data", str(data), "--batch-size", "1", "--out", str(out), "--quiet"]
+    with pytest.raises(ValueError, match=r"d\.jsonl:4: .*strip\.png: size 1000x4 has aspect ratio 250\.0"):
+        C.main(C.parser().parse_args(argv))
+    assert json.load(open(partial))["steps_done"] == 3 and not out.exists()
+    with pytest.raises(ValueError, match=r"alpha\.json\.partial holds an interrupted run's state: add --resume"):
+        C.main(C.parser().parse_args(argv))  # never overwritten unasked
+    fixed = '{"image": "red.png", "question": "And this?", "answer": "Blue."}'
+    data.write_text("\n".join(lines + [fixed]) + "\n")
+    C.main(C.parser().parse_args(argv + ["--resume"]))
+    resumed = json.load(open(out))
+    os.remove(out)
+    C.main(C.parser().parse_args(argv))
+    uninterrupted = json.load(open(out))
+    assert resumed["kl_sum"] == uninterrupted["kl_sum"] and resumed["data"] == uninterrupted["data"]
+    # a finished batch's sample edited: refused, as its sums would no longer match the data
+    C.main(C.parser().parse_args(argv + ["--max-batches", "2"]))
+    edited = '{"image": "red.png", "question": "Edited?", "answer": "Red."}'
+    data.write_text("\n".join([edited] + lines[1:] + [fixed]) + "\n")
+    with pytest.raises(ValueError, match=r"the samples of its 2 finished batch\(es\) are not the ones it read"):
+        C.main(C.parser().parse_args(argv + ["--resume"]))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda s: s.update(format="modes-thresholds-partial/1"), "not a partial calibration file"),
+    (lambda s: s["settings"].update(batch_size=2, removal="input"), "made with another batch_size, removal"),
+    (lambda s: s.update(steps_done=-1), "counts must be integers >= 0"),
+    (lambda s: s.update(steps_done=9), "at most 3 steps"),
+    (lambda s: s.update(answer_tokens="12"), "counts must be integers >= 0"),
+    (lambda s: s["kl_sum"][1].__setitem__(0, float("nan")), "kl_sum must be 4 rows of 2 finite numbers"),
+    (lambda s: s["kl_sum"].pop(), "kl_sum must be 4 rows of 2 finite numbers"),
+])
+def test_damaged_partial_is_one_line(tiny, tmp_path, damage, message):
+    model, proc, _ = tiny
+    samples = D.synthetic_samples(3)
+    partial = str(tmp_path / "a.json.partial")
+    assert C.calibrate(model, proc, samples, batch_size=1, partial=partial, max_batches=2, quiet=True) is None
+    state = json.load(open(partial))
+    damage(state)
+    cli.write_json(partial, state)
+    with pytest.raises(ValueError, match=rf"^{re.escape(partial)}: .*{re.escape(message)}"):
+        C.calibrate(model, proc, samples, batch_size=1, partial=partial, resume=True, quiet=True)
 
 
 def test_fingerprint_and_refusal(tiny, tmp_path):
@@ -169,9 +224,23 @@ def test_jsonl_reader(tmp_path):
     ('{"image": "missing.png", "question": "q", "answer": "a"}', ValueError, r"d\.jsonl:2: .*missing\.png"),
     ('{"image": ".", "question": "q", "answer": "a"}', ValueError, r"d\.jsonl:2: .* is a folder"),
     ('{"image": "d.jsonl", "question": "q", "answer": "a"}', ValueError, r"d\.jsonl:2: .*not a readable image"),
+    ('{"image": "cut.png", "question": "q", "answer": "a"}', ValueError, r"d\.jsonl:2: .*cut\.png is not a readable "
+     r"image \(image file is truncated"),
+    ('{"video": "frames", "question": "q", "answer": "a"}', ValueError, r"d\.jsonl:2: video folder .*frames has no "
+     r"image files"),
+    ('{"video": "d.jsonl", "question": "q", "answer": "a"}', ValueError, r"d\.jsonl:2: .*d\.jsonl is not a readable "
+     r"image"),
+    ('{"video": "missing.gif", "question": "q", "answer": "a"}', ValueError, r"d\.jsonl:2: file not found: "),
+    (b'{"question": "\xff", "answer": "a"}', ValueError, r"d\.jsonl:2: not UTF-8 text"),
 ])
 def test_jsonl_errors_name_the_line(tmp_path, line, error, message):
-    (tmp_path / "d.jsonl").write_text('{"question": "fine", "answer": "ok"}\n' + line + "\n")
+    from PIL import Image
+    Image.frombytes("RGB", (64, 48), bytes(range(256)) * 36).save(tmp_path / "whole.png")
+    whole = (tmp_path / "whole.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(whole[:len(whole) // 2])  # the header and half the pixels
+    (tmp_path / "frames").mkdir()
+    line = line if isinstance(line, bytes) else line.encode()
+    (tmp_path / "d.jsonl").write_bytes(b'{"question": "fine", "answer": "ok"}\n' + line + b"\n")
     with pytest.raises(error, match=message):
         D.read_jsonl(str(tmp_path / "d.jsonl"))
 

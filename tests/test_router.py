@@ -2,6 +2,8 @@
 
 Hand-worked expectations use dyadic probabilities (0.5, 0.25, 0.125) so every product and sum is exact in fp32.
 """
+import json
+import re
 import sys
 from pathlib import Path
 
@@ -389,6 +391,89 @@ def test_policy_bad_input():
     for make, culprit in cases:
         with pytest.raises(ValueError, match=culprit):
             make()
+
+
+# -----------------------------------------------------------------------------
+# alpha and thresholds files: one line naming the file and the field, checked before any weights load
+
+
+@pytest.fixture(scope="module")
+def skeleton():
+    """tiny-qwen's architecture on the meta device (no weights): what the scripts check these files against."""
+    import model as M
+    import tiny
+    return M.build(M.config_from_dict(tiny.qwen_config(), "tiny-qwen"), "meta")
+
+
+def documents(model):
+    """A valid (alpha, thresholds) pair for model."""
+    rows = [dict(layer=i, text=0.25, vision=0.25) for i in router.moe_layers(model)]
+    made_for = dict(fingerprint=router.fingerprint(model))
+    return (dict(format=router.ALPHA_FORMAT, model=made_for, layers=rows),
+            dict(format=router.THRESHOLDS_FORMAT, model=made_for, tau=dict(text=0.1, vision=0.2), layers=rows))
+
+
+def write(tmp_path, doc):
+    path = tmp_path / "doc.json"
+    path.write_text(json.dumps(doc))  # NaN is written as the bare NaN that Python's json reads back
+    return str(path)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: d.pop("layers"), r"'layers' must be a list"),
+    (lambda d: d["layers"][1].pop("vision"), r"layers\[1\]\.vision must be a number >= 0, finite in fp32, got None"),
+    (lambda d: d["layers"][1].update(text=float("nan")), r"layers\[1\]\.text .* got nan"),
+    (lambda d: d["layers"][1].update(text=-0.5), r"layers\[1\]\.text .* got -0\.5"),
+    (lambda d: d["layers"][1].update(text=1e300), r"layers\[1\]\.text .* got 1e\+300"),
+    (lambda d: d["layers"][1].update(text=True), r"layers\[1\]\.text .* got True"),
+    (lambda d: d["layers"][1].update(layer=99), r"layers\[1\]\.layer 99 is not an MoE layer of this model \(0\.\.3\)"),
+    (lambda d: d["layers"][1].update(layer="1"), r"layers\[1\]\.layer must be an integer"),
+    (lambda d: d["layers"].pop(), r"no alpha for MoE layer\(s\) 3; every MoE layer needs one"),
+    (lambda d: d["layers"].append(dict(d["layers"][0])), r"layers\[4\]: layer 0 is listed twice"),
+    (lambda d: d.update(format="modes-thresholds/1"), r"not an alpha file"),
+    (lambda d: d["model"].update(fingerprint="0" * 64), r"made for another model"),
+    (lambda d: d.pop("model"), r"made for another model"),
+])
+def test_alpha_file_problems_name_the_file_and_field(skeleton, tmp_path, damage, message):
+    alpha, _ = documents(skeleton)
+    assert router.alpha_table(router.load_alpha(write(tmp_path, alpha), skeleton), skeleton, "alpha").sum() == 2.0
+    damage(alpha)
+    path = write(tmp_path, alpha)
+    with pytest.raises(ValueError, match=rf"^{re.escape(path)}: {message}"):
+        router.load_alpha(path, skeleton)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: d.pop("tau"), r"'tau' must be an object \{text, vision\}"),
+    (lambda d: d["tau"].pop("vision"), r"tau\.vision must be a number >= 0, finite in fp32, got None"),
+    (lambda d: d["tau"].update(text=-0.1), r"tau\.text .* got -0\.1"),
+    (lambda d: d["tau"].update(text=float("inf")), r"tau\.text .* got inf"),
+    (lambda d: d["tau"].update(text="0.1"), r"tau\.text .* got '0\.1'"),
+    (lambda d: d["layers"].pop(1), r"no alpha for MoE layer\(s\) 1"),
+    (lambda d: d.update(format=router.ALPHA_FORMAT), r"not a thresholds file"),
+])
+def test_thresholds_file_problems_name_the_file_and_field(skeleton, tmp_path, damage, message):
+    _, thresholds = documents(skeleton)
+    assert router.load_thresholds(write(tmp_path, thresholds), skeleton).tau.tolist() == pytest.approx([0.1, 0.2])
+    damage(thresholds)
+    path = write(tmp_path, thresholds)
+    with pytest.raises(ValueError, match=rf"^{re.escape(path)}: {message}"):
+        router.load_thresholds(path, skeleton)
+
+
+def test_unreadable_files_are_one_line(skeleton, tmp_path):
+    cases = [(tmp_path / "missing.json", FileNotFoundError, "thresholds file not found: "),
+             (tmp_path, IsADirectoryError, "thresholds file .*: is a folder"),
+             (tmp_path / "list.json", ValueError, r"list\.json: expected a JSON object \(thresholds file\), got a "
+                                                   r"list"),
+             (tmp_path / "cut.json", ValueError, r"cut\.json: invalid JSON at line 1"),
+             (tmp_path / "latin1.json", ValueError, r"latin1\.json: not UTF-8 text")]
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "cut.json").write_text('{"format": ')
+    (tmp_path / "latin1.json").write_bytes(b'{"format": "\xe9"}')
+    for path, error, message in cases:
+        with pytest.raises(error, match=message):
+            router.load_thresholds(str(path), skeleton)
 
 
 def test_constants_match_shared_conventions():
