@@ -46,8 +46,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cli
 import model as M
 import processor as P
+import tiny
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(ROOT, "checkpoints", "tiny-vqa")
@@ -61,7 +63,7 @@ SHAPES = ("circle", "rectangle", "triangle")
 
 def vqa_config(ids, vocab_size, args):
     """config.json in the hub's qwen3_vl_moe dialect. H = 128 and I = 48 keep Qwen3-VL-30B-A3B's expert width ratio
-    (768 / 2048) and stay clear of H == 2I, where the stored expert layout cannot be told from the shape."""
+    (768 / 2048)."""
     H = args.hidden
     return {
         "architectures": ["Qwen3VLMoeForConditionalGeneration"], "model_type": "qwen3_vl_moe",
@@ -98,14 +100,14 @@ def preprocessor_config(image_size, patch_size):
 def write_vqa_tokenizer(out_dir, texts, bpe_size=384):
     """tokenizer.json + tokenizer_config.json in the real Qwen format (byte-level BPE, the Qwen pre-tokenizer split,
     the Qwen added tokens marked special as in the real file), trained on `texts`; the added tokens follow the BPE
-    vocabulary at small ids. Like processor.write_tiny_tokenizer, but compact. Returns {added token: id}, size."""
+    vocabulary at small ids. Like tiny.write_qwen_tokenizer, but compact. Returns {added token: id}, size."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    with open(P.DEFAULT_CHAT_TEMPLATE_PATH, encoding="utf-8") as f:
+    with open(tiny.DEFAULT_CHAT_TEMPLATE_PATH, encoding="utf-8") as f:
         chat_template = f.read()
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(P.QWEN_SPLIT_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(tiny.QWEN_SPLIT_PATTERN), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
@@ -117,7 +119,7 @@ def write_vqa_tokenizer(out_dir, texts, bpe_size=384):
     first = len(vocab)
     assert sorted(vocab.values()) == list(range(first))
     added, ids = [], {}
-    for i, (content, special) in enumerate(P.QWEN_ADDED_TOKENS):
+    for i, (content, special) in enumerate(tiny.QWEN_ADDED_TOKENS):
         # entered into the BPE vocabulary too, or `tokenizers` renumbers them (see write_tiny_tokenizer)
         vocab[content] = ids[content] = first + i
         added.append({"id": first + i, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
@@ -130,8 +132,8 @@ def write_vqa_tokenizer(out_dir, texts, bpe_size=384):
         "eos_token": "<|im_end|>", "errors": "replace", "model_max_length": 4096, "pad_token": "<|endoftext|>",
         "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer", "unk_token": None}
     os.makedirs(out_dir, exist_ok=True)
-    P.write_atomic(os.path.join(out_dir, "tokenizer.json"), json.dumps(spec, ensure_ascii=False, indent=1).encode())
-    P.write_atomic(os.path.join(out_dir, "tokenizer_config.json"),
+    cli.write_atomic(os.path.join(out_dir, "tokenizer.json"), json.dumps(spec, ensure_ascii=False, indent=1).encode())
+    cli.write_atomic(os.path.join(out_dir, "tokenizer_config.json"),
                    json.dumps(tok_config, ensure_ascii=False, indent=2).encode())
     return ids, first + len(added)
 
@@ -240,7 +242,7 @@ class VQAData:
 def corpus(questions, answers):
     """Texts the BPE is trained on: every training question and answer (answers also stand alone, as the model
     emits them after "assistant\\n"), the chat roles, and processor.py's small general corpus."""
-    return list(questions) + list(answers) + ["user", "assistant", "system"] * 100 + [P.TINY_CORPUS]
+    return list(questions) + list(answers) + ["user", "assistant", "system"] * 100 + [tiny.TINY_CORPUS]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -376,9 +378,6 @@ def lr_at(step, args):
 
 
 def train(args):
-    if args.hidden in (args.expert_width, 2 * args.expert_width):
-        raise ValueError(f"--hidden {args.hidden} with --expert-width {args.expert_width}: a stored expert tensor "
-                         "would read the same either way round, and model.py's loader decides its layout by shape")
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     t_start = time.perf_counter()
@@ -607,7 +606,7 @@ def parse_args(argv=None):
     g.add_argument("--hidden", type=int, default=128)
     g.add_argument("--layers", type=int, default=4, help="decoder layers, all MoE")
     g.add_argument("--experts", type=int, default=32)
-    g.add_argument("--expert-width", type=int, default=48, help="moe_intermediate_size (not hidden/2, see vqa_config)")
+    g.add_argument("--expert-width", type=int, default=48, help="moe_intermediate_size, the routed experts' width")
     g.add_argument("--top-k", type=int, default=4)
     g.add_argument("--image-size", type=int, default=64, help="pixels per side the images are resized to")
     g.add_argument("--patch-size", type=int, default=8, help="vision patch side in pixels (Qwen3-VL: 16); 8 px "
