@@ -381,7 +381,7 @@ def parser():
     p = argparse.ArgumentParser(description="Calibrate MoDES's per-layer, per-modality factors alpha.")
     add_model_args(p)
     D.add_data_args(p)
-    p.add_argument("--out", default="alpha.json", help="output JSON (default: alpha.json)")
+    p.add_argument("--out", default=f"{cli.RUNS}/alpha.json", help=f"output JSON (default: {cli.RUNS}/alpha.json)")
     p.add_argument("--removal", default="zero", choices=["zero", "input"],
                    help="removed tokens' routed output: zero (the paper) or the MoE input (the official code)")
     p.add_argument("--naive", action="store_true", help="full forward passes per ablation (for checking)")

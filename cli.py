@@ -43,11 +43,16 @@ def check_device(device):
     return str(d)
 
 
+RUNS = "runs"  # where the scripts write by default, relative to the working directory; made when needed
+
+
 def check_output(path, what="--out", inputs=()):
     """Refuse an output path that cannot be written (empty, a folder, in a missing or read-only folder, under a
     regular file) or that names one of the run's input files, inputs = [(path or None, argument)], before any work."""
     check(path, f"{what}: empty path, expected a file path")
     folder = os.path.dirname(os.path.abspath(path))
+    if folder == os.path.abspath(RUNS):
+        os.makedirs(folder, exist_ok=True)
     check(not os.path.isdir(path), f"{what} {path}: is a folder, expected a file path")
     above = folder
     while not os.path.exists(above):
@@ -168,6 +173,8 @@ class Progress:
             return
         now = time.perf_counter()
         if not finished:
+            if done >= self.total:  # the caller's finished=True call draws the last line
+                return
             if self.tty and now - self.last < 0.2:
                 return
             if not self.tty and done - self.last_done < self.total / 10 and now - self.last < 60:

@@ -377,7 +377,8 @@ def parser():
     p = argparse.ArgumentParser(description="Search MoDES's text and vision thresholds for a target skip ratio.")
     C.add_model_args(p)
     D.add_data_args(p)
-    p.add_argument("--alpha", default="alpha.json", help="alpha file; calibrated first if missing (alpha.json)")
+    p.add_argument("--alpha", default=f"{cli.RUNS}/alpha.json",
+                   help=f"alpha file; calibrated first if missing (default: {cli.RUNS}/alpha.json)")
     p.add_argument("--removal", default="zero", choices=["zero", "input"], help="removal mode when calibrating")
     p.add_argument("--target", type=float, default=0.5, help="target prefill skip ratio rho, in (0, 1]")
     p.add_argument("--grid", type=int, default=100, help="grid points D per threshold")
@@ -389,7 +390,8 @@ def parser():
     p.add_argument("--exhaustive", action="store_true", help="evaluate all D^2 points (for checking)")
     p.add_argument("--resume", action="store_true", help="reuse the evaluations an interrupted run left in OUT.partial "
                    "(and its alpha calibration's ALPHA.partial)")
-    p.add_argument("--out", default="thresholds.json", help="output JSON (default: thresholds.json)")
+    p.add_argument("--out", default=f"{cli.RUNS}/thresholds.json",
+                   help=f"output JSON (default: {cli.RUNS}/thresholds.json)")
     return p
 
 

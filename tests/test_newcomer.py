@@ -1,0 +1,74 @@
+"""What a newcomer meets first: every file answers --help, one list of expert paths, outputs with the user's
+umask that git ignores, and generated text that says when the model has random weights."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import bench
+import cli
+import kernels
+import model as M
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ["model.py", "calibrate.py", "search.py", "bench.py", "plot.py", "train_vqa.py"]
+LIBRARIES = ["processor.py", "router.py", "kernels.py", "cli.py", "data.py", "tiny.py"]
+
+
+def test_every_top_level_file_answers_help():
+    assert sorted(SCRIPTS + LIBRARIES) == sorted(f for f in os.listdir(ROOT) if f.endswith(".py"))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    runs = {f: subprocess.Popen([sys.executable, f, "--help"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for f in SCRIPTS + LIBRARIES}
+    for f, p in runs.items():
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0 and not err.strip(), (f, err)
+        if f in SCRIPTS:
+            assert out.startswith("usage:") and "--" in out, f
+        else:  # one line: what it is and which script to run
+            assert len(out.strip().splitlines()) == 1 and "not a script" in out and "model.py" in out, f
+
+
+def test_one_list_of_expert_paths():
+    assert M.EXPERT_IMPLS == ("auto", "ref") + kernels.PATHS
+    for parser in (M.parser(), bench.parser()):
+        [action] = [a for a in parser._actions if a.dest == "expert_impl"]
+        assert tuple(action.choices) == M.EXPERT_IMPLS
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_outputs_get_the_users_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        cli.write_json(tmp_path / "out.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out.json").stat().st_mode & 0o777 == mode
+    assert os.listdir(tmp_path) == ["out.json"]  # no temporary file left
+
+
+def test_default_outputs_land_in_the_ignored_runs_folder():
+    import calibrate
+    import search
+    assert calibrate.parser().parse_args([]).out == "runs/alpha.json"
+    assert search.parser().parse_args([]).out == "runs/thresholds.json"
+    r = subprocess.run(["git", "check-ignore", "-q", "runs/alpha.json"], cwd=ROOT)
+    if r.returncode == 128:
+        pytest.skip("not a git checkout")
+    assert r.returncode == 0, "runs/ must be in .gitignore"
+
+
+def test_control_characters_are_shown_not_sent_to_the_terminal():
+    assert cli.printable("a\x1bb\x03\n\tc\ufffd") == "a\\x1bb\\x03\n\tc\ufffd"
+
+
+@pytest.mark.parametrize("name, random_weights", [("tiny-qwen", True), ("tiny-vqa", False)])
+def test_generated_text_says_when_weights_are_random(tmp_path, name, random_weights):
+    env = dict(os.environ, MODES_CACHE=str(tmp_path), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "model.py", "--model", name, "--prompt", "what color is the shape?",
+                        "--max-new-tokens", "3"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert ("random weights" in r.stderr) == random_weights
+    if random_weights:
+        assert "tiny-vqa" in r.stderr  # and where the trained one is
