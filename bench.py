@@ -84,8 +84,7 @@ def machine(device):
             with open("/proc/cpuinfo") as f:
                 name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
         info["device"] = name
-    config = torch.__config__.show()
-    info["blas"] = next((part.split("=", 1)[1] for part in config.replace(",", " ").split()
+    info["blas"] = next((part.split("=", 1)[1] for part in torch.__config__.show().replace(",", " ").split()
                          if part.startswith("BLAS_INFO=")), None)
     info["parallel"] = next((line.split(":", 1)[1].strip() for line in torch.__config__.parallel_info().splitlines()
                              if line.startswith("ATen parallel backend")), None)
@@ -95,16 +94,14 @@ def machine(device):
 def build(args, source, shard):
     """(model, load seconds, host peak growth) of --config (random weights) or the checkpoint folder source: this
     rank's part of it (shard)."""
-    dtype = cli.DTYPES[args.dtype]
-    before = host_peak_bytes()
-    if args.config:
-        def make():
+    dtype, before = cli.DTYPES[args.dtype], host_peak_bytes()
+
+    def make():
+        if args.config:
             return tiny.random_weights(M.build(M.read_config(args.config), args.device, dtype, shard)).eval()
-        model, seconds = timed(make, args.device)
-        model.requires_grad_(False)
-    else:
-        model, seconds = timed(lambda: M.load(source, args.device, dtype, shard), args.device)
-    return M.set_expert_impl(model, args.expert_impl), seconds, host_peak_bytes() - before
+        return M.load(source, args.device, dtype, shard)
+    model, seconds = timed(make, args.device)
+    return M.set_expert_impl(model.requires_grad_(False), args.expert_impl), seconds, host_peak_bytes() - before
 
 
 def synthetic_inputs(model, args, batch):
@@ -161,36 +158,42 @@ def row_policy(name, model, args, shared, modes):
     return shared
 
 
+def medians(run, args):
+    """run() times one repetition -> {name: seconds}. -> ({name}_ms: its median over --repeats runs, the seconds of
+    the --warmup runs before them: compilation, autotuning, graph capture, first-touch allocations)."""
+    warmup_s = sum(timed(run, args.device)[1] for _ in range(args.warmup))
+    runs = [run() for _ in range(args.repeats)]
+    return {f"{k}_ms": 1e3 * statistics.median(r[k] for r in runs) for k in runs[0]}, warmup_s
+
+
+def decode(step, cache, token, n, logits=None):
+    """n greedy decode steps from token [B, 1], step: token -> logits [B, V] at the cache's next position; a copy of
+    each step's logits is appended to the list `logits` if one is given."""
+    for _ in range(n):
+        out = step(token)
+        if logits is not None:
+            logits.append(out.float().clone())  # a CUDA graph's output buffer is overwritten by the next step
+        cache.length += 1
+        token = out.argmax(-1, keepdim=True)
+
+
 @torch.no_grad()
 def measure(model, step, cache, ids, pixels, args):
     """Median times of the vision tower, the language-model prefill, time to first token and one decode step
     (all steps of a run timed together, divided); the skip ratios from one separate, untimed pass."""
     dev = args.device
-    rows = {"vision": [], "prefill": [], "ttft": [], "decode": []}
-    warmup_s = 0.0
 
-    def decode(token):
-        for _ in range(args.decode_steps):
-            token = step(token).argmax(-1, keepdim=True)
-            cache.length += 1
-    for r in range(args.warmup + args.repeats):
+    def run():
         cache.reset()
         media, tv = timed(lambda: model.encode_vision(ids, **pixels), dev)
         logits, tp = timed(lambda: model(ids, cache=cache, media=media, last_only=True, **pixels), dev)
-        _, td = timed(lambda: decode(logits[:, -1:].argmax(-1)), dev)
-        if r < args.warmup:  # compilation, autotuning, graph capture, first-touch allocations
-            warmup_s += tv + tp + td
-            continue
-        rows["vision"].append(tv)
-        rows["prefill"].append(tp)
-        rows["ttft"].append(tv + tp)
-        rows["decode"].append(td / args.decode_steps)
-    out = {f"{k}_ms": 1e3 * statistics.median(v) for k, v in rows.items()}
+        td = timed(lambda: decode(step, cache, logits[:, -1:].argmax(-1), args.decode_steps), dev)[1]
+        return dict(vision=tv, prefill=tp, ttft=tv + tp, decode=td / args.decode_steps)
+    out, warmup_s = medians(run, args)
     stats = router.SkipStats(len(model.layers), dev)
     cache.reset()
     token = model(ids, cache=cache, stats=stats, last_only=True, **pixels)[:, -1:].argmax(-1)
-    for _ in range(args.decode_steps):
-        token = model(token, cache=cache, stats=stats)[:, -1:].argmax(-1)
+    decode(lambda t: model.decode_step(t, cache, stats), cache, token, args.decode_steps)
     summary = stats.summary()
     for phase in ("prefill", "decode"):
         for m in ("text", "vision", "all"):
@@ -204,17 +207,12 @@ def measure(model, step, cache, ids, pixels, args):
 def check_graph(model, step, cache, ids, pixels, args):
     """The decode step as timed (compiled and/or graphed) against the eager model.decode_step from the same
     prefill: greedy tokens equal, and the largest logit difference relative to the logits' scale."""
-    runs = []
-    for fn in (lambda t: model.decode_step(t, cache), step):
+    runs = [[], []]  # each step's logits: eager, then as timed
+    for fn, logits in zip((lambda t: model.decode_step(t, cache), step), runs):
         cache.reset()
         token = model(ids, cache=cache, last_only=True, **pixels)[:, -1:].argmax(-1)
-        logits = []
-        for _ in range(args.decode_steps):
-            logits.append(fn(token).float().clone())
-            cache.length += 1
-            token = logits[-1].argmax(-1, keepdim=True)
-        runs.append(torch.stack(logits))
-    eager, timed_step = runs
+        decode(fn, cache, token, args.decode_steps, logits)
+    eager, timed_step = (torch.stack(logits) for logits in runs)
     return dict(tokens_equal=bool(torch.equal(eager.argmax(-1), timed_step.argmax(-1))),
                 max_abs_diff_rel=float((timed_step - eager).abs().max() / eager.abs().max()), steps=args.decode_steps)
 
@@ -255,10 +253,9 @@ def transformers_row(model, source, ids, pixels, args):
     from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
     cli.check(isinstance(model, M.Qwen3VLMoe), "--compare-transformers: only Qwen3-VL-MoE is wired up")
     cli.check(model.shard.world == 1, "--compare-transformers: one process only (not under torchrun)")
-    with open(source if source.endswith(".json") else os.path.join(source, "config.json")) as f:
-        hf_cfg = Qwen3VLMoeConfig(**json.load(f))
+    raw = cli.read_json(source if source.endswith(".json") else os.path.join(source, "config.json"), "config")
     with torch.device("meta"):
-        hf = Qwen3VLMoeForConditionalGeneration(hf_cfg)
+        hf = Qwen3VLMoeForConditionalGeneration(Qwen3VLMoeConfig(**raw))
     params = dict(model.named_parameters())
     hf.load_state_dict({name: params[ours] for name, (ours, _) in M.checkpoint_names(model).items()},
                        strict=True, assign=True)
@@ -269,22 +266,16 @@ def transformers_row(model, source, ids, pixels, args):
     hf.tie_weights()
     hf.eval()
     mm = (ids == model.cfg.image_token_id).long()
-    dev = args.device
-    prefill, decode = [], []
-    for r in range(args.warmup + args.repeats):
-        out, tp = timed(lambda: hf(input_ids=ids, mm_token_type_ids=mm, use_cache=True, logits_to_keep=1,
-                                   **pixels), dev)
-        token, past = out.logits[:, -1:].argmax(-1), out.past_key_values
 
-        def steps(token=token, past=past):
-            for _ in range(args.decode_steps):
-                o = hf(input_ids=token, past_key_values=past, use_cache=True)
-                token, past = o.logits[:, -1:].argmax(-1), o.past_key_values
-        _, td = timed(steps, dev)
-        if r >= args.warmup:
-            prefill.append(tp)
-            decode.append(td / args.decode_steps)
-    return dict(ttft_ms=1e3 * statistics.median(prefill), decode_ms=1e3 * statistics.median(decode))
+    def steps(out):
+        for _ in range(args.decode_steps):
+            out = hf(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
+
+    def run():
+        out, tp = timed(lambda: hf(input_ids=ids, mm_token_type_ids=mm, use_cache=True, logits_to_keep=1,
+                                   **pixels), args.device)
+        return dict(ttft=tp, decode=timed(lambda: steps(out), args.device)[1] / args.decode_steps)
+    return medians(run, args)[0]
 
 
 def speed(model, source, load_s, host_load, args, modes):
@@ -294,8 +285,7 @@ def speed(model, source, load_s, host_load, args, modes):
                   batch=args.batch, prompt_tokens=ids.shape[1], model_type=model.cfg.model_type,
                   visual_tokens=sum(int((ids[0] == t).sum()) for t in model.cfg.media_token_ids),
                   decode_steps=args.decode_steps, repeats=args.repeats, warmup=args.warmup, compile=args.compile,
-                  cuda_graph=args.cuda_graph,
-                  expert_impl=args.expert_impl, load_s=load_s,
+                  cuda_graph=args.cuda_graph, expert_impl=args.expert_impl, load_s=load_s,
                   weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
                   host_load_peak_bytes=host_load, copy_bandwidth_gb_s=bandwidth / 1e9)
     print(f"# {header['device']} ({header['cores']} cores, {header['threads']} threads) | torch {torch.__version__} | "
@@ -362,7 +352,7 @@ def normalise_answer(text):
 
 
 @torch.no_grad()
-def exact_match(model, proc, samples, policy, device, progress=None, batch_size=16):
+def exact_match(model, proc, samples, policy, device, batch_size=16):
     """Share of samples whose greedy answer equals the reference answer (case and punctuation ignored), generated
     in left-padded batches."""
     router.install(model, policy)
@@ -377,8 +367,6 @@ def exact_match(model, proc, samples, policy, device, progress=None, batch_size=
             for s, row in zip(chunk, tokens.tolist()):
                 end = next((k for k, t in enumerate(row) if t in proc.stop_token_ids), len(row))
                 hits += normalise_answer(proc.decode(row[:end])) == normalise_answer(s.answer)
-            if progress:
-                progress()
     finally:
         router.uninstall(model)
     return hits / len(samples)
@@ -430,25 +418,20 @@ def fidelity(model, source, args, modes, inputs):
                  note="", obj=modes)]
     names = [n for n in args.baselines.split(",") if n]
     progress = cli.Progress("fidelity", len(names) + 2 * (len(names) + 2), args.quiet)
-    done = 0
-    for name in names:
+    for done, name in enumerate(names, 1):
         fit = search.fit_baseline(name, model, calib_eval, alpha, gamma, target)
         rows.append(dict(policy=name, **{k: v for k, v in fit.items() if k != "policy"}, obj=fit["policy"]))
-        done += 1
         progress.update(done, f"fitted {name}")
-    for r in rows:
-        policy = r.pop("obj")
+    for i, r in enumerate(rows):
+        policy, done = r.pop("obj"), len(names) + 2 * i  # two steps per row: score, generate
         if r["policy"] != "full" and policy is None:  # not fitted: the row says why
             r.update(kl=None, top1=None, skip=dict(all=None, text=None, vision=None), accuracy=None)
-            done += 2
             continue
         r.update(test_eval.score(policy))
-        done += 1
-        progress.update(done, f"scored {r['policy']}")
+        progress.update(done + 1, f"scored {r['policy']}")
         r["accuracy"] = exact_match(model, proc, evals, policy, args.device) if args.accuracy else None
-        done += 1
-        progress.update(done, f"generated with {r['policy']}")
-    progress.update(done, finished=True)
+        progress.update(done + 2, f"generated with {r['policy']}")
+    progress.update(progress.total, finished=True)
     full_acc = rows[0]["accuracy"]
     for r in rows:
         r["retention"] = None if not full_acc or r["accuracy"] is None else 100 * r["accuracy"] / full_acc

@@ -51,8 +51,8 @@ def check_output(path, what="--out", inputs=()):
     regular file) or that names one of the run's input files, inputs = [(path or None, argument)], before any work."""
     check(path, f"{what}: empty path, expected a file path")
     folder = os.path.dirname(os.path.abspath(path))
-    if folder == os.path.abspath(RUNS):
-        os.makedirs(folder, exist_ok=True)
+    if folder == os.path.abspath(RUNS) and not os.path.lexists(folder):
+        folder = os.path.dirname(folder)  # write_atomic makes the default folder; nothing is made before any work
     check(not os.path.isdir(path), f"{what} {path}: is a folder, expected a file path")
     above = folder
     while not os.path.exists(above):

@@ -116,33 +116,29 @@ class QwenConfig:
         """Both dialects in the wild: the hub's rope_scaling + rope_theta and num_experts, and transformers 5's
         rope_parameters and num_local_experts. Keys named like our fields are taken as they are."""
         t, v = raw.get("text_config"), raw.get("vision_config")
-        if not isinstance(t, dict) or not isinstance(v, dict):
-            raise ValueError(f"{where}: qwen3_vl_moe config.json needs text_config and vision_config objects")
+        cli.check(isinstance(t, dict) and isinstance(v, dict),
+                  f"{where}: qwen3_vl_moe config.json needs text_config and vision_config objects")
         rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
         for part, d, keys in (("text_config", t, QWEN_TEXT_KEYS), ("vision_config", v, QWEN_VISION_KEYS),
                               ("the top level", raw, QWEN_TOKEN_KEYS), ("rope parameters", rope, ("mrope_section",))):
-            missing = [k for k in keys if k not in d]
-            if missing:
-                raise ValueError(f"{where}: missing key {missing[0]!r} in {part} of a qwen3_vl_moe config")
+            missing = next((k for k in keys if k not in d), None)
+            cli.check(missing is None, f"{where}: missing key {missing!r} in {part} of a qwen3_vl_moe config")
         vision = QwenVisionConfig(**{k: v[k] for k in QWEN_VISION_KEYS + ("in_channels",) if k in v},
                                   rope_theta=(v.get("rope_parameters") or {}).get("rope_theta", 10000.0))
         vision.deepstack_visual_indexes = tuple(vision.deepstack_visual_indexes)
-        same = {f.name for f in fields(cls)} & set(t) - {"num_experts", "head_dim", "rope_theta", "mrope_section",
-                                                         "mrope_interleaved", "tie_word_embeddings", "vision"}
-        cfg = cls(**{k: t[k] for k in same}, **{k: raw[k] for k in QWEN_TOKEN_KEYS}, vision=vision,
+        kw = {k: t[k] for k in {f.name for f in fields(cls)} & set(t)}
+        kw.update({k: raw[k] for k in QWEN_TOKEN_KEYS}, vision=vision,
+                  mlp_only_layers=tuple(t.get("mlp_only_layers") or ()),
                   num_experts=t["num_experts"] if "num_experts" in t else t["num_local_experts"],
                   head_dim=t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"],
                   rope_theta=rope.get("rope_theta", t.get("rope_theta", 5e6)),
-                  mrope_section=tuple(rope["mrope_section"]),
-                  mrope_interleaved=rope.get("mrope_interleaved", False),
+                  mrope_section=tuple(rope["mrope_section"]), mrope_interleaved=rope.get("mrope_interleaved", False),
                   tie_word_embeddings=raw.get("tie_word_embeddings", False))
-        cfg.mlp_only_layers = tuple(cfg.mlp_only_layers or ())
-        if sum(cfg.mrope_section) * 2 != cfg.head_dim:
-            raise ValueError(f"{where}: mrope_section {list(cfg.mrope_section)} must sum to head_dim/2 "
-                             f"= {cfg.head_dim // 2}")
-        if cfg.num_experts_per_tok > cfg.num_experts:
-            raise ValueError(f"{where}: num_experts_per_tok {cfg.num_experts_per_tok} exceeds num_experts "
-                             f"{cfg.num_experts}")
+        cfg = cls(**kw)
+        cli.check(sum(cfg.mrope_section) * 2 == cfg.head_dim,
+                  f"{where}: mrope_section {list(cfg.mrope_section)} must sum to head_dim/2 = {cfg.head_dim // 2}")
+        cli.check(cfg.num_experts_per_tok <= cfg.num_experts,
+                  f"{where}: num_experts_per_tok {cfg.num_experts_per_tok} exceeds num_experts {cfg.num_experts}")
         return cfg
 
 
@@ -199,19 +195,15 @@ class KimiVLConfig:
     model_type = "kimi_vl"
 
     def __post_init__(self):
-        checks = [
-            (self.q_lora_rank is None, f"q_lora_rank={self.q_lora_rank} is not supported (Kimi-VL uses null)"),
-            (self.scoring_func == "sigmoid", f"scoring_func={self.scoring_func!r} is not supported (need 'sigmoid')"),
-            (self.topk_method in ("noaux_tc", "greedy"), f"topk_method={self.topk_method!r} is not supported"),
-            (self.n_routed_experts % self.n_group == 0, f"n_group={self.n_group} must divide n_routed_experts"),
-            (self.topk_group <= self.n_group, f"topk_group={self.topk_group} exceeds n_group={self.n_group}"),
-            (self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok exceeds n_routed_experts"),
-            (self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim={self.qk_rope_head_dim} must be even"),
-            (self.vision_head_dim % 4 == 0, f"vision head dim {self.vision_head_dim} must be a multiple of 4"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        cli.check(self.q_lora_rank is None, f"q_lora_rank={self.q_lora_rank} is not supported (Kimi-VL uses null)")
+        cli.check(self.scoring_func == "sigmoid",
+                  f"scoring_func={self.scoring_func!r} is not supported (need 'sigmoid')")
+        cli.check(self.topk_method in ("noaux_tc", "greedy"), f"topk_method={self.topk_method!r} is not supported")
+        cli.check(self.n_routed_experts % self.n_group == 0, f"n_group={self.n_group} must divide n_routed_experts")
+        cli.check(self.topk_group <= self.n_group, f"topk_group={self.topk_group} exceeds n_group={self.n_group}")
+        cli.check(self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok exceeds n_routed_experts")
+        cli.check(self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim={self.qk_rope_head_dim} must be even")
+        cli.check(self.vision_head_dim % 4 == 0, f"vision head dim {self.vision_head_dim} must be a multiple of 4")
         self.merge_kernel_size = tuple(self.merge_kernel_size)
 
     @property
@@ -233,20 +225,18 @@ class KimiVLConfig:
     def from_hf(cls, raw: dict, where: str) -> "KimiVLConfig":
         """Translate the checkpoint's config.json (kimi_vl / deepseek_v3 / moonvit) into our fields."""
         text, vision = raw.get("text_config"), raw.get("vision_config")
-        if raw.get("model_type") != cls.model_type:
-            raise ValueError(f"{where}: model_type {raw.get('model_type')!r}, expected 'kimi_vl'")
-        if not isinstance(text, dict) or text.get("model_type") != "deepseek_v3":
-            raise ValueError(f"{where}: text_config.model_type must be 'deepseek_v3'")
-        if not isinstance(vision, dict) or vision.get("model_type") != "moonvit":
-            raise ValueError(f"{where}: vision_config.model_type must be 'moonvit'")
-        if text.get("rope_scaling") is not None:
-            raise ValueError(f"{where}: text_config.rope_scaling {text['rope_scaling']} is not supported (no yarn)")
-        if text.get("attention_bias", False):
-            raise ValueError(f"{where}: text_config.attention_bias=true is not supported")
-        if text.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{where}: text_config.hidden_act {text['hidden_act']!r}, expected 'silu'")
-        names = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in text.items() if k in names}
+        cli.check(raw.get("model_type") == cls.model_type,
+                  f"{where}: model_type {raw.get('model_type')!r}, expected 'kimi_vl'")
+        cli.check(isinstance(text, dict) and text.get("model_type") == "deepseek_v3",
+                  f"{where}: text_config.model_type must be 'deepseek_v3'")
+        cli.check(isinstance(vision, dict) and vision.get("model_type") == "moonvit",
+                  f"{where}: vision_config.model_type must be 'moonvit'")
+        cli.check(text.get("rope_scaling") is None,
+                  f"{where}: text_config.rope_scaling {text.get('rope_scaling')} is not supported (no yarn)")
+        cli.check(not text.get("attention_bias", False), f"{where}: text_config.attention_bias=true is not supported")
+        cli.check(text.get("hidden_act", "silu") == "silu",
+                  f"{where}: text_config.hidden_act {text.get('hidden_act')!r}, expected 'silu'")
+        kw = {k: text[k] for k in {f.name for f in fields(cls)} & set(text)}
         kw.update({f"vision_{k}": vision[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                                       "intermediate_size") if k in vision})
         kw.update({k: vision[k] for k in ("patch_size", "init_pos_emb_height", "init_pos_emb_width",
@@ -263,20 +253,12 @@ def read_config(path):
     file = path if path.endswith(".json") else os.path.join(path, "config.json")
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{path}: no config.json (is this a Hugging Face checkpoint folder?)")
-    try:
-        with open(file, encoding="utf-8") as f:
-            raw = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{file}: not UTF-8 text") from None
-    return config_from_dict(raw, file)
+    return config_from_dict(cli.read_json(file, "config"), file)
 
 
 def config_from_dict(raw, where):
     kind = raw.get("model_type") if isinstance(raw, dict) else None
-    if kind not in CONFIGS:
-        raise ValueError(f"{where}: unknown model_type {kind!r} (supported: {', '.join(CONFIGS)})")
+    cli.check(kind in CONFIGS, f"{where}: unknown model_type {kind!r} (supported: {', '.join(CONFIGS)})")
     return CONFIGS[kind].from_hf(raw, where)
 
 
@@ -459,6 +441,15 @@ class Context:
     visual: torch.Tensor = None         # Qwen: [B, S] positions of the image / video features
     deepstack: list = field(default_factory=list)  # Qwen: per early layer, features [n_visual, H] added after it
 
+    def cached(self, i, k, v, dim):
+        """Write the call's keys and values into layer i's cache buffers (at cache_pos along dim) -> what its
+        attention reads: the call's own keys and values in a prefill, the whole buffers when decoding."""
+        if self.cache is None:
+            return k, v
+        self.cache.k[i].index_copy_(dim, self.cache_pos, k)
+        self.cache.v[i].index_copy_(dim, self.cache_pos, v)
+        return (self.cache.k[i], self.cache.v[i]) if self.phase == "decode" else (k, v)
+
 
 class KVCache:
     """Static per-layer key and value buffers, written in place at index tensors, so a decode step has the same
@@ -546,6 +537,23 @@ def tie_weights(model):
         model.lm_head.weight = model.embed_tokens.weight
 
 
+class DecoderLayer(nn.Module):
+    """Both decoders' pre-norm residual block: attention, then the MoE layer `moe` (a class) or, on the layers the
+    config makes dense, a SwiGLU MLP."""
+
+    def __init__(self, cfg, i, attn, moe, shard):
+        super().__init__()
+        self.layer_idx = i
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = attn
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = moe(cfg, i, shard) if cfg.is_moe_layer(i) else SwiGLU(cfg.hidden_size, cfg.intermediate_size, shard)
+
+    def forward(self, h, ctx):
+        h = h + self.self_attn(self.input_layernorm(h), ctx)
+        return h + self.mlp(self.post_attention_layernorm(h), ctx)
+
+
 class DecoderLayers(nn.ModuleList):
     """The decoder layers. Calling it runs layers start .. stop-1 in order: the one layer loop of the project
     (calibrate.py resumes from a layer's cached input)."""
@@ -582,8 +590,7 @@ class QwenVisionAttention(nn.Module):
         N, D = x.shape
         q, k, v = self.qkv(x).view(N, 3, self.num_heads, -1).unbind(1)  # 3 x [N, h, d]
         # rotary in fp32, as the reference does
-        q = (q.float() * cos + rotate_half(q.float()) * sin).to(x.dtype)
-        k = (k.float() * cos + rotate_half(k.float()) * sin).to(x.dtype)
+        q, k = ((t.float() * cos + rotate_half(t.float()) * sin).to(x.dtype) for t in (q, k))
         return self.proj(block_diagonal_attention(q, k, v, lengths).reshape(N, D))
 
 
@@ -654,29 +661,27 @@ class QwenVision(nn.Module):
         return self.block_major(pe, h, w)
 
     def rotary(self, h, w, device):
-        """cos, sin [h*w, 1, d]: the first half of the frequencies rotate by row, the second by column."""
+        """Rotary angles [h*w, 1, d]: the first half of the frequencies rotate by row, the second by column."""
         d = self.cfg.hidden_size // self.cfg.num_heads
         inv_freq = 1.0 / self.cfg.rope_theta ** (torch.arange(0, d // 2, 2, device=device).float() / (d // 2))
         rows = torch.arange(h, device=device)[:, None].expand(h, w)
         cols = torch.arange(w, device=device)[None, :].expand(h, w)
         pos = self.block_major(torch.stack([rows, cols], -1), h, w).float()  # [h*w, 2]
         angles = (pos[:, :, None] * inv_freq).flatten(1)  # [h*w, d/2]: row freqs then column freqs
-        emb = torch.cat([angles, angles], -1)[:, None]  # [h*w, 1, d]
-        return emb.cos(), emb.sin()
+        return torch.cat([angles, angles], -1)[:, None]  # [h*w, 1, d]
 
     def forward(self, pixels, grid_thw):
         """pixels [N, C*Tp*P*P] in block-major row order, grid_thw [n, 3] in patches -> (tokens [N/4, D_text],
         DeepStack features list of [N/4, D_text])."""
         x = self.patch_embed(pixels)  # [N, D]
-        pos, cos, sin, lengths = [], [], [], []
+        pos, angles, lengths = [], [], []
         for t, h, w in grid_thw.tolist():
-            c, s = self.rotary(h, w, x.device)
             pos += [self.position_embedding(h, w)] * t
-            cos += [c] * t
-            sin += [s] * t
+            angles += [self.rotary(h, w, x.device)] * t
             lengths += [h * w] * t  # every temporal group attends only to itself
         x = x + torch.cat(pos).to(x.dtype)
-        cos, sin = torch.cat(cos), torch.cat(sin)
+        angles = torch.cat(angles)
+        cos, sin = angles.cos(), angles.sin()
         deepstack = []
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, lengths)
@@ -740,12 +745,7 @@ class QwenAttention(nn.Module):
     def forward(self, x, ctx):
         B, S, _ = x.shape
         q, k, v = self.project(x, ctx)
-        if ctx.cache is not None:
-            k_cache, v_cache = ctx.cache.k[self.layer_idx], ctx.cache.v[self.layer_idx]  # [B, nkv, S_max, d]
-            k_cache.index_copy_(2, ctx.cache_pos, k)
-            v_cache.index_copy_(2, ctx.cache_pos, v)
-            if ctx.phase == "decode":
-                k, v = k_cache, v_cache
+        k, v = ctx.cached(self.layer_idx, k, v, dim=2)  # decoding: the whole cache [B, nkv, S_max, d]
         out = attention(q, k, v, ctx.mask)  # [B, nh, S, d]
         return self.shard.reduce(self.o_proj(out.transpose(1, 2).reshape(B, S, self.nh * self.d)))
 
@@ -775,19 +775,12 @@ class QwenMoE(nn.Module):
         return self.shard.reduce(routed(self, x, self.route(x), ctx)).view(B, S, H)
 
 
-class QwenDecoderLayer(nn.Module):
+class QwenDecoderLayer(DecoderLayer):
     def __init__(self, cfg: QwenConfig, i, shard):
-        super().__init__()
-        self.layer_idx = i
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = QwenAttention(cfg, i, shard)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = (QwenMoE(cfg, i, shard) if cfg.is_moe_layer(i)
-                    else SwiGLU(cfg.hidden_size, cfg.intermediate_size, shard))
+        super().__init__(cfg, i, QwenAttention(cfg, i, shard), QwenMoE, shard)
 
     def forward(self, h, ctx):
-        h = h + self.self_attn(self.input_layernorm(h), ctx)
-        h = h + self.mlp(self.post_attention_layernorm(h), ctx)
+        h = super().forward(h, ctx)
         if self.layer_idx < len(ctx.deepstack):  # DeepStack: early ViT features join the first layers' outputs
             h = h.index_put((ctx.visual,), ctx.deepstack[self.layer_idx], accumulate=True)
         return h
@@ -848,18 +841,17 @@ class Qwen3VLMoe(nn.Module):
                       video_grid_thw=None):
         """Run the vision tower -> (visual [B, S] bool, features [n, H], DeepStack features list of [n, H]), the
         rows in sequence order of the image and video pads they replace."""
-        B, S = input_ids.shape
-        visual = torch.zeros(B, S, dtype=torch.bool, device=input_ids.device)
-        n_extra = len(self.cfg.vision.deepstack_visual_indexes)
-        full = input_ids.new_zeros(1 + n_extra, B, S, self.cfg.hidden_size, dtype=self.lm_head.weight.dtype)
+        visual = torch.zeros_like(input_ids, dtype=torch.bool)  # [B, S]
+        full = input_ids.new_zeros(1 + len(self.cfg.vision.deepstack_visual_indexes), *input_ids.shape,
+                                   self.cfg.hidden_size, dtype=self.lm_head.weight.dtype)  # [1 + n_deepstack, B, S, H]
         for pix, grid, token in ((pixel_values, image_grid_thw, self.cfg.image_token_id),
                                  (pixel_values_videos, video_grid_thw, self.cfg.video_token_id)):
             if pix is None:
                 continue
             pads = input_ids == token
             main, extra = self.visual(pix, grid)
-            if main.shape[0] != int(pads.sum()):
-                raise ValueError(f"{int(pads.sum())} pad tokens (id {token}) for {main.shape[0]} visual features")
+            cli.check(main.shape[0] == int(pads.sum()),
+                      f"{int(pads.sum())} pad tokens (id {token}) for {main.shape[0]} visual features")
             for j, feats in enumerate([main] + extra):
                 full[j][pads] = feats.to(full.dtype)
             visual |= pads
@@ -934,8 +926,7 @@ class MLA(nn.Module):
 
     def __init__(self, cfg: KimiVLConfig, layer_idx, attn_impl, shard):
         super().__init__()
-        if attn_impl not in ("naive", "absorbed"):
-            raise ValueError(f"attn_impl {attn_impl!r}, expected 'naive' or 'absorbed'")
+        cli.check(attn_impl in ("naive", "absorbed"), f"attn_impl {attn_impl!r}, expected 'naive' or 'absorbed'")
         self.layer_idx, self.attn_impl, self.shard = layer_idx, attn_impl, shard
         self.nh = shard.split(cfg.num_attention_heads, "num_attention_heads")  # this rank's heads
         self.d, self.r, self.dv, self.c = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
@@ -966,20 +957,15 @@ class MLA(nn.Module):
     def forward(self, x, ctx):
         B, S, _ = x.shape
         q_nope, q_rope, latent, k_rope = self.latent(x, ctx)
-        cache, i = ctx.cache, self.layer_idx
-        if self.attn_impl == "absorbed" and cache is not None:
-            cache.k[i].index_copy_(1, ctx.cache_pos, latent)  # [b, t, c]
-            cache.v[i].index_copy_(1, ctx.cache_pos, k_rope)  # [b, t, r]
+        if self.attn_impl == "absorbed":
+            latents, rope_keys = ctx.cached(self.layer_idx, latent, k_rope, dim=1)  # cache [b, t, c], [b, t, r]
             if ctx.phase == "decode":
-                out = self.absorbed(q_nope, q_rope, cache.k[i], cache.v[i], ctx.mask)  # [b, s, h, d]
+                out = self.absorbed(q_nope, q_rope, latents, rope_keys, ctx.mask)  # [b, s, h, d]
                 return self.shard.reduce(self.o_proj(out.reshape(B, S, self.nh * self.dv)))
             # a prefill is compute-bound: per-head K/V from the call's latents, as in naive
         q, k, v = self.expand(q_nope, q_rope, latent, k_rope)
-        if self.attn_impl == "naive" and cache is not None:
-            cache.k[i].index_copy_(2, ctx.cache_pos, k)  # [b, h, t, d+r]
-            cache.v[i].index_copy_(2, ctx.cache_pos, v)  # [b, h, t, d]
-            if ctx.phase == "decode":
-                k, v = cache.k[i], cache.v[i]
+        if self.attn_impl == "naive":
+            k, v = ctx.cached(self.layer_idx, k, v, dim=2)  # cache [b, h, t, d+r], [b, h, t, d]
         out = attention(q, k, v, ctx.mask, self.scale).transpose(1, 2)  # [b, s, h, d]
         return self.shard.reduce(self.o_proj(out.reshape(B, S, self.nh * self.dv)))  # heads concatenated
 
@@ -1051,20 +1037,6 @@ class KimiMoE(nn.Module):
         return self.shard.reduce(routed(self, x, self.gate(x), ctx) + self.shared_experts.partial(x)).view(B, S, H)
 
 
-class KimiDecoderLayer(nn.Module):
-    def __init__(self, cfg: KimiVLConfig, i, attn_impl, shard):
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLA(cfg, i, attn_impl, shard)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = (KimiMoE(cfg, i, shard) if cfg.is_moe_layer(i)
-                    else SwiGLU(cfg.hidden_size, cfg.intermediate_size, shard))
-
-    def forward(self, h, ctx):
-        h = h + self.self_attn(self.input_layernorm(h), ctx)
-        return h + self.mlp(self.post_attention_layernorm(h), ctx)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # MoonViT vision tower and projector
 
@@ -1097,8 +1069,7 @@ class MoonViTPatchEmbed(nn.Module):
         self.pos_emb = MoonViTPosEmb(cfg)
 
     def forward(self, pixel_values, grid_hws: list):
-        L = pixel_values.shape[0]
-        x = self.proj(pixel_values).view(L, -1)  # [L, C]
+        x = self.proj(pixel_values).flatten(1)  # [L, C]
         return x + self.pos_emb(grid_hws).to(x.dtype)
 
 
@@ -1208,7 +1179,8 @@ class KimiVL(nn.Module):
         self.visual = MoonViT(cfg)
         self.projector = KimiProjector(cfg)
         self.embed_tokens = ParallelEmbedding(cfg.vocab_size, cfg.hidden_size, shard)
-        self.layers = DecoderLayers(KimiDecoderLayer(cfg, i, attn_impl, shard) for i in range(cfg.num_hidden_layers))
+        self.layers = DecoderLayers(DecoderLayer(cfg, i, MLA(cfg, i, attn_impl, shard), KimiMoE, shard)
+                                    for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = ParallelHead(cfg.hidden_size, cfg.vocab_size, shard)
         tie_weights(self)
@@ -1253,19 +1225,18 @@ class KimiVL(nn.Module):
         the media placeholders they replace. pixel_values [L, 3, 14, 14], image_grid_hws [n_images, 2]."""
         cfg = self.cfg
         kh, kw = cfg.merge_kernel_size
-        if image_grid_hws is None or image_grid_hws.ndim != 2 or image_grid_hws.shape[1] != 2:
-            raise ValueError("image_grid_hws must be an integer tensor [n_images, 2] of (h, w) patch counts")
-        if bool(((image_grid_hws[:, 0] % kh) != 0).any() or ((image_grid_hws[:, 1] % kw) != 0).any()):
-            raise ValueError(f"image_grid_hws {image_grid_hws.tolist()} must be multiples of the {kh}x{kw} merge")
+        cli.check(image_grid_hws is not None and image_grid_hws.ndim == 2 and image_grid_hws.shape[1] == 2,
+                  "image_grid_hws must be an integer tensor [n_images, 2] of (h, w) patch counts")
+        cli.check(not bool((image_grid_hws % image_grid_hws.new_tensor([kh, kw])).any()),
+                  f"image_grid_hws {image_grid_hws.tolist()} must be multiples of the {kh}x{kw} merge")
         L, p = int(image_grid_hws.prod(-1).sum()), cfg.patch_size
-        if tuple(pixel_values.shape) != (L, 3, p, p):
-            raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}, image_grid_hws needs "
-                             f"{(L, 3, p, p)}")
+        cli.check(tuple(pixel_values.shape) == (L, 3, p, p),
+                  f"pixel_values has shape {tuple(pixel_values.shape)}, image_grid_hws needs {(L, 3, p, p)}")
         media = input_ids == cfg.media_placeholder_token_id
         feats = self.projector(self.visual(pixel_values, image_grid_hws))  # [n, H]
-        if feats.shape[0] != int(media.sum()):
-            raise ValueError(f"{int(media.sum())} media placeholder tokens (id {cfg.media_placeholder_token_id}) "
-                             f"for {feats.shape[0]} image features")
+        cli.check(feats.shape[0] == int(media.sum()),
+                  f"{int(media.sum())} media placeholder tokens (id {cfg.media_placeholder_token_id}) "
+                  f"for {feats.shape[0]} image features")
         return media, feats
 
     def embed(self, input_ids, attention_mask=None, *, cache=None, stats=None, media=None, phase=None, **pixels):
@@ -1419,18 +1390,14 @@ def fill_from_checkpoint(model, path):
     checking every name and shape; all problems are reported together. A model split over ranks is checked as
     the whole model, and each rank reads only its own part of each tensor."""
     files = checkpoint_files(path)
-    whole = model
-    if model.shard.world > 1:
-        with torch.device("meta"):
-            whole = type(model)(model.cfg)
+    whole = build(model.cfg, "meta") if model.shard.world > 1 else model
     wanted = checkpoint_names(whole)
     params = dict(whole.named_parameters())
     problems = [f"missing tensor {n}" for n in sorted(set(wanted) - set(files))]
     problems += [f"unexpected tensor {n} in {os.path.basename(files[n])}" for n in sorted(set(files) - set(wanted))]
     by_file = {}
-    for name in wanted:
-        if name in files:
-            by_file.setdefault(files[name], []).append(name)
+    for name in [n for n in wanted if n in files]:
+        by_file.setdefault(files[name], []).append(name)
     shapes = {}
     for file, names in by_file.items():
         with open_safetensors(file) as f:
@@ -1494,13 +1461,11 @@ def save_checkpoint(model, raw_config, path, dtype=torch.bfloat16):
 
 def set_expert_impl(model, impl):
     """Route every MoE layer's expert compute through `impl` (EXPERT_IMPLS), checked once here."""
-    if impl not in EXPERT_IMPLS:
-        raise ValueError(f"--expert-impl {impl!r}: choose one of {', '.join(EXPERT_IMPLS)}")
+    cli.check(impl in EXPERT_IMPLS, f"--expert-impl {impl!r}: choose one of {', '.join(EXPERT_IMPLS)}")
     if impl not in ("auto", "ref"):
         kernels.check_path(impl, model.lm_head.weight.device)
-    for i, layer in enumerate(model.layers):
-        if model.cfg.is_moe_layer(i):
-            layer.mlp.impl = impl
+    for i in router.moe_layers(model):
+        model.layers[i].mlp.impl = impl
     return model
 
 
@@ -1511,11 +1476,9 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=32, stop_i
     a stop id keeps emitting it. compile: decode steps through kernels.DecodeStep (torch.compile, and a CUDA graph
     on a GPU) instead of eagerly."""
     B, S = input_ids.shape
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if S + max_new_tokens > model.cfg.max_position_embeddings:
-        raise ValueError(f"{S} prompt tokens + {max_new_tokens} new tokens exceed the model's "
-                         f"max_position_embeddings {model.cfg.max_position_embeddings}")
+    cli.check(max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    cli.check(S + max_new_tokens <= model.cfg.max_position_embeddings, f"{S} prompt tokens + {max_new_tokens} new "
+              f"tokens exceed the model's max_position_embeddings {model.cfg.max_position_embeddings}")
     cache = model.new_cache(B, S + max_new_tokens)
     logits = model(input_ids, attention_mask, cache=cache, stats=stats, last_only=True, **pixels)[:, -1]
     step = kernels.DecodeStep(model, cache, stats) if compile else (lambda t: model.decode_step(t, cache, stats))
@@ -1567,10 +1530,9 @@ def main(args):
     t0 = time.perf_counter()
     model = set_expert_impl(load(path, device, cli.DTYPES[args.dtype], Shard(rank, world)), args.expert_impl)
     load_s = time.perf_counter() - t0
-    stats = None
     if policy is not None:
         router.install(model, policy)
-        stats = router.SkipStats(len(model.layers), device)
+    stats = router.SkipStats(len(model.layers), device) if policy is not None else None
     pixels = {k: batch[k].to(device) for k in processor.PIXEL_KEYS if batch.get(k) is not None}
     input_ids = batch["input_ids"][None].to(device)
     t0 = time.perf_counter()

@@ -434,13 +434,17 @@ def plot_bench(doc, path):
 
 def fidelity_points(doc):
     """(policy, point) of each row of one bench.py --fidelity document; accuracy, retention and calib_skip may be
-    null or absent."""
+    null or absent. A baseline that could not be fitted (`reached` false, no skip ratio) has no point."""
     rows, where = listing(doc, "fidelity")
     out = []
     for i, r in enumerate(rows):
         w = f"{where}[{i}]"
         policy, _ = field(r, "policy", w)
-        point = dict(skip=number(field(r, "skip", w)[0], "all", f"{w}.skip"), kl=number(r, "kl", w),
+        if isinstance(r, dict) and r.get("reached") is False and isinstance(r.get("skip"), dict) \
+                and r["skip"].get("all") is None:
+            continue
+        point = dict(reached=r.get("reached") is not False if isinstance(r, dict) else True,
+                     skip=number(field(r, "skip", w)[0], "all", f"{w}.skip"), kl=number(r, "kl", w),
                      top1=number(r, "top1", w),
                      **{k: number(r, k, w, optional=True) for k in ("accuracy", "retention", "calib_skip")})
         out.append((str(policy), point))
@@ -450,7 +454,8 @@ def fidelity_points(doc):
 def plot_fidelity(docs, path):
     """Accuracy, retention, answer KL and top-1 agreement against the held-out skip ratio, one curve per policy
     over the fidelity files (one per --target). The unskipped row is a dashed reference line; a policy whose
-    accuracy is null (--no-accuracy) is drawn in the KL and top-1 panels only."""
+    accuracy is null (--no-accuracy) is drawn in the KL and top-1 panels only; a point whose fit missed the target
+    (a rule that jumps over it) is drawn hollow."""
     if not docs:
         raise ArtifactError("no fidelity documents")
     curves, full, reached = {}, {}, []
@@ -486,6 +491,10 @@ def plot_fidelity(docs, path):
                         ms=11 if mine else 5, lw=2.5 if mine else 1.2, zorder=3 if mine else 2,
                         color="red" if mine else colors[(k - 1) % len(colors)],
                         label=POLICY_LABELS.get(policy, policy))
+                missed = [p for p in pts if not p["reached"]]
+                if missed:
+                    ax.plot([p["skip"] for p in missed], [p[key] for p in missed], ls="none", marker="o", ms=9,
+                            mfc="white", mec=ax.lines[-1].get_color(), zorder=4)
                 drawn = True
             if not drawn:
                 why = {"accuracy": "no data: accuracy not measured\n(bench.py --no-accuracy)",
@@ -506,8 +515,9 @@ def plot_fidelity(docs, path):
         if legend[0]:
             fig.legend(*legend, loc="outside right center")
         fitted = ", ".join(f"{s:.2f}" for s in sorted(reached)) or "?"
+        missed = any(not p["reached"] for pts in curves.values() for p in pts)
         fig.suptitle(f"Fidelity against skip ratio: every baseline fitted to MoDES's calibration skip ratio "
-                     f"({fitted})")
+                     f"({fitted})" + ("; hollow: the nearest setting, target missed" if missed else ""))
     return path
 
 

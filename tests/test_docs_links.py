@@ -17,13 +17,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = sorted((ROOT / "docs").glob("*.md"))
-# until the README rewrite: README.md still sends readers to `../shared/spec/` (a code span, not a Markdown link,
-# so only the path check below fails on it), outside the repository
-UNTIL_README_REWRITE = pytest.mark.xfail(strict=False, reason="README.md points outside the repository until "
-                                                              "its rewrite (issue 15)")
-# BENCHMARKS.md names benchmarks/kernels_gpu.py, which is now benchmarks/gpu_run.py
-STALE_BENCHMARKS_PATH = pytest.mark.xfail(strict=False, reason="BENCHMARKS.md names benchmarks/kernels_gpu.py")
-
 LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+[\"'(][^)]*)?\)")
 REFERENCE_DEFINITION = re.compile(r"^\s{0,3}\[[^\]]+\]:\s*<?(\S+?)>?(?:\s+.*)?$", re.M)
 CODE_SPAN = re.compile(r"(`+)(.+?)\1")
@@ -223,8 +216,8 @@ def reference_problems(doc: Path, text: str = None) -> list:
     return problems
 
 
-def doc_param(path: Path, *marks):
-    return pytest.param(path, id=rel(path), marks=marks)
+def doc_param(path: Path):
+    return pytest.param(path, id=rel(path))
 
 
 def test_docs_folder_holds_the_documents():
@@ -237,8 +230,7 @@ def test_relative_links_resolve(doc):
     assert link_problems(doc) == []
 
 
-@pytest.mark.parametrize("doc", [doc_param(ROOT / "README.md", UNTIL_README_REWRITE),
-                                 doc_param(ROOT / "BENCHMARKS.md", STALE_BENCHMARKS_PATH)]
+@pytest.mark.parametrize("doc", [doc_param(ROOT / "README.md"), doc_param(ROOT / "BENCHMARKS.md")]
                          + [doc_param(p) for p in DOCS])
 def test_repository_paths_in_code_spans_exist(doc):
     assert path_problems(doc) == []

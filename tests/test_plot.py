@@ -91,6 +91,24 @@ def test_fidelity_without_accuracy(tmp_path):
 
 
 @needs_matplotlib
+def test_fidelity_with_baselines_that_miss_the_target(tmp_path):
+    """As bench.py writes a rule that jumps over the target (nearest setting, reached false) and one that cannot
+    be fitted at all (no policy, every number null): the first is a hollow point, the second has none."""
+    doc = load(FIDELITY[1])
+    rows = doc["fidelity"]
+    rows[2]["reached"] = False
+    rows[3].update(reached=False, hyper=None, calib_skip=None, kl=None, top1=None, accuracy=None, retention=None,
+                   skip=dict(all=None, text=None, vision=None))
+    assert [p for p, _ in plot.fidelity_points(doc)] == [r["policy"] for i, r in enumerate(rows) if i != 3]
+    assert [pt["reached"] for _, pt in plot.fidelity_points(doc)][2] is False
+    out = str(tmp_path / "fidelity.png")
+    assert png_size(plot.plot_fidelity([doc], out)) == expected_size("fidelity")
+    rows[4]["skip"]["all"] = None  # a fitted row without its skip ratio is still refused
+    with pytest.raises(plot.ArtifactError, match=r"fidelity\[4\]\.skip"):
+        plot.fidelity_points(doc)
+
+
+@needs_matplotlib
 def test_folder_command_makes_every_plot(tmp_path, capsys, monkeypatch):
     import matplotlib
     art, out = tmp_path / "artifacts", tmp_path / "plots"
