@@ -517,7 +517,7 @@ def plot_fidelity(docs, path):
         fitted = ", ".join(f"{s:.2f}" for s in sorted(reached)) or "?"
         missed = any(not p["reached"] for pts in curves.values() for p in pts)
         fig.suptitle(f"Fidelity against skip ratio: every baseline fitted to MoDES's calibration skip ratio "
-                     f"({fitted})" + ("; hollow: the nearest setting, target missed" if missed else ""))
+                     f"({fitted})" + ("\nhollow: the nearest setting, target missed" if missed else ""))
     return path
 
 
