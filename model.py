@@ -850,8 +850,8 @@ class Qwen3VLMoe(nn.Module):
                 continue
             pads = input_ids == token
             main, extra = self.visual(pix, grid)
-            cli.check(main.shape[0] == int(pads.sum()),
-                      f"{int(pads.sum())} pad tokens (id {token}) for {main.shape[0]} visual features")
+            n = int(pads.sum())
+            cli.check(main.shape[0] == n, f"{n} pad tokens (id {token}) for {main.shape[0]} visual features")
             for j, feats in enumerate([main] + extra):
                 full[j][pads] = feats.to(full.dtype)
             visual |= pads
@@ -1227,16 +1227,17 @@ class KimiVL(nn.Module):
         kh, kw = cfg.merge_kernel_size
         cli.check(image_grid_hws is not None and image_grid_hws.ndim == 2 and image_grid_hws.shape[1] == 2,
                   "image_grid_hws must be an integer tensor [n_images, 2] of (h, w) patch counts")
-        cli.check(not bool((image_grid_hws % image_grid_hws.new_tensor([kh, kw])).any()),
-                  f"image_grid_hws {image_grid_hws.tolist()} must be multiples of the {kh}x{kw} merge")
-        L, p = int(image_grid_hws.prod(-1).sum()), cfg.patch_size
+        grids = image_grid_hws.tolist()
+        cli.check(all(h % kh == 0 and w % kw == 0 for h, w in grids),
+                  f"image_grid_hws {grids} must be multiples of the {kh}x{kw} merge")
+        L, p = sum(h * w for h, w in grids), cfg.patch_size
         cli.check(tuple(pixel_values.shape) == (L, 3, p, p),
                   f"pixel_values has shape {tuple(pixel_values.shape)}, image_grid_hws needs {(L, 3, p, p)}")
         media = input_ids == cfg.media_placeholder_token_id
         feats = self.projector(self.visual(pixel_values, image_grid_hws))  # [n, H]
-        cli.check(feats.shape[0] == int(media.sum()),
-                  f"{int(media.sum())} media placeholder tokens (id {cfg.media_placeholder_token_id}) "
-                  f"for {feats.shape[0]} image features")
+        n = int(media.sum())
+        cli.check(feats.shape[0] == n, f"{n} media placeholder tokens (id {cfg.media_placeholder_token_id}) "
+                                       f"for {feats.shape[0]} image features")
         return media, feats
 
     def embed(self, input_ids, attention_mask=None, *, cache=None, stats=None, media=None, phase=None, **pixels):

@@ -440,10 +440,10 @@ def fidelity_points(doc):
     for i, r in enumerate(rows):
         w = f"{where}[{i}]"
         policy, _ = field(r, "policy", w)
-        if isinstance(r, dict) and r.get("reached") is False and isinstance(r.get("skip"), dict) \
-                and r["skip"].get("all") is None:
+        skip, _ = field(r, "skip", w)
+        if r.get("reached") is False and isinstance(skip, dict) and skip.get("all") is None:  # no setting found
             continue
-        point = dict(reached=r.get("reached") is not False if isinstance(r, dict) else True,
+        point = dict(reached=r.get("reached") is not False,
                      skip=number(field(r, "skip", w)[0], "all", f"{w}.skip"), kl=number(r, "kl", w),
                      top1=number(r, "top1", w),
                      **{k: number(r, k, w, optional=True) for k in ("accuracy", "retention", "calib_skip")})
@@ -487,14 +487,13 @@ def plot_fidelity(docs, path):
                 if not pts:
                     continue
                 mine = policy == "modes"  # MoDES stands out, as in the paper's Figure 1
+                color = "red" if mine else colors[(k - 1) % len(colors)]
                 ax.plot([p["skip"] for p in pts], [p[key] for p in pts], marker="*" if mine else "o",
-                        ms=11 if mine else 5, lw=2.5 if mine else 1.2, zorder=3 if mine else 2,
-                        color="red" if mine else colors[(k - 1) % len(colors)],
+                        ms=11 if mine else 5, lw=2.5 if mine else 1.2, zorder=3 if mine else 2, color=color,
                         label=POLICY_LABELS.get(policy, policy))
                 missed = [p for p in pts if not p["reached"]]
-                if missed:
-                    ax.plot([p["skip"] for p in missed], [p[key] for p in missed], ls="none", marker="o", ms=9,
-                            mfc="white", mec=ax.lines[-1].get_color(), zorder=4)
+                ax.plot([p["skip"] for p in missed], [p[key] for p in missed], ls="none", marker="o", ms=9,
+                        mfc="white", mec=color, zorder=4)
                 drawn = True
             if not drawn:
                 why = {"accuracy": "no data: accuracy not measured\n(bench.py --no-accuracy)",

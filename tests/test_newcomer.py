@@ -59,6 +59,16 @@ def test_default_outputs_land_in_the_ignored_runs_folder():
     assert r.returncode == 0, "runs/ must be in .gitignore"
 
 
+def test_default_output_folder_is_made_by_the_write(tmp_path):
+    """A run with the default --out in a folder without runs/ makes runs/ and writes there (a refused run makes
+    nothing: tests/test_bad_input.py)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "calibrate.py"), "--n", "2", "--batch-size", "1",
+                        "--quiet"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert os.listdir(tmp_path) == ["runs"] and os.listdir(tmp_path / "runs") == ["alpha.json"]
+
+
 def test_control_characters_are_shown_not_sent_to_the_terminal():
     assert cli.printable("a\x1bb\x03\n\tc\ufffd") == "a\\x1bb\\x03\n\tc\ufffd"
 

@@ -56,6 +56,19 @@ def test_logits_match_oracle(oracle, layout, case):
     assert_logits_close(out, hf_logits(hf, ids, **kw))
 
 
+def test_pad_count_must_match_the_visual_features(oracle):
+    _, saved, _ = oracle
+    ours = M.load(saved, dtype=torch.float32)
+    grids = CASES["two_images"]["grids"]
+    ids = torch.tensor([image_prompt(grids)])
+    pv, thw = pixels(grids)
+    pad = ours.cfg.image_token_id
+    one_less = ids[:, torch.arange(ids.shape[1]) != int((ids[0] == pad).nonzero()[0])]  # the first pad dropped
+    with pytest.raises(ValueError, match=rf"^{int((one_less == pad).sum())} pad tokens \(id {pad}\) for "
+                                         rf"{int((ids == pad).sum())} visual features$"):
+        ours(one_less, pixel_values=pv, image_grid_thw=thw)
+
+
 def left_padded_batch():
     rows = [image_prompt([(1, 4, 4)]), image_prompt([(1, 2, 4)], text_before=(5,), text_after=(8,))]
     S = max(map(len, rows))

@@ -175,9 +175,13 @@ def test_two_ranks_give_the_same_alpha_and_tau(tiny, tmp_path):
         assert mine["vision"] == pytest.approx(ref["vision"], rel=1e-4, abs=1e-7 * scale)
     doc = json.load(open(tmp_path / "thresholds.json"))
     exhaustive, points = S.search(tiny["evaluate"], GRID_T, GRID_V, 0.3, exhaustive=True, quiet=True)
-    assert (doc["tau"]["text"], doc["tau"]["vision"]) == (float(GRID_T[exhaustive[0]]), float(GRID_V[exhaustive[1]]))
-    assert doc["loss"] == pytest.approx(points[exhaustive][0], rel=1e-5)
-    assert doc["skip_ratio"] == points[exhaustive][1]
+    chosen = tuple([float(t) for t in grid].index(doc["tau"][m]) for grid, m in ((GRID_T, "text"), (GRID_V, "vision")))
+    # the optimum up to the same fp32 rounding: here two feasible points' losses differ by 8e-5 relative, so the
+    # ranks' alpha may pick either; the next best is 30% worse
+    assert points[chosen][1]["all"] >= 0.3
+    assert points[chosen][0] == pytest.approx(points[exhaustive][0], rel=1e-4)
+    assert doc["loss"] == pytest.approx(points[chosen][0], rel=1e-4)
+    assert doc["skip_ratio"] == points[chosen][1]
 
 
 def test_default_grids_reach_the_ceiling(tiny):
