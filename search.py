@@ -39,6 +39,7 @@ import os
 import time
 
 import torch
+import torch.distributed as dist
 
 import calibrate as C
 import cli
@@ -277,6 +278,8 @@ def calibrate_alpha(args, model, proc, samples, info):
         cli.write_json(args.alpha, doc)
         if os.path.exists(partial):
             os.remove(partial)
+    if dist.is_initialized():
+        dist.barrier()  # every rank hashes --alpha next: not before rank 0 has written it
     return doc
 
 
