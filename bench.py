@@ -38,22 +38,19 @@ import cli
 import data as D
 import kernels
 import model as M
+import plot
 import router
 import search
 import tiny
 
 
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def timed(fn, device):
     """(result, seconds) of fn(), synchronised on CUDA."""
-    sync(device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
+    sync()
     t0 = time.perf_counter()
     out = fn()
-    sync(device)
+    sync()
     return out, time.perf_counter() - t0
 
 
@@ -63,8 +60,7 @@ def host_peak_bytes():
 
 def copy_bandwidth(device, n_bytes=1 << 28):
     """Bytes/s of a device-to-device copy (read + write), the ceiling a decode step can reach."""
-    x = torch.empty(n_bytes // 4, dtype=torch.float32, device=device)
-    y = torch.empty_like(x)
+    x, y = torch.empty(2, n_bytes // 4, dtype=torch.float32, device=device)  # source and target
     times = [timed(lambda: y.copy_(x), device)[1] for _ in range(5)]
     return 2 * n_bytes / statistics.median(times[1:])
 
@@ -78,12 +74,10 @@ def machine(device):
         info.update(device=props.name, memory_bytes=props.total_memory, cuda=torch.version.cuda,
                     capability=f"{props.major}.{props.minor}",
                     triton=getattr(kernels.triton, "__version__", None) if kernels.HAS_TRITON else None)
-    else:
-        name = platform.processor() or platform.machine()
-        if os.path.isfile("/proc/cpuinfo"):
-            with open("/proc/cpuinfo") as f:
-                name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-        info["device"] = name
+    elif os.path.isfile("/proc/cpuinfo"):  # Linux names the processor there
+        with open("/proc/cpuinfo") as f:
+            info["device"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    info["device"] = info.get("device") or platform.processor() or platform.machine()
     info["blas"] = next((part.split("=", 1)[1] for part in torch.__config__.show().replace(",", " ").split()
                          if part.startswith("BLAS_INFO=")), None)
     info["parallel"] = next((line.split(":", 1)[1].strip() for line in torch.__config__.parallel_info().splitlines()
@@ -124,37 +118,31 @@ def synthetic_inputs(model, args, batch):
         pixels = dict(pixel_values=torch.randn(side * side, v.in_channels * v.temporal_patch_size
                                                * v.patch_size ** 2, generator=g).repeat(batch, 1),
                       image_grid_thw=torch.tensor([[1, side, side]] * batch))
-    ids = torch.tensor([row] * batch, device=args.device)
-    return ids, {k: t.to(args.device) for k, t in pixels.items()}
+    return torch.tensor([row] * batch, device=args.device), {k: t.to(args.device) for k, t in pixels.items()}
 
 
 def prefill_ratio(model, ids, pixels, policy):
-    """Prefill skip ratio of `policy` on this prompt."""
+    """Prefill skip ratio of `policy` on this prompt. The policy stays installed: every later pass installs its own."""
     router.install(model, policy)
     stats = router.SkipStats(len(model.layers), model.lm_head.weight.device)
     with torch.no_grad():
         model(ids, stats=stats, last_only=True, **pixels)
-    router.uninstall(model)
     return stats.summary()["prefill"]["all"] or 0.0
 
 
-def row_policy(name, model, args, shared, modes):
-    """The policy of a speed row: `shared` (one MoDES module whose alpha and tau are set for the row, so the rows
-    share one compiled decode graph; full = tau 0, which skips nothing; modes = those of --thresholds) or a policy
-    of its own (reduce-k)."""
-    if name == "reduce-k":
-        return router.ReduceK(args.keep)
-    alpha, tau = torch.ones_like(shared.alpha), [0.0, 0.0]
+def shared_policy(name, model, args, shared, modes):
+    """`shared` (one MoDES module, so that the full, threshold and modes rows share one compiled decode graph) with
+    the alpha and tau of speed row `name`: full = tau 0, which skips nothing; threshold = one tau fitted to
+    --target; modes = those of --thresholds."""
+    tau = modes.tau if name == "modes" else torch.zeros(2)
     if name == "threshold":  # for random-weight speed runs: no calibration data, so fitted on the prompt itself
         one = synthetic_inputs(model, args, 1)  # the rows are identical: one has their skip ratio
         fit = search.fit_scalar(lambda p: prefill_ratio(model, *one, p), router.Threshold, args.target, steps=20)
         cli.check(fit is not None, f"--target {args.target} is out of reach on this prompt: its special tokens are "
                   f"never skipped; lower --target or lengthen the prompt (--image-size, --text-tokens)")
-        tau = [fit[1]] * 2
-    elif name == "modes":
-        alpha, tau = modes.alpha, modes.tau.tolist()
-    shared.alpha.copy_(alpha)
-    shared.tau.copy_(torch.tensor(tau))
+        tau = torch.full((2,), fit[1])
+    shared.alpha.copy_(modes.alpha if name == "modes" else torch.ones_like(shared.alpha))
+    shared.tau.copy_(tau)
     return shared
 
 
@@ -177,73 +165,66 @@ def decode(step, cache, token, n, logits=None):
         token = out.argmax(-1, keepdim=True)
 
 
+def prefill_decode(model, cache, ids, pixels, n, step=None, stats=None, logits=None):
+    """A prefill into the emptied cache, then decode(): through `step`, or the eager model.decode_step counting
+    skips into `stats`."""
+    cache.reset()
+    token = model(ids, cache=cache, stats=stats, last_only=True, **pixels)[:, -1:].argmax(-1)
+    decode(step or (lambda t: model.decode_step(t, cache, stats)), cache, token, n, logits)
+
+
 @torch.no_grad()
 def measure(model, step, cache, ids, pixels, args):
     """Median times of the vision tower, the language-model prefill, time to first token and one decode step
-    (all steps of a run timed together, divided); the skip ratios from one separate, untimed pass."""
-    dev = args.device
+    (all steps of a run timed together, divided); the skip ratios from one separate, untimed eager pass. With
+    --check-graph, the decode step as timed (compiled and/or graphed) against that eager pass from the same
+    prefill: greedy tokens equal, and the largest logit difference relative to the logits' scale."""
+    dev, n = args.device, args.decode_steps
 
     def run():
         cache.reset()
         media, tv = timed(lambda: model.encode_vision(ids, **pixels), dev)
         logits, tp = timed(lambda: model(ids, cache=cache, media=media, last_only=True, **pixels), dev)
-        td = timed(lambda: decode(step, cache, logits[:, -1:].argmax(-1), args.decode_steps), dev)[1]
-        return dict(vision=tv, prefill=tp, ttft=tv + tp, decode=td / args.decode_steps)
+        td = timed(lambda: decode(step, cache, logits[:, -1:].argmax(-1), n), dev)[1]
+        return dict(vision=tv, prefill=tp, ttft=tv + tp, decode=td / n)
     out, warmup_s = medians(run, args)
-    stats = router.SkipStats(len(model.layers), dev)
-    cache.reset()
-    token = model(ids, cache=cache, stats=stats, last_only=True, **pixels)[:, -1:].argmax(-1)
-    decode(lambda t: model.decode_step(t, cache, stats), cache, token, args.decode_steps)
-    summary = stats.summary()
-    for phase in ("prefill", "decode"):
-        for m in ("text", "vision", "all"):
-            out[f"skip_{phase}_{m}"] = summary[phase][m]
-    out["skip_per_layer"] = {phase: summary[phase]["per_layer"] for phase in ("prefill", "decode")}
-    out["warmup_s"] = warmup_s
+    stats, eager, graphed = router.SkipStats(len(model.layers), dev), [], []  # each step's logits go to eager, graphed
+    prefill_decode(model, cache, ids, pixels, n, stats=stats, logits=eager if args.check_graph else None)
+    skips = stats.summary()
+    out.update({f"skip_{phase}_{m}": skips[phase][m] for phase in router.PHASES for m in ("text", "vision", "all")},
+               skip_per_layer={phase: skips[phase]["per_layer"] for phase in router.PHASES}, warmup_s=warmup_s)
+    if args.check_graph:
+        prefill_decode(model, cache, ids, pixels, n, step, logits=graphed)
+        eager, graphed = torch.stack(eager), torch.stack(graphed)
+        out["graph_check"] = dict(tokens_equal=bool(torch.equal(eager.argmax(-1), graphed.argmax(-1))),
+                                  max_abs_diff_rel=float((graphed - eager).abs().max() / eager.abs().max()), steps=n)
     return out
 
 
-@torch.no_grad()
-def check_graph(model, step, cache, ids, pixels, args):
-    """The decode step as timed (compiled and/or graphed) against the eager model.decode_step from the same
-    prefill: greedy tokens equal, and the largest logit difference relative to the logits' scale."""
-    runs = [[], []]  # each step's logits: eager, then as timed
-    for fn, logits in zip((lambda t: model.decode_step(t, cache), step), runs):
-        cache.reset()
-        token = model(ids, cache=cache, last_only=True, **pixels)[:, -1:].argmax(-1)
-        decode(fn, cache, token, args.decode_steps, logits)
-    eager, timed_step = (torch.stack(logits) for logits in runs)
-    return dict(tokens_equal=bool(torch.equal(eager.argmax(-1), timed_step.argmax(-1))),
-                max_abs_diff_rel=float((timed_step - eager).abs().max() / eager.abs().max()), steps=args.decode_steps)
-
-
-def roofline(model, args, row, bandwidth, context):
-    """Bytes a decode step must read and FLOPs of the prefill, from the shapes and the measured kept fraction (of
-    this rank's part of a model split over ranks)."""
+def roofline(model, args, row, bandwidth):
+    """Bytes a decode step must read (its KV cache at the middle decode step) and FLOPs of the prefill, from the
+    shapes and the measured kept fraction (of this rank's part of a model split over ranks)."""
     cfg, world = model.cfg, model.shard.world
     elem = torch.finfo(cli.DTYPES[args.dtype]).bits // 8
     moe = [model.layers[i].mlp for i in router.moe_layers(model)]
     E, two_i, H = moe[0].experts.gate_up_proj.shape
     expert_params = 3 * (two_i // 2) * H
-    routed = len(moe) * E * expert_params
-    lm = {n: p.numel() for n, p in model.named_parameters() if not n.startswith(("visual.", "projector."))}
-    embed = sum(v for n, v in lm.items() if n.startswith("embed_tokens"))
-    fixed = sum(lm.values()) - embed - routed  # read once per decode step whatever the batch
-    kept = 1 - (row["skip_decode_all"] or 0.0)
-    slots = args.batch * cfg.num_experts_per_tok * kept / world  # batch 1: kept slots are distinct experts
-    cache = model.new_cache(1, 1, device="meta")
-    kv_bytes = sum(t.numel() for t in cache.k + cache.v) * elem * args.batch * context
-    step_bytes = (fixed + len(moe) * min(E, slots) * expert_params) * elem + kv_bytes
-    kept_prefill = 1 - (row["skip_prefill_all"] or 0.0)
+    # read once per decode step whatever the batch: the language model but for its embedding and routed experts
+    fixed = sum(p.numel() for n, p in model.named_parameters()
+                if not n.startswith(("visual.", "projector.", "embed_tokens."))) - len(moe) * E * expert_params
+    kept = {phase: 1 - (row[f"skip_{phase}_all"] or 0.0) for phase in router.PHASES}
+    slots = args.batch * cfg.num_experts_per_tok * kept["decode"] / world  # batch 1: kept slots are distinct experts
     S = row["prompt_tokens"]
+    kv = model.new_cache(args.batch, S + args.decode_steps // 2, device="meta")  # as filled at the middle step
+    step_bytes = (fixed + len(moe) * min(E, slots) * expert_params) * elem + sum(t.nbytes for t in kv.k + kv.v)
     head_dims = getattr(cfg, "head_dim", None) or (cfg.qk_head_dim + cfg.v_head_dim) / 2
     attn = 4 * cfg.num_hidden_layers * cfg.num_attention_heads / world * head_dims * S * S / 2  # causal QK^T, PV
     head = model.lm_head.weight.numel()
-    per_token = fixed - head + len(moe) * cfg.num_experts_per_tok * kept_prefill / world * expert_params
+    per_token = fixed - head + len(moe) * cfg.num_experts_per_tok * kept["prefill"] / world * expert_params
     flops = args.batch * (2 * S * per_token + attn + 2 * head)  # lm_head on the last token only
+    floor_ms = step_bytes / bandwidth * 1e3
     return dict(decode_bytes_per_step=step_bytes, decode_gb_per_s=step_bytes / row["decode_ms"] * 1e-6,
-                decode_floor_ms=step_bytes / bandwidth * 1e3,
-                decode_pct_of_floor=100 * step_bytes / bandwidth * 1e3 / row["decode_ms"],
+                decode_floor_ms=floor_ms, decode_pct_of_floor=100 * floor_ms / row["decode_ms"],
                 prefill_tflops=flops / row["prefill_ms"] * 1e-9)
 
 
@@ -255,16 +236,13 @@ def transformers_row(model, source, ids, pixels, args):
     cli.check(model.shard.world == 1, "--compare-transformers: one process only (not under torchrun)")
     raw = cli.read_json(source if source.endswith(".json") else os.path.join(source, "config.json"), "config")
     with torch.device("meta"):
-        hf = Qwen3VLMoeForConditionalGeneration(Qwen3VLMoeConfig(**raw))
-    params = dict(model.named_parameters())
-    hf.load_state_dict({name: params[ours] for name, (ours, _) in M.checkpoint_names(model).items()},
+        hf = Qwen3VLMoeForConditionalGeneration(Qwen3VLMoeConfig(**raw)).eval()
+    hf.load_state_dict({name: model.get_parameter(ours) for name, (ours, _) in M.checkpoint_names(model).items()},
                        strict=True, assign=True)
     for mod in hf.modules():  # rotary tables are buffers that the state dict does not carry: rebuild them
-        for name, buf in list(mod.named_buffers(recurse=False)):
-            if buf.is_meta:
-                setattr(mod, name, getattr(type(mod)(mod.config), name).to(args.device))
+        for name in [name for name, buf in mod.named_buffers(recurse=False) if buf.is_meta]:
+            setattr(mod, name, getattr(type(mod)(mod.config), name).to(args.device))
     hf.tie_weights()
-    hf.eval()
     mm = (ids == model.cfg.image_token_id).long()
 
     def steps(out):
@@ -281,6 +259,7 @@ def transformers_row(model, source, ids, pixels, args):
 def speed(model, source, load_s, host_load, args, modes):
     ids, pixels = synthetic_inputs(model, args, args.batch)
     bandwidth = copy_bandwidth(args.device)
+    cuda = args.device.startswith("cuda")
     header = dict(source=source, **machine(args.device), processes=model.shard.world, dtype=args.dtype,
                   batch=args.batch, prompt_tokens=ids.shape[1], model_type=model.cfg.model_type,
                   visual_tokens=sum(int((ids[0] == t).sum()) for t in model.cfg.media_token_ids),
@@ -297,25 +276,19 @@ def speed(model, source, load_s, host_load, args, modes):
     print(f"# {source}: loaded in {load_s:.2f} s, host peak +{host_load / 2**20:.0f} MiB for "
           f"{header['weight_bytes'] / 2**20:.0f} MiB of weights; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     cache = model.new_cache(args.batch, ids.shape[1] + args.decode_steps + 1)
-    shared = router.MoDES(0.0, 0.0, torch.ones(len(model.layers), 2))
-    steps = {}  # policy module -> its decode step: the shared policy's rows reuse one compiled graph
+    shared, reduce = router.MoDES(0.0, 0.0, torch.ones(len(model.layers), 2)), router.ReduceK(args.keep)
+    steps = {policy: kernels.DecodeStep(model, cache, compile=args.compile, cuda_graph=args.cuda_graph)
+             for policy in (shared, reduce)}  # compiled (and captured) on first use: the shared rows reuse one graph
     rows = []
     for name in args.policy.split(","):
-        policy = row_policy(name, model, args, shared, modes)
+        policy = reduce if name == "reduce-k" else shared_policy(name, model, args, shared, modes)
         router.install(model, policy)
-        if policy not in steps:
-            steps[policy] = kernels.DecodeStep(model, cache, compile=args.compile, cuda_graph=args.cuda_graph)
-        if args.device.startswith("cuda"):
+        if cuda:
             torch.cuda.reset_peak_memory_stats()
         row = dict(policy=name, prompt_tokens=ids.shape[1], **measure(model, steps[policy], cache, ids, pixels, args))
-        if args.check_graph:
-            row["graph_check"] = check_graph(model, steps[policy], cache, ids, pixels, args)
-        row.update(roofline(model, args, row, bandwidth, ids.shape[1] + args.decode_steps // 2))
-        row["decode_tokens_per_s"] = args.batch * 1e3 / row["decode_ms"]
-        row["peak_memory_bytes"] = (torch.cuda.max_memory_allocated() if args.device.startswith("cuda")
-                                    else host_peak_bytes())
+        row.update(roofline(model, args, row, bandwidth), decode_tokens_per_s=args.batch * 1e3 / row["decode_ms"],
+                   peak_memory_bytes=torch.cuda.max_memory_allocated() if cuda else host_peak_bytes())
         rows.append(row)
-    router.uninstall(model)
     if args.compare_transformers:
         rows.append(dict(policy="transformers", **transformers_row(model, source, ids, pixels, args)))
     full = next((r for r in rows if r["policy"] == "full"), None)
@@ -324,9 +297,8 @@ def speed(model, source, load_s, host_load, args, modes):
     print(" | ".join(cols))
     for r in rows:
         if full:
-            r["speedup_prefill"] = full["ttft_ms"] / r["ttft_ms"] if r["policy"] == "transformers" else \
-                full["prefill_ms"] / r["prefill_ms"]
-            r["speedup_decode"] = full["decode_ms"] / r["decode_ms"]
+            prefill = "ttft_ms" if r["policy"] == "transformers" else "prefill_ms"
+            r.update(speedup_prefill=full[prefill] / r[prefill], speedup_decode=full["decode_ms"] / r["decode_ms"])
         print(" | ".join([r["policy"], fmt(r.get("skip_prefill_all"), ".3f"), fmt(r.get("skip_decode_all"), ".3f"),
                           fmt(r.get("vision_ms"), ".1f"), fmt(r.get("prefill_ms"), ".1f"), fmt(r["ttft_ms"], ".1f"),
                           fmt(r["decode_ms"], ".2f"), fmt(args.batch * 1e3 / r["decode_ms"], ".1f"),
@@ -351,29 +323,32 @@ def normalise_answer(text):
     return " ".join("".join(c for c in text.lower() if c.isalnum() or c.isspace()).split())
 
 
-@torch.no_grad()
 def exact_match(model, proc, samples, policy, device, batch_size=16):
     """Share of samples whose greedy answer equals the reference answer (case and punctuation ignored), generated
-    in left-padded batches."""
+    in left-padded batches (M.generate runs without gradients). The policy stays installed: every later pass
+    installs its own."""
     router.install(model, policy)
     hits = 0
-    try:
-        for start in range(0, len(samples), batch_size):
-            chunk = samples[start:start + batch_size]
-            batch = D.make_batch(chunk, proc, device, answers=False)
-            n = max(len(proc.encode(s.answer)) for s in chunk) + 4
-            tokens = M.generate(model, batch.input_ids, batch.attention_mask, max_new_tokens=n,
-                                stop_ids=proc.stop_token_ids, **batch.pixels)
-            for s, row in zip(chunk, tokens.tolist()):
-                end = next((k for k, t in enumerate(row) if t in proc.stop_token_ids), len(row))
-                hits += normalise_answer(proc.decode(row[:end])) == normalise_answer(s.answer)
-    finally:
-        router.uninstall(model)
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        batch = D.make_batch(chunk, proc, device, answers=False)
+        tokens = M.generate(model, batch.input_ids, batch.attention_mask, stop_ids=proc.stop_token_ids,
+                            max_new_tokens=max(len(proc.encode(s.answer)) for s in chunk) + 4, **batch.pixels)
+        for s, row in zip(chunk, tokens.tolist()):
+            end = next((k for k, t in enumerate(row) if t in proc.stop_token_ids), len(row))
+            hits += normalise_answer(proc.decode(row[:end])) == normalise_answer(s.answer)
     return hits / len(samples)
 
 
-def calibration_samples(doc, path):
-    """The calibration samples a thresholds file was searched on, re-read and checked by their hash."""
+def fidelity_inputs(args):
+    """(thresholds document, calibration samples, evaluation samples) of --fidelity, read and checked before the
+    model loads: the calibration samples are those the thresholds file was searched on, re-read and checked by
+    their hash."""
+    path = args.thresholds
+    doc = cli.read_json(path, "thresholds")
+    ratio = doc["skip_ratio"].get("all") if isinstance(doc.get("skip_ratio"), dict) else None
+    cli.check(search.finite(ratio) and 0 <= ratio <= 1,
+              f"{path}: skip_ratio.all must be the search's skip ratio in [0, 1], got {ratio!r}")
     info = doc.get("data")
     cli.check(isinstance(info, dict) and {"source", "n", "start", "seed", "sha256"} <= set(info),
               f"{path}: no 'data' section naming its calibration samples (made by search.py?)")
@@ -383,47 +358,34 @@ def calibration_samples(doc, path):
               f"and a seed that is an integer or null, got {dict(source=source, n=n, start=start, seed=seed)}")
     cli.check(source in ("synthetic", "easy-vqa-train", "easy-vqa-test") or source.endswith(".jsonl"),
               f"{path}: calibration data {source} cannot be re-read here (only JSONL, easy-vqa or synthetic)")
-    samples = D.select(D.read_samples(source), n, start, seed)
-    cli.check(D.data_hash(samples) == info["sha256"], f"{path}: the calibration data {source} changed since the "
+    calib = D.select(D.read_samples(source), n, start, seed)
+    cli.check(D.data_hash(calib) == info["sha256"], f"{path}: the calibration data {source} changed since the "
               f"search (its sha256 differs)")
-    return samples
-
-
-def fidelity_inputs(args):
-    """(thresholds document, calibration samples, evaluation samples) of --fidelity, read and checked before the
-    model loads."""
-    doc = cli.read_json(args.thresholds, "thresholds")
-    ratio = doc["skip_ratio"].get("all") if isinstance(doc.get("skip_ratio"), dict) else None
-    cli.check(search.finite(ratio) and 0 <= ratio <= 1,
-              f"{args.thresholds}: skip_ratio.all must be the search's skip ratio in [0, 1], got {ratio!r}")
-    calib = calibration_samples(doc, args.thresholds)
     evals = D.read_samples(args.data)[:args.eval_n] if args.data else D.synthetic_samples(args.eval_n, seed=1)
     return doc, calib, evals
 
 
-def fidelity(model, source, args, modes, inputs):
+def fidelity(model, source, args, modes, doc, calib, evals):
     """Rows of skip ratios, mean answer-token KL and top-1 agreement against the unskipped model, and exact-match
     accuracy with retention, on the evaluation set (--data, or built-in synthetic samples unseen in calibration)."""
     import processor
-    doc, calib, evals = inputs
     target = doc["skip_ratio"]["all"]
     proc = processor.for_model(source, model.cfg.model_type)
-    alpha = modes.alpha
-    calib_eval = search.Evaluator(model, proc, calib, alpha, quiet=True)
-    test_eval = search.Evaluator(model, proc, evals, alpha, quiet=True)
+    calib_eval = search.Evaluator(model, proc, calib, quiet=True)
+    test_eval = search.Evaluator(model, proc, evals, quiet=True)
     from calibrate import expert_similarity
     gamma = router.diep_gamma(expert_similarity(model, proc, calib)) if "diep" in args.baselines else None
     rows = [dict(policy="full", hyper=None, calib_skip=0.0, reached=True, note="", obj=None),
             dict(policy="modes", hyper=[doc["tau"]["text"], doc["tau"]["vision"]], calib_skip=target, reached=True,
                  note="", obj=modes)]
-    names = [n for n in args.baselines.split(",") if n]
-    progress = cli.Progress("fidelity", len(names) + 2 * (len(names) + 2), args.quiet)
-    for done, name in enumerate(names, 1):
-        fit = search.fit_baseline(name, model, calib_eval, alpha, gamma, target)
+    # steps: fit each baseline, then score and generate with the policy of each row (full, modes, the baselines)
+    progress = cli.Progress("fidelity", len(args.baselines) + 2 * (len(args.baselines) + 2), args.quiet)
+    for done, name in enumerate(args.baselines, 1):
+        fit = search.fit_baseline(name, model, calib_eval, modes.alpha, gamma, target)
         rows.append(dict(policy=name, **{k: v for k, v in fit.items() if k != "policy"}, obj=fit["policy"]))
         progress.update(done, f"fitted {name}")
     for i, r in enumerate(rows):
-        policy, done = r.pop("obj"), len(names) + 2 * i  # two steps per row: score, generate
+        policy, done = r.pop("obj"), len(args.baselines) + 2 * i
         if r["policy"] != "full" and policy is None:  # not fitted: the row says why
             r.update(kl=None, top1=None, skip=dict(all=None, text=None, vision=None), accuracy=None)
             continue
@@ -433,19 +395,17 @@ def fidelity(model, source, args, modes, inputs):
         progress.update(done + 2, f"generated with {r['policy']}")
     progress.update(progress.total, finished=True)
     full_acc = rows[0]["accuracy"]
-    for r in rows:
-        r["retention"] = None if not full_acc or r["accuracy"] is None else 100 * r["accuracy"] / full_acc
     print(f"# fidelity on {args.data or 'built-in synthetic samples (seed 1)'} ({len(evals)} samples); every policy "
           f"fitted to MoDES's calibration skip ratio {target:.3f} (+- {search.TOLERANCE})")
     print("policy | hyperparameter | calib skip | matched | skip all | text | vision | KL | top-1 | accuracy | "
           "retention")
     for r in rows:
-        hyper = "/".join(format(h, ".4g") for h in (r["hyper"] if isinstance(r["hyper"], (list, tuple)) else
-                                                       [] if r["hyper"] is None else [r["hyper"]])) or "-"
-        print(" | ".join([r["policy"], hyper, fmt(r["calib_skip"], ".3f"), "yes" if r["reached"] else "NO",
-                          fmt(r["skip"]["all"], ".3f"), fmt(r["skip"]["text"], ".3f"), fmt(r["skip"]["vision"], ".3f"),
-                          fmt(r["kl"], ".4g"), fmt(r["top1"], ".3f"), fmt(r["accuracy"], ".3f"),
-                          fmt(r["retention"], ".1f")]))
+        r["retention"] = None if not full_acc or r["accuracy"] is None else 100 * r["accuracy"] / full_acc
+        hyper = r["hyper"] if isinstance(r["hyper"], (list, tuple)) else [r["hyper"]]  # none, one or two numbers
+        print(" | ".join([r["policy"], "/".join(fmt(h, ".4g") for h in hyper), fmt(r["calib_skip"], ".3f"),
+                          "yes" if r["reached"] else "NO", fmt(r["skip"]["all"], ".3f"), fmt(r["skip"]["text"], ".3f"),
+                          fmt(r["skip"]["vision"], ".3f"), fmt(r["kl"], ".4g"), fmt(r["top1"], ".3f"),
+                          fmt(r["accuracy"], ".3f"), fmt(r["retention"], ".1f")]))
     for r in rows:
         if r["note"]:
             print(f"# {r['policy']}: {r['note']}")
@@ -470,7 +430,8 @@ def check_args(args):
               f"--policy {args.policy!r}: a comma list of full, modes, threshold, reduce-k")
     cli.check("modes" not in policies and not args.fidelity or args.thresholds,
               "--policy modes and --fidelity need --thresholds FILE (made by search.py)")
-    unknown = [b for b in args.baselines.split(",") if b and b not in search.BASELINES]
+    args.baselines = [b for b in args.baselines.split(",") if b]
+    unknown = [b for b in args.baselines if b not in search.BASELINES]
     cli.check(not unknown, f"--baselines: unknown {', '.join(unknown)} (choose from {', '.join(search.BASELINES)})")
     args.device = cli.check_device(args.device)
     args.compile = args.device.startswith("cuda") if args.compile is None else args.compile
@@ -481,7 +442,6 @@ def check_args(args):
         cli.check_output(args.json, "--json", inputs=[(args.thresholds, "--thresholds"), (args.data, "--data"),
                                                       (args.config, "--config")])
     if args.plot:  # now, not after a long run
-        import plot
         plot.require_matplotlib()
         plot.check_out_dir(args.plot, "--plot")
 
@@ -498,16 +458,15 @@ def main(args):
     modes = router.load_thresholds(args.thresholds, skeleton) if args.thresholds else None
     inputs = fidelity_inputs(args) if args.fidelity else None
     model, load_s, host_load = build(args, source, M.Shard(rank, world))
-    quiet = contextlib.redirect_stdout(open(os.devnull, "w")) if rank > 0 else contextlib.nullcontext()
-    with quiet:  # every rank runs the measurements, rank 0 reports them
-        result = (fidelity(model, source, args, modes, inputs) if args.fidelity
+    # every rank runs the measurements, rank 0 reports them
+    with contextlib.redirect_stdout(open(os.devnull, "w")) if rank > 0 else contextlib.nullcontext():
+        result = (fidelity(model, source, args, modes, *inputs) if args.fidelity
                   else speed(model, source, load_s, host_load, args, modes))
     if rank > 0:
         return
     if args.json:
         cli.write_json(args.json, result)
         if args.plot:
-            import plot
             print("plots:", ", ".join(plot.plot_artifact(args.json, args.plot)))
     print(json.dumps(result))
 
