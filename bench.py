@@ -9,7 +9,7 @@ compiled decode graph serves them all. Every number is a median over --repeats r
 time is reported apart); on CUDA each timing is synchronised. Decode GB/s counts the bytes a step must read (all
 non-expert weights, the kept experts, the KV cache); its floor is those bytes at the bandwidth measured by a
 device copy. The header records the machine (CPU model or GPU, cores, threads, BLAS). The last stdout line is one
-JSON object. Under torchrun the ranks run one model together (model.py's Shard) and rank 0 reports: weights,
+JSON object. Under torchrun the ranks run one model together (parallel.py's Shard) and rank 0 reports: weights,
 memory and the decode roofline are then per rank (assuming the kept slots spread evenly over the experts).
 
 Examples
@@ -280,7 +280,7 @@ def speed(model, source, load_s, host_load, args, modes):
     steps = {policy: kernels.DecodeStep(model, cache, compile=args.compile, cuda_graph=args.cuda_graph)
              for policy in (shared, reduce)}  # compiled (and captured) on first use: the shared rows reuse one graph
     rows = []
-    for name in args.policy.split(","):
+    for name in args.policy:
         policy = reduce if name == "reduce-k" else shared_policy(name, model, args, shared, modes)
         router.install(model, policy)
         if cuda:
@@ -425,10 +425,10 @@ def check_args(args):
     for name in ("warmup", "text_tokens", "keep"):
         cli.check(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     cli.check(0.0 < args.target <= 1.0, f"--target must be in (0, 1], got {args.target}")
-    policies = [p for p in args.policy.split(",") if p]
-    cli.check(policies and all(p in ("full", "modes", "threshold", "reduce-k") for p in policies),
-              f"--policy {args.policy!r}: a comma list of full, modes, threshold, reduce-k")
-    cli.check("modes" not in policies and not args.fidelity or args.thresholds,
+    given, args.policy = args.policy, [p for p in args.policy.split(",") if p]
+    cli.check(args.policy and all(p in ("full", "modes", "threshold", "reduce-k") for p in args.policy),
+              f"--policy {given!r}: a comma list of full, modes, threshold, reduce-k")
+    cli.check("modes" not in args.policy and not args.fidelity or args.thresholds,
               "--policy modes and --fidelity need --thresholds FILE (made by search.py)")
     args.baselines = [b for b in args.baselines.split(",") if b]
     unknown = [b for b in args.baselines if b not in search.BASELINES]

@@ -19,7 +19,7 @@ Notable features
 - Resumable (`--resume`: a sidecar partial file is replaced atomically after every batch; a run without --resume
   refuses to overwrite it; samples after the finished batches may be fixed between runs) and data-parallel under
   torchrun (samples sharded over ranks, sums all-reduced, rank 0 writes); with `--model-parallel` the ranks run
-  one model too large for one GPU together instead (model.py's Shard), each on every sample.
+  one model too large for one GPU together instead (parallel.py's Shard), each on every sample.
 
 Indexing: files key alpha by absolute decoder-layer index (Qwen3-VL-MoE 0..47, Kimi-VL 1..26; Kimi's layer 0 is a
 dense MLP and has no alpha); router.alpha_table turns them into the [L, 2] table router.MoDES takes.

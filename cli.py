@@ -190,7 +190,7 @@ class Progress:
 
 # ---------------------------------------------------------------------------------------------------------------
 # torchrun: data parallelism (a model copy and a share of the samples per rank) or model parallelism (the ranks
-# run one model together, model.py's Shard)
+# run one model together, parallel.py's Shard)
 
 
 def init_distributed(device):

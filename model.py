@@ -16,10 +16,9 @@ Notable features
   every problem is reported at once.
 - A static per-layer KV cache with tensor positions: a decode step is tensors only, so kernels.py can compile it
   and capture it in a CUDA graph. Greedy generation with stop tokens.
-- One model over several processes under torchrun (`Shard`, DeepSeek-V3's layout): each rank holds and loads
-  only its own routed experts, attention heads, dense-MLP rows and vocabulary rows; one all-reduce completes
-  each attention and each MLP. Router, skip policy, norms and vision tower are replicated, so every rank skips
-  the same slots. Without torchrun nothing of this runs.
+- One model over several processes under torchrun (parallel.py's `Shard`, DeepSeek-V3's layout): each rank holds
+  and loads only its own routed experts, attention heads, dense-MLP rows and vocabulary rows; one all-reduce
+  completes each attention and each MLP. Without torchrun nothing of this runs.
 
 Examples
     python model.py --prompt hi                                   # tiny built-in checkpoint (random weights)
@@ -39,7 +38,6 @@ import time
 from dataclasses import dataclass, field, fields
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -49,6 +47,7 @@ import processor
 import router
 import tiny
 from kernels import SKIP
+from parallel import ParallelEmbedding, ParallelHead, Shard, rank_part
 from router import SPECIAL, TEXT, VISION, Routing
 
 EXPERT_IMPLS = ("auto", "ref") + kernels.PATHS  # "ref": the loop in moe_experts below
@@ -231,11 +230,10 @@ class KimiVLConfig:
                   f"{where}: text_config.model_type must be 'deepseek_v3'")
         cli.check(isinstance(vision, dict) and vision.get("model_type") == "moonvit",
                   f"{where}: vision_config.model_type must be 'moonvit'")
-        cli.check(text.get("rope_scaling") is None,
-                  f"{where}: text_config.rope_scaling {text.get('rope_scaling')} is not supported (no yarn)")
-        cli.check(not text.get("attention_bias", False), f"{where}: text_config.attention_bias=true is not supported")
-        cli.check(text.get("hidden_act", "silu") == "silu",
-                  f"{where}: text_config.hidden_act {text.get('hidden_act')!r}, expected 'silu'")
+        for key, default, supported in (("rope_scaling", None, None), ("attention_bias", False, False),
+                                        ("hidden_act", "silu", "silu")):  # no yarn, no bias, SwiGLU
+            cli.check(text.get(key, default) == supported,
+                      f"{where}: text_config.{key} {text.get(key)!r} is not supported (need {supported!r})")
         kw = {k: text[k] for k in {f.name for f in fields(cls)} & set(text)}
         kw.update({f"vision_{k}": vision[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                                       "intermediate_size") if k in vision})
@@ -260,67 +258,6 @@ def config_from_dict(raw, where):
     kind = raw.get("model_type") if isinstance(raw, dict) else None
     cli.check(kind in CONFIGS, f"{where}: unknown model_type {kind!r} (supported: {', '.join(CONFIGS)})")
     return CONFIGS[kind].from_hf(raw, where)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Model parallelism: the pieces that make one model run over several processes
-
-
-@dataclass(frozen=True)
-class Shard:
-    """This process's part of a model that `world` processes run together (torchrun). Split over the ranks: routed
-    experts (rank r holds a contiguous range), attention heads, dense-MLP rows and the vocabulary; each attention
-    and MLP output is then a partial sum that one all-reduce completes. Everything else is replicated. Shard() is
-    the whole model, and then torch.distributed is never called."""
-    rank: int = 0
-    world: int = 1
-
-    def split(self, n, what, shared=False):
-        """This rank's count of n heads, experts or rows. shared: n smaller than world may instead be kept whole
-        by world / n consecutive ranks each (GQA's kv heads: a rank keeps the one its query heads use)."""
-        if n % self.world == 0:
-            return n // self.world
-        if shared and self.world % n == 0:
-            return 1
-        raise ValueError(f"{what} = {n} does not split over {self.world} processes")
-
-    def reduce(self, x):
-        """The sum over the ranks of their partial x, in place."""
-        if self.world > 1:
-            dist.all_reduce(x)
-        return x
-
-
-class ParallelEmbedding(nn.Embedding):
-    """The token embedding with its vocabulary split over the ranks: a rank looks up the ids of its own range and
-    gives zeros for the others, so the sum over ranks is the embedding (exactly: one term is non-zero)."""
-
-    def __init__(self, vocab, dim, shard):
-        super().__init__(shard.split(vocab, "vocab_size"), dim)
-        self.shard = shard
-
-    def forward(self, ids):
-        if self.shard.world == 1:
-            return super().forward(ids)
-        ids = ids - self.shard.rank * self.num_embeddings
-        outside = (ids < 0) | (ids >= self.num_embeddings)
-        return self.shard.reduce(super().forward(ids.masked_fill(outside, 0)).masked_fill(outside[..., None], 0))
-
-
-class ParallelHead(nn.Linear):
-    """lm_head with its vocabulary split over the ranks: each computes its own ids' logits; all are gathered."""
-
-    def __init__(self, dim, vocab, shard):
-        super().__init__(dim, shard.split(vocab, "vocab_size"), bias=False)
-        self.shard = shard
-
-    def forward(self, x):
-        y = super().forward(x)
-        if self.shard.world == 1:
-            return y
-        parts = [torch.empty_like(y) for _ in range(self.shard.world)]
-        dist.all_gather(parts, y.contiguous())
-        return torch.cat(parts, dim=-1)  # [..., V], the ranks' vocabulary ranges in order
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -531,12 +468,6 @@ def block_diagonal_attention(q, k, v, lengths):
     return out
 
 
-def tie_weights(model):
-    """Share the embedding with lm_head when the config says so; again after to_empty, which unties them."""
-    if model.cfg.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-
-
 class DecoderLayer(nn.Module):
     """Both decoders' pre-norm residual block: attention, then the MoE layer `moe` (a class) or, on the layers the
     config makes dense, a SwiGLU MLP."""
@@ -559,9 +490,97 @@ class DecoderLayers(nn.ModuleList):
     (calibrate.py resumes from a layer's cached input)."""
 
     def forward(self, h, ctx, start=0, stop=None):
-        for layer in self[start:stop]:
+        for i, layer in enumerate(self[start:stop], start):
             h = layer(h, ctx)
+            if i < len(ctx.deepstack):  # Qwen's DeepStack: early ViT features join the first layers' outputs
+                h = h.index_put((ctx.visual,), ctx.deepstack[i], accumulate=True)
         return h
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model around the decoder layers, the same for both families: embedding, layer loop, head, modality
+
+
+class VisionLanguageModel(nn.Module):
+    """What both models do around their own vision tower, rotary and decoder layers: embed the tokens with the
+    vision features in place of the media pads, run the layers, norm and lm_head; each token's modality."""
+    CHECKPOINT_PREFIXES = {}  # checkpoint name prefix -> our parameter name prefix; the loader renames both ways
+    FP32_PARAMETERS = ()  # parameter name suffixes kept in fp32 whatever the model's dtype
+
+    def __init__(self, cfg, shard, layers, **vision):
+        """vision: the vision tower (and projector) by name, registered first, as the checkpoints order them (tiny.py
+        seeds its random weights by parameter order)."""
+        super().__init__()
+        self.cfg, self.shard = cfg, shard
+        for name, module in vision.items():
+            self.add_module(name, module)
+        self.embed_tokens = ParallelEmbedding(cfg.vocab_size, cfg.hidden_size, shard)
+        self.layers = DecoderLayers(layers)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = ParallelHead(cfg.hidden_size, cfg.vocab_size, shard)
+        self.tie_weights()
+        # ids of the special tokens (SPECIAL modality), set by the loader from the tokenizer files
+        self.register_buffer("special_ids", torch.zeros(0, dtype=torch.long), persistent=False)
+
+    def tie_weights(self):
+        """Share the embedding with lm_head when the config says so; again after to_empty, which unties them."""
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, input_ids, attention_mask=None, *, cache=None, stats=None, media=None, last_only=False,
+                **pixels):
+        """input_ids [B, S] (left padding marked 0 in attention_mask) -> logits [B, S, V] ([B, 1, V] with
+        last_only). pixels: the pixel tensors and grids as the processor returns them; media: their encode_vision
+        output, if computed beforehand. With a cache the tokens are appended to it: a prefill when it is empty,
+        decode steps after."""
+        h, ctx = self.embed(input_ids, attention_mask, cache=cache, stats=stats, media=media, **pixels)
+        h = self.layers(h, ctx)
+        if cache is not None:
+            cache.length += input_ids.shape[1]
+        return self.head(h[:, -1:] if last_only else h)
+
+    def decode_step(self, token, cache, stats=None):
+        """token [B, 1] -> logits [B, V] at the cache's next position, tensors only, so kernels.DecodeStep can
+        compile it and capture it in a CUDA graph. The caller advances cache.length."""
+        h, ctx = self.embed(token, cache=cache, stats=stats, phase="decode")
+        return self.head(self.layers(h, ctx))[:, -1]
+
+    def head(self, h):
+        return self.lm_head(self.norm(h))
+
+    def modality(self, input_ids, phase):
+        """TEXT, VISION (the media pads of a prompt) or SPECIAL (chat-template tokens) per token. A generated pad
+        is text; a decode step reads no host tensor."""
+        m = torch.where(torch.isin(input_ids, self.special_ids), SPECIAL, TEXT)
+        if phase == "decode":
+            return m
+        media = torch.tensor(self.cfg.media_token_ids, device=input_ids.device)
+        return torch.where(torch.isin(input_ids, media), VISION, m)
+
+    def embed(self, input_ids, attention_mask=None, *, cache=None, stats=None, media=None, phase=None, **pixels):
+        """Token embeddings, the vision features in place of the media pads, and the Context of this forward
+        (rotary tables, mask, modality). A decode step (phase="decode") reads its positions from the cache's
+        device tensors, so it creates no host tensor."""
+        B, S = input_ids.shape
+        dev = input_ids.device
+        phase = phase or ("decode" if cache is not None and cache.length > 0 else "prefill")
+        valid = torch.ones(B, S, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
+        h = self.embed_tokens(input_ids)  # [B, S, H]
+        visual, deepstack = None, []
+        if phase == "prefill":
+            if media is None and any(pixels.get(k) is not None for k in ("pixel_values", "pixel_values_videos")):
+                media = self.encode_vision(input_ids, **pixels)
+            if media is not None:
+                visual, features, deepstack = media
+                h = h.masked_scatter(visual[..., None], features.to(h.dtype))  # the features replace the pads in order
+            positions, next_pos = self.rope_index(input_ids, valid, pixels)
+        else:
+            positions = cache.next_pos[:, None] + torch.arange(S, device=dev)  # [B, S]
+            next_pos = cache.next_pos + S
+        cos, sin = self.rotary(positions, h.dtype)
+        mask, cache_pos = cache_and_mask(phase, valid, cache, next_pos)
+        return h, Context(cos, sin, mask, self.modality(input_ids, phase), valid, phase, stats, cache, cache_pos,
+                          visual, deepstack)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -705,17 +724,6 @@ def mrope_axis(cfg: QwenConfig, device=None):
     return torch.where((i % 3 == 1) & (i < 3 * sH), 1, torch.where((i % 3 == 2) & (i < 3 * sW), 2, 0))
 
 
-def mrope_cos_sin(cfg: QwenConfig, positions, dtype):
-    """positions [3, B, S] -> cos, sin [B, S, head_dim] (made in fp32, then cast like the reference)."""
-    d = cfg.head_dim
-    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, device=positions.device).float() / d)  # [d/2]
-    angles = positions[..., None].float() * inv_freq  # [3, B, S, d/2]
-    axis = mrope_axis(cfg, positions.device)
-    angles = angles.gather(0, axis.expand_as(angles[:1]))[0]  # [B, S, d/2]
-    emb = torch.cat([angles, angles], -1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
 class QwenAttention(nn.Module):
     def __init__(self, cfg: QwenConfig, layer_idx, shard):
         super().__init__()
@@ -775,61 +783,14 @@ class QwenMoE(nn.Module):
         return self.shard.reduce(routed(self, x, self.route(x), ctx)).view(B, S, H)
 
 
-class QwenDecoderLayer(DecoderLayer):
-    def __init__(self, cfg: QwenConfig, i, shard):
-        super().__init__(cfg, i, QwenAttention(cfg, i, shard), QwenMoE, shard)
-
-    def forward(self, h, ctx):
-        h = super().forward(h, ctx)
-        if self.layer_idx < len(ctx.deepstack):  # DeepStack: early ViT features join the first layers' outputs
-            h = h.index_put((ctx.visual,), ctx.deepstack[self.layer_idx], accumulate=True)
-        return h
-
-
-class Qwen3VLMoe(nn.Module):
-    # checkpoint name prefix <-> our parameter name prefix; the loader renames with this table both ways
+class Qwen3VLMoe(VisionLanguageModel):
     CHECKPOINT_PREFIXES = {"model.visual.": "visual.", "model.language_model.embed_tokens.": "embed_tokens.",
                            "model.language_model.layers.": "layers.", "model.language_model.norm.": "norm.",
                            "lm_head.": "lm_head."}
-    FP32_PARAMETERS = ()  # parameter name suffixes kept in fp32 whatever the model's dtype
 
     def __init__(self, cfg: QwenConfig, shard=Shard()):
-        super().__init__()
-        self.cfg, self.shard = cfg, shard
-        self.visual = QwenVision(cfg.vision)
-        self.embed_tokens = ParallelEmbedding(cfg.vocab_size, cfg.hidden_size, shard)
-        self.layers = DecoderLayers(QwenDecoderLayer(cfg, i, shard) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = ParallelHead(cfg.hidden_size, cfg.vocab_size, shard)
-        tie_weights(self)
-        # ids of the special tokens (SPECIAL modality), set by the loader from the tokenizer files
-        self.register_buffer("special_ids", torch.zeros(0, dtype=torch.long), persistent=False)
-
-    def forward(self, input_ids, attention_mask=None, *, cache=None, stats=None, media=None, last_only=False,
-                **pixels):
-        """input_ids [B, S] (left padding marked 0 in attention_mask) -> logits [B, S, V] ([B, 1, V] with
-        last_only). pixels: pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw as the processor
-        returns them; media: their encode_vision output, if computed beforehand. With a cache the tokens are
-        appended to it: a prefill when it is empty, decode steps after."""
-        h, ctx = self.embed(input_ids, attention_mask, cache=cache, stats=stats, media=media, **pixels)
-        h = self.layers(h, ctx)
-        if cache is not None:
-            cache.length += input_ids.shape[1]
-        return self.head(h[:, -1:] if last_only else h)
-
-    def decode_step(self, token, cache, stats=None):
-        """token [B, 1] -> logits [B, V] at the cache's next position, tensors only, so kernels.DecodeStep can
-        compile it and capture it in a CUDA graph. The caller advances cache.length."""
-        h, ctx = self.embed(token, cache=cache, stats=stats, phase="decode")
-        return self.head(self.layers(h, ctx))[:, -1]
-
-    def head(self, h):
-        return self.lm_head(self.norm(h))
-
-    def modality(self, input_ids, phase):
-        vision = (input_ids == self.cfg.image_token_id) | (input_ids == self.cfg.video_token_id)
-        m = torch.where(torch.isin(input_ids, self.special_ids), SPECIAL, TEXT)
-        return torch.where(vision, VISION, m) if phase == "prefill" else m  # a generated vision pad is text
+        super().__init__(cfg, shard, (DecoderLayer(cfg, i, QwenAttention(cfg, i, shard), QwenMoE, shard)
+                                      for i in range(cfg.num_hidden_layers)), visual=QwenVision(cfg.vision))
 
     def new_cache(self, batch, max_len, device=None, dtype=None):
         c, w = self.cfg, self.lm_head.weight
@@ -858,15 +819,15 @@ class Qwen3VLMoe(nn.Module):
         main, *deepstack = full[:, visual]  # images and videos merged by position
         return visual, main, deepstack
 
-    def rope_index(self, input_ids, valid, image_grid_thw, video_grid_thw):
+    def rope_index(self, input_ids, valid, pixels):
         """3-D positions [3, B, S] and each row's next position [B]. Text advances all three streams by one; a
         block of visual pads with merged grid (gh, gw) gets (p, p + row, p + col), then p += max(gh, gw). Every
-        temporal group of a video is its own block. Padding is skipped (and gets position 0)."""
+        temporal group of a video is its own block. Padding is skipped (and gets position 0). pixels: the
+        processor's tensors; only image_grid_thw and video_grid_thw matter here."""
         m = self.cfg.vision.spatial_merge_size
-        images = [] if image_grid_thw is None else image_grid_thw.tolist()
-        videos = [] if video_grid_thw is None else video_grid_thw.tolist()
-        grids = {self.cfg.image_token_id: iter(images),
-                 self.cfg.video_token_id: iter([g for t, h, w in videos for g in [(1, h, w)] * t])}
+        thw = {k: [] if pixels.get(k) is None else pixels[k].tolist() for k in ("image_grid_thw", "video_grid_thw")}
+        grids = {self.cfg.image_token_id: iter(thw["image_grid_thw"]),
+                 self.cfg.video_token_id: iter([g for t, h, w in thw["video_grid_thw"] for g in [(1, h, w)] * t])}
         B, S = input_ids.shape
         positions = torch.zeros(3, B, S, dtype=torch.long)
         next_pos = torch.zeros(B, dtype=torch.long)
@@ -879,9 +840,8 @@ class Qwen3VLMoe(nn.Module):
                 elif ids[s] in grids:
                     _, gh, gw = next(grids[ids[s]])
                     gh, gw = gh // m, gw // m
-                    rows = torch.arange(gh).repeat_interleave(gw)
-                    cols = torch.arange(gw).repeat(gh)
-                    positions[:, b, s:s + gh * gw] = torch.stack([torch.zeros_like(rows), rows, cols]) + p
+                    rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")  # [gh, gw] each
+                    positions[:, b, s:s + gh * gw] = torch.stack([rows * 0, rows, cols]).flatten(1) + p
                     s, p = s + gh * gw, p + max(gh, gw)
                 else:
                     positions[:, b, s] = p
@@ -889,31 +849,16 @@ class Qwen3VLMoe(nn.Module):
             next_pos[b] = p
         return positions.to(input_ids.device), next_pos.to(input_ids.device)
 
-    def embed(self, input_ids, attention_mask=None, *, cache=None, stats=None, media=None, phase=None, **pixels):
-        """Token embeddings, the vision features in place of the pads, and the Context of this forward (3-D rotary
-        tables, mask, modality). A decode step (phase="decode") reads its positions from the cache's device
-        tensors, so it creates no host tensor."""
-        B, S = input_ids.shape
-        dev = input_ids.device
-        phase = phase or ("decode" if cache is not None and cache.length > 0 else "prefill")
-        valid = torch.ones(B, S, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
-        h = self.embed_tokens(input_ids)  # [B, S, H]
-        visual, deepstack = None, []
-        if phase == "prefill":
-            if media is None and any(pixels.get(k) is not None for k in ("pixel_values", "pixel_values_videos")):
-                media = self.encode_vision(input_ids, **pixels)
-            if media is not None:
-                visual, main, deepstack = media
-                h = h.masked_scatter(visual[..., None], main.to(h.dtype))  # the features replace the pads in order
-            positions, next_pos = self.rope_index(input_ids, valid, pixels.get("image_grid_thw"),
-                                                  pixels.get("video_grid_thw"))
-        else:
-            positions = (cache.next_pos[:, None] + torch.arange(S, device=dev)).expand(3, B, S)
-            next_pos = cache.next_pos + S
-        cos, sin = mrope_cos_sin(self.cfg, positions, h.dtype)
-        mask, cache_pos = cache_and_mask(phase, valid, cache, next_pos)
-        return h, Context(cos, sin, mask, self.modality(input_ids, phase), valid, phase, stats, cache, cache_pos,
-                          visual, deepstack)
+    def rotary(self, positions, dtype):
+        """positions [3, B, S] (a decode step's [B, S]: text, all three streams alike) -> interleaved MRoPE
+        cos, sin [B, S, head_dim] (made in fp32, then cast like the reference)."""
+        d = self.cfg.head_dim
+        inv_freq = 1.0 / self.cfg.rope_theta ** (torch.arange(0, d, 2, device=positions.device).float() / d)  # [d/2]
+        angles = positions.expand(3, *positions.shape[-2:])[..., None].float() * inv_freq  # [3, B, S, d/2]
+        axis = mrope_axis(self.cfg, positions.device)
+        angles = angles.gather(0, axis.expand_as(angles[:1]))[0]  # [B, S, d/2]
+        emb = torch.cat([angles, angles], -1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1162,7 +1107,7 @@ class KimiProjector(nn.Module):
 # Kimi-VL whole model
 
 
-class KimiVL(nn.Module):
+class KimiVL(VisionLanguageModel):
     CHECKPOINT_PREFIXES = {"vision_tower.patch_embed.": "visual.patch_embed.",
                            "vision_tower.encoder.blocks.": "visual.blocks.",
                            "vision_tower.encoder.final_layernorm.": "visual.final_layernorm.",
@@ -1173,43 +1118,13 @@ class KimiVL(nn.Module):
     FP32_PARAMETERS = ("e_score_correction_bias",)  # transformers keeps it fp32: near-tie expert choices
 
     def __init__(self, cfg: KimiVLConfig, shard=Shard(), attn_impl="absorbed"):
-        super().__init__()
-        self.cfg, self.shard = cfg, shard
+        super().__init__(cfg, shard, (DecoderLayer(cfg, i, MLA(cfg, i, attn_impl, shard), KimiMoE, shard)
+                                      for i in range(cfg.num_hidden_layers)),
+                         visual=MoonViT(cfg), projector=KimiProjector(cfg))
         self.attn_impl = attn_impl
-        self.visual = MoonViT(cfg)
-        self.projector = KimiProjector(cfg)
-        self.embed_tokens = ParallelEmbedding(cfg.vocab_size, cfg.hidden_size, shard)
-        self.layers = DecoderLayers(DecoderLayer(cfg, i, MLA(cfg, i, attn_impl, shard), KimiMoE, shard)
-                                    for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = ParallelHead(cfg.hidden_size, cfg.vocab_size, shard)
-        tie_weights(self)
-        # ids of the special tokens (SPECIAL modality), set by the loader from the tokenizer files
-        self.register_buffer("special_ids", torch.zeros(0, dtype=torch.long), persistent=False)
-
-    def forward(self, input_ids, attention_mask=None, *, cache=None, stats=None, media=None, last_only=False,
-                **pixels):
-        """input_ids [B, S] (left padding marked 0 in attention_mask) -> fp32 logits [B, S, V] ([B, 1, V] with
-        last_only). pixels: pixel_values, image_grid_hws as the processor returns them; media: their
-        encode_vision output, if computed beforehand. With a cache the tokens are appended to it."""
-        h, ctx = self.embed(input_ids, attention_mask, cache=cache, stats=stats, media=media, **pixels)
-        h = self.layers(h, ctx)
-        if cache is not None:
-            cache.length += input_ids.shape[1]
-        return self.head(h[:, -1:] if last_only else h)
-
-    def decode_step(self, token, cache, stats=None):
-        """token [B, 1] -> logits [B, V] at the cache's next position, tensors only (see Qwen3VLMoe)."""
-        h, ctx = self.embed(token, cache=cache, stats=stats, phase="decode")
-        return self.head(self.layers(h, ctx))[:, -1]
 
     def head(self, h):
-        return self.lm_head(self.norm(h)).float()  # the remote code returns fp32 logits
-
-    def modality(self, input_ids, phase):
-        media = input_ids == self.cfg.media_placeholder_token_id
-        m = torch.where(torch.isin(input_ids, self.special_ids) & ~media, SPECIAL, TEXT)
-        return torch.where(media, VISION, m) if phase == "prefill" else m  # a generated placeholder is text
+        return super().head(h).float()  # the remote code returns fp32 logits
 
     def new_cache(self, batch, max_len, device=None, dtype=None):
         c, w = self.cfg, self.lm_head.weight
@@ -1221,8 +1136,9 @@ class KimiVL(nn.Module):
         return KVCache(c.num_hidden_layers, k, v, max_len, device or w.device, dtype or w.dtype)
 
     def encode_vision(self, input_ids, pixel_values=None, image_grid_hws=None):
-        """Run MoonViT and the projector -> (media [B, S] bool, features [n, H]), the rows in sequence order of
-        the media placeholders they replace. pixel_values [L, 3, 14, 14], image_grid_hws [n_images, 2]."""
+        """Run MoonViT and the projector -> (media [B, S] bool, features [n, H], no DeepStack features []), the
+        rows in sequence order of the media placeholders they replace. pixel_values [L, 3, 14, 14],
+        image_grid_hws [n_images, 2]."""
         cfg = self.cfg
         kh, kw = cfg.merge_kernel_size
         cli.check(image_grid_hws is not None and image_grid_hws.ndim == 2 and image_grid_hws.shape[1] == 2,
@@ -1238,33 +1154,19 @@ class KimiVL(nn.Module):
         n = int(media.sum())
         cli.check(feats.shape[0] == n, f"{n} media placeholder tokens (id {cfg.media_placeholder_token_id}) "
                                        f"for {feats.shape[0]} image features")
-        return media, feats
+        return media, feats, []
 
-    def embed(self, input_ids, attention_mask=None, *, cache=None, stats=None, media=None, phase=None, **pixels):
-        """Token embeddings, the image features in place of the placeholders, and the Context of this forward.
-        Plain 1-D positions (no M-RoPE) that count only real tokens, so a left-padded row starts at 0."""
-        B, S = input_ids.shape
-        dev = input_ids.device
-        phase = phase or ("decode" if cache is not None and cache.length > 0 else "prefill")
-        valid = torch.ones(B, S, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
-        h = self.embed_tokens(input_ids)  # [B, S, H]
-        if phase == "prefill":
-            if media is None and pixels.get("pixel_values") is not None:
-                media = self.encode_vision(input_ids, **pixels)
-            if media is not None:
-                where, feats = media
-                h = h.masked_scatter(where[..., None], feats.to(h.dtype))  # replaces the placeholders in order
-            positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # [B, S]
-            next_pos = valid.long().sum(-1)
-        else:
-            positions = cache.next_pos[:, None] + torch.arange(S, device=dev)  # [B, S]
-            next_pos = cache.next_pos + S
+    def rope_index(self, input_ids, valid, pixels):
+        """Plain 1-D positions [B, S] (no M-RoPE) that count only real tokens, so a left-padded row starts at 0,
+        and each row's next position [B]; images take one position per placeholder, as text does."""
+        return (valid.long().cumsum(-1) - 1).clamp(min=0), valid.long().sum(-1)
+
+    def rotary(self, positions, dtype):
+        """cos, sin [B, S, qk_rope_head_dim / 2] of positions [B, S] (made in fp32, then cast like the reference)."""
         r = self.cfg.qk_rope_head_dim
-        inv_freq = 1.0 / self.cfg.rope_theta ** (torch.arange(0, r, 2, device=dev).float() / r)  # [r/2]
-        angles = positions[..., None].float() * inv_freq  # [B, S, r/2], fp32 like the reference, then cast
-        mask, cache_pos = cache_and_mask(phase, valid, cache, next_pos)
-        return h, Context(angles.cos().to(h.dtype), angles.sin().to(h.dtype), mask, self.modality(input_ids, phase),
-                          valid, phase, stats, cache, cache_pos)
+        inv_freq = 1.0 / self.cfg.rope_theta ** (torch.arange(0, r, 2, device=positions.device).float() / r)
+        angles = positions[..., None].float() * inv_freq  # [B, S, r/2]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1285,7 +1187,7 @@ def build(cfg, device="cpu", dtype=torch.bfloat16, shard=Shard()):
         if name.endswith(model.FP32_PARAMETERS):
             p.data = p.data.float()
     model.to_empty(device=device)
-    tie_weights(model)
+    model.tie_weights()
     return model
 
 
@@ -1317,12 +1219,11 @@ def checkpoint_files(path):
     """checkpoint tensor name -> safetensors file, from the index or the single model.safetensors."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-            files = {n: os.path.join(path, f) for n, f in weight_map.items()}
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
+        weight_map = cli.read_json(index, "safetensors index")
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        cli.check(isinstance(weight_map, dict) and all(isinstance(f, str) for f in weight_map.values()),
+                  f"{index}: not a valid safetensors index (no weight_map of tensor name -> file name)")
+        files = {n: os.path.join(path, f) for n, f in weight_map.items()}
         missing = sorted({os.path.basename(f) for f in files.values() if not os.path.isfile(f)})
         if missing:
             raise FileNotFoundError(f"{index}: {len(missing)} shard(s) listed but missing: {', '.join(missing)}")
@@ -1359,17 +1260,6 @@ def expert_layout(stored, wanted):
     if len(votes) == 1:
         return votes.pop()
     return "mixes both expert layouts" if votes else "the stacked experts' layout is ambiguous"
-
-
-def rank_part(whole, mine, shard):
-    """The slices (one per axis) of a tensor of shape `whole` that this rank holds as shape `mine`. An axis cut into
-    parts = whole / mine pieces gives rank r piece r * parts // world: its own when there are as many pieces as
-    ranks, the one that consecutive ranks share when there are fewer (GQA's kv heads), piece 0 when not cut."""
-    part = []
-    for n, m in zip(whole, mine):
-        k = shard.rank * (n // m) // shard.world
-        part.append(slice(k * m, (k + 1) * m))
-    return tuple(part)
 
 
 def copy_chunked(src, target, transpose, part, chunk_bytes=16 << 20):

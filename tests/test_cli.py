@@ -77,7 +77,7 @@ def test_missing_model_folder_is_one_line_error(env, tmp_path):
 
 def test_bench_reports_json(env, tmp_path):
     r = run(env, "bench.py", "--repeats", "1", "--warmup", "0", "--decode-steps", "2", "--policy",
-            "full,reduce-k,threshold", "--target", "0.6", "--json", str(tmp_path / "b.json"))
+            "full,reduce-k,threshold,", "--target", "0.6", "--json", str(tmp_path / "b.json"))  # empty entry: no row
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out == json.loads((tmp_path / "b.json").read_text())

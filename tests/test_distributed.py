@@ -1,4 +1,4 @@
-"""One model over several processes (model.py's Shard): 2 processes on CPU with gloo against one process, for both
+"""One model over several processes (parallel.py's Shard): 2 processes on CPU with gloo against one process, for both
 tiny models. torchrun runs this file as a script (the __main__ block), once: each rank writes what it computed and
 what it loaded, then runs model.py's command line; the tests compare that with the same computation in the test
 process, which holds the whole model.

@@ -13,7 +13,7 @@ import model as M
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["model.py", "calibrate.py", "search.py", "bench.py", "plot.py", "train_vqa.py"]
-LIBRARIES = ["processor.py", "router.py", "kernels.py", "cli.py", "data.py", "tiny.py"]
+LIBRARIES = ["processor.py", "router.py", "kernels.py", "parallel.py", "cli.py", "data.py", "tiny.py"]
 
 
 def test_every_top_level_file_answers_help():

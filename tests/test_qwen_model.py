@@ -127,7 +127,8 @@ def test_rope_index_worked_example():
     model = M.Qwen3VLMoe.__new__(M.Qwen3VLMoe)
     model.cfg = cfg
     ids = torch.tensor([[1, 2, 3, 4] + [IMAGE] * 8 + list(range(30, 40))])
-    pos, next_pos = model.rope_index(ids, torch.ones_like(ids, dtype=torch.bool), torch.tensor([[1, 4, 8]]), None)
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    pos, next_pos = model.rope_index(ids, valid, {"image_grid_thw": torch.tensor([[1, 4, 8]])})
     assert pos[0, 0, :14].tolist() == [0, 1, 2, 3] + [4] * 8 + [8, 9]
     assert pos[1, 0, :14].tolist() == [0, 1, 2, 3] + [4] * 4 + [5] * 4 + [8, 9]
     assert pos[2, 0, :14].tolist() == [0, 1, 2, 3] + [4, 5, 6, 7] * 2 + [8, 9]
