@@ -86,13 +86,11 @@ class QwenConfig:
     moe_intermediate_size: int = 768
     num_experts: int = 128
     num_experts_per_tok: int = 8
-    norm_topk_prob: bool = True
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple = ()
     rms_norm_eps: float = 1e-6
     rope_theta: float = 5e6
     mrope_section: tuple = (24, 20, 20)  # frequency channels given to the T, H and W position streams
-    mrope_interleaved: bool = True  # THWTHW... channel map (Qwen3-VL) instead of TT..HH..WW.. (Qwen2-VL)
     max_position_embeddings: int = 262144
     attention_bias: bool = False
     tie_word_embeddings: bool = False
@@ -113,15 +111,21 @@ class QwenConfig:
     @classmethod
     def from_hf(cls, raw, where):
         """Both dialects in the wild: the hub's rope_scaling + rope_theta and num_experts, and transformers 5's
-        rope_parameters and num_local_experts. Keys named like our fields are taken as they are."""
+        rope_parameters and num_local_experts. Keys named like our fields are taken as they are. norm_topk_prob
+        and mrope_interleaved are not read: Qwen3-VL-MoE always renormalises its top-k weights and always
+        interleaves MRoPE (both reference implementations hard-code it; Qwen2-VL's chunked map must not be used)."""
         t, v = raw.get("text_config"), raw.get("vision_config")
         cli.check(isinstance(t, dict) and isinstance(v, dict),
                   f"{where}: qwen3_vl_moe config.json needs text_config and vision_config objects")
         rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
         for part, d, keys in (("text_config", t, QWEN_TEXT_KEYS), ("vision_config", v, QWEN_VISION_KEYS),
-                              ("the top level", raw, QWEN_TOKEN_KEYS), ("rope parameters", rope, ("mrope_section",))):
+                              ("the top level", raw, QWEN_TOKEN_KEYS)):
             missing = next((k for k in keys if k not in d), None)
             cli.check(missing is None, f"{where}: missing key {missing!r} in {part} of a qwen3_vl_moe config")
+        for part, d, key, supported in (("text_config", t, "hidden_act", "silu"),
+                                        ("vision_config", v, "hidden_act", "gelu_pytorch_tanh")):
+            cli.check(d.get(key, supported) == supported,
+                      f"{where}: {part}.{key} {d.get(key)!r} is not supported (need {supported!r})")
         vision = QwenVisionConfig(**{k: v[k] for k in QWEN_VISION_KEYS + ("in_channels",) if k in v},
                                   rope_theta=(v.get("rope_parameters") or {}).get("rope_theta", 10000.0))
         vision.deepstack_visual_indexes = tuple(vision.deepstack_visual_indexes)
@@ -130,12 +134,11 @@ class QwenConfig:
                   mlp_only_layers=tuple(t.get("mlp_only_layers") or ()),
                   num_experts=t["num_experts"] if "num_experts" in t else t["num_local_experts"],
                   head_dim=t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"],
-                  rope_theta=rope.get("rope_theta", t.get("rope_theta", 5e6)),
-                  mrope_section=tuple(rope["mrope_section"]), mrope_interleaved=rope.get("mrope_interleaved", False),
+                  rope_theta=rope.get("rope_theta", t.get("rope_theta", 5e5)),  # transformers' default when absent
+                  mrope_section=tuple(rope.get("mrope_section", (24, 20, 20))),  # transformers' default
                   tie_word_embeddings=raw.get("tie_word_embeddings", False))
         cfg = cls(**kw)
-        cli.check(sum(cfg.mrope_section) * 2 == cfg.head_dim,
-                  f"{where}: mrope_section {list(cfg.mrope_section)} must sum to head_dim/2 = {cfg.head_dim // 2}")
+        cli.check(len(cfg.mrope_section) == 3, f"{where}: mrope_section {list(cfg.mrope_section)} must be 3 numbers")
         cli.check(cfg.num_experts_per_tok <= cfg.num_experts,
                   f"{where}: num_experts_per_tok {cfg.num_experts_per_tok} exceeds num_experts {cfg.num_experts}")
         return cfg
@@ -201,6 +204,8 @@ class KimiVLConfig:
         cli.check(self.n_routed_experts % self.n_group == 0, f"n_group={self.n_group} must divide n_routed_experts")
         cli.check(self.topk_group <= self.n_group, f"topk_group={self.topk_group} exceeds n_group={self.n_group}")
         cli.check(self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok exceeds n_routed_experts")
+        cli.check(isinstance(self.n_shared_experts, int) and self.n_shared_experts >= 0,
+                  f"n_shared_experts={self.n_shared_experts!r} is not supported (need an integer >= 0)")
         cli.check(self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim={self.qk_rope_head_dim} must be even")
         cli.check(self.vision_head_dim % 4 == 0, f"vision head dim {self.vision_head_dim} must be a multiple of 4")
         self.merge_kernel_size = tuple(self.merge_kernel_size)
@@ -714,13 +719,12 @@ class QwenVision(nn.Module):
 
 
 def mrope_axis(cfg: QwenConfig, device=None):
-    """Which position stream (0 = T, 1 = H, 2 = W) drives each of the head_dim/2 frequency channels.
-    Interleaved (Qwen3-VL): THWTHW...THW then T for the rest, e.g. [24, 20, 20] -> 'THW' x 20 + 'TTTT'.
-    Chunked (Qwen2-VL): 24 T, then 20 H, then 20 W. Made on `device`, so a decode step reads no host tensor."""
-    sT, sH, sW = cfg.mrope_section
-    i = torch.arange(sT + sH + sW, device=device)
-    if not cfg.mrope_interleaved:
-        return (i >= sT).long() + (i >= sT + sH).long()
+    """Which position stream (0 = T, 1 = H, 2 = W) drives each of the head_dim/2 frequency channels, interleaved:
+    THWTHW...THW then T for the rest, e.g. [24, 20, 20] -> 'THW' x 20 + 'TTTT'. As in the reference, channels
+    past 3 * s_H (3 * s_W) take no H (W), whatever the section sums to. Made on `device`, so a decode step reads
+    no host tensor."""
+    _, sH, sW = cfg.mrope_section
+    i = torch.arange(cfg.head_dim // 2, device=device)
     return torch.where((i % 3 == 1) & (i < 3 * sH), 1, torch.where((i % 3 == 2) & (i < 3 * sW), 2, 0))
 
 
@@ -760,11 +764,11 @@ class QwenAttention(nn.Module):
 
 class QwenMoE(nn.Module):
     """Softmax over all experts in fp32, then top-k, then renormalise the k weights to sum 1 (softmax before top-k,
-    as in DeepSeek/Qwen; gpt-oss does top-k first). No shared expert."""
+    as in DeepSeek/Qwen; gpt-oss does top-k first), always (see QwenConfig.from_hf). No shared expert."""
 
     def __init__(self, cfg: QwenConfig, layer_idx, shard):
         super().__init__()
-        self.k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.k = cfg.num_experts_per_tok
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, shard)
         self.layer_idx, self.shard = layer_idx, shard
@@ -775,7 +779,7 @@ class QwenMoE(nn.Module):
         probs = self.gate(x).float().softmax(-1)  # [T, E]
         top, ids = probs.topk(self.k, dim=-1)  # [T, K]
         pi_hat = top / top.sum(-1, keepdim=True)
-        return Routing(weights=pi_hat if self.norm_topk_prob else top, ids=ids, pi_hat=pi_hat, probs=probs)
+        return Routing(weights=pi_hat, ids=ids, pi_hat=pi_hat, probs=probs)
 
     def forward(self, x, ctx):
         B, S, H = x.shape

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 IMAGE, VIDEO, VSTART, VEND = 290, 291, 288, 289  # small-vocabulary stand-ins for 151655, 151656, 151652, 151653
 
 
-def tiny_config(**text):
+def tiny_config(tie_word_embeddings=False, **text):
     from transformers import Qwen3VLMoeConfig
     text_config = dict(vocab_size=300, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                        num_key_value_heads=2, head_dim=32, intermediate_size=96, moe_intermediate_size=16,
@@ -21,7 +21,7 @@ def tiny_config(**text):
                          num_position_embeddings=16, deepstack_visual_indexes=[0, 2, 3])
     return Qwen3VLMoeConfig(text_config=text_config, vision_config=vision_config, image_token_id=IMAGE,
                             video_token_id=VIDEO, vision_start_token_id=VSTART, vision_end_token_id=VEND,
-                            tie_word_embeddings=False)
+                            tie_word_embeddings=tie_word_embeddings)
 
 
 def reinit(model, seed=0):
@@ -40,11 +40,12 @@ def reinit(model, seed=0):
     return model
 
 
-def make_oracle(tmp_path, seed=0, **text):
-    """(oracle model in eval mode, folder saved by save_pretrained, same folder rewritten in the hub layout)."""
+def make_oracle(tmp_path, seed=0, **config):
+    """(oracle model in eval mode, folder saved by save_pretrained, same folder rewritten in the hub layout).
+    config: tie_word_embeddings and text_config overrides."""
     from transformers import Qwen3VLMoeForConditionalGeneration
     torch.manual_seed(seed)
-    hf = Qwen3VLMoeForConditionalGeneration(tiny_config(**text)).eval()
+    hf = Qwen3VLMoeForConditionalGeneration(tiny_config(**config)).eval()
     reinit(hf, seed)
     saved = os.path.join(tmp_path, "hf")
     hf.save_pretrained(saved)

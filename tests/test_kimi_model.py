@@ -492,6 +492,7 @@ def test_tied_embeddings_survive_meta_build_and_loading(tmp_path):
     (lambda r: r["text_config"].update(scoring_func="softmax"), "scoring_func"),
     (lambda r: r["text_config"].update(topk_method="group_limited_greedy"), "topk_method"),
     (lambda r: r["text_config"].update(n_group=3), "n_group"),
+    (lambda r: r["text_config"].update(n_shared_experts=None), "n_shared_experts"),
 ])
 def test_bad_config(change, culprit):
     raw = tiny_raw_config()

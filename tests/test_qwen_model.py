@@ -35,6 +35,45 @@ CASES = {
 }
 
 
+# configurations transformers runs differently from the defaults, each against its own oracle; the reference
+# ignores norm_topk_prob and mrope_interleaved (always renormalises, always interleaves) and, without an
+# mrope_section, uses [24, 20, 20] even where it does not sum to head_dim / 2
+VARIANTS = {
+    "dense_layers": dict(mlp_only_layers=[1], decoder_sparse_step=1),
+    "sparse_step_2": dict(decoder_sparse_step=2),
+    "norm_topk_prob_false": dict(norm_topk_prob=False),
+    "no_mrope_interleaved_key": dict(rope_parameters=dict(rope_type="default", rope_theta=5e6,
+                                                          mrope_section=[6, 5, 5])),
+    "no_mrope_section": dict(rope_parameters=dict(rope_type="default", rope_theta=5e6)),
+    "attention_bias": dict(attention_bias=True),
+    "tied_embeddings": dict(tie_word_embeddings=True),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_config_variants_match_oracle(tmp_path, variant):
+    hf, saved, hub = make_oracle(str(tmp_path), **VARIANTS[variant])
+    grids = [(1, 4, 6)]
+    ids = torch.tensor([image_prompt(grids)])
+    pv, thw = pixels(grids)
+    ref = hf_logits(hf, ids, pixel_values=pv, image_grid_thw=thw)
+    for path in (saved, hub):
+        with torch.no_grad():
+            assert_logits_close(M.load(path, dtype=torch.float32)(ids, pixel_values=pv, image_grid_thw=thw), ref)
+
+
+@pytest.mark.parametrize("part, change", [("text_config", {"hidden_act": "gelu"}),
+                                          ("vision_config", {"hidden_act": "silu"}),
+                                          ("text_config", {"num_experts_per_tok": 129})])
+def test_unsupported_config_is_one_clear_error(part, change):
+    with open(os.path.join(FIXTURES, "config.json")) as f:
+        raw = json.load(f)
+    raw[part].update(change)
+    key = next(iter(change))
+    with pytest.raises(ValueError, match=f"config.json: .*{key}"):
+        M.QwenConfig.from_hf(raw, "config.json")
+
+
 @pytest.mark.parametrize("layout", ["transformers5", "hub"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_logits_match_oracle(oracle, layout, case):
