@@ -33,20 +33,19 @@ import sys
 
 import numpy as np
 
-# copied, not imported: calibrate.py and search.py import torch, which drawing does not need
-ALPHA_FORMAT = "modes-alpha/1"
-THRESHOLDS_FORMAT = "modes-thresholds/1"
+# the plot kind of each format field; copied from router.py, not imported: router.py imports torch, which drawing
+# does not need
+FORMAT_KINDS = {"modes-alpha/1": "alpha", "modes-thresholds/1": "search"}
 
 DPI = 100
 FIGSIZE = {"alpha": (10, 5), "skip": (12, 6), "search": (18, 6), "bench": (12, 5), "fidelity": (12, 9)}
 # fixed rc settings: a user's matplotlibrc (savefig.bbox: tight, another dpi or style) must not change the PNGs
 STYLE = {"savefig.bbox": "standard", "savefig.dpi": DPI, "font.size": 10, "axes.titlesize": 11,
          "figure.titlesize": 13, "axes.grid": False, "legend.fontsize": 9}
-MATPLOTLIB_MISSING = "plotting needs matplotlib (pip install matplotlib)"
 
-POLICY_LABELS = {"full": "unskipped", "modes": "MoDES (GMLG + DMT)", "reduce-k": "reduce-k", "threshold": "threshold",
-                 "threshold+gmlg": "threshold + GMLG", "dmt": "DMT without GMLG", "naee": "NAEE", "mc-moe": "MC-MoE",
-                 "diep": "DiEP"}
+# fidelity legend names of bench.py's policies, where they differ from the policy's name
+POLICY_LABELS = {"modes": "MoDES (GMLG + DMT)", "threshold+gmlg": "threshold + GMLG", "dmt": "DMT without GMLG",
+                 "naee": "NAEE", "mc-moe": "MC-MoE", "diep": "DiEP"}
 MODALITY_COLORS = {"text": "tab:blue", "vision": "tab:orange"}
 
 
@@ -54,9 +53,8 @@ class ArtifactError(ValueError):
     """A JSON artifact that cannot be drawn; the message is one line saying what is wrong."""
 
 
-# also a ValueError: the scripts' command lines turn ValueError into one `error:` line, and --plot should too
 class MissingMatplotlib(ImportError, ValueError):
-    pass
+    """Also a ValueError: the scripts' command lines turn ValueError into one `error:` line, and --plot should too."""
 
 
 def require_matplotlib():
@@ -64,7 +62,7 @@ def require_matplotlib():
     try:
         import matplotlib  # noqa: F401
     except ImportError as e:
-        raise MissingMatplotlib(MATPLOTLIB_MISSING) from e
+        raise MissingMatplotlib("plotting needs matplotlib (pip install matplotlib)") from e
 
 
 def check_out_dir(path, what="--out"):
@@ -87,30 +85,32 @@ def check_out_dir(path, what="--out"):
 
 
 def field(obj, key, where=""):
-    name = f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}" if where else key
-    if isinstance(key, int):
-        if not isinstance(obj, list) or not 0 <= key < len(obj):
-            raise ArtifactError(f"missing field {name!r}")
-    elif not isinstance(obj, dict) or key not in obj:
+    """obj[key] and its JSON path, where being obj's."""
+    name = f"{where}.{key}" if where else key
+    if not isinstance(obj, dict) or key not in obj:
         raise ArtifactError(f"missing field {name!r}")
     return obj[key], name
 
 
-def number(obj, key, where="", optional=False):
-    """A finite number; optional ones may be absent or null, as the scripts write where nothing was measured."""
-    if optional and (not isinstance(obj, dict) or obj.get(key) is None):
-        return None
-    value, name = field(obj, key, where)
+def finite(value, name):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ArtifactError(f"field {name!r} is {value!r}, expected a finite number")
     return float(value)
 
 
-def listing(obj, key, where=""):
+def number(obj, key, where="", optional=False):
+    """A finite number; optional ones may be absent or null, as the scripts write where nothing was measured."""
+    if optional and obj.get(key) is None:  # the callers have read a required field of obj, so obj is a dict
+        return None
+    return finite(*field(obj, key, where))
+
+
+def entries(obj, key, where=""):
+    """(element, its JSON path) of each element of the non-empty list obj[key]."""
     value, name = field(obj, key, where)
     if not isinstance(value, list) or not value:
         raise ArtifactError(f"field {name!r} should be a non-empty list")
-    return value, name
+    return [(element, f"{name}[{i}]") for i, element in enumerate(value)]
 
 
 def read_artifact(path):
@@ -124,17 +124,14 @@ def read_artifact(path):
 
 
 def runs_with_skip(doc):
-    """(label, skip_per_layer, its JSON path) of every run in doc: model.py --json has one, bench.py files one per
-    row."""
-    if not isinstance(doc, dict):
-        return []
+    """(label, skip_per_layer, its JSON path) of every run in the JSON object doc: model.py --json has one, bench.py
+    files one per row."""
     if "skip_per_layer" in doc:
         return [("generation", doc["skip_per_layer"], "skip_per_layer")]
-    key = "fidelity" if "fidelity" in doc else "rows"
-    rows = doc.get(key)
+    rows = doc.get("rows")
     if not isinstance(rows, list):
         return []
-    return [(str(r.get("policy", f"row {i}")), r["skip_per_layer"], f"{key}[{i}].skip_per_layer")
+    return [(str(r.get("policy", f"row {i}")), r["skip_per_layer"], f"rows[{i}].skip_per_layer")
             for i, r in enumerate(rows) if isinstance(r, dict) and "skip_per_layer" in r]
 
 
@@ -143,10 +140,8 @@ def kinds(doc):
     if not isinstance(doc, dict):
         return [], f"a JSON {type(doc).__name__}, not an object"
     fmt = doc.get("format")
-    if fmt == ALPHA_FORMAT:
-        return ["alpha"], None
-    if fmt == THRESHOLDS_FORMAT:
-        return ["search"], None
+    if fmt in FORMAT_KINDS:
+        return [FORMAT_KINDS[fmt]], None
     # bench.py and model.py write no format field yet: known by their keys, which also covers one added later
     found = ["fidelity"] if "fidelity" in doc else ["bench"] if "rows" in doc else []
     found += ["skip"] if runs_with_skip(doc) else []
@@ -161,21 +156,17 @@ def kinds(doc):
 
 @contextlib.contextmanager
 def drawing(kind, path):
-    """A pyplot-free Figure of the kind's fixed size on the Agg canvas (no GUI backend, no global figure list),
-    saved on exit to a temporary file in path's folder and renamed over path, so a reader never sees half a PNG."""
-    try:
-        import matplotlib
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as e:
-        raise MissingMatplotlib(MATPLOTLIB_MISSING) from e
+    """A pyplot-free Figure of the kind's fixed size (no GUI backend, no global figure list; savefig renders the PNG
+    with Agg), saved on exit to a temporary file in path's folder and renamed over path, so a reader never sees half
+    a PNG."""
+    require_matplotlib()
+    import matplotlib
+    from matplotlib.figure import Figure
     with matplotlib.rc_context(STYLE):
         fig = Figure(figsize=FIGSIZE[kind], dpi=DPI, layout="constrained")
-        FigureCanvasAgg(fig)
         yield fig
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+        tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+        os.makedirs(os.path.dirname(tmp), exist_ok=True)
         try:
             fig.savefig(tmp, format="png", dpi=DPI)
             os.replace(tmp, path)
@@ -193,18 +184,12 @@ def plain_log_labels(*axes):
         axis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
 
 
-def no_data(ax, text):
-    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
 def plot_alpha(doc, path, scale="auto"):
     """Grouped bars of alpha per MoE layer, text and vision, against the uniform share 1/L. scale "auto" turns to a
     log axis when the non-negligible values span more than two decades."""
-    rows, where = listing(doc, "layers")
-    layers = [int(number(r, "layer", f"{where}[{i}]")) for i, r in enumerate(rows)]
-    alpha = {m: [number(r, m, f"{where}[{i}]") for i, r in enumerate(rows)] for m in ("text", "vision")}
+    rows = entries(doc, "layers")
+    layers = [int(number(r, "layer", where)) for r, where in rows]
+    alpha = {m: [number(r, m, where) for r, where in rows] for m in ("text", "vision")}
     peak = max(max(v) for v in alpha.values())
     # below 1e-6 of the peak is numerical zero, e.g. the last layer's vision alpha: removing those experts cannot
     # reach the answer tokens, so its KL is rounding noise and should not decide the axis
@@ -240,20 +225,20 @@ def plot_alpha(doc, path, scale="auto"):
     return path
 
 
-def skip_table(spl, where):
-    """{phase: [3, L] array of text, vision, all skip ratios (NaN where nothing was counted)} of one run."""
-    table, length = {}, None
-    for phase in ("prefill", "decode"):
-        part, name = field(spl, phase, where)
-        rows = []
-        for m in ("text", "vision", "all"):
-            values, vname = listing(part, m, name)
-            if length not in (None, len(values)):
-                raise ArtifactError(f"field {vname!r} has {len(values)} layers, expected {length}")
-            length = len(values)
-            rows.append([np.nan if v is None else number(values, i, vname) for i, v in enumerate(values)])
-        table[phase] = np.array(rows)
-    return table
+def skip_grids(runs):
+    """{phase: [3 x runs, L] array of each run's text, vision and all skip ratios (NaN where nothing was counted)};
+    every run has the same L."""
+    grids, length = {"prefill": [], "decode": []}, None
+    for _, spl, where in runs:
+        for phase, rows in grids.items():
+            part, name = field(spl, phase, where)
+            for m in ("text", "vision", "all"):
+                values = entries(part, m, name)
+                if length not in (None, len(values)):
+                    raise ArtifactError(f"field '{name}.{m}' has {len(values)} layers, expected {length}")
+                length = len(values)
+                rows.append([np.nan if v is None else finite(v, vname) for v, vname in values])
+    return {phase: np.array(rows) for phase, rows in grids.items()}
 
 
 def plot_skip(doc, path):
@@ -262,18 +247,14 @@ def plot_skip(doc, path):
     runs = runs_with_skip(doc)
     if not runs:
         raise ArtifactError("missing field 'skip_per_layer' (at the top or in rows)")
-    tables = [skip_table(spl, where) for _, spl, where in runs]
-    n_layers = tables[0]["prefill"].shape[1]
-    for table, (_, _, where) in zip(tables, runs):
-        if table["prefill"].shape[1] != n_layers:
-            raise ArtifactError(f"field {where!r} has {table['prefill'].shape[1]} layers, {runs[0][2]!r} {n_layers}")
+    grids = skip_grids(runs)
+    n_layers = grids["prefill"].shape[1]
     names = [f"{label} · {m}" for label, _, _ in runs for m in ("text", "vision", "all")]
     with drawing("skip", path) as fig:
         import matplotlib
         cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.85")
         axes = fig.subplots(1, 2, sharey=True)
-        for ax, phase in zip(axes, ("prefill", "decode")):
-            grid = np.concatenate([table[phase] for table in tables])
+        for ax, (phase, grid) in zip(axes, grids.items()):
             image = ax.imshow(grid, cmap=cmap, vmin=0, vmax=1, aspect="auto", interpolation="nearest")
             if grid.size <= 200:  # values are legible only in a small table
                 for (r, c), v in np.ndenumerate(grid):
@@ -283,8 +264,7 @@ def plot_skip(doc, path):
             for r in range(3, len(names), 3):
                 ax.axhline(r - 0.5, color="white", lw=3)
             ax.set_xticks(range(n_layers), [str(i) for i in range(n_layers)], fontsize=8 if n_layers > 30 else 10)
-            ax.set_xlabel("decoder layer")
-            ax.set_title(phase)
+            ax.set(xlabel="decoder layer", title=phase)
         axes[0].set_yticks(range(len(names)), names)
         fig.colorbar(image, ax=axes, label="skip ratio (skipped / routed top-k slots)", shrink=0.9)
         fig.suptitle("Skipped expert slots per layer and modality (grey: nothing counted: a dense layer, or no "
@@ -296,9 +276,9 @@ def plot_search(doc, path):
     """Three panels: evaluated (tau_text, tau_vision) coloured by prefill skip ratio, the same by KL, and the
     evaluations on the D x D index grid. Feasible points (skip >= target) are ringed; the line is the frontier
     walk in evaluation order (not drawn for --exhaustive, whose order is a raster scan)."""
-    points, where = listing(doc, "evaluated")
+    points = entries(doc, "evaluated")
     keys = ("i_text", "i_vision", "tau_text", "tau_vision", "kl", "skip")
-    ev = {k: np.array([number(p, k, f"{where}[{i}]") for i, p in enumerate(points)]) for k in keys}
+    ev = {k: np.array([number(p, k, where) for p, where in points]) for k in keys}
     target = number(doc, "target_skip")
     tau, _ = field(doc, "tau")
     chosen_tau = (number(tau, "text", "tau"), number(tau, "vision", "tau"))
@@ -306,7 +286,7 @@ def plot_search(doc, path):
     method, _ = field(search, "method", "search")
     D = int(number(field(search, "grid", "search")[0], "n", "search.grid"))
     if not all(0 <= i < D for i in (*ev["i_text"], *ev["i_vision"])):
-        raise ArtifactError(f"field {where!r} has grid indices outside 0..{D - 1} (search.grid.n = {D})")
+        raise ArtifactError(f"field 'evaluated' has grid indices outside 0..{D - 1} (search.grid.n = {D})")
     match = np.flatnonzero((ev["tau_text"] == chosen_tau[0]) & (ev["tau_vision"] == chosen_tau[1]))
     if len(match) == 0:
         raise ArtifactError(f"the chosen tau {chosen_tau} is not among the evaluated points")
@@ -318,60 +298,50 @@ def plot_search(doc, path):
         from matplotlib.colors import ListedColormap, LogNorm
         from matplotlib.lines import Line2D
         from matplotlib.patches import Patch
-        axes = fig.subplots(1, 3)
-        positive = ev["kl"][ev["kl"] > 0]
+        ax_skip, ax_kl, ax_grid = fig.subplots(1, 3)
         # a KL of exactly 0 (nothing skipped) has no place on a log scale: it is drawn at the smallest positive one
-        kl_floor = positive.min() if len(positive) else 1e-12
+        kl_floor = min(ev["kl"][ev["kl"] > 0], default=1e-12)
         kl_norm = LogNorm(vmin=kl_floor, vmax=max(ev["kl"].max(), kl_floor * 10))
         log_tau = bool((ev["tau_text"] > 0).all() and (ev["tau_vision"] > 0).all())
-        for ax, values, label, cmap, norm in (
-                (axes[0], ev["skip"], "prefill skip ratio (skipped / routed slots)", "viridis", None),
-                (axes[1], np.maximum(ev["kl"], kl_floor), "mean answer-token KL (nats)", "magma_r", kl_norm)):
+        log_note = " (log)" if log_tau else ""
+        star = dict(marker="*", s=320, color="red", edgecolors="black", zorder=4)  # the chosen point, in every panel
+        for ax, values, by, label, cmap, norm in (
+                (ax_skip, ev["skip"], "skip ratio", "prefill skip ratio (skipped / routed slots)", "viridis", None),
+                (ax_kl, np.maximum(ev["kl"], kl_floor), "loss", "mean answer-token KL (nats)", "magma_r", kl_norm)):
             if walk:
                 ax.plot(ev["tau_text"], ev["tau_vision"], color="0.6", lw=1, zorder=1)
             dots = ax.scatter(ev["tau_text"], ev["tau_vision"], c=values, s=40, zorder=2, cmap=cmap, norm=norm)
             ax.scatter(ev["tau_text"][feasible], ev["tau_vision"][feasible], s=110, facecolors="none",
                        edgecolors="black", lw=1.2, zorder=3)
-            ax.scatter(*chosen_tau, marker="*", s=320, color="red", edgecolors="black", zorder=4)
+            ax.scatter(*chosen_tau, **star)
             if log_tau:
-                ax.set_xscale("log")
-                ax.set_yscale("log")
+                ax.set(xscale="log", yscale="log")
                 plain_log_labels(ax.xaxis, ax.yaxis)
-            ax.set_xlabel("tau_text" + (" (log)" if log_tau else ""))
-            ax.set_ylabel("tau_vision" + (" (log)" if log_tau else ""))
+            ax.set(xlabel=f"tau_text{log_note}", ylabel=f"tau_vision{log_note}", title=f"evaluated points by {by}")
             bar = fig.colorbar(dots, ax=ax, label=label)
         plain_log_labels(bar.ax.yaxis)  # the KL colour bar
-        axes[0].set_title("evaluated points by skip ratio")
-        axes[1].set_title("evaluated points by loss")
-        handles = [Line2D([], [], ls="", marker="o", mfc="none", mec="black", ms=10,
-                          label=f"feasible: skip >= {target:g}"),
-                   Line2D([], [], ls="", marker="*", color="red", mec="black", ms=14, label="chosen")]
-        if walk:
-            handles.insert(1, Line2D([], [], color="0.6", label="walk, in evaluation order"))
-        axes[0].legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3)
+        ring = Line2D([], [], ls="", marker="o", mfc="none", mec="black", ms=10, label=f"feasible: skip >= {target:g}")
+        walked = [Line2D([], [], color="0.6", label="walk, in evaluation order")] if walk else []
+        chosen = Line2D([], [], ls="", marker="*", color="red", mec="black", ms=14, label="chosen")
+        ax_skip.legend(handles=[ring, *walked, chosen], loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3)
 
-        state = np.zeros((D, D))  # [i_vision, i_text]: 0 not evaluated, 1 short of the target, 2 feasible
+        colors = {"not evaluated": "0.94", "short of target": "tab:orange", "feasible": "tab:green"}  # of state 0, 1, 2
+        state = np.zeros((D, D))  # [i_vision, i_text]
         state[ev["i_vision"].astype(int), ev["i_text"].astype(int)] = np.where(feasible, 2, 1)
-        ax = axes[2]
-        ax.imshow(state, origin="lower", cmap=ListedColormap(["0.94", "tab:orange", "tab:green"]), vmin=0, vmax=2,
-                  interpolation="nearest", extent=(-0.5, D - 0.5, -0.5, D - 0.5))
+        ax_grid.imshow(state, origin="lower", cmap=ListedColormap(list(colors.values())), vmin=0, vmax=2,
+                       interpolation="nearest", extent=(-0.5, D - 0.5, -0.5, D - 0.5))
         if D <= 40:  # cell borders help only while cells are big enough to see
-            ax.set_xticks(np.arange(-0.5, D, 1), minor=True)
-            ax.set_yticks(np.arange(-0.5, D, 1), minor=True)
-            ax.grid(which="minor", color="white", lw=0.8)
-            ax.tick_params(which="minor", length=0)
+            ax_grid.set_xticks(np.arange(-0.5, D, 1), minor=True)
+            ax_grid.set_yticks(np.arange(-0.5, D, 1), minor=True)
+            ax_grid.grid(which="minor", color="white", lw=0.8)
+            ax_grid.tick_params(which="minor", length=0)
         if walk:
-            ax.plot(ev["i_text"], ev["i_vision"], color="black", lw=1, marker=".", ms=4)
-        ax.scatter(ev["i_text"][best], ev["i_vision"][best], marker="*", s=320, color="red", edgecolors="black",
-                   zorder=4)
-        ax.set_xlabel("tau_text grid index i")
-        ax.set_ylabel("tau_vision grid index j")
-        ax.set_aspect("equal")
-        ax.set_title(f"{method} search: {len(points)} evaluations\nof the D² = {D * D} grid points (D = {D})")
-        ax.legend(handles=[Patch(color="tab:green", label="feasible"),
-                           Patch(color="tab:orange", label="short of target"),
-                           Patch(color="0.94", label="not evaluated")], loc="upper center",
-                  bbox_to_anchor=(0.5, -0.13), ncol=3)
+            ax_grid.plot(ev["i_text"], ev["i_vision"], color="black", lw=1, marker=".", ms=4)
+        ax_grid.scatter(ev["i_text"][best], ev["i_vision"][best], **star)
+        ax_grid.set(xlabel="tau_text grid index i", ylabel="tau_vision grid index j", aspect="equal",
+                    title=f"{method} search: {len(points)} evaluations\nof the D² = {D * D} grid points (D = {D})")
+        ax_grid.legend(handles=[Patch(color=color, label=name) for name, color in reversed(colors.items())],
+                       loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3)
         fig.suptitle(f"Threshold search at target skip {target:g}: chosen tau_text {chosen_tau[0]:.4g}, "
                      f"tau_vision {chosen_tau[1]:.4g}, KL {loss:.4g}, skip {ev['skip'][best]:.3f}")
     return path
@@ -380,51 +350,40 @@ def plot_search(doc, path):
 def plot_bench(doc, path):
     """Two panels, a bar per policy: time to first token split into vision tower and LM prefill, and decode
     ms/token with its floor (the bytes a step must read at the measured copy bandwidth)."""
-    rows, where = listing(doc, "rows")
-    bars = []
-    for i, r in enumerate(rows):
-        w = f"{where}[{i}]"
-        bars.append(dict(policy=str(field(r, "policy", w)[0]), decode=number(r, "decode_ms", w),
-                         **{k: number(r, k, w, optional=True) for k in ("vision_ms", "prefill_ms", "decode_floor_ms",
-                                                                        "skip_prefill_all", "skip_decode_all")}))
-        if bars[-1]["prefill_ms"] is None:  # the transformers row: only a time to first token
-            bars[-1]["ttft_ms"] = number(r, "ttft_ms", w)
-    with drawing("bench", path) as fig:
+    with drawing("bench", path) as fig:  # each row is read as it is drawn: a bad one raises before the PNG is saved
         ax_pre, ax_dec = fig.subplots(1, 2)
-        x = np.arange(len(bars))
-        ticks = [b["policy"] + ("" if b["skip_prefill_all"] is None else f"\nskip {b['skip_prefill_all']:.2f} / "
-                                + ("-" if b["skip_decode_all"] is None else f"{b['skip_decode_all']:.2f}"))
-                 for b in bars]
-        for i, b in enumerate(bars):
-            if b["prefill_ms"] is None:
-                ax_pre.bar(i, b["ttft_ms"], color="0.7", hatch="//", label="time to first token (not split)")
-                total = b["ttft_ms"]
+        ticks = []
+        for i, (r, where) in enumerate(entries(doc, "rows")):
+            policy, _ = field(r, "policy", where)
+            decode = number(r, "decode_ms", where)
+            vision, prefill, floor, skip_prefill, skip_decode = (number(r, k, where, optional=True) for k in (
+                "vision_ms", "prefill_ms", "decode_floor_ms", "skip_prefill_all", "skip_decode_all"))
+            if prefill is None:  # the transformers row: only a time to first token
+                total = number(r, "ttft_ms", where)
+                ax_pre.bar(i, total, color="0.7", hatch="//", label="time to first token (not split)")
             else:
-                vision = b["vision_ms"] or 0.0
+                vision = vision or 0.0
                 ax_pre.bar(i, vision, color=MODALITY_COLORS["vision"], label="vision tower")
-                ax_pre.bar(i, b["prefill_ms"], bottom=vision, color=MODALITY_COLORS["text"], label="LM prefill")
-                total = vision + b["prefill_ms"]
+                ax_pre.bar(i, prefill, bottom=vision, color=MODALITY_COLORS["text"], label="LM prefill")
+                total = vision + prefill
             ax_pre.text(i, total, f"{total:.1f}", ha="center", va="bottom")
-            ax_dec.bar(i, b["decode"], color="tab:purple", label="decode step, measured")
-            ax_dec.text(i, b["decode"], f"{b['decode']:.2f}", ha="center", va="bottom")
-            floor = b["decode_floor_ms"]
+            ax_dec.bar(i, decode, color="tab:purple", label="decode step, measured")
+            ax_dec.text(i, decode, f"{decode:.2f}", ha="center", va="bottom")
             if floor is not None:
                 ax_dec.hlines(floor, i - 0.4, i + 0.4, color="black", lw=2.5,
                               label="floor: bytes a step reads / copy bandwidth")
-                ax_dec.text(i, floor, f"floor {floor:.2f} ms\n= {100 * floor / b['decode']:.0f}% of measured",
+                ax_dec.text(i, floor, f"floor {floor:.2f} ms\n= {100 * floor / decode:.0f}% of measured",
                             ha="center", va="bottom", fontsize=8,
                             bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=1))
+            decode_skip = "-" if skip_decode is None else f"{skip_decode:.2f}"
+            ticks.append(str(policy) + ("" if skip_prefill is None else f"\nskip {skip_prefill:.2f} / {decode_skip}"))
         for ax, title, label in ((ax_pre, "prefill: time to first token", "ms (median)"),
                                  (ax_dec, "decode step", "ms per token (median)")):
-            ax.set_xticks(x, ticks)
-            ax.set_ylabel(label)
-            ax.set_title(title)
+            ax.set_xticks(range(len(ticks)), ticks)
+            ax.set(xlabel="policy (skip ratio prefill / decode)", ylabel=label, title=title)
             ax.margins(y=0.1)
-        ax_pre.set_xlabel("policy (skip ratio prefill / decode)")
-        ax_dec.set_xlabel("policy (skip ratio prefill / decode)")
-        unique = {}  # one legend entry per label, not per bar
-        for ax in (ax_pre, ax_dec):
-            unique.update((label, h) for h, label in zip(*ax.get_legend_handles_labels()))
+        # one legend entry per label, not per bar
+        unique = {label: h for ax in (ax_pre, ax_dec) for h, label in zip(*ax.get_legend_handles_labels())}
         fig.legend(unique.values(), unique.keys(), loc="outside lower center", ncol=len(unique))
         fig.suptitle(f"Speed per policy: {doc.get('model_type', 'model')} on {doc.get('device', '?')}, "
                      f"{doc.get('dtype', '?')}, batch {doc.get('batch', '?')}, prompt {doc.get('prompt_tokens', '?')} "
@@ -435,18 +394,15 @@ def plot_bench(doc, path):
 def fidelity_points(doc):
     """(policy, point) of each row of one bench.py --fidelity document; accuracy, retention and calib_skip may be
     null or absent. A baseline that could not be fitted (`reached` false, no skip ratio) has no point."""
-    rows, where = listing(doc, "fidelity")
     out = []
-    for i, r in enumerate(rows):
-        w = f"{where}[{i}]"
-        policy, _ = field(r, "policy", w)
-        skip, _ = field(r, "skip", w)
+    for r, where in entries(doc, "fidelity"):
+        policy, _ = field(r, "policy", where)
+        skip, _ = field(r, "skip", where)
         if r.get("reached") is False and isinstance(skip, dict) and skip.get("all") is None:  # no setting found
             continue
-        point = dict(reached=r.get("reached") is not False,
-                     skip=number(field(r, "skip", w)[0], "all", f"{w}.skip"), kl=number(r, "kl", w),
-                     top1=number(r, "top1", w),
-                     **{k: number(r, k, w, optional=True) for k in ("accuracy", "retention", "calib_skip")})
+        point = dict(reached=r.get("reached") is not False, skip=number(skip, "all", f"{where}.skip"),
+                     kl=number(r, "kl", where), top1=number(r, "top1", where),
+                     **{k: number(r, k, where, optional=True) for k in ("accuracy", "retention", "calib_skip")})
         out.append((str(policy), point))
     return out
 
@@ -456,21 +412,11 @@ def plot_fidelity(docs, path):
     over the fidelity files (one per --target). The unskipped row is a dashed reference line; a policy whose
     accuracy is null (--no-accuracy) is drawn in the KL and top-1 panels only; a point whose fit missed the target
     (a rule that jumps over it) is drawn hollow."""
-    if not docs:
-        raise ArtifactError("no fidelity documents")
-    curves, full, reached = {}, {}, []
-    for d, doc in enumerate(docs):
-        try:
-            points = fidelity_points(doc)
-        except ArtifactError as e:
-            raise ArtifactError(f"fidelity document {d}: {e}" if len(docs) > 1 else str(e)) from None
-        for policy, point in points:
-            if policy == "full":
-                full = point
-                continue
-            if policy == "modes" and point["calib_skip"] is not None:
-                reached.append(point["calib_skip"])
+    curves = {}
+    for doc in docs:
+        for policy, point in fidelity_points(doc):
             curves.setdefault(policy, []).append(point)
+    full = curves.pop("full", [{}])[-1]  # the unskipped model: a reference line, not a curve
     panels = (("accuracy", "exact-match accuracy", "accuracy (fraction of samples)", False),
               ("retention", "retention", "accuracy / unskipped accuracy (%)", False),
               ("kl", "answer KL against the unskipped model", "mean answer-token KL (nats, log)", True),
@@ -480,7 +426,7 @@ def plot_fidelity(docs, path):
         colors = [c for i, c in enumerate(matplotlib.colormaps["tab10"].colors) if i != 3]  # red is MoDES's
         axes = fig.subplots(2, 2).ravel()
         for ax, (key, title, label, log) in zip(axes, panels):
-            drawn = False
+            ax.set_title(title)
             for k, (policy, pts) in enumerate(curves.items()):
                 pts = sorted((p for p in pts if p[key] is not None and (p[key] > 0 or not log)),
                              key=lambda p: p["skip"])
@@ -494,26 +440,24 @@ def plot_fidelity(docs, path):
                 missed = [p for p in pts if not p["reached"]]
                 ax.plot([p["skip"] for p in missed], [p[key] for p in missed], ls="none", marker="o", ms=9,
                         mfc="white", mec=color, zorder=4)
-                drawn = True
-            if not drawn:
+            if not ax.lines:  # an empty panel says why
                 why = {"accuracy": "no data: accuracy not measured\n(bench.py --no-accuracy)",
                        "retention": "no data: retention needs a nonzero\nunskipped accuracy"}.get(key, "no data")
-                no_data(ax, why)
-                ax.set_title(title)
+                ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, color="0.4")
+                ax.set(xticks=[], yticks=[])
                 continue
             if full.get(key) is not None and not log:
                 ax.axhline(full[key], color="0.3", ls="--", lw=1, label="unskipped")
             if log:
                 ax.set_yscale("log")
                 plain_log_labels(ax.yaxis)
-            ax.set_xlabel("prefill skip ratio, held-out (skipped / routed slots)")
-            ax.set_ylabel(label)
-            ax.set_title(title)
+            ax.set(xlabel="prefill skip ratio, held-out (skipped / routed slots)", ylabel=label)
             ax.grid(alpha=0.3)
         legend = max((ax.get_legend_handles_labels() for ax in axes), key=lambda hl: len(hl[0]))
         if legend[0]:
             fig.legend(*legend, loc="outside right center")
-        fitted = ", ".join(f"{s:.2f}" for s in sorted(reached)) or "?"
+        fitted = sorted(p["calib_skip"] for p in curves.get("modes", []) if p["calib_skip"] is not None)
+        fitted = ", ".join(f"{s:.2f}" for s in fitted) or "?"
         missed = any(not p["reached"] for pts in curves.values() for p in pts)
         fig.suptitle(f"Fidelity against skip ratio: every baseline fitted to MoDES's calibration skip ratio "
                      f"({fitted})" + ("\nhollow: the nearest setting, target missed" if missed else ""))
@@ -585,16 +529,14 @@ def main(args):
         for out in draw(path, doc, [k for k in found if k != "fidelity"], args.out, args.alpha_scale):
             print(f"wrote {out}")
             drawn += 1
-    if fidelity:
-        first = fidelity[0][0]
-        out = (png_name(first, "fidelity", args.out) if len(fidelity) == 1 else
-               os.path.join(args.out if args.out is not None else os.path.dirname(first), "fidelity.png"))
+    if not drawn and not fidelity:
+        raise ArtifactError(f"{', '.join(args.paths)}: no MoDES artifacts to plot")
+    if fidelity:  # named after its file, or after none of them when several make the plot
+        single = png_name(fidelity[0][0], "fidelity", args.out)
+        out = single if len(fidelity) == 1 else os.path.join(os.path.dirname(single), "fidelity.png")
         if len({doc.get("source") for _, doc in fidelity}) > 1:
             print("note: the fidelity files come from different models; drawn together anyway", file=sys.stderr)
         print(f"wrote {plot_fidelity([doc for _, doc in fidelity], out)}")
-        drawn += 1
-    if not drawn:
-        raise ArtifactError(f"{', '.join(args.paths)}: no MoDES artifacts to plot")
 
 
 def parser():
