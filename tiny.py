@@ -119,12 +119,14 @@ DEFAULT_CHAT_TEMPLATE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file
                                           "qwen3_vl_moe_chat_template.jinja")
 
 
-def write_qwen_tokenizer(out_dir, chat_template_path=DEFAULT_CHAT_TEMPLATE_PATH, vocab_size=512):
-    """Writes tokenizer.json + tokenizer_config.json: a deterministic byte-level BPE trained on TINY_CORPUS
-    (ids 0..~vocab_size) plus the real Qwen added tokens at their real ids 151643..151668.
+def write_qwen_tokenizer(out_dir, chat_template_path=DEFAULT_CHAT_TEMPLATE_PATH, vocab_size=512, texts=(TINY_CORPUS,),
+                         first_added_id=QWEN_FIRST_ADDED_ID, model_max_length=262144):
+    """Writes tokenizer.json + tokenizer_config.json: a deterministic byte-level BPE trained on `texts`
+    (ids 0..~vocab_size) plus the Qwen added tokens from first_added_id on: their real ids 151643..151668, or with
+    None right after the BPE vocabulary (train_vqa.py's compact vocabulary). Returns {added token: id}.
 
     tokenizers renumbers added tokens that the model vocabulary lacks, so the added tokens are also entered into
-    the BPE vocabulary at their real ids (no merge produces them, so ordinary text never maps to them).
+    the BPE vocabulary at their ids (no merge produces them, so ordinary text never maps to them).
     """
     if not os.path.isfile(chat_template_path):
         raise FileNotFoundError(f"chat template not found: {chat_template_path}")
@@ -140,13 +142,16 @@ def write_qwen_tokenizer(out_dir, chat_template_path=DEFAULT_CHAT_TEMPLATE_PATH,
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    tok.train_from_iterator([TINY_CORPUS], trainer)
+    tok.train_from_iterator(texts, trainer)
 
     spec = json.loads(tok.to_str())
-    added = []
+    vocab = spec["model"]["vocab"]
+    assert sorted(vocab.values()) == list(range(len(vocab)))
+    first = len(vocab) if first_added_id is None else first_added_id
+    added, ids = [], {}
     for i, (content, special) in enumerate(QWEN_ADDED_TOKENS):
-        spec["model"]["vocab"][content] = QWEN_FIRST_ADDED_ID + i
-        added.append({"id": QWEN_FIRST_ADDED_ID + i, "content": content, "single_word": False, "lstrip": False,
+        vocab[content] = ids[content] = first + i
+        added.append({"id": first + i, "content": content, "single_word": False, "lstrip": False,
                       "rstrip": False, "normalized": False, "special": special})
     spec["added_tokens"] = added
     tok_config = {
@@ -158,7 +163,7 @@ def write_qwen_tokenizer(out_dir, chat_template_path=DEFAULT_CHAT_TEMPLATE_PATH,
         "clean_up_tokenization_spaces": False,
         "eos_token": "<|im_end|>",
         "errors": "replace",
-        "model_max_length": 262144,
+        "model_max_length": model_max_length,
         "pad_token": "<|endoftext|>",
         "split_special_tokens": False,
         "tokenizer_class": "Qwen2Tokenizer",
@@ -168,6 +173,7 @@ def write_qwen_tokenizer(out_dir, chat_template_path=DEFAULT_CHAT_TEMPLATE_PATH,
     write_atomic(os.path.join(out_dir, "tokenizer.json"), json.dumps(spec, ensure_ascii=False, indent=1).encode())
     write_atomic(os.path.join(out_dir, "tokenizer_config.json"),
                  json.dumps(tok_config, ensure_ascii=False, indent=2).encode())
+    return ids
 
 
 

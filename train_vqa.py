@@ -45,8 +45,10 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 import cli
+import data as D
 import model as M
 import processor as P
 import tiny
@@ -58,7 +60,7 @@ SHAPES = ("circle", "rectangle", "triangle")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Checkpoint files: config, tokenizer, preprocessor
+# Checkpoint files: config, preprocessor, generation config (the tokenizer: tiny.write_qwen_tokenizer)
 
 
 def vqa_config(ids, vocab_size, args):
@@ -88,66 +90,20 @@ def vqa_config(ids, vocab_size, args):
     }
 
 
-def preprocessor_config(image_size, patch_size):
-    """Qwen3-VL's preprocessor_config.json with the pixel budget pinned to image_size^2, so easy-VQA's 64x64 images
-    are resized to image_size x image_size (the real min_pixels, 256^2, would upscale them 4 times in area)."""
-    n = image_size * image_size
-    return {"size": {"longest_edge": n, "shortest_edge": n}, "patch_size": patch_size, "temporal_patch_size": 2,
-            "merge_size": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
-            "processor_class": "Qwen3VLProcessor", "image_processor_type": "Qwen2VLImageProcessorFast"}
-
-
-def write_vqa_tokenizer(out_dir, texts, bpe_size=384):
-    """tokenizer.json + tokenizer_config.json in the real Qwen format (byte-level BPE, the Qwen pre-tokenizer split,
-    the Qwen added tokens marked special as in the real file), trained on `texts`; the added tokens follow the BPE
-    vocabulary at small ids. Like tiny.write_qwen_tokenizer, but compact. Returns {added token: id}, size."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    with open(tiny.DEFAULT_CHAT_TEMPLATE_PATH, encoding="utf-8") as f:
-        chat_template = f.read()
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(tiny.QWEN_SPLIT_PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=bpe_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    spec = json.loads(tok.to_str())
-    vocab = spec["model"]["vocab"]
-    first = len(vocab)
-    assert sorted(vocab.values()) == list(range(first))
-    added, ids = [], {}
-    for i, (content, special) in enumerate(tiny.QWEN_ADDED_TOKENS):
-        # entered into the BPE vocabulary too, or `tokenizers` renumbers them (see write_tiny_tokenizer)
-        vocab[content] = ids[content] = first + i
-        added.append({"id": first + i, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
-                      "normalized": False, "special": special})
-    spec["added_tokens"] = added
-    tok_config = {
-        "add_bos_token": False, "add_prefix_space": False,
-        "added_tokens_decoder": {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in added},
-        "bos_token": None, "chat_template": chat_template, "clean_up_tokenization_spaces": False,
-        "eos_token": "<|im_end|>", "errors": "replace", "model_max_length": 4096, "pad_token": "<|endoftext|>",
-        "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer", "unk_token": None}
-    os.makedirs(out_dir, exist_ok=True)
-    cli.write_atomic(os.path.join(out_dir, "tokenizer.json"), json.dumps(spec, ensure_ascii=False, indent=1).encode())
-    cli.write_atomic(os.path.join(out_dir, "tokenizer_config.json"),
-                   json.dumps(tok_config, ensure_ascii=False, indent=2).encode())
-    return ids, first + len(added)
-
-
-def write_folder(out_dir, raw_config, args, texts):
-    """Everything but the weights: tokenizer files, config.json, preprocessor_config.json, generation_config.json."""
-    ids, _ = write_vqa_tokenizer(out_dir, texts)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(raw_config, f, indent=2)
-    with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
-        json.dump(preprocessor_config(args.image_size, args.patch_size), f, indent=2)
-    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-        json.dump({"bos_token_id": ids["<|endoftext|>"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
-                   "pad_token_id": ids["<|endoftext|>"], "do_sample": False}, f, indent=2)
+def write_folder(out_dir, raw_config, ids, args):
+    """config.json, generation_config.json and preprocessor_config.json (the tokenizer files come first: the config
+    names their ids). The preprocessor is Qwen3-VL's with the pixel budget pinned to image_size^2, so easy-VQA's
+    64x64 images are resized to image_size x image_size (the real min_pixels, 256^2, would upscale them 4 times in
+    area)."""
+    n = args.image_size * args.image_size
+    files = {"config.json": raw_config,
+             "preprocessor_config.json": {**tiny.QWEN_PREPROCESSOR, "size": {"longest_edge": n, "shortest_edge": n},
+                                          "patch_size": args.patch_size},
+             "generation_config.json": {"bos_token_id": ids["<|endoftext|>"],
+                                        "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+                                        "pad_token_id": ids["<|endoftext|>"], "do_sample": False}}
+    for name, doc in files.items():
+        cli.write_atomic(os.path.join(out_dir, name), json.dumps(doc, indent=2).encode())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -156,7 +112,11 @@ def write_folder(out_dir, raw_config, args, texts):
 
 def easy_vqa_split(split):
     """(questions, answers, image ids, {image id: png path}) of easy-VQA's "train" or "test" split."""
-    import easy_vqa
+    try:
+        import easy_vqa
+    except ModuleNotFoundError as e:
+        cli.check(e.name != "easy_vqa", "the easy-VQA data comes from the easy-vqa package: pip install easy-vqa")
+        raise
     if split == "train":
         return (*easy_vqa.get_train_questions(), easy_vqa.get_train_image_paths())
     return (*easy_vqa.get_test_questions(), easy_vqa.get_test_image_paths())
@@ -174,75 +134,57 @@ def image_labels(questions, answers, image_ids):
             (pos if present else neg)[i].update(words)
         else:
             pos[i].update(words | {a})
-    labels = {}
-    for i in set(image_ids):
-        out = []
-        for names in (COLORS, SHAPES):
-            known = pos[i] & set(names)
-            left = set(names) - neg[i]
-            name = next(iter(known)) if len(known) == 1 else (next(iter(left)) if len(left) == 1 else None)
-            out.append(-100 if name is None else names.index(name))
-        labels[i] = tuple(out)
-    return labels
+
+    def label(i, names):
+        known, left = pos[i] & set(names), set(names) - neg[i]
+        name = next(iter(known)) if len(known) == 1 else (next(iter(left)) if len(left) == 1 else None)
+        return -100 if name is None else names.index(name)
+    return {i: (label(i, COLORS), label(i, SHAPES)) for i in set(image_ids)}
 
 
 class VQAData:
     """One split, tokenised by the checkpoint's processor: prompt ids per distinct question (the pads depend only on
     the image size, which is fixed), pixel rows per image, answer ids + <|im_end|> per question."""
 
-    def __init__(self, proc, split, image_ids_subset=None, log=print):
+    def __init__(self, proc, split, images):
+        """The questions on `images` (image ids) only; the aux labels are read off all the split's questions."""
         questions, answers, image_ids, paths = easy_vqa_split(split)
-        keep = [j for j, i in enumerate(image_ids) if image_ids_subset is None or i in image_ids_subset]
-        self.questions = [questions[j] for j in keep]
-        self.answers = [answers[j] for j in keep]
-        self.image_ids = [image_ids[j] for j in keep]
-        self.paths = paths
+        rows = [(q, a, i) for q, a, i in zip(questions, answers, image_ids) if i in images]
+        self.questions, self.answers, self.image_ids = zip(*rows)
         self.labels = image_labels(questions, answers, image_ids)
+        self.pad_id = proc.pad_token_id
         t0 = time.perf_counter()
         any_image = paths[self.image_ids[0]]
         im_end = proc.tokenizer.token_to_id("<|im_end|>")
         self.prompt = {q: proc.from_cli(q, images=[any_image])["input_ids"].tolist()
                        for q in dict.fromkeys(self.questions)}
         self.answer_ids = {a: proc.encode(a) + [im_end] for a in dict.fromkeys(self.answers)}
-        self.pixels, self.grid = {}, None
-        for i in dict.fromkeys(self.image_ids):
-            b = proc.from_cli("", images=[paths[i]])
-            self.pixels[i] = b["pixel_values"]
-            assert self.grid is None or b["image_grid_thw"][0].tolist() == self.grid
-            self.grid = b["image_grid_thw"][0].tolist()
-        log(f"{split}: {len(self.questions)} questions, {len(self.pixels)} images, {len(self.prompt)} distinct "
-            f"questions, grid {self.grid}, prepared in {time.perf_counter() - t0:.1f}s")
+        encoded = {i: proc.from_cli("", images=[paths[i]]) for i in dict.fromkeys(self.image_ids)}
+        self.pixels = {i: b["pixel_values"] for i, b in encoded.items()}
+        grids = {tuple(b["image_grid_thw"][0].tolist()) for b in encoded.values()}
+        assert len(grids) == 1  # every image is resized to image_size x image_size
+        self.grid = list(grids.pop())
+        print(f"{split}: {len(self.questions)} questions, {len(self.pixels)} images, {len(self.prompt)} distinct "
+              f"questions, grid {self.grid}, prepared in {time.perf_counter() - t0:.1f}s")
 
     def __len__(self):
         return len(self.questions)
 
-    def batch(self, idx, pad_id):
+    def batch(self, idx):
         """Right-padded teacher-forcing batch: input_ids, attention_mask, targets (-100 except the answer and
-        <|im_end|>), pixel_values, image_grid_thw, aux labels (colour, shape) per example."""
+        <|im_end|>), pixels (pixel_values, image_grid_thw), aux labels (colour, shape) per example."""
         seqs, targets = [], []
         for j in idx:
             p, a = self.prompt[self.questions[j]], self.answer_ids[self.answers[j]]
-            seqs.append(p + a)
-            targets.append([-100] * (len(p) - 1) + a + [-100])  # position t predicts token t + 1
-        S = max(map(len, seqs))
-        ids = torch.full((len(idx), S), pad_id, dtype=torch.long)
-        mask = torch.zeros(len(idx), S, dtype=torch.long)
-        tgt = torch.full((len(idx), S), -100, dtype=torch.long)
-        for r, (s, t) in enumerate(zip(seqs, targets)):
-            ids[r, :len(s)] = torch.tensor(s)
-            mask[r, :len(s)] = 1
-            tgt[r, :len(t)] = torch.tensor(t)
+            seqs.append(torch.tensor(p + a))
+            targets.append(torch.tensor([-100] * (len(p) - 1) + a + [-100]))  # position t predicts token t + 1
         imgs = [self.image_ids[j] for j in idx]
-        return dict(input_ids=ids, attention_mask=mask, targets=tgt,
-                    pixel_values=torch.cat([self.pixels[i] for i in imgs]),
-                    image_grid_thw=torch.tensor([self.grid] * len(idx)),
+        return dict(input_ids=pad_sequence(seqs, batch_first=True, padding_value=self.pad_id),
+                    attention_mask=pad_sequence([torch.ones_like(s) for s in seqs], batch_first=True),
+                    targets=pad_sequence(targets, batch_first=True, padding_value=-100),
+                    pixels=dict(pixel_values=torch.cat([self.pixels[i] for i in imgs]),
+                                image_grid_thw=torch.tensor([self.grid] * len(idx))),
                     aux=torch.tensor([self.labels[i] for i in imgs]))
-
-
-def corpus(questions, answers):
-    """Texts the BPE is trained on: every training question and answer (answers also stand alone, as the model
-    emits them after "assistant\\n"), the chat roles, and processor.py's small general corpus."""
-    return list(questions) + list(answers) + ["user", "assistant", "system"] * 100 + [tiny.TINY_CORPUS]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -288,50 +230,45 @@ def balance_loss(logits, valid, k):
     go to expert e and P_e its mean router probability over the real (non-padding) tokens; 1 when uniform."""
     losses = []
     for z in logits:  # [T, E]
-        z = z[valid]
-        E = z.shape[-1]
-        probs = z.float().softmax(-1)
-        chosen = F.one_hot(probs.topk(k, -1).indices, E).sum(1).float()  # [T, E]
-        losses.append(E * (chosen.mean(0) / k * probs.mean(0)).sum())
+        probs = z[valid].float().softmax(-1)
+        losses.append(probs.shape[-1] * (slot_shares(probs, k) * probs.mean(0)).sum())
     return torch.stack(losses).mean()
 
 
-def forward_losses(net, aux_head, b, k):
+def slot_shares(probs, k):
+    """[E]: the share of the routed slots (every token's top-k experts) that go to each expert; probs [T, E]."""
+    return F.one_hot(probs.topk(k, -1).indices, probs.shape[-1]).sum(1).float().mean(0) / k
+
+
+def forward_losses(net, aux_head, b):
     """(answer loss, aux loss, balance loss, answer-token accuracy) of one batch."""
-    tap = net.tap
-    tap.logits.clear()
-    pixels = dict(pixel_values=b["pixel_values"], image_grid_thw=b["image_grid_thw"])
+    net.tap.logits.clear()
     # model.py API: encode_vision -> (visual mask, main features [n, H], deepstack list), then forward with media
-    media = net.encode_vision(b["input_ids"], **pixels)
-    logits = net(b["input_ids"], b["attention_mask"], media=media, image_grid_thw=b["image_grid_thw"])  # [B, S, V]
+    media = net.encode_vision(b["input_ids"], **b["pixels"])
+    logits = net(b["input_ids"], b["attention_mask"], media=media, image_grid_thw=b["pixels"]["image_grid_thw"])
     tgt = b["targets"]
     ce = F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=-100)
     scored = tgt != -100
     acc = (logits.argmax(-1)[scored] == tgt[scored]).float().mean()
     # every visual token predicts its image's colour and shape (rows of `main` are in sequence order)
     visual, main = media[0], media[1]
-    per_row = visual.sum(1)  # [B]
     aux_logits = aux_head(main)  # [n, 8 + 3]
-    lab = b["aux"].repeat_interleave(per_row, dim=0)  # [n, 2]
+    lab = b["aux"].repeat_interleave(visual.sum(1), dim=0)  # [n, 2]
     aux = (F.cross_entropy(aux_logits[:, :len(COLORS)], lab[:, 0], ignore_index=-100)
            + F.cross_entropy(aux_logits[:, len(COLORS):], lab[:, 1], ignore_index=-100))
-    bal = balance_loss(tap.logits, b["attention_mask"].bool().flatten(), k)
+    bal = balance_loss(net.tap.logits, b["attention_mask"].bool().flatten(), net.cfg.num_experts_per_tok)
     return ce, aux, bal, acc
 
 
 @torch.no_grad()
-def expert_loads(net, data, pad_id, n=256):
+def expert_loads(net, data, n=256):
     """Per MoE layer: the share of routed slots each expert gets on n training examples (real tokens only)."""
     net.tap.logits.clear()
-    b = data.batch(list(range(min(n, len(data)))), pad_id)
-    net(b["input_ids"], b["attention_mask"], pixel_values=b["pixel_values"], image_grid_thw=b["image_grid_thw"])
+    b = data.batch(list(range(min(n, len(data)))))
+    net(b["input_ids"], b["attention_mask"], **b["pixels"])
     valid = b["attention_mask"].bool().flatten()
     k = net.cfg.num_experts_per_tok
-    loads = []
-    for z in net.tap.logits:
-        ids = z[valid].float().softmax(-1).topk(k, -1).indices.flatten()
-        loads.append(torch.bincount(ids, minlength=z.shape[-1]).float() / ids.numel())
-    return torch.stack(loads)  # [L, E]
+    return torch.stack([slot_shares(z[valid].float().softmax(-1), k) for z in net.tap.logits])  # [L, E]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -344,7 +281,6 @@ class Progress:
     def __init__(self, total, start=0, every=100, unit="step"):
         self.total, self.start, self.every, self.unit = total, start, every, unit
         self.t0 = time.perf_counter()
-        self.tty = sys.stderr.isatty()
 
     def __call__(self, done, extra=""):
         dt = time.perf_counter() - self.t0
@@ -352,7 +288,7 @@ class Progress:
         eta = (self.total - done) / rate if rate > 0 else float("nan")
         line = (f"{self.unit} {done}/{self.total} {rate:.2f} {self.unit}/s elapsed {fmt_s(dt)} "
                 f"eta {fmt_s(eta)} {extra}")
-        if self.tty:
+        if sys.stderr.isatty():
             print("\r" + line + "\033[K", end="" if done < self.total else "\n", file=sys.stderr, flush=True)
         elif done % self.every == 0 or done == self.total:
             print(line, file=sys.stderr, flush=True)
@@ -389,15 +325,17 @@ def train(args):
     if args.train_images:
         train_images = sorted(rng.sample(train_images, min(args.train_images, len(train_images))))
 
-    # the output folder's files first: the processor used for training is the one users will get
-    os.makedirs(args.out, exist_ok=True)
-    texts = corpus(questions, answers)
-    ids, n_tokens = write_vqa_tokenizer(args.out, texts)
+    # the output folder's files first: the processor used for training is the one users will get. The BPE learns
+    # every training question and answer (answers also stand alone, as the model emits them after "assistant\n"),
+    # the chat roles and tiny.py's small general corpus; the added tokens follow it at small ids (the real
+    # 151,936-row embeddings alone would be 78 MB)
+    texts = list(questions) + list(answers) + ["user", "assistant", "system"] * 100 + [tiny.TINY_CORPUS]
+    ids = tiny.write_qwen_tokenizer(args.out, vocab_size=384, texts=texts, first_added_id=None, model_max_length=4096)
+    n_tokens = max(ids.values()) + 1
     vocab_size = -(-n_tokens // 64) * 64  # rows past the tokenizer are padding, as in the real checkpoint
     raw = vqa_config(ids, vocab_size, args)
-    write_folder(args.out, raw, args, texts)
+    write_folder(args.out, raw, ids, args)
     proc = P.QwenProcessor.from_dir(args.out)
-    pad_id = proc.pad_token_id
     data = VQAData(proc, "train", set(train_images))
     val = VQAData(proc, "train", val_images) if val_images else None
 
@@ -413,10 +351,9 @@ def train(args):
           f"({n_tokens} tokens), {cfg.num_hidden_layers} MoE layers x {cfg.num_experts} experts of width "
           f"{cfg.moe_intermediate_size}, top-{cfg.num_experts_per_tok}; {len(data)} training questions on "
           f"{len(set(data.image_ids))} images, image {args.image_size} px", file=sys.stderr)
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
+                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95))
 
     state_path = os.path.join(args.work_dir, "train_state.pt")
     step, elapsed_before = 0, 0.0
@@ -447,16 +384,13 @@ def train(args):
     t_loop = time.perf_counter()
     smooth = None
     while step < args.steps:
-        start = step * args.batch_size
-        epoch, offset = divmod(start, len(data))
-        perm = order(epoch)
-        idx = perm[offset:offset + args.batch_size].tolist()
-        if len(idx) < args.batch_size:
-            idx += order(epoch + 1)[:args.batch_size - len(idx)].tolist()
-        b = data.batch(idx, pad_id)
+        epoch, offset = divmod(step * args.batch_size, len(data))
+        # a batch that runs past the end of an epoch continues with the next epoch's order
+        idx = torch.cat([order(epoch), order(epoch + 1)])[offset:offset + args.batch_size].tolist()
+        b = data.batch(idx)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
-        ce, aux, bal, acc = forward_losses(net, aux_head, b, cfg.num_experts_per_tok)
+        ce, aux, bal, acc = forward_losses(net, aux_head, b)
         loss = ce + args.aux_weight * aux + args.balance_weight * bal
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -467,14 +401,14 @@ def train(args):
         smooth = now if smooth is None else 0.98 * smooth + 0.02 * now
         progress(step, f"| ce {smooth[0]:.3f} aux {smooth[1]:.3f} bal {smooth[2]:.3f} tok-acc {smooth[3]:.3f}")
         if val is not None and (step % args.val_every == 0 or step == args.steps):
-            print(f"step {step}: val answer-token accuracy {val_accuracy(net, val, pad_id):.4f} "
+            print(f"step {step}: val answer-token accuracy {val_accuracy(net, val):.4f} "
                   f"({len(val)} questions on {len(val_images)} held-out training images)", file=sys.stderr)
             net.train()
         if args.save_every and step % args.save_every == 0 and step < args.steps:
             save_state()
     train_s = elapsed_before + time.perf_counter() - t_loop
     net.eval()
-    loads = expert_loads(net, data, pad_id)
+    loads = expert_loads(net, data)
     E = cfg.num_experts
     for layer, load in enumerate(loads):
         print(f"layer {layer} expert load x E: min {load.min() * E:.2f} max {load.max() * E:.2f} "
@@ -482,45 +416,41 @@ def train(args):
 
     # model.py API: save_checkpoint writes model.safetensors (bf16, hub expert layout) and config.json
     M.save_checkpoint(net, raw, args.out)
-    check_reload(net, args.out, data, pad_id)
+    check_reload(net, args.out, data)
     summary = dict(steps=args.steps, batch_size=args.batch_size, train_s=round(train_s, 1),
                    total_s=round(time.perf_counter() - t_start, 1), parameters=n_params,
                    safetensors_bytes=os.path.getsize(os.path.join(args.out, "model.safetensors")),
                    expert_load_max_x_E=[round(float(l.max() * E), 2) for l in loads],
                    expert_load_min_x_E=[round(float(l.min() * E), 2) for l in loads])
     print(json.dumps(summary))
-    return summary
 
 
 @torch.no_grad()
-def val_accuracy(net, val, pad_id, n=1024, batch_size=128):
+def val_accuracy(net, val, n=1024, batch_size=128):
     """Teacher-forced: the share of held-out questions whose answer tokens and <|im_end|> are all argmax-right."""
     net.eval()
-    right = total = 0
+    right = 0
     idx = list(range(0, len(val), max(1, len(val) // n)))[:n]
     for s in range(0, len(idx), batch_size):
-        b = val.batch(idx[s:s + batch_size], pad_id)
-        logits = net(b["input_ids"], b["attention_mask"], pixel_values=b["pixel_values"],
-                     image_grid_thw=b["image_grid_thw"])
+        b = val.batch(idx[s:s + batch_size])
+        logits = net(b["input_ids"], b["attention_mask"], **b["pixels"])
         tgt = b["targets"]
         wrong = ((logits.argmax(-1) != tgt) & (tgt != -100)).any(1)
         right += int((~wrong).sum())
-        total += len(wrong)
-    return right / total
+    return right / len(idx)
 
 
 @torch.no_grad()
-def check_reload(net, path, data, pad_id, tol=1e-4):
+def check_reload(net, path, data, tol=1e-4):
     """The saved folder, read back by model.py's load(), must give the in-memory model's logits (with the weights
     rounded to bf16 as stored): catches any layout mix-up of the stacked experts."""
     ref = M.Qwen3VLMoe(net.cfg)  # model.py API: the model class and its state_dict
     ref.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in net.state_dict().items()})
     ref.eval()
     loaded = M.load(path, dtype=torch.float32)  # model.py API: load
-    b = data.batch(list(range(min(8, len(data)))), pad_id)
-    kw = dict(pixel_values=b["pixel_values"], image_grid_thw=b["image_grid_thw"])
-    a = ref(b["input_ids"], b["attention_mask"], **kw)
-    c = loaded(b["input_ids"], b["attention_mask"], **kw)
+    b = data.batch(list(range(min(8, len(data)))))
+    a = ref(b["input_ids"], b["attention_mask"], **b["pixels"])
+    c = loaded(b["input_ids"], b["attention_mask"], **b["pixels"])
     diff = (a - c).abs().max().item()
     if not diff <= tol:
         raise RuntimeError(f"{path}: the reloaded checkpoint's logits differ from the trained model's by {diff:.3g}")
@@ -532,45 +462,37 @@ def check_reload(net, path, data, pad_id, tol=1e-4):
 
 
 @torch.no_grad()
-def evaluate(path, n=None, seed=0, batch_size=64, dtype="float32", split="test", log_every=20):
-    """Exact-match accuracy of greedy answers on easy-VQA `split` (all questions, or a random sample of n)."""
+def evaluate(path, n=None, seed=0, batch_size=64, dtype="float32"):
+    """Exact-match accuracy of greedy answers on easy-VQA's test split (all questions, or a random sample of n)."""
     model = M.load(path, dtype=getattr(torch, dtype))  # model.py API: load
     proc = P.QwenProcessor.from_dir(path)
-    questions, answers, image_ids, paths = easy_vqa_split(split)
+    questions, answers, image_ids, paths = easy_vqa_split("test")
     order = list(range(len(questions)))
     if n is not None and n < len(order):
         order = sorted(random.Random(seed).sample(order, n))
-    right, per_answer = 0, collections.Counter()
+    asked, correct = collections.Counter(), collections.Counter()  # per answer
     wrong_examples = []
-    progress = Progress(len(order), every=log_every * batch_size, unit="question")
+    progress = Progress(len(order), every=20 * batch_size, unit="question")
     t0 = time.perf_counter()
     for s in range(0, len(order), batch_size):
         chunk = order[s:s + batch_size]
-        batches = [proc.from_cli(questions[j], images=[paths[image_ids[j]]]) for j in chunk]
-        S = max(len(b["input_ids"]) for b in batches)
-        ids = torch.full((len(chunk), S), proc.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(len(chunk), S, dtype=torch.long)
-        for r, b in enumerate(batches):  # left padding, as generate expects
-            ids[r, S - len(b["input_ids"]):] = b["input_ids"]
-            mask[r, S - len(b["input_ids"]):] = 1
-        out = M.generate(model, ids, mask, max_new_tokens=4, stop_ids=proc.stop_token_ids,  # model.py API
-                         pixel_values=torch.cat([b["pixel_values"] for b in batches]),
-                         image_grid_thw=torch.cat([b["image_grid_thw"] for b in batches]))
-        for r, j in enumerate(chunk):
-            tokens = out[r].tolist()
-            stops = [t for t, tok in enumerate(tokens) if tok in proc.stop_token_ids]
-            text = proc.decode(tokens[:stops[0]] if stops else tokens).strip()
-            ok = text == answers[j]
-            right += ok
-            per_answer[(answers[j], ok)] += 1
-            if not ok and len(wrong_examples) < 10:
+        samples = [D.Sample(questions[j], answers[j], [paths[image_ids[j]]]) for j in chunk]
+        batch = D.make_batch(samples, proc, "cpu", answers=False)  # the prompts, left padded as generate expects
+        out = M.generate(model, batch.input_ids, batch.attention_mask, max_new_tokens=4,  # model.py API
+                         stop_ids=proc.stop_token_ids, **batch.pixels)
+        for j, tokens in zip(chunk, out.tolist()):
+            end = next((t for t, tok in enumerate(tokens) if tok in proc.stop_token_ids), len(tokens))
+            text = proc.decode(tokens[:end]).strip()
+            asked[answers[j]] += 1
+            correct[answers[j]] += text == answers[j]
+            if text != answers[j] and len(wrong_examples) < 10:
                 wrong_examples.append((questions[j], answers[j], text, image_ids[j]))
+        right = sum(correct.values())
         progress(s + len(chunk), f"| accuracy so far {right / (s + len(chunk)):.4f}")
-    result = dict(model=path, split=split, questions=len(order), sample=None if n is None else dict(n=n, seed=seed),
+    result = dict(model=path, split="test", questions=len(order), sample=None if n is None else dict(n=n, seed=seed),
                   correct=right, accuracy=round(right / len(order), 5), dtype=dtype,
                   eval_s=round(time.perf_counter() - t0, 1),
-                  per_answer={a: round(per_answer[(a, True)] / (per_answer[(a, True)] + per_answer[(a, False)]), 4)
-                              for a in sorted({a for a, _ in per_answer})})
+                  per_answer={a: round(correct[a] / asked[a], 4) for a in sorted(asked)})
     for q, a, got, i in wrong_examples:
         print(f"wrong: image {i} {q!r}: expected {a!r}, got {got!r}", file=sys.stderr)
     return result
@@ -583,8 +505,7 @@ def main(args):
         train(args)
         if args.eval_n == 0:
             return
-    model_dir = args.model or args.out
-    result = evaluate(model_dir, n=args.eval_n, seed=args.eval_seed, batch_size=args.eval_batch_size,
+    result = evaluate(args.model or args.out, n=args.eval_n, seed=args.eval_seed, batch_size=args.eval_batch_size,
                       dtype=args.dtype)
     print(f"held-out accuracy {result['accuracy']:.4f} ({result['correct']}/{result['questions']} easy-VQA test "
           f"questions, greedy generate, exact match)", file=sys.stderr)
@@ -636,13 +557,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except ModuleNotFoundError as e:
-        if e.name != "easy_vqa":
-            raise
-        print("error: the easy-VQA data comes from the easy-vqa package: pip install easy-vqa", file=sys.stderr)
-        sys.exit(2)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.run(main, parse_args())
