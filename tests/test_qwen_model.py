@@ -64,12 +64,13 @@ def test_config_variants_match_oracle(tmp_path, variant):
 
 @pytest.mark.parametrize("part, change", [("text_config", {"hidden_act": "gelu"}),
                                           ("vision_config", {"hidden_act": "silu"}),
+                                          ("text_config", {"rope_scaling": {"mrope_section": [32, 32]}}),
                                           ("text_config", {"num_experts_per_tok": 129})])
 def test_unsupported_config_is_one_clear_error(part, change):
     with open(os.path.join(FIXTURES, "config.json")) as f:
         raw = json.load(f)
     raw[part].update(change)
-    key = next(iter(change))
+    key = "mrope_section" if "rope_scaling" in change else next(iter(change))
     with pytest.raises(ValueError, match=f"config.json: .*{key}"):
         M.QwenConfig.from_hf(raw, "config.json")
 
