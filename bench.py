@@ -34,14 +34,20 @@ import time
 
 import torch
 
+import baselines
 import cli
-import data as D
-import kernels
-import model as M
-import plot
+import processor
+from data import data_hash, make_batch, read_samples, select, synthetic_samples
+import moe_kernels
+from generate import generate
+from model import EXPERT_IMPLS, build, checkpoint_names, load, read_config, set_expert_impl
+from parallel import Shard
+from support import plot
 import router
 import search
-import tiny
+from support import tiny
+import kimi_vl
+import qwen3_vl_moe
 
 
 def timed(fn, device):
@@ -73,7 +79,7 @@ def machine(device):
         props = torch.cuda.get_device_properties(device)
         info.update(device=props.name, memory_bytes=props.total_memory, cuda=torch.version.cuda,
                     capability=f"{props.major}.{props.minor}",
-                    triton=getattr(kernels.triton, "__version__", None) if kernels.HAS_TRITON else None)
+                    triton=getattr(moe_kernels.triton, "__version__", None) if moe_kernels.HAS_TRITON else None)
     elif os.path.isfile("/proc/cpuinfo"):  # Linux names the processor there
         with open("/proc/cpuinfo") as f:
             info["device"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
@@ -85,17 +91,17 @@ def machine(device):
     return info
 
 
-def build(args, source, shard):
+def build_model(args, source, shard):
     """(model, load seconds, host peak growth) of --config (random weights) or the checkpoint folder source: this
     rank's part of it (shard)."""
     dtype, before = cli.DTYPES[args.dtype], host_peak_bytes()
 
     def make():
         if args.config:
-            return tiny.random_weights(M.build(M.read_config(args.config), args.device, dtype, shard)).eval()
-        return M.load(source, args.device, dtype, shard)
+            return tiny.random_weights(build(read_config(args.config), args.device, dtype, shard)).eval()
+        return load(source, args.device, dtype, shard, processor.special_token_ids(source))
     model, seconds = timed(make, args.device)
-    return M.set_expert_impl(model.requires_grad_(False), args.expert_impl), seconds, host_peak_bytes() - before
+    return set_expert_impl(model.requires_grad_(False), args.expert_impl), seconds, host_peak_bytes() - before
 
 
 def synthetic_inputs(model, args, batch):
@@ -104,7 +110,7 @@ def synthetic_inputs(model, args, batch):
     cfg = model.cfg
     g = torch.Generator().manual_seed(0)
     text = torch.randint(0, min(cfg.vocab_size, 1000), (args.text_tokens,), generator=g).tolist()
-    if isinstance(model, M.KimiVL):
+    if isinstance(model, kimi_vl.KimiVL):
         p, (kh, kw) = cfg.patch_size, cfg.merge_kernel_size
         side = max(1, round(args.image_size / (p * kh))) * kh  # patches per side
         row = [cfg.media_placeholder_token_id] * (side * side // (kh * kw)) + text
@@ -137,12 +143,12 @@ def shared_policy(name, model, args, shared, modes):
     tau = modes.tau if name == "modes" else torch.zeros(2)
     if name == "threshold":  # for random-weight speed runs: no calibration data, so fitted on the prompt itself
         one = synthetic_inputs(model, args, 1)  # the rows are identical: one has their skip ratio
-        fit = search.fit_scalar(lambda p: prefill_ratio(model, *one, p), router.Threshold, args.target, steps=20)
+        fit = baselines.fit_scalar(lambda p: prefill_ratio(model, *one, p), router.Threshold, args.target, steps=20)
         cli.check(fit is not None, f"--target {args.target} is out of reach on this prompt: its special tokens are "
                   f"never skipped; lower --target or lengthen the prompt (--image-size, --text-tokens)")
         tau = torch.full((2,), fit[1])
     shared.alpha.copy_(modes.alpha if name == "modes" else torch.ones_like(shared.alpha))
-    shared.tau.copy_(tau)
+    shared.set_thresholds(*tau.tolist())
     return shared
 
 
@@ -206,7 +212,7 @@ def roofline(model, args, row, bandwidth):
     shapes and the measured kept fraction (of this rank's part of a model split over ranks)."""
     cfg, world = model.cfg, model.shard.world
     elem = torch.finfo(cli.DTYPES[args.dtype]).bits // 8
-    moe = [model.layers[i].mlp for i in router.moe_layers(model)]
+    moe = [model.layers[i].mlp for i in model.moe_layers()]
     E, two_i, H = moe[0].experts.gate_up_proj.shape
     expert_params = 3 * (two_i // 2) * H
     # read once per decode step whatever the batch: the language model but for its embedding and routed experts
@@ -232,12 +238,12 @@ def roofline(model, args, row, bandwidth):
 def transformers_row(model, source, ids, pixels, args):
     """The same config, weights (shared, not copied) and inputs through transformers' own implementation."""
     from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
-    cli.check(isinstance(model, M.Qwen3VLMoe), "--compare-transformers: only Qwen3-VL-MoE is wired up")
+    cli.check(isinstance(model, qwen3_vl_moe.Qwen3VLMoe), "--compare-transformers: only Qwen3-VL-MoE is wired up")
     cli.check(model.shard.world == 1, "--compare-transformers: one process only (not under torchrun)")
     raw = cli.read_json(source if source.endswith(".json") else os.path.join(source, "config.json"), "config")
     with torch.device("meta"):
         hf = Qwen3VLMoeForConditionalGeneration(Qwen3VLMoeConfig(**raw)).eval()
-    hf.load_state_dict({name: model.get_parameter(ours) for name, (ours, _) in M.checkpoint_names(model).items()},
+    hf.load_state_dict({name: model.get_parameter(ours) for name, (ours, _) in checkpoint_names(model).items()},
                        strict=True, assign=True)
     for mod in hf.modules():  # rotary tables are buffers that the state dict does not carry: rebuild them
         for name in [name for name, buf in mod.named_buffers(recurse=False) if buf.is_meta]:
@@ -277,7 +283,7 @@ def speed(model, source, load_s, host_load, args, modes):
           f"{header['weight_bytes'] / 2**20:.0f} MiB of weights; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     cache = model.new_cache(args.batch, ids.shape[1] + args.decode_steps + 1)
     shared, reduce = router.MoDES(0.0, 0.0, torch.ones(len(model.layers), 2)), router.ReduceK(args.keep)
-    steps = {policy: kernels.DecodeStep(model, cache, compile=args.compile, cuda_graph=args.cuda_graph)
+    steps = {policy: moe_kernels.DecodeStep(model, cache, compile=args.compile, cuda_graph=args.cuda_graph)
              for policy in (shared, reduce)}  # compiled (and captured) on first use: the shared rows reuse one graph
     rows = []
     for name in args.policy:
@@ -325,14 +331,14 @@ def normalise_answer(text):
 
 def exact_match(model, proc, samples, policy, device, batch_size=16):
     """Share of samples whose greedy answer equals the reference answer (case and punctuation ignored), generated
-    in left-padded batches (M.generate runs without gradients). The policy stays installed: every later pass
+    in left-padded batches (generate runs without gradients). The policy stays installed: every later pass
     installs its own."""
     router.install(model, policy)
     hits = 0
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
-        batch = D.make_batch(chunk, proc, device, answers=False)
-        tokens = M.generate(model, batch.input_ids, batch.attention_mask, stop_ids=proc.stop_token_ids,
+        batch = make_batch(chunk, proc, device, answers=False)
+        tokens = generate(model, batch.input_ids, batch.attention_mask, stop_ids=proc.stop_token_ids,
                             max_new_tokens=max(len(proc.encode(s.answer)) for s in chunk) + 4, **batch.pixels)
         for s, row in zip(chunk, tokens.tolist()):
             end = next((k for k, t in enumerate(row) if t in proc.stop_token_ids), len(row))
@@ -358,30 +364,28 @@ def fidelity_inputs(args):
               f"and a seed that is an integer or null, got {dict(source=source, n=n, start=start, seed=seed)}")
     cli.check(source in ("synthetic", "easy-vqa-train", "easy-vqa-test") or source.endswith(".jsonl"),
               f"{path}: calibration data {source} cannot be re-read here (only JSONL, easy-vqa or synthetic)")
-    calib = D.select(D.read_samples(source), n, start, seed)
-    cli.check(D.data_hash(calib) == info["sha256"], f"{path}: the calibration data {source} changed since the "
+    calib = select(read_samples(source), n, start, seed)
+    cli.check(data_hash(calib) == info["sha256"], f"{path}: the calibration data {source} changed since the "
               f"search (its sha256 differs)")
-    evals = D.read_samples(args.data)[:args.eval_n] if args.data else D.synthetic_samples(args.eval_n, seed=1)
+    evals = read_samples(args.data)[:args.eval_n] if args.data else synthetic_samples(args.eval_n, seed=1)
     return doc, calib, evals
 
 
 def fidelity(model, source, args, modes, doc, calib, evals):
     """Rows of skip ratios, mean answer-token KL and top-1 agreement against the unskipped model, and exact-match
     accuracy with retention, on the evaluation set (--data, or built-in synthetic samples unseen in calibration)."""
-    import processor
     target = doc["skip_ratio"]["all"]
     proc = processor.for_model(source, model.cfg.model_type)
     calib_eval = search.Evaluator(model, proc, calib, quiet=True)
     test_eval = search.Evaluator(model, proc, evals, quiet=True)
-    from calibrate import expert_similarity
-    gamma = router.diep_gamma(expert_similarity(model, proc, calib)) if "diep" in args.baselines else None
+    gamma = baselines.diep_gamma(baselines.expert_similarity(model, proc, calib)) if "diep" in args.baselines else None
     rows = [dict(policy="full", hyper=None, calib_skip=0.0, reached=True, note="", obj=None),
             dict(policy="modes", hyper=[doc["tau"]["text"], doc["tau"]["vision"]], calib_skip=target, reached=True,
                  note="", obj=modes)]
     # steps: fit each baseline, then score and generate with the policy of each row (full, modes, the baselines)
     progress = cli.Progress("fidelity", len(args.baselines) + 2 * (len(args.baselines) + 2), args.quiet)
     for done, name in enumerate(args.baselines, 1):
-        fit = search.fit_baseline(name, model, calib_eval, modes.alpha, gamma, target)
+        fit = baselines.fit_baseline(name, model, calib_eval, modes.alpha, gamma, target)
         rows.append(dict(policy=name, **{k: v for k, v in fit.items() if k != "policy"}, obj=fit["policy"]))
         progress.update(done, f"fitted {name}")
     for i, r in enumerate(rows):
@@ -396,7 +400,7 @@ def fidelity(model, source, args, modes, doc, calib, evals):
     progress.update(progress.total, finished=True)
     full_acc = rows[0]["accuracy"]
     print(f"# fidelity on {args.data or 'built-in synthetic samples (seed 1)'} ({len(evals)} samples); every policy "
-          f"fitted to MoDES's calibration skip ratio {target:.3f} (+- {search.TOLERANCE})")
+          f"fitted to MoDES's calibration skip ratio {target:.3f} (+- {baselines.TOLERANCE})")
     print("policy | hyperparameter | calib skip | matched | skip all | text | vision | KL | top-1 | accuracy | "
           "retention")
     for r in rows:
@@ -409,7 +413,7 @@ def fidelity(model, source, args, modes, doc, calib, evals):
     for r in rows:
         if r["note"]:
             print(f"# {r['policy']}: {r['note']}")
-    return dict(source=source, thresholds=args.thresholds, target=target, tolerance=search.TOLERANCE,
+    return dict(source=source, thresholds=args.thresholds, target=target, tolerance=baselines.TOLERANCE,
                 eval_data=args.data or "synthetic", eval_n=len(evals), fidelity=rows)
 
 
@@ -431,8 +435,8 @@ def check_args(args):
     cli.check("modes" not in args.policy and not args.fidelity or args.thresholds,
               "--policy modes and --fidelity need --thresholds FILE (made by search.py)")
     args.baselines = [b for b in args.baselines.split(",") if b]
-    unknown = [b for b in args.baselines if b not in search.BASELINES]
-    cli.check(not unknown, f"--baselines: unknown {', '.join(unknown)} (choose from {', '.join(search.BASELINES)})")
+    unknown = [b for b in args.baselines if b not in baselines.BASELINES]
+    cli.check(not unknown, f"--baselines: unknown {', '.join(unknown)} (choose from {', '.join(baselines.BASELINES)})")
     args.device = cli.check_device(args.device)
     args.compile = args.device.startswith("cuda") if args.compile is None else args.compile
     args.cuda_graph = args.device.startswith("cuda") if args.cuda_graph is None else args.cuda_graph
@@ -451,13 +455,13 @@ def main(args):
     rank, world, args.device = cli.init_distributed(args.device)  # torchrun: the ranks run one model together
     # every file is read and checked before the weights load: the thresholds against the architecture alone (a
     # model on the meta device holds no weights), and the samples of --fidelity
-    source = args.config or M.resolve_model(args.model)
-    skeleton = M.build(M.read_config(source), "meta")
+    source = args.config or tiny.resolve(args.model)
+    skeleton = build(read_config(source), "meta")
     top_k = skeleton.cfg.num_experts_per_tok
     cli.check(args.keep <= top_k, f"--keep {args.keep}: the model routes each token to {top_k} experts")
     modes = router.load_thresholds(args.thresholds, skeleton) if args.thresholds else None
     inputs = fidelity_inputs(args) if args.fidelity else None
-    model, load_s, host_load = build(args, source, M.Shard(rank, world))
+    model, load_s, host_load = build_model(args, source, Shard(rank, world))
     # every rank runs the measurements, rank 0 reports them
     with contextlib.redirect_stdout(open(os.devnull, "w")) if rank > 0 else contextlib.nullcontext():
         result = (fidelity(model, source, args, modes, *inputs) if args.fidelity
@@ -485,7 +489,7 @@ def parser():
     p.add_argument("--thresholds", help="thresholds file from search.py, for --policy modes and --fidelity")
     p.add_argument("--target", type=float, default=0.88, help="skip ratio for --policy threshold")
     p.add_argument("--keep", type=int, default=1, help="slots kept by --policy reduce-k")
-    p.add_argument("--expert-impl", default="auto", choices=M.EXPERT_IMPLS,
+    p.add_argument("--expert-impl", default="auto", choices=EXPERT_IMPLS,
                    help="ref (the readable loop in model.py) or a kernels.py path")
     p.add_argument("--batch", type=int, default=1, help="rows of the same prompt")
     p.add_argument("--image-size", type=int, default=256, help="side of the square image, pixels")
@@ -502,8 +506,8 @@ def parser():
     p.add_argument("--compare-transformers", action="store_true", help="also time transformers' implementation")
     p.add_argument("--fidelity", action="store_true", help="instead of timings: MoDES (--thresholds) and the "
                    "--baselines at equal skip ratio, against the unskipped model on --data")
-    p.add_argument("--baselines", default=",".join(search.BASELINES),
-                   help="comma list for --fidelity: " + ", ".join(search.BASELINES))
+    p.add_argument("--baselines", default=",".join(baselines.BASELINES),
+                   help="comma list for --fidelity: " + ", ".join(baselines.BASELINES))
     p.add_argument("--data", help="evaluation data for --fidelity: JSONL or easy-vqa-test (default: built-in "
                    "synthetic samples)")
     p.add_argument("--eval-n", type=int, default=16, help="evaluation samples for --fidelity")

@@ -1,5 +1,5 @@
 """
-Calibration of MoDES's global layer factors alpha (arXiv 2511.15690 §5.1 Eq. 4; modes.md §3).
+Calibration of MoDES's global layer factors alpha (arXiv 2511.15690 §5.1 Eq. 4).
 
 alpha[l][m] measures how much the output distribution moves when the routed experts of MoE layer l are removed
 for the tokens of modality m (text or vision):
@@ -13,7 +13,7 @@ Notable features
   L + 2 * sum_l (L - l) layer passes per batch instead of (1 + 2L) * L; `--naive` runs the full passes.
 - Removal by module replacement: the layer's MoE is wrapped (RemoveRouted) and given a policy that drops every
   slot of the removed tokens. `--removal zero` (the paper) makes their routed output 0; `--removal input` is the
-  official code's substitution of the MoE input (modes.md §3.3). Shared experts (Kimi-VL) run in both.
+  official code's substitution of the MoE input. Shared experts (Kimi-VL) run in both.
 - Teacher-forced answers: the loss is on the logits that predict the answer tokens and the end-of-turn marker.
 - Data (data.py): a JSONL file, GQA's question JSON + image folder, easy-vqa, or a built-in synthetic set.
 - Resumable (`--resume`: a sidecar partial file is replaced atomically after every batch; a run without --resume
@@ -36,7 +36,6 @@ Examples
         --data gqa.jsonl --num-samples 1024 --device cuda --dtype bfloat16 --out alpha-qwen3-235b.json
 """
 import argparse
-import contextlib
 import dataclasses
 import math
 import os
@@ -47,11 +46,12 @@ import torch
 from torch import nn
 
 import cli
-import data as D
-import model as M
+import processor
 import router
-from kernels import SKIP
-from router import TEXT, VISION
+from data import add_data_args, answer_logits, data_hash, kl_sum, load_samples, make_batch
+from model import SKIP, TEXT, VISION, Wrapper, load, set_expert_impl
+from parallel import Shard
+from support import plot, tiny
 
 # B batch rows, S sequence, H hidden, V vocabulary, N answer positions, G stacked copies, T = B * S, K top-k slots
 
@@ -74,32 +74,28 @@ class DropTokens(nn.Module):
         return routing.weights.masked_fill(skip, 0.0), routing.ids.masked_fill(skip, SKIP)
 
 
-class RemoveRouted(nn.Module):
-    """An MoE layer (carrying a DropTokens policy) whose removed tokens, remove [B, S], get a routed output of 0, or
-    with substitute_input the MoE input itself as the official calibration does (modes.md §3.3)."""
+class RemoveRouted(Wrapper):
+    """An MoE layer whose routed experts are removed for the tokens where remove [B, S] holds: a DropTokens policy
+    in place of its own during the call, and with substitute_input the MoE input added for them, as the official
+    calibration does (instead of the paper's 0)."""
 
     def __init__(self, moe, remove, substitute_input):
-        super().__init__()
-        self.moe, self.remove, self.substitute_input = moe, remove, substitute_input
+        super().__init__(moe)
+        self.remove, self.substitute_input = remove, substitute_input
 
     def forward(self, x, ctx):
-        y = self.moe(x, ctx)
+        policy = self.inner.policy
+        self.inner.set_policy(DropTokens(self.remove.reshape(-1)))
+        try:
+            y = self.inner(x, ctx)
+        finally:
+            self.inner.set_policy(policy)
         return y + x * self.remove[..., None] if self.substitute_input else y
 
 
-@contextlib.contextmanager
 def removed(model, layer, remove, removal):
     """Within the block, decoder layer `layer` has its routed experts removed for the tokens where remove [B, S]."""
-    decoder = model.layers[layer]
-    moe = decoder.mlp
-    policy = moe.policy
-    moe.policy = DropTokens(remove.reshape(-1))
-    decoder.mlp = RemoveRouted(moe, remove, removal == "input")
-    try:
-        yield
-    finally:
-        decoder.mlp = moe
-        moe.policy = policy
+    return model.layers.wrapped(layer, "mlp", lambda moe: RemoveRouted(moe, remove, removal == "input"))
 
 
 def repeat_context(ctx, copies):
@@ -117,13 +113,13 @@ def repeat_context(ctx, copies):
 def ablate_batch(model, batch, layers, removal="zero", naive=False, pair=True):
     """KL sums [len(layers), 2] (float64) of one batch, its answer-token count and the layer passes it took."""
     n_layers = len(model.layers)
-    media = D.vision_features(model, batch)
-    h, ctx = D.embed(model, batch, media)
+    media = model.encode_vision(batch.input_ids, **batch.pixels) if batch.pixels else None
+    h, ctx = model.embed(batch.input_ids, batch.attention_mask, media=media, **batch.pixels)
     cached, start = {}, 0  # MoE layer -> its input in the original pass
     for layer in layers:
         h = cached[layer] = model.layers(h, ctx, start, layer)
         start = layer
-    logits = D.answer_logits(model, model.layers(h, ctx, start), batch)[0]  # [N, V]
+    logits = answer_logits(model, model.layers(h, ctx, start), batch)[0]  # [N, V]
     passes = n_layers
     present = [m for m in (TEXT, VISION) if bool(((ctx.modality == m) & ctx.valid).any())]  # an absent one has KL 0
     groups = [present] if pair and not naive and present else [[m] for m in present]
@@ -133,13 +129,13 @@ def ablate_batch(model, batch, layers, removal="zero", naive=False, pair=True):
             remove = torch.cat([ctx.modality == m for m in group])  # [G * B, S]
             with removed(model, layer, remove, removal):
                 if naive:
-                    h = model.layers(*D.embed(model, batch, media))
+                    h = model.layers(*model.embed(batch.input_ids, batch.attention_mask, media=media, **batch.pixels))
                 else:
                     h = model.layers(cached[layer].repeat(len(group), 1, 1), repeat_context(ctx, len(group)), layer)
             passes += n_layers if naive else (n_layers - layer) * len(group)
-            ablated = D.answer_logits(model, h, batch, copies=len(group))  # [G, N, V]
+            ablated = answer_logits(model, h, batch, copies=len(group))  # [G, N, V]
             for g, m in enumerate(group):
-                kl[j, m] = D.kl_sum(logits, ablated[g])
+                kl[j, m] = kl_sum(logits, ablated[g])
     return kl, len(batch.rows), passes
 
 
@@ -154,72 +150,12 @@ def normalise(kl):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# DiEP's expert similarity (a baseline's calibration statistic, used by bench.py --fidelity)
-
-
-class CaptureInput(nn.Module):
-    """An MLP wrapper that keeps up to n non-padding rows of its input."""
-
-    def __init__(self, mlp, n):
-        super().__init__()
-        self.mlp, self.n, self.rows = mlp, n, []
-
-    def forward(self, x, ctx):
-        if sum(len(r) for r in self.rows) < self.n:
-            self.rows.append(x[ctx.valid].float())
-        return self.mlp(x, ctx)
-
-
-def linear_cka(Y):
-    """Linear CKA between every pair of E output matrices Y [E, n, H] -> [E, E] (Kornblith et al. 2019)."""
-    Y = Y - Y.mean(1, keepdim=True)
-    gram = (Y @ Y.transpose(1, 2)).flatten(1)  # [E, n*n]
-    hsic = gram @ gram.T  # [E, E]
-    norm = hsic.diagonal().sqrt()
-    return hsic / (norm[:, None] * norm[None, :]).clamp(min=1e-30)
-
-
-@torch.no_grad()
-def expert_similarity(model, proc, samples, batch_size=4, tokens=256):
-    """DiEP's expert-output similarity on calibration data: [L, E, E] linear CKA of the outputs of every pair of
-    routed experts of each MoE layer on its first `tokens` input rows; zeros for dense layers."""
-    layers = router.moe_layers(model)
-    E = model.layers[layers[0]].mlp.gate.weight.shape[0]
-    device = model.lm_head.weight.device
-    wrappers = {i: CaptureInput(model.layers[i].mlp, tokens) for i in layers}
-    for i, w in wrappers.items():
-        model.layers[i].mlp = w
-    try:
-        for start in range(0, len(samples), batch_size):
-            batch = D.make_batch(samples[start:start + batch_size], proc, device,
-                                 max_positions=model.cfg.max_position_embeddings)
-            model.layers(*D.embed(model, batch, D.vision_features(model, batch)))
-            if all(sum(len(r) for r in w.rows) >= tokens for w in wrappers.values()):
-                break
-    finally:
-        for i, w in wrappers.items():
-            model.layers[i].mlp = w.mlp
-    cka = torch.zeros(len(model.layers), E, E)
-    for i, w in wrappers.items():
-        experts = w.mlp.experts
-        x = torch.cat(w.rows)[:tokens].to(experts.gate_up_proj.dtype)  # [n, H]
-        gate, up = torch.einsum("nh,eih->eni", x, experts.gate_up_proj).chunk(2, dim=-1)  # [E, n, I] each
-        y = torch.einsum("eni,ehi->enh", nn.functional.silu(gate) * up, experts.down_proj)  # [E, n, H]
-        if model.shard.world > 1:  # split over ranks: each holds a range of the experts, gathered in order
-            parts = [torch.empty_like(y) for _ in range(model.shard.world)]
-            torch.distributed.all_gather(parts, y.contiguous())
-            y = torch.cat(parts)
-        cka[i] = linear_cka(y.float()).cpu()
-    return cka
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # The calibration loop
 
 
 def consumed(samples, steps, batch_size, world):
     """sha256 of the samples that the first `steps` steps read, on every rank."""
-    return D.data_hash([s for r in range(world) for s in cli.shard(samples, r, world)[:steps * batch_size]])
+    return data_hash([s for r in range(world) for s in cli.shard(samples, r, world)[:steps * batch_size]])
 
 
 def read_partial(path, settings, samples, steps):
@@ -256,10 +192,10 @@ def calibrate(model, proc, samples, *, batch_size=4, removal="zero", naive=False
     cli.check(batch_size >= 1, f"--batch-size must be >= 1, got {batch_size}")
     router.uninstall(model)  # the original model is plain top-k
     rank, world = cli.data_parallel(model)
-    layers = router.moe_layers(model)
+    layers = model.moe_layers()
     mine = cli.shard(samples, rank, world)
     steps = math.ceil(math.ceil(len(samples) / world) / batch_size)
-    data = data_info or dict(n=len(samples), sha256=D.data_hash(samples))
+    data = data_info or dict(n=len(samples), sha256=data_hash(samples))
     # the data's hash is not a setting: a resumed run must see the samples of the finished batches again (done_sha256),
     # while a later sample may be fixed between runs (an image that only the processor refused when its batch came)
     settings = dict(fingerprint=router.fingerprint(model), data={k: v for k, v in data.items() if k != "sha256"},
@@ -274,7 +210,7 @@ def calibrate(model, proc, samples, *, batch_size=4, removal="zero", naive=False
         delta = torch.zeros(len(layers) * 2 + 3, dtype=torch.float64, device=dev)  # KL sums, counts
         chunk = mine[step * batch_size:(step + 1) * batch_size]
         if chunk:
-            batch = D.make_batch(chunk, proc, dev, max_positions=model.cfg.max_position_embeddings)
+            batch = make_batch(chunk, proc, dev, max_positions=model.cfg.max_position_embeddings)
             batch_kl, n, p = ablate_batch(model, batch, layers, removal, naive, pair)
             delta[:-3] = batch_kl.flatten().to(dev)
             delta[-3:] = torch.tensor([n, p, (1 + 2 * len(layers)) * len(model.layers)], dtype=torch.float64)
@@ -315,7 +251,6 @@ def check_args(args):
     cli.check(args.start >= 0, f"--start must be >= 0, got {args.start}")
     args.device = cli.check_device(args.device)
     if args.plot:  # now, not after a long run
-        import plot
         plot.require_matplotlib()
         plot.check_out_dir(args.plot, "--plot")
 
@@ -324,10 +259,10 @@ def load_model(args):
     """(model, processor, checkpoint folder) of --model on --device (this rank's GPU under torchrun); with
     --model-parallel, this rank's part of the model."""
     rank, world, device = cli.init_distributed(args.device)
-    path = M.resolve_model(args.model)
-    shard = M.Shard(rank, world) if args.model_parallel else M.Shard()
-    model = M.set_expert_impl(M.load(path, device, cli.DTYPES[args.dtype], shard), "auto")
-    import processor
+    path = tiny.resolve(args.model)
+    shard = Shard(rank, world) if args.model_parallel else Shard()
+    model = set_expert_impl(load(path, device, cli.DTYPES[args.dtype], shard, processor.special_token_ids(path)),
+                            "auto")
     return model, processor.for_model(path, model.cfg.model_type), path
 
 
@@ -338,7 +273,7 @@ def main(args):
     partial = args.out + ".partial"
     cli.check_output(partial, "--out's partial state")
     cli.check_no_state(partial, args.resume)
-    samples, info = D.load_samples(args)
+    samples, info = load_samples(args)
     model, proc, path = load_model(args)
     if args.resume and not os.path.exists(partial) and cli.is_main():
         print(f"note: --resume: no {partial} yet, starting from the first batch", file=sys.stderr)
@@ -363,7 +298,6 @@ def main(args):
     print(f"{info['n']} samples, {c['answer_tokens']} answer tokens, {c['layer_passes']} layer passes "
           f"(naive: {c['naive_layer_passes']}), {c['seconds']:.1f} s -> {args.out}")
     if args.plot:
-        import plot
         print("plots:", ", ".join(plot.plot_artifact(args.out, args.plot)))
 
 
@@ -380,7 +314,7 @@ def add_model_args(p):
 def parser():
     p = argparse.ArgumentParser(description="Calibrate MoDES's per-layer, per-modality factors alpha.")
     add_model_args(p)
-    D.add_data_args(p)
+    add_data_args(p)
     p.add_argument("--out", default=f"{cli.RUNS}/alpha.json", help=f"output JSON (default: {cli.RUNS}/alpha.json)")
     p.add_argument("--removal", default="zero", choices=["zero", "input"],
                    help="removed tokens' routed output: zero (the paper) or the MoE input (the official code)")

@@ -232,10 +232,3 @@ def shard(items, rank, world):
     """Rank's contiguous slice of items (the official code's split)."""
     size = math.ceil(len(items) / world)
     return items[rank * size:(rank + 1) * size]
-
-
-
-
-if __name__ == "__main__":
-    print("cli.py is a library (the scripts' shared command-line plumbing); not a script: run "
-          "model.py, calibrate.py, search.py, bench.py or plot.py (each has --help)")

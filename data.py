@@ -293,19 +293,6 @@ def make_batch(samples, proc, device, answers=True, max_positions=None):
                  torch.tensor(rows, device=device), torch.tensor(cols, device=device))
 
 
-def vision_features(model, batch):
-    """The vision tower's output for the batch (None without images), for passes that reuse it: it belongs to the
-    weights it was computed with, so callers keep it only while those do not change."""
-    if not any(k.startswith("pixel") for k in batch.pixels):
-        return None
-    return model.encode_vision(batch.input_ids, **batch.pixels)
-
-
-def embed(model, batch, media=None, stats=None):
-    """(hidden states, Context) of the batch's first decoder layer; media: vision_features, if computed already."""
-    return model.embed(batch.input_ids, batch.attention_mask, stats=stats, media=media, **batch.pixels)
-
-
 def answer_logits(model, h, batch, copies=1):
     """Logits [copies, N, V] at the answer positions of h [copies * B, S, H]. The head runs on those positions only:
     the full [B, S, V] logits of a 150k vocabulary would dwarf everything else."""
@@ -329,10 +316,3 @@ def kl_sum(logits_p, logits_q):
     too large for fp32's exp falls back to fp64."""
     kl = _kl(logits_p.float(), logits_q.float())
     return kl if torch.isfinite(kl) else _kl(logits_p.double(), logits_q.double())
-
-
-
-
-if __name__ == "__main__":
-    print("data.py is a library (the calibration and evaluation data); not a script: run "
-          "model.py, calibrate.py, search.py, bench.py or plot.py (each has --help)")

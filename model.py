@@ -1,254 +1,95 @@
 """
-Qwen3-VL-MoE and Kimi-VL in plain PyTorch, loaded straight from an unmodified Hugging Face checkpoint folder.
+The foundation: what every model family shares, and the loader. A family file (qwen3_vl_moe.py, kimi_vl.py) holds
+one model read top to bottom (config, vision tower, attention, MoE, model); this file holds the rest.
 
 Notable features
-- Qwen3-VL-MoE: ViT with Conv3d-as-linear patches, bilinear-resampled learned positions, 2-D rotary, per-image
-  attention, patch merger and DeepStack mergers; decoder with q/k-norm, GQA, interleaved MRoPE, 128-expert MoE.
-- Kimi-VL: MoonViT (bicubic-resampled positions, 2-D rotary, per-image attention, pixel-shuffle merge, projector);
-  DeepSeek-V3 decoder with multi-head latent attention (naive, or absorbed with a latent-only cache), a dense
-  first layer, sigmoid group-limited routing with a selection-only bias, and always-on shared experts.
-- One choke point for routed-expert compute, `moe_experts(..., impl)`: "ref" is the readable per-expert loop
-  below, anything else a path of kernels.py. A skipped (token, slot) pair carries the expert id SKIP.
-- Every MoE layer asks a replaceable `policy` (router.py) which slots to skip and reports to an explicit
-  statistics collector; the model itself knows no policy.
-- Lazy, strict loading: the model is built on the meta device, each parameter is allocated once on the target
-  device and filled tensor by tensor from safetensors, checkpoint names mapped by one prefix table per model;
-  every problem is reported at once.
-- A static per-layer KV cache with tensor positions: a decode step is tensors only, so kernels.py can compile it
-  and capture it in a CUDA graph. Greedy generation with stop tokens.
-- One model over several processes under torchrun (parallel.py's `Shard`, DeepSeek-V3's layout): each rank holds
-  and loads only its own routed experts, attention heads, dense-MLP rows and vocabulary rows; one all-reduce
-  completes each attention and each MLP. Without torchrun nothing of this runs.
+- Shared types: the routing record `Routing`, the skipped-slot id SKIP and the modality codes TEXT / VISION /
+  SPECIAL, which the skip policies (router.py, baselines.py) and the expert kernels (moe_kernels.py) read.
+- One MoE block, `MoE`, with two declared switches: `policy` (None = plain top-k, or a module that drops
+  (token, slot) pairs) and `expert_impl` (the readable loop `routed_experts` below, or a moe_kernels.py path).
+  Every routed expert of every family is computed in `routed_experts`; the model knows no policy.
+- One module-swap mechanism: `DecoderLayers.wrap / unwrap / wrapped` put a `Wrapper` around a decoder layer or its
+  MLP (calibration's removal and capture, MC-MoE's token importance, training's gate tap) and take it off again.
+- The pieces of a forward as methods: `embed` (tokens, vision features, the per-forward Context), `layers(h, ctx,
+  start, stop)` (the one layer loop), `head`; `forward` and `decode_step` are those three in a row.
+- A static per-layer KV cache with tensor positions: a decode step is tensors only, so moe_kernels.DecodeStep can
+  compile it and capture it in a CUDA graph.
+- Lazy, strict loading: the model is built on the meta device, each parameter allocated once on the target
+  device and filled tensor by tensor from safetensors, checkpoint names mapped by one prefix table per family;
+  every missing, unexpected or misshapen tensor is reported at once.
+- One model over several processes under torchrun (parallel.py's `Shard`): each rank holds and loads only its own
+  routed experts, attention heads, dense-MLP rows and vocabulary rows.
 
-Examples
-    python model.py --prompt hi                                   # tiny built-in checkpoint (random weights)
-    python model.py --model tiny-vqa --prompt "what color is the shape?" --image shape.png
-    python model.py --model ~/Qwen3-VL-30B-A3B-Instruct --prompt "What is this?" --image cat.jpg \
-        --device cuda --dtype bfloat16 --max-new-tokens 64
-    python model.py --prompt "Describe the clip" --video frames/ --json
-    torchrun --nproc_per_node 8 model.py --model ~/Qwen3-VL-235B-A22B-Instruct --prompt "What is this?" \
-        --image cat.jpg --device cuda --dtype bfloat16                # one model over 8 GPUs
+A family file imports this one; `read_config` finds the family of a config.json by its model_type in FAMILIES and
+imports it by name, so this file imports no family (and nothing but torch, safetensors, moe_kernels and parallel).
+Generation and its command line are in generate.py.
 """
-import argparse
+import contextlib
+import importlib
 import json
 import math
 import os
-import sys
-import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import cli
-import kernels
-import processor
-import router
-import tiny
-from kernels import SKIP
+import moe_kernels
 from parallel import ParallelEmbedding, ParallelHead, Shard, rank_part
-from router import SPECIAL, TEXT, VISION, Routing
 
-EXPERT_IMPLS = ("auto", "ref") + kernels.PATHS  # "ref": the loop in moe_experts below
+# model_type in config.json -> the family file that holds its config (CONFIG) and model (MODEL)
+FAMILIES = {"qwen3_vl_moe": "qwen3_vl_moe", "kimi_vl": "kimi_vl"}
+EXPERT_IMPLS = ("auto", "ref") + moe_kernels.PATHS  # "ref": the loop in routed_experts below
+
+
+def check(ok, message):
+    """Refuse bad input with one line (the scripts print it as `error: ...` and exit 2)."""
+    if not ok:
+        raise ValueError(message)
+
+
+def read_json(path, what):
+    """A JSON file's content; a missing, unreadable or malformed file is one line naming it."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{what} file {path}: is a folder")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Configuration
+# Shared types
+
+# T tokens, K top-k slots, E routed experts, H hidden size, I expert hidden size, B batch, S sequence
+
+SKIP = -1  # expert id of a skipped (token, slot) pair; moe_kernels.py skips every negative id
+TEXT, VISION, SPECIAL = 0, 1, 2  # token modality codes; SPECIAL: chat-template tokens, never skipped
 
 
 @dataclass
-class QwenVisionConfig:
-    depth: int = 27
-    hidden_size: int = 1152
-    num_heads: int = 16
-    intermediate_size: int = 4304
-    in_channels: int = 3
-    patch_size: int = 16
-    temporal_patch_size: int = 2
-    spatial_merge_size: int = 2
-    out_hidden_size: int = 2048
-    num_position_embeddings: int = 2304  # a square learned grid, 48 x 48
-    deepstack_visual_indexes: tuple = (8, 16, 24)
-    rope_theta: float = 10000.0  # not in config.json; the reference hard-codes it
-    eps: float = 1e-6
+class Routing:
+    """One MoE layer's routing for T tokens before any skipping."""
+    weights: torch.Tensor  # [T, K] fp32 final mixing coefficients (renormalised, routed-scaled)
+    ids: torch.Tensor      # [T, K] int64 expert ids, by descending selection score
+    pi_hat: torch.Tensor   # [T, K] fp32 top-k weights renormalised to sum 1, before routed scaling
+    probs: torch.Tensor    # [T, E] fp32 full distribution (Qwen softmax, Kimi sigmoid scores)
 
 
-@dataclass
-class QwenConfig:
-    vocab_size: int = 151936
-    hidden_size: int = 2048
-    num_hidden_layers: int = 48
-    num_attention_heads: int = 32
-    num_key_value_heads: int = 4
-    head_dim: int = 128
-    intermediate_size: int = 6144  # dense SwiGLU width, used only by layers in mlp_only_layers
-    moe_intermediate_size: int = 768
-    num_experts: int = 128
-    num_experts_per_tok: int = 8
-    decoder_sparse_step: int = 1
-    mlp_only_layers: tuple = ()
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 5e6
-    mrope_section: tuple = (24, 20, 20)  # frequency channels given to the T, H and W position streams
-    max_position_embeddings: int = 262144
-    attention_bias: bool = False
-    tie_word_embeddings: bool = False
-    image_token_id: int = 151655
-    video_token_id: int = 151656
-    vision_start_token_id: int = 151652
-    vision_end_token_id: int = 151653
-    vision: QwenVisionConfig = field(default_factory=QwenVisionConfig)
-    model_type = "qwen3_vl_moe"
-
-    @property
-    def media_token_ids(self):
-        return (self.image_token_id, self.video_token_id)
-
-    def is_moe_layer(self, i):
-        return i not in self.mlp_only_layers and self.num_experts > 0 and (i + 1) % self.decoder_sparse_step == 0
-
-    @classmethod
-    def from_hf(cls, raw, where):
-        """Both dialects in the wild: the hub's rope_scaling + rope_theta and num_experts, and transformers 5's
-        rope_parameters and num_local_experts. Keys named like our fields are taken as they are. norm_topk_prob
-        and mrope_interleaved are not read: Qwen3-VL-MoE always renormalises its top-k weights and always
-        interleaves MRoPE (both reference implementations hard-code it; Qwen2-VL's chunked map must not be used)."""
-        t, v = raw.get("text_config"), raw.get("vision_config")
-        cli.check(isinstance(t, dict) and isinstance(v, dict),
-                  f"{where}: qwen3_vl_moe config.json needs text_config and vision_config objects")
-        rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
-        for part, d, keys in (("text_config", t, QWEN_TEXT_KEYS), ("vision_config", v, QWEN_VISION_KEYS),
-                              ("the top level", raw, QWEN_TOKEN_KEYS)):
-            missing = next((k for k in keys if k not in d), None)
-            cli.check(missing is None, f"{where}: missing key {missing!r} in {part} of a qwen3_vl_moe config")
-        for part, d, key, supported in (("text_config", t, "hidden_act", "silu"),
-                                        ("vision_config", v, "hidden_act", "gelu_pytorch_tanh")):
-            cli.check(d.get(key, supported) == supported,
-                      f"{where}: {part}.{key} {d.get(key)!r} is not supported (need {supported!r})")
-        vision = QwenVisionConfig(**{k: v[k] for k in QWEN_VISION_KEYS + ("in_channels",) if k in v},
-                                  rope_theta=(v.get("rope_parameters") or {}).get("rope_theta", 10000.0))
-        vision.deepstack_visual_indexes = tuple(vision.deepstack_visual_indexes)
-        kw = {k: t[k] for k in {f.name for f in fields(cls)} & set(t)}
-        kw.update({k: raw[k] for k in QWEN_TOKEN_KEYS}, vision=vision,
-                  mlp_only_layers=tuple(t.get("mlp_only_layers") or ()),
-                  num_experts=t["num_experts"] if "num_experts" in t else t["num_local_experts"],
-                  head_dim=t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"],
-                  rope_theta=rope.get("rope_theta", t.get("rope_theta", 5e5)),  # transformers' default when absent
-                  mrope_section=tuple(rope.get("mrope_section", (24, 20, 20))),  # transformers' default
-                  tie_word_embeddings=raw.get("tie_word_embeddings", False))
-        cfg = cls(**kw)
-        cli.check(len(cfg.mrope_section) == 3, f"{where}: mrope_section {list(cfg.mrope_section)} must be 3 numbers")
-        cli.check(cfg.num_experts_per_tok <= cfg.num_experts,
-                  f"{where}: num_experts_per_tok {cfg.num_experts_per_tok} exceeds num_experts {cfg.num_experts}")
-        return cfg
+# ---------------------------------------------------------------------------------------------------------------
+# Configuration: each family's dataclass reads its own config.json dialects (family file, from_hf)
 
 
-QWEN_TEXT_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                  "moe_intermediate_size", "num_experts_per_tok", "rms_norm_eps")
-QWEN_VISION_KEYS = ("depth", "hidden_size", "num_heads", "intermediate_size", "patch_size", "temporal_patch_size",
-                    "spatial_merge_size", "out_hidden_size", "num_position_embeddings", "deepstack_visual_indexes")
-QWEN_TOKEN_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
-
-
-@dataclass
-class KimiVLConfig:
-    # text decoder (text_config, model_type deepseek_v3)
-    vocab_size: int = 163840
-    hidden_size: int = 2048
-    intermediate_size: int = 11264            # dense MLP of the first_k_dense_replace layers
-    moe_intermediate_size: int = 1408         # one routed expert
-    num_hidden_layers: int = 27
-    num_attention_heads: int = 16
-    q_lora_rank: int | None = None            # None = full-rank q_proj (the only form Kimi-VL ships)
-    kv_lora_rank: int = 512
-    qk_nope_head_dim: int = 128
-    qk_rope_head_dim: int = 64
-    v_head_dim: int = 128
-    n_routed_experts: int = 64
-    num_experts_per_tok: int = 6
-    n_shared_experts: int = 2                 # run as one MLP of width n_shared_experts * moe_intermediate_size
-    first_k_dense_replace: int = 1
-    moe_layer_freq: int = 1
-    scoring_func: str = "sigmoid"
-    topk_method: str = "noaux_tc"             # noaux_tc: e_score_correction_bias picks experts; greedy: no bias
-    n_group: int = 1
-    topk_group: int = 1
-    norm_topk_prob: bool = True
-    routed_scaling_factor: float = 2.446
-    rms_norm_eps: float = 1e-5
-    kv_norm_eps: float = 1e-6                 # kv_a_layernorm: HF builds it with the class default, not rms_norm_eps
-    rope_theta: float = 800000.0
-    max_position_embeddings: int = 131072
-    tie_word_embeddings: bool = False
-    # vision tower (vision_config, model_type moonvit)
-    patch_size: int = 14
-    vision_hidden_size: int = 1152
-    vision_num_hidden_layers: int = 27
-    vision_num_attention_heads: int = 16
-    vision_intermediate_size: int = 4304
-    init_pos_emb_height: int = 64
-    init_pos_emb_width: int = 64
-    merge_kernel_size: tuple = (2, 2)
-    vision_rope_theta: float = 10000.0
-    vision_norm_eps: float = 1e-5             # every LayerNorm of the tower and the projector
-    # top level
-    media_placeholder_token_id: int = 163605
-    model_type = "kimi_vl"
-
-    def __post_init__(self):
-        cli.check(self.q_lora_rank is None, f"q_lora_rank={self.q_lora_rank} is not supported (Kimi-VL uses null)")
-        cli.check(self.scoring_func == "sigmoid",
-                  f"scoring_func={self.scoring_func!r} is not supported (need 'sigmoid')")
-        cli.check(self.topk_method in ("noaux_tc", "greedy"), f"topk_method={self.topk_method!r} is not supported")
-        cli.check(self.n_routed_experts % self.n_group == 0, f"n_group={self.n_group} must divide n_routed_experts")
-        cli.check(self.topk_group <= self.n_group, f"topk_group={self.topk_group} exceeds n_group={self.n_group}")
-        cli.check(self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok exceeds n_routed_experts")
-        cli.check(isinstance(self.n_shared_experts, int) and self.n_shared_experts >= 0,
-                  f"n_shared_experts={self.n_shared_experts!r} is not supported (need an integer >= 0)")
-        cli.check(self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim={self.qk_rope_head_dim} must be even")
-        cli.check(self.vision_head_dim % 4 == 0, f"vision head dim {self.vision_head_dim} must be a multiple of 4")
-        self.merge_kernel_size = tuple(self.merge_kernel_size)
-
-    @property
-    def media_token_ids(self):
-        return (self.media_placeholder_token_id,)  # images and video frames alike
-
-    @property
-    def qk_head_dim(self) -> int:
-        return self.qk_nope_head_dim + self.qk_rope_head_dim
-
-    @property
-    def vision_head_dim(self) -> int:
-        return self.vision_hidden_size // self.vision_num_attention_heads
-
-    def is_moe_layer(self, i: int) -> bool:
-        return i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0
-
-    @classmethod
-    def from_hf(cls, raw: dict, where: str) -> "KimiVLConfig":
-        """Translate the checkpoint's config.json (kimi_vl / deepseek_v3 / moonvit) into our fields."""
-        text, vision = raw.get("text_config"), raw.get("vision_config")
-        cli.check(raw.get("model_type") == cls.model_type,
-                  f"{where}: model_type {raw.get('model_type')!r}, expected 'kimi_vl'")
-        cli.check(isinstance(text, dict) and text.get("model_type") == "deepseek_v3",
-                  f"{where}: text_config.model_type must be 'deepseek_v3'")
-        cli.check(isinstance(vision, dict) and vision.get("model_type") == "moonvit",
-                  f"{where}: vision_config.model_type must be 'moonvit'")
-        for key, default, supported in (("rope_scaling", None, None), ("attention_bias", False, False),
-                                        ("hidden_act", "silu", "silu")):  # no yarn, no bias, SwiGLU
-            cli.check(text.get(key, default) == supported,
-                      f"{where}: text_config.{key} {text.get(key)!r} is not supported (need {supported!r})")
-        kw = {k: text[k] for k in {f.name for f in fields(cls)} & set(text)}
-        kw.update({f"vision_{k}": vision[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                                      "intermediate_size") if k in vision})
-        kw.update({k: vision[k] for k in ("patch_size", "init_pos_emb_height", "init_pos_emb_width",
-                                          "merge_kernel_size") if k in vision})
-        kw.update({k: raw[k] for k in ("media_placeholder_token_id", "tie_word_embeddings") if k in raw})
-        try:
-            return cls(**kw)
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"{where}: {e}") from None
+def family(model_type, where):
+    """The family file of a model_type (its CONFIG and MODEL), imported on first use."""
+    check(model_type in FAMILIES, f"{where}: unknown model_type {model_type!r} (supported: {', '.join(FAMILIES)})")
+    return importlib.import_module(FAMILIES[model_type])
 
 
 def read_config(path):
@@ -256,13 +97,12 @@ def read_config(path):
     file = path if path.endswith(".json") else os.path.join(path, "config.json")
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{path}: no config.json (is this a Hugging Face checkpoint folder?)")
-    return config_from_dict(cli.read_json(file, "config"), file)
+    return config_from_dict(read_json(file, "config"), file)
 
 
 def config_from_dict(raw, where):
     kind = raw.get("model_type") if isinstance(raw, dict) else None
-    cli.check(kind in CONFIGS, f"{where}: unknown model_type {kind!r} (supported: {', '.join(CONFIGS)})")
-    return CONFIGS[kind].from_hf(raw, where)
+    return family(kind, where).CONFIG.from_hf(raw, where)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -310,7 +150,7 @@ class SwiGLU(nn.Module):
         """This rank's hidden units' share of the output."""
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
-    def forward(self, x, ctx=None):  # ctx unused: a dense layer takes what an MoE layer takes
+    def forward(self, x):
         return self.shard.reduce(self.partial(x))
 
 
@@ -331,16 +171,16 @@ class Experts(nn.Module):
         return torch.where((ids >= 0) & (ids < self.down_proj.shape[0]), ids, SKIP)
 
 
-def moe_experts(x, experts, ids, weights, impl="ref"):
+def routed_experts(x, experts, ids, weights, impl="ref"):
     """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) over the kept slots (ids != SKIP) -> [T, H]: the one place
-    routed experts are computed. impl "ref" is the loop below; any other is a kernels.py path ("auto" takes this
-    loop on an eager CPU, where it is the fastest)."""
+    routed experts are computed. impl "ref" is the loop below; any other is a moe_kernels.py path ("auto" takes
+    this loop on an eager CPU, where it is the fastest)."""
     if impl == "auto":
-        impl = kernels.auto_path(x, ids)
+        impl = moe_kernels.auto_path(x, ids)
     if impl != "ref":
-        return kernels.moe_experts(x, experts.gate_up_proj, experts.down_proj, ids, weights, impl)
-    # T tokens, K slots, H hidden, I expert hidden. DeepSeek-V3's loop: only routed pairs are computed, but
-    # .tolist() and torch.where make it eager-only; kernels.py has the sync-free paths.
+        return moe_kernels.run(x, experts.gate_up_proj, experts.down_proj, ids, weights, impl)
+    # DeepSeek-V3's loop: only routed pairs are computed, but .tolist() and torch.where make it eager-only;
+    # moe_kernels.py has the sync-free paths.
     T, H = x.shape
     I = experts.down_proj.shape[-1]
     out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
@@ -354,18 +194,39 @@ def moe_experts(x, experts, ids, weights, impl="ref"):
     return out.to(x.dtype)
 
 
-def routed(moe, x, routing, ctx):
-    """What both models' MoE layers do once routed: ask the skip policy, count, compute. x [T, H]. Split over
-    ranks, every rank routes, skips and counts the same (replicated) way and computes only its own experts."""
-    weights, ids = routing.weights, routing.ids
-    modality = ctx.modality.reshape(-1)
-    if moe.policy is not None:
-        weights, ids = moe.policy(routing, modality, moe.layer_idx)
-    if ctx.stats is not None:
-        ctx.stats.record(moe.layer_idx, ids, modality, ctx.valid.reshape(-1), ctx.phase)
-    if moe.shard.world > 1:
-        ids = moe.experts.local(ids)
-    return moe_experts(x, moe.experts, ids, weights, moe.impl)
+class MoE(nn.Module):
+    """What every family's MoE layer does once its own router has routed: ask the skip policy, count, compute.
+
+    Two declared switches, set from outside through set_policy / set_expert_impl and never read by anything else:
+    - policy: None (plain top-k) or a module (routing, modality [T], layer) -> (weights, ids) of the same [T, K]
+      shapes, a dropped slot with id SKIP (router.py's MoDES, baselines.py's baselines);
+    - expert_impl: "ref" (routed_experts' loop), "auto" or a moe_kernels.py path.
+    Split over ranks, every rank routes, skips and counts the same (replicated) way and computes only its own
+    experts."""
+
+    def __init__(self, layer_idx, experts, shard):
+        super().__init__()
+        self.layer_idx, self.experts, self.shard = layer_idx, experts, shard
+        self.policy = None
+        self.expert_impl = "ref"
+
+    def set_policy(self, policy):
+        self.policy = policy
+
+    def set_expert_impl(self, impl):
+        self.expert_impl = impl
+
+    def routed(self, x, routing, ctx):
+        """Routed-expert output [T, H] (this rank's experts' share) of x [T, H] routed as `routing`."""
+        weights, ids = routing.weights, routing.ids
+        modality = ctx.modality.reshape(-1)
+        if self.policy is not None:
+            weights, ids = self.policy(routing, modality, self.layer_idx)
+        if ctx.stats is not None:
+            ctx.stats.record(self.layer_idx, ids, modality, ctx.valid.reshape(-1), ctx.phase)
+        if self.shard.world > 1:
+            ids = self.experts.local(ids)
+        return routed_experts(x, self.experts, ids, weights, self.expert_impl)
 
 
 @dataclass
@@ -483,16 +344,32 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = attn
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = moe(cfg, i, shard) if cfg.is_moe_layer(i) else SwiGLU(cfg.hidden_size, cfg.intermediate_size, shard)
+        self.is_moe = cfg.is_moe_layer(i)
+        self.mlp = moe(cfg, i, shard) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size, shard)
 
     def forward(self, h, ctx):
         h = h + self.self_attn(self.input_layernorm(h), ctx)
-        return h + self.mlp(self.post_attention_layernorm(h), ctx)
+        return h + (self.mlp(self.post_attention_layernorm(h), ctx) if self.is_moe else
+                    self.mlp(self.post_attention_layernorm(h)))
+
+
+class Wrapper(nn.Module):
+    """What a script puts around a decoder layer or its MLP to change what it computes (calibration's removal and
+    capture, MC-MoE's token importance, training's gate tap): the original is `inner`, called with the same
+    arguments. Only DecoderLayers.wrap puts one in place, and unwrap takes it off."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
 
 
 class DecoderLayers(nn.ModuleList):
     """The decoder layers. Calling it runs layers start .. stop-1 in order: the one layer loop of the project
-    (calibrate.py resumes from a layer's cached input)."""
+    (calibrate.py resumes from a layer's cached input).
+
+    The one module-swap mechanism: wrap(i, part, make) replaces layer i ("layer") or its MLP ("mlp") by
+    make(original), a Wrapper; unwrap(i, part) restores the original; `wrapped` does both around a block."""
+    PARTS = ("layer", "mlp")
 
     def forward(self, h, ctx, start=0, stop=None):
         for i, layer in enumerate(self[start:stop], start):
@@ -500,6 +377,52 @@ class DecoderLayers(nn.ModuleList):
             if i < len(ctx.deepstack):  # Qwen's DeepStack: early ViT features join the first layers' outputs
                 h = h.index_put((ctx.visual,), ctx.deepstack[i], accumulate=True)
         return h
+
+    def _get(self, i, part):
+        check(part in self.PARTS, f"wrap: part {part!r}, expected one of {self.PARTS}")
+        return self[i] if part == "layer" else self.layer(i).mlp
+
+    def _set(self, i, part, module):
+        if part == "layer":
+            self[i] = module
+        else:
+            self.layer(i).mlp = module
+
+    def wrap(self, i, part, make):
+        """Layer i's `part` becomes make(part), a Wrapper around it -> the wrapper."""
+        wrapper = make(self._get(i, part))
+        check(isinstance(wrapper, Wrapper), f"wrap: {type(wrapper).__name__} is not a model.Wrapper")
+        self._set(i, part, wrapper)
+        return wrapper
+
+    def unwrap(self, i, part):
+        """Take the outermost Wrapper off layer i's `part` (nothing if it has none)."""
+        module = self._get(i, part)
+        if isinstance(module, Wrapper):
+            self._set(i, part, module.inner)
+
+    def unwrap_all(self, kind):
+        """Take every Wrapper of type `kind` off every layer and MLP."""
+        for i in range(len(self)):
+            for part in self.PARTS:
+                if isinstance(self._get(i, part), kind):
+                    self.unwrap(i, part)
+
+    def layer(self, i):
+        """Decoder layer i itself, whatever wraps it."""
+        layer = self[i]
+        while isinstance(layer, Wrapper):
+            layer = layer.inner
+        return layer
+
+    @contextlib.contextmanager
+    def wrapped(self, i, part, make):
+        """Within the block, layer i's `part` is wrapped by make; the wrapper is yielded."""
+        wrapper = self.wrap(i, part, make)
+        try:
+            yield wrapper
+        finally:
+            self.unwrap(i, part)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -511,10 +434,10 @@ class VisionLanguageModel(nn.Module):
     vision features in place of the media pads, run the layers, norm and lm_head; each token's modality."""
     CHECKPOINT_PREFIXES = {}  # checkpoint name prefix -> our parameter name prefix; the loader renames both ways
     FP32_PARAMETERS = ()  # parameter name suffixes kept in fp32 whatever the model's dtype
+    PER_EXPERT_TENSORS = False  # the checkpoint stores one tensor per expert (stacked at load), not stacked ones
 
     def __init__(self, cfg, shard, layers, **vision):
-        """vision: the vision tower (and projector) by name, registered first, as the checkpoints order them (tiny.py
-        seeds its random weights by parameter order)."""
+        """vision: the vision tower (and projector) by name, registered first, as the checkpoints order them."""
         super().__init__()
         self.cfg, self.shard = cfg, shard
         for name, module in vision.items():
@@ -545,13 +468,17 @@ class VisionLanguageModel(nn.Module):
         return self.head(h[:, -1:] if last_only else h)
 
     def decode_step(self, token, cache, stats=None):
-        """token [B, 1] -> logits [B, V] at the cache's next position, tensors only, so kernels.DecodeStep can
+        """token [B, 1] -> logits [B, V] at the cache's next position, tensors only, so moe_kernels.DecodeStep can
         compile it and capture it in a CUDA graph. The caller advances cache.length."""
         h, ctx = self.embed(token, cache=cache, stats=stats, phase="decode")
         return self.head(self.layers(h, ctx))[:, -1]
 
     def head(self, h):
         return self.lm_head(self.norm(h))
+
+    def moe_layers(self):
+        """Indices of the MoE decoder layers (Kimi-VL's first layer is dense)."""
+        return [i for i in range(len(self.layers)) if self.cfg.is_moe_layer(i)]
 
     def modality(self, input_ids, phase):
         """TEXT, VISION (the media pads of a prompt) or SPECIAL (chat-template tokens) per token. A generated pad
@@ -589,603 +516,14 @@ class VisionLanguageModel(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Qwen3-VL-MoE vision tower
-
-
-class QwenPatchEmbed(nn.Module):
-    def __init__(self, cfg: QwenVisionConfig):
-        super().__init__()
-        C, P, Tp = cfg.in_channels, cfg.patch_size, cfg.temporal_patch_size
-        self.proj = nn.Conv3d(C, cfg.hidden_size, (Tp, P, P), (Tp, P, P))
-
-    def forward(self, pixels):
-        # a Conv3d whose stride equals its kernel on one patch is a matmul with the flattened kernel
-        return pixels.to(self.proj.weight.dtype) @ self.proj.weight.view(self.proj.out_channels, -1).T + self.proj.bias
-
-
-class QwenVisionAttention(nn.Module):
-    def __init__(self, cfg: QwenVisionConfig):
-        super().__init__()
-        self.num_heads = cfg.num_heads
-        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
-        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-
-    def forward(self, x, cos, sin, lengths):
-        N, D = x.shape
-        q, k, v = self.qkv(x).view(N, 3, self.num_heads, -1).unbind(1)  # 3 x [N, h, d]
-        # rotary in fp32, as the reference does
-        q, k = ((t.float() * cos + rotate_half(t.float()) * sin).to(x.dtype) for t in (q, k))
-        return self.proj(block_diagonal_attention(q, k, v, lengths).reshape(N, D))
-
-
-class QwenVisionMLP(nn.Module):
-    def __init__(self, cfg: QwenVisionConfig):
-        super().__init__()
-        self.linear_fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.linear_fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-
-    def forward(self, x):
-        return self.linear_fc2(F.gelu(self.linear_fc1(x), approximate="tanh"))
-
-
-class QwenVisionBlock(nn.Module):
-    def __init__(self, cfg: QwenVisionConfig):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.eps)
-        self.attn = QwenVisionAttention(cfg)
-        self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.eps)
-        self.mlp = QwenVisionMLP(cfg)
-
-    def forward(self, x, cos, sin, lengths):
-        x = x + self.attn(self.norm1(x), cos, sin, lengths)
-        return x + self.mlp(self.norm2(x))
-
-
-class QwenPatchMerger(nn.Module):
-    """Groups each 2x2 block of patches (4 consecutive rows) into one token of the text width. The main merger
-    normalises per patch before grouping; the DeepStack mergers normalise the grouped 4D vector."""
-
-    def __init__(self, cfg: QwenVisionConfig, postshuffle_norm):
-        super().__init__()
-        D, M = cfg.hidden_size, cfg.hidden_size * cfg.spatial_merge_size ** 2
-        self.postshuffle_norm = postshuffle_norm
-        self.norm = nn.LayerNorm(M if postshuffle_norm else D, eps=cfg.eps)
-        self.linear_fc1 = nn.Linear(M, M)
-        self.linear_fc2 = nn.Linear(M, cfg.out_hidden_size)
-
-    def forward(self, x):
-        M = self.linear_fc1.in_features
-        x = self.norm(x.view(-1, M)) if self.postshuffle_norm else self.norm(x).view(-1, M)  # [N/4, 4D]
-        return self.linear_fc2(F.gelu(self.linear_fc1(x)))
-
-
-class QwenVision(nn.Module):
-    def __init__(self, cfg: QwenVisionConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.patch_embed = QwenPatchEmbed(cfg)
-        self.pos_embed = nn.Embedding(cfg.num_position_embeddings, cfg.hidden_size)
-        self.blocks = nn.ModuleList(QwenVisionBlock(cfg) for _ in range(cfg.depth))
-        self.merger = QwenPatchMerger(cfg, postshuffle_norm=False)
-        self.deepstack_merger_list = nn.ModuleList(
-            QwenPatchMerger(cfg, postshuffle_norm=True) for _ in cfg.deepstack_visual_indexes)
-
-    def block_major(self, a, h, w):
-        """Raster [h, w, ...] -> the 2x2-merge-block-major order of the pixel rows, flattened."""
-        m = self.cfg.spatial_merge_size
-        a = a.view(h // m, m, w // m, m, *a.shape[2:]).transpose(1, 2)  # [h/m, w/m, m, m, ...]
-        return a.reshape(h * w, *a.shape[4:])
-
-    def position_embedding(self, h, w):
-        """The learned G x G table resampled bilinearly to an h x w grid: the reference samples it at
-        linspace(0, G - 1, h) x linspace(0, G - 1, w), which is align_corners=True."""
-        G = math.isqrt(self.cfg.num_position_embeddings)
-        table = self.pos_embed.weight.float().view(G, G, -1).permute(2, 0, 1)[None]  # [1, D, G, G]
-        pe = F.interpolate(table, size=(h, w), mode="bilinear", align_corners=True)[0].permute(1, 2, 0)  # [h, w, D]
-        return self.block_major(pe, h, w)
-
-    def rotary(self, h, w, device):
-        """Rotary angles [h*w, 1, d]: the first half of the frequencies rotate by row, the second by column."""
-        d = self.cfg.hidden_size // self.cfg.num_heads
-        inv_freq = 1.0 / self.cfg.rope_theta ** (torch.arange(0, d // 2, 2, device=device).float() / (d // 2))
-        rows = torch.arange(h, device=device)[:, None].expand(h, w)
-        cols = torch.arange(w, device=device)[None, :].expand(h, w)
-        pos = self.block_major(torch.stack([rows, cols], -1), h, w).float()  # [h*w, 2]
-        angles = (pos[:, :, None] * inv_freq).flatten(1)  # [h*w, d/2]: row freqs then column freqs
-        return torch.cat([angles, angles], -1)[:, None]  # [h*w, 1, d]
-
-    def forward(self, pixels, grid_thw):
-        """pixels [N, C*Tp*P*P] in block-major row order, grid_thw [n, 3] in patches -> (tokens [N/4, D_text],
-        DeepStack features list of [N/4, D_text])."""
-        x = self.patch_embed(pixels)  # [N, D]
-        pos, angles, lengths = [], [], []
-        for t, h, w in grid_thw.tolist():
-            pos += [self.position_embedding(h, w)] * t
-            angles += [self.rotary(h, w, x.device)] * t
-            lengths += [h * w] * t  # every temporal group attends only to itself
-        x = x + torch.cat(pos).to(x.dtype)
-        angles = torch.cat(angles)
-        cos, sin = angles.cos(), angles.sin()
-        deepstack = []
-        for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, lengths)
-            if i in self.cfg.deepstack_visual_indexes:
-                deepstack.append(self.deepstack_merger_list[self.cfg.deepstack_visual_indexes.index(i)](x))
-        return self.merger(x), deepstack
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Qwen3-VL-MoE text decoder
-
-
-def mrope_axis(cfg: QwenConfig, device=None):
-    """Which position stream (0 = T, 1 = H, 2 = W) drives each of the head_dim/2 frequency channels, interleaved:
-    THWTHW...THW then T for the rest, e.g. [24, 20, 20] -> 'THW' x 20 + 'TTTT'. As in the reference, channels
-    past 3 * s_H (3 * s_W) take no H (W), whatever the section sums to. Made on `device`, so a decode step reads
-    no host tensor."""
-    _, sH, sW = cfg.mrope_section
-    i = torch.arange(cfg.head_dim // 2, device=device)
-    return torch.where((i % 3 == 1) & (i < 3 * sH), 1, torch.where((i % 3 == 2) & (i < 3 * sW), 2, 0))
-
-
-class QwenAttention(nn.Module):
-    def __init__(self, cfg: QwenConfig, layer_idx, shard):
-        super().__init__()
-        H, d = cfg.hidden_size, cfg.head_dim
-        nh = shard.split(cfg.num_attention_heads, "num_attention_heads")  # this rank's heads
-        nkv = shard.split(cfg.num_key_value_heads, "num_key_value_heads", shared=True)
-        self.layer_idx, self.nh, self.nkv, self.d, self.shard = layer_idx, nh, nkv, d, shard
-        self.q_proj = nn.Linear(H, nh * d, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(H, nkv * d, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(H, nkv * d, bias=cfg.attention_bias)
-        # the ranks' outputs are summed, so only rank 0 adds the bias
-        self.o_proj = nn.Linear(nh * d, H, bias=cfg.attention_bias and shard.rank == 0)
-        self.q_norm = RMSNorm(d, cfg.rms_norm_eps)  # one weight shared by all heads, applied before rotary
-        self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
-
-    def project(self, x, ctx):
-        """q [B, nh, S, d], k, v [B, nkv, S, d] of the call's tokens, rotary applied."""
-        B, S, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, S, self.nh, self.d))
-        k = self.k_norm(self.k_proj(x).view(B, S, self.nkv, self.d))
-        v = self.v_proj(x).view(B, S, self.nkv, self.d)
-        cos, sin = ctx.cos[:, :, None], ctx.sin[:, :, None]  # [B, S, 1, d]
-        q = (q * cos + rotate_half(q) * sin).transpose(1, 2)  # [B, nh, S, d]
-        k = (k * cos + rotate_half(k) * sin).transpose(1, 2)  # [B, nkv, S, d]
-        return q, k, v.transpose(1, 2)
-
-    def forward(self, x, ctx):
-        B, S, _ = x.shape
-        q, k, v = self.project(x, ctx)
-        k, v = ctx.cached(self.layer_idx, k, v, dim=2)  # decoding: the whole cache [B, nkv, S_max, d]
-        out = attention(q, k, v, ctx.mask)  # [B, nh, S, d]
-        return self.shard.reduce(self.o_proj(out.transpose(1, 2).reshape(B, S, self.nh * self.d)))
-
-
-class QwenMoE(nn.Module):
-    """Softmax over all experts in fp32, then top-k, then renormalise the k weights to sum 1 (softmax before top-k,
-    as in DeepSeek/Qwen; gpt-oss does top-k first), always (see QwenConfig.from_hf). No shared expert."""
-
-    def __init__(self, cfg: QwenConfig, layer_idx, shard):
-        super().__init__()
-        self.k = cfg.num_experts_per_tok
-        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
-        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, shard)
-        self.layer_idx, self.shard = layer_idx, shard
-        self.policy = None  # a router.py skip policy, set by router.install
-        self.impl = "ref"  # routed-expert compute, set by set_expert_impl
-
-    def route(self, x):
-        probs = self.gate(x).float().softmax(-1)  # [T, E]
-        top, ids = probs.topk(self.k, dim=-1)  # [T, K]
-        pi_hat = top / top.sum(-1, keepdim=True)
-        return Routing(weights=pi_hat, ids=ids, pi_hat=pi_hat, probs=probs)
-
-    def forward(self, x, ctx):
-        B, S, H = x.shape
-        x = x.view(B * S, H)  # [T, H]
-        return self.shard.reduce(routed(self, x, self.route(x), ctx)).view(B, S, H)
-
-
-class Qwen3VLMoe(VisionLanguageModel):
-    CHECKPOINT_PREFIXES = {"model.visual.": "visual.", "model.language_model.embed_tokens.": "embed_tokens.",
-                           "model.language_model.layers.": "layers.", "model.language_model.norm.": "norm.",
-                           "lm_head.": "lm_head."}
-
-    def __init__(self, cfg: QwenConfig, shard=Shard()):
-        super().__init__(cfg, shard, (DecoderLayer(cfg, i, QwenAttention(cfg, i, shard), QwenMoE, shard)
-                                      for i in range(cfg.num_hidden_layers)), visual=QwenVision(cfg.vision))
-
-    def new_cache(self, batch, max_len, device=None, dtype=None):
-        c, w = self.cfg, self.lm_head.weight
-        nkv = self.shard.split(c.num_key_value_heads, "num_key_value_heads", shared=True)  # this rank's kv heads
-        shape = (batch, nkv, max_len, c.head_dim)
-        return KVCache(c.num_hidden_layers, shape, shape, max_len, device or w.device, dtype or w.dtype)
-
-    def encode_vision(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
-                      video_grid_thw=None):
-        """Run the vision tower -> (visual [B, S] bool, features [n, H], DeepStack features list of [n, H]), the
-        rows in sequence order of the image and video pads they replace."""
-        visual = torch.zeros_like(input_ids, dtype=torch.bool)  # [B, S]
-        full = input_ids.new_zeros(1 + len(self.cfg.vision.deepstack_visual_indexes), *input_ids.shape,
-                                   self.cfg.hidden_size, dtype=self.lm_head.weight.dtype)  # [1 + n_deepstack, B, S, H]
-        for pix, grid, token in ((pixel_values, image_grid_thw, self.cfg.image_token_id),
-                                 (pixel_values_videos, video_grid_thw, self.cfg.video_token_id)):
-            if pix is None:
-                continue
-            pads = input_ids == token
-            main, extra = self.visual(pix, grid)
-            n = int(pads.sum())
-            cli.check(main.shape[0] == n, f"{n} pad tokens (id {token}) for {main.shape[0]} visual features")
-            for j, feats in enumerate([main] + extra):
-                full[j][pads] = feats.to(full.dtype)
-            visual |= pads
-        main, *deepstack = full[:, visual]  # images and videos merged by position
-        return visual, main, deepstack
-
-    def rope_index(self, input_ids, valid, pixels):
-        """3-D positions [3, B, S] and each row's next position [B]. Text advances all three streams by one; a
-        block of visual pads with merged grid (gh, gw) gets (p, p + row, p + col), then p += max(gh, gw). Every
-        temporal group of a video is its own block. Padding is skipped (and gets position 0). pixels: the
-        processor's tensors; only image_grid_thw and video_grid_thw matter here."""
-        m = self.cfg.vision.spatial_merge_size
-        thw = {k: [] if pixels.get(k) is None else pixels[k].tolist() for k in ("image_grid_thw", "video_grid_thw")}
-        grids = {self.cfg.image_token_id: iter(thw["image_grid_thw"]),
-                 self.cfg.video_token_id: iter([g for t, h, w in thw["video_grid_thw"] for g in [(1, h, w)] * t])}
-        B, S = input_ids.shape
-        positions = torch.zeros(3, B, S, dtype=torch.long)
-        next_pos = torch.zeros(B, dtype=torch.long)
-        for b in range(B):
-            ids, keep = input_ids[b].tolist(), valid[b].tolist()
-            s, p = 0, 0
-            while s < S:
-                if not keep[s]:
-                    s += 1
-                elif ids[s] in grids:
-                    _, gh, gw = next(grids[ids[s]])
-                    gh, gw = gh // m, gw // m
-                    rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")  # [gh, gw] each
-                    positions[:, b, s:s + gh * gw] = torch.stack([rows * 0, rows, cols]).flatten(1) + p
-                    s, p = s + gh * gw, p + max(gh, gw)
-                else:
-                    positions[:, b, s] = p
-                    s, p = s + 1, p + 1
-            next_pos[b] = p
-        return positions.to(input_ids.device), next_pos.to(input_ids.device)
-
-    def rotary(self, positions, dtype):
-        """positions [3, B, S] (a decode step's [B, S]: text, all three streams alike) -> interleaved MRoPE
-        cos, sin [B, S, head_dim] (made in fp32, then cast like the reference)."""
-        d = self.cfg.head_dim
-        inv_freq = 1.0 / self.cfg.rope_theta ** (torch.arange(0, d, 2, device=positions.device).float() / d)  # [d/2]
-        angles = positions.expand(3, *positions.shape[-2:])[..., None].float() * inv_freq  # [3, B, S, d/2]
-        axis = mrope_axis(self.cfg, positions.device)
-        angles = angles.gather(0, axis.expand_as(angles[:1]))[0]  # [B, S, d/2]
-        emb = torch.cat([angles, angles], -1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Kimi-VL text decoder (DeepSeek-V3): MLA, router, MoE
-
-
-class MLA(nn.Module):
-    """Multi-head latent attention with a full-rank q_proj (q_lora_rank null). Split over ranks by heads (q_proj,
-    kv_b_proj, o_proj); the latent projection is replicated, so is an absorbed cache."""
-
-    def __init__(self, cfg: KimiVLConfig, layer_idx, attn_impl, shard):
-        super().__init__()
-        cli.check(attn_impl in ("naive", "absorbed"), f"attn_impl {attn_impl!r}, expected 'naive' or 'absorbed'")
-        self.layer_idx, self.attn_impl, self.shard = layer_idx, attn_impl, shard
-        self.nh = shard.split(cfg.num_attention_heads, "num_attention_heads")  # this rank's heads
-        self.d, self.r, self.dv, self.c = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
-        self.scale = cfg.qk_head_dim ** -0.5  # the full 192-d q/k head; no yarn, so no mscale
-        H = cfg.hidden_size
-        self.q_proj = nn.Linear(H, self.nh * (self.d + self.r), bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(H, self.c + self.r, bias=False)  # latent, then one shared rope key
-        self.kv_a_layernorm = RMSNorm(self.c, cfg.kv_norm_eps)
-        self.kv_b_proj = nn.Linear(self.c, self.nh * (self.d + self.dv), bias=False)  # per head: k_nope, v
-        self.o_proj = nn.Linear(self.nh * self.dv, H, bias=False)
-
-    def latent(self, x, ctx):
-        # b batch, s query pos, t key pos, h head, d nope / value head dim, r rope dim, c latent rank
-        B, S, _ = x.shape
-        q_nope, q_rope = self.q_proj(x).view(B, S, self.nh, self.d + self.r).split([self.d, self.r], -1)
-        q_rope = rope_interleaved(q_rope, ctx.cos[:, :, None], ctx.sin[:, :, None])  # [b, s, h, r]
-        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.c, self.r], dim=-1)  # [b, s, c], [b, s, r]
-        return q_nope, q_rope, self.kv_a_layernorm(latent), rope_interleaved(k_rope, ctx.cos, ctx.sin)
-
-    def expand(self, q_nope, q_rope, latent, k_rope):
-        """Per-head q [b, h, s, d+r], k [b, h, t, d+r], v [b, h, t, d] from the latents."""
-        B, T, _ = latent.shape
-        k_nope, v = self.kv_b_proj(latent).view(B, T, self.nh, self.d + self.dv).split([self.d, self.dv], -1)
-        k = torch.cat([k_nope, k_rope[:, :, None].expand(-1, -1, self.nh, -1)], dim=-1)  # [b, t, h, d+r]
-        q = torch.cat([q_nope, q_rope], dim=-1)  # [b, s, h, d+r]
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-
-    def forward(self, x, ctx):
-        B, S, _ = x.shape
-        q_nope, q_rope, latent, k_rope = self.latent(x, ctx)
-        if self.attn_impl == "absorbed":
-            latents, rope_keys = ctx.cached(self.layer_idx, latent, k_rope, dim=1)  # cache [b, t, c], [b, t, r]
-            if ctx.phase == "decode":
-                out = self.absorbed(q_nope, q_rope, latents, rope_keys, ctx.mask)  # [b, s, h, d]
-                return self.shard.reduce(self.o_proj(out.reshape(B, S, self.nh * self.dv)))
-            # a prefill is compute-bound: per-head K/V from the call's latents, as in naive
-        q, k, v = self.expand(q_nope, q_rope, latent, k_rope)
-        if self.attn_impl == "naive":
-            k, v = ctx.cached(self.layer_idx, k, v, dim=2)  # cache [b, h, t, d+r], [b, h, t, d]
-        out = attention(q, k, v, ctx.mask, self.scale).transpose(1, 2)  # [b, s, h, d]
-        return self.shard.reduce(self.o_proj(out.reshape(B, S, self.nh * self.dv)))  # heads concatenated
-
-    def absorbed(self, q_nope, q_rope, latent, k_rope, mask):
-        """Decode in the latent space. kv_b_proj holds per head W_UK [d, c] and W_UV [d, c]: k_nope = W_UK c and
-        v = W_UV c. So q_nope . k_nope = (W_UK^T q_nope) . c, and sum_t a_t v_t = W_UV (sum_t a_t c_t): the query
-        moves into the latent space once, scores and the weighted sum run against the cached latents, and only
-        the result is lifted to per-head values. No per-head K/V is ever built."""
-        w_kv = self.kv_b_proj.weight.view(self.nh, self.d + self.dv, self.c)  # [h, d+d, c]
-        w_uk, w_uv = w_kv.split([self.d, self.dv], dim=1)  # [h, d, c] each
-        q_latent = torch.einsum("bshd,hdc->bhsc", q_nope, w_uk)
-        scores = (torch.einsum("bhsc,btc->bhst", q_latent, latent)
-                  + torch.einsum("bshr,btr->bhst", q_rope, k_rope)) * self.scale
-        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.float32).to(q_nope.dtype)
-        return torch.einsum("bhsc,hdc->bshd", torch.einsum("bhst,btc->bhsc", probs, latent), w_uv)
-
-    def project(self, x, ctx):
-        """Per-head q, k, v of the call's tokens, as the naive path builds them."""
-        return self.expand(*self.latent(x, ctx))
-
-
-class KimiGate(nn.Module):
-    """Sigmoid scores in fp32. noaux_tc: the correction bias (kept in fp32) is added only to choose the experts
-    (group-limited top-k); the weights are the unbiased scores of the chosen experts, renormalised, times
-    routed_scaling_factor."""
-
-    def __init__(self, cfg: KimiVLConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
-        self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.n_routed_experts))
-
-    def forward(self, x):
-        # T tokens, E experts, G groups, K top-k
-        cfg = self.cfg
-        T, E, G, K = x.shape[0], cfg.n_routed_experts, cfg.n_group, cfg.num_experts_per_tok
-        probs = F.linear(x.float(), self.weight.float()).sigmoid()  # [T, E]
-        choice = probs + self.e_score_correction_bias.float() if cfg.topk_method == "noaux_tc" else probs
-        if cfg.topk_method == "noaux_tc" and G > 1:
-            # a group scores the sum of its two best biased scores; all but the topk_group best groups are
-            # dropped with -inf (the remote code's 0.0 would let a dropped expert beat a negative biased score)
-            grouped = choice.view(T, G, E // G)  # [T, G, E/G]
-            best = grouped.topk(2, dim=-1).values.sum(-1).topk(cfg.topk_group, dim=-1).indices  # [T, topk_group]
-            keep = torch.zeros(T, G, dtype=torch.bool, device=x.device).scatter(1, best, True)
-            choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(T, E)
-        ids = choice.topk(K, dim=-1).indices  # [T, K], by descending biased score
-        top = probs.gather(1, ids)
-        pi_hat = top / (top.sum(-1, keepdim=True) + 1e-20)
-        weights = (pi_hat if cfg.norm_topk_prob else top) * cfg.routed_scaling_factor
-        return Routing(weights=weights, ids=ids, pi_hat=pi_hat, probs=probs)
-
-
-class KimiMoE(nn.Module):
-    """Routed experts (skippable by the policy) plus shared experts that every token always runs, unweighted."""
-
-    def __init__(self, cfg: KimiVLConfig, layer_idx, shard):
-        super().__init__()
-        self.gate = KimiGate(cfg)
-        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, shard)
-        self.shared_experts = SwiGLU(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size, shard)
-        self.layer_idx, self.shard = layer_idx, shard
-        self.policy = None  # a router.py skip policy, set by router.install
-        self.impl = "ref"  # routed-expert compute, set by set_expert_impl
-
-    def forward(self, x, ctx):
-        B, S, H = x.shape
-        x = x.view(B * S, H)  # [T, H]
-        # split over ranks, the shared experts' partial sum joins the routed one in a single all-reduce
-        return self.shard.reduce(routed(self, x, self.gate(x), ctx) + self.shared_experts.partial(x)).view(B, S, H)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# MoonViT vision tower and projector
-
-
-class MoonViTPosEmb(nn.Module):
-    def __init__(self, cfg: KimiVLConfig):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(cfg.init_pos_emb_height, cfg.init_pos_emb_width,
-                                               cfg.vision_hidden_size))
-
-    def forward(self, grid_hws: list) -> torch.Tensor:
-        # the learned (row, col, C) table is resampled to each image's grid: torch bicubic (Keys a=-0.75,
-        # align_corners=False, no antialias), also for downsampling; an exact-size grid uses the table as is
-        out = []
-        for h, w in grid_hws:
-            if (h, w) == tuple(self.weight.shape[:2]):
-                pos = self.weight
-            else:
-                pos = F.interpolate(self.weight.permute(2, 0, 1)[None], size=(h, w), mode="bicubic",
-                                    align_corners=False)[0].permute(1, 2, 0)  # [h, w, C]
-            out.append(pos.flatten(0, 1))  # [h*w, C], row-major
-        return torch.cat(out)
-
-
-class MoonViTPatchEmbed(nn.Module):
-    def __init__(self, cfg: KimiVLConfig):
-        super().__init__()
-        p = cfg.patch_size
-        self.proj = nn.Conv2d(3, cfg.vision_hidden_size, kernel_size=p, stride=p)
-        self.pos_emb = MoonViTPosEmb(cfg)
-
-    def forward(self, pixel_values, grid_hws: list):
-        x = self.proj(pixel_values).flatten(1)  # [L, C]
-        return x + self.pos_emb(grid_hws).to(x.dtype)
-
-
-class MoonViTMLP(nn.Module):
-    def __init__(self, cfg: KimiVLConfig):
-        super().__init__()
-        self.fc0 = nn.Linear(cfg.vision_hidden_size, cfg.vision_intermediate_size)
-        self.fc1 = nn.Linear(cfg.vision_intermediate_size, cfg.vision_hidden_size)
-
-    def forward(self, x):
-        return self.fc1(F.gelu(self.fc0(x), approximate="tanh"))
-
-
-class MoonViTBlock(nn.Module):
-    def __init__(self, cfg: KimiVLConfig):
-        super().__init__()
-        C, eps = cfg.vision_hidden_size, cfg.vision_norm_eps
-        self.n_heads = cfg.vision_num_attention_heads
-        self.norm0 = nn.LayerNorm(C, eps=eps)
-        self.wqkv = nn.Linear(C, 3 * C)  # rows: all q | all k | all v
-        self.wo = nn.Linear(C, C)
-        self.norm1 = nn.LayerNorm(C, eps=eps)
-        self.mlp = MoonViTMLP(cfg)
-
-    def forward(self, x, cos, sin, lengths: list):
-        # L patches of all images, h heads, D head dim
-        L, C = x.shape
-        q, k, v = self.wqkv(self.norm0(x)).view(L, 3, self.n_heads, -1).unbind(1)  # [L, h, D] each
-        # 2-D rotary in fp32; block-diagonal attention: each image attends only to its own patches (the remote
-        # eager path's additive boolean mask leaks across images; flash varlen, which everyone runs, does not)
-        q, k = (rope_interleaved(t.float(), cos[:, None], sin[:, None]).to(x.dtype) for t in (q, k))
-        x = x + self.wo(block_diagonal_attention(q, k, v, lengths).reshape(L, C))
-        return x + self.mlp(self.norm1(x))
-
-
-class MoonViT(nn.Module):
-    def __init__(self, cfg: KimiVLConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.patch_embed = MoonViTPatchEmbed(cfg)
-        self.blocks = nn.ModuleList(MoonViTBlock(cfg) for _ in range(cfg.vision_num_hidden_layers))
-        self.final_layernorm = nn.LayerNorm(cfg.vision_hidden_size, eps=cfg.vision_norm_eps)
-
-    def rope_angles(self, grid_hws: list, device):
-        """cos, sin [L, D/2] of the 2-D rotary: pair 2i turns by col * f_i and pair 2i+1 by row * f_i, with
-        f_i = theta^(-4i/D). Column first, as the remote code does it (its docstring says the reverse)."""
-        quarter = self.cfg.vision_head_dim // 4
-        inv_freq = 1.0 / self.cfg.vision_rope_theta ** (torch.arange(0, 2 * quarter, 2, device=device).float()
-                                                        / (2 * quarter))
-        rows, cols = [], []
-        for h, w in grid_hws:  # positions restart at (0, 0) for every image, row-major
-            rows.append(torch.arange(h, device=device).repeat_interleave(w))
-            cols.append(torch.arange(w, device=device).repeat(h))
-        r, c = torch.cat(rows).float(), torch.cat(cols).float()  # [L]
-        angles = torch.stack((c[:, None] * inv_freq, r[:, None] * inv_freq), dim=-1).flatten(1)  # [L, D/2]
-        return angles.cos(), angles.sin()
-
-    def forward(self, pixel_values, grid_hws):
-        """pixel_values [L, 3, p, p], grid_hws [N, 2] (h, w) in patches -> merged tokens [sum h*w/4, 4, C]."""
-        grids = [tuple(g) for g in grid_hws.tolist()]
-        kh, kw = self.cfg.merge_kernel_size
-        x = self.patch_embed(pixel_values.to(self.patch_embed.proj.weight.dtype), grids)
-        cos, sin = self.rope_angles(grids, x.device)
-        lengths = [h * w for h, w in grids]
-        for block in self.blocks:
-            x = block(x, cos, sin, lengths)
-        x = self.final_layernorm(x)
-        merged = []
-        for xi, (h, w) in zip(x.split(lengths), grids):
-            xi = xi.view(h // kh, kh, w // kw, kw, -1).permute(0, 2, 1, 3, 4)  # [h/2, w/2, 2, 2, C]
-            merged.append(xi.reshape((h // kh) * (w // kw), kh * kw, -1))  # [h*w/4, 4, C]; tl, tr, bl, br
-        return torch.cat(merged)
-
-
-class KimiProjector(nn.Module):
-    def __init__(self, cfg: KimiVLConfig):
-        super().__init__()
-        C = cfg.vision_hidden_size
-        n = C * cfg.merge_kernel_size[0] * cfg.merge_kernel_size[1]
-        self.pre_norm = nn.LayerNorm(C, eps=cfg.vision_norm_eps)  # per sub-patch, not over 4C
-        self.linear_1 = nn.Linear(n, n)
-        self.linear_2 = nn.Linear(n, cfg.hidden_size)
-
-    def forward(self, x):
-        x = self.pre_norm(x).flatten(1)  # [M, 4C], sub-patch major
-        return self.linear_2(F.gelu(self.linear_1(x)))  # exact erf GELU
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Kimi-VL whole model
-
-
-class KimiVL(VisionLanguageModel):
-    CHECKPOINT_PREFIXES = {"vision_tower.patch_embed.": "visual.patch_embed.",
-                           "vision_tower.encoder.blocks.": "visual.blocks.",
-                           "vision_tower.encoder.final_layernorm.": "visual.final_layernorm.",
-                           "multi_modal_projector.": "projector.",
-                           "language_model.model.embed_tokens.": "embed_tokens.",
-                           "language_model.model.layers.": "layers.", "language_model.model.norm.": "norm.",
-                           "language_model.lm_head.": "lm_head."}
-    FP32_PARAMETERS = ("e_score_correction_bias",)  # transformers keeps it fp32: near-tie expert choices
-
-    def __init__(self, cfg: KimiVLConfig, shard=Shard(), attn_impl="absorbed"):
-        super().__init__(cfg, shard, (DecoderLayer(cfg, i, MLA(cfg, i, attn_impl, shard), KimiMoE, shard)
-                                      for i in range(cfg.num_hidden_layers)),
-                         visual=MoonViT(cfg), projector=KimiProjector(cfg))
-        self.attn_impl = attn_impl
-
-    def head(self, h):
-        return super().head(h).float()  # the remote code returns fp32 logits
-
-    def new_cache(self, batch, max_len, device=None, dtype=None):
-        c, w = self.cfg, self.lm_head.weight
-        if self.attn_impl == "naive":  # per-head keys and values of this rank's heads
-            nh = self.shard.split(c.num_attention_heads, "num_attention_heads")
-            k, v = (batch, nh, max_len, c.qk_head_dim), (batch, nh, max_len, c.v_head_dim)
-        else:  # the normalised latent and the rotated shared rope key: 576 numbers per token instead of 5120
-            k, v = (batch, max_len, c.kv_lora_rank), (batch, max_len, c.qk_rope_head_dim)
-        return KVCache(c.num_hidden_layers, k, v, max_len, device or w.device, dtype or w.dtype)
-
-    def encode_vision(self, input_ids, pixel_values=None, image_grid_hws=None):
-        """Run MoonViT and the projector -> (media [B, S] bool, features [n, H], no DeepStack features []), the
-        rows in sequence order of the media placeholders they replace. pixel_values [L, 3, 14, 14],
-        image_grid_hws [n_images, 2]."""
-        cfg = self.cfg
-        kh, kw = cfg.merge_kernel_size
-        cli.check(image_grid_hws is not None and image_grid_hws.ndim == 2 and image_grid_hws.shape[1] == 2,
-                  "image_grid_hws must be an integer tensor [n_images, 2] of (h, w) patch counts")
-        grids = image_grid_hws.tolist()
-        cli.check(all(h % kh == 0 and w % kw == 0 for h, w in grids),
-                  f"image_grid_hws {grids} must be multiples of the {kh}x{kw} merge")
-        L, p = sum(h * w for h, w in grids), cfg.patch_size
-        cli.check(tuple(pixel_values.shape) == (L, 3, p, p),
-                  f"pixel_values has shape {tuple(pixel_values.shape)}, image_grid_hws needs {(L, 3, p, p)}")
-        media = input_ids == cfg.media_placeholder_token_id
-        feats = self.projector(self.visual(pixel_values, image_grid_hws))  # [n, H]
-        n = int(media.sum())
-        cli.check(feats.shape[0] == n, f"{n} media placeholder tokens (id {cfg.media_placeholder_token_id}) "
-                                       f"for {feats.shape[0]} image features")
-        return media, feats, []
-
-    def rope_index(self, input_ids, valid, pixels):
-        """Plain 1-D positions [B, S] (no M-RoPE) that count only real tokens, so a left-padded row starts at 0,
-        and each row's next position [B]; images take one position per placeholder, as text does."""
-        return (valid.long().cumsum(-1) - 1).clamp(min=0), valid.long().sum(-1)
-
-    def rotary(self, positions, dtype):
-        """cos, sin [B, S, qk_rope_head_dim / 2] of positions [B, S] (made in fp32, then cast like the reference)."""
-        r = self.cfg.qk_rope_head_dim
-        inv_freq = 1.0 / self.cfg.rope_theta ** (torch.arange(0, r, 2, device=positions.device).float() / r)
-        angles = positions[..., None].float() * inv_freq  # [B, S, r/2]
-        return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Loading: meta-device build, one allocation per parameter, tensor-by-tensor fill from safetensors
-
-
-CONFIGS = {"qwen3_vl_moe": QwenConfig, "kimi_vl": KimiVLConfig}
-MODELS = {QwenConfig: Qwen3VLMoe, KimiVLConfig: KimiVL}
 
 
 def build(cfg, device="cpu", dtype=torch.bfloat16, shard=Shard()):
     """The model of `cfg` (this rank's part of it) with uninitialised weights on `device`: built on the meta
     device, then allocated once."""
     with torch.device("meta"):
-        model = MODELS[type(cfg)](cfg, shard)
+        model = family(cfg.model_type, "build").MODEL(cfg, shard)
     model.to(dtype)
     for name, p in model.named_parameters():
         if name.endswith(model.FP32_PARAMETERS):
@@ -1203,19 +541,21 @@ def checkpoint_names(model):
     for pname, _ in model.named_parameters():  # a tied lm_head is listed once, as the embedding
         prefix = next(p for p in ours_to_checkpoint if pname.startswith(p))
         names[ours_to_checkpoint[prefix] + pname[len(prefix):]] = (pname, None)
-    if isinstance(model, KimiVL):
+    if model.PER_EXPERT_TENSORS:
         # the checkpoint stores experts.{e}.{gate,up,down}_proj.weight; we hold one stacked gate_up_proj [E, 2I, H]
-        # (gate rows, then up rows) and down_proj [E, H, I] per layer
-        cfg, I = model.cfg, model.cfg.moe_intermediate_size
-        n = model.shard.split(cfg.n_routed_experts, "number of routed experts")
-        first = model.shard.rank * n  # split over ranks: this rank's experts only
-        for i in filter(cfg.is_moe_layer, range(cfg.num_hidden_layers)):
-            ours, theirs = f"layers.{i}.mlp.experts", f"language_model.model.layers.{i}.mlp.experts"
+        # (gate rows, then up rows) and down_proj [E, H, I] per layer. Split over ranks: this rank's experts only
+        layers = ours_to_checkpoint["layers."]
+        for i, layer in enumerate(model.layers):
+            if not layer.is_moe:
+                continue
+            experts = layer.mlp.experts
+            n, I = experts.down_proj.shape[0], experts.down_proj.shape[2]
+            ours, theirs = f"layers.{i}.mlp.experts", f"{layers}{i}.mlp.experts"
             del names[f"{theirs}.gate_up_proj"], names[f"{theirs}.down_proj"]
             for e in range(n):
-                names[f"{theirs}.{first + e}.gate_proj.weight"] = (f"{ours}.gate_up_proj", (e, slice(0, I)))
-                names[f"{theirs}.{first + e}.up_proj.weight"] = (f"{ours}.gate_up_proj", (e, slice(I, 2 * I)))
-                names[f"{theirs}.{first + e}.down_proj.weight"] = (f"{ours}.down_proj", (e,))
+                names[f"{theirs}.{experts.first + e}.gate_proj.weight"] = (f"{ours}.gate_up_proj", (e, slice(0, I)))
+                names[f"{theirs}.{experts.first + e}.up_proj.weight"] = (f"{ours}.gate_up_proj", (e, slice(I, 2 * I)))
+                names[f"{theirs}.{experts.first + e}.down_proj.weight"] = (f"{ours}.down_proj", (e,))
     return names
 
 
@@ -1223,9 +563,9 @@ def checkpoint_files(path):
     """checkpoint tensor name -> safetensors file, from the index or the single model.safetensors."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        weight_map = cli.read_json(index, "safetensors index")
+        weight_map = read_json(index, "safetensors index")
         weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
-        cli.check(isinstance(weight_map, dict) and all(isinstance(f, str) for f in weight_map.values()),
+        check(isinstance(weight_map, dict) and all(isinstance(f, str) for f in weight_map.values()),
                   f"{index}: not a valid safetensors index (no weight_map of tensor name -> file name)")
         files = {n: os.path.join(path, f) for n, f in weight_map.items()}
         missing = sorted({os.path.basename(f) for f in files.values() if not os.path.isfile(f)})
@@ -1323,12 +663,12 @@ def fill_from_checkpoint(model, path):
                     raise ValueError(f"{file}: tensor {name} is unreadable ({e})") from None
 
 
-def load(path, device="cpu", dtype=torch.bfloat16, shard=Shard()):
+def load(path, device="cpu", dtype=torch.bfloat16, shard=Shard(), special_ids=()):
     """The model of checkpoint folder `path` (this rank's part of it) with its weights on `device` in `dtype`,
-    strictly checked."""
+    strictly checked. special_ids: the tokenizer's special tokens (processor.special_ids), the SPECIAL modality."""
     cfg = read_config(path)
     model = build(cfg, device, dtype, shard)
-    special = set(processor.special_token_ids(path)) - set(cfg.media_token_ids)  # media pads are VISION tokens
+    special = set(special_ids) - set(cfg.media_token_ids)  # media pads are VISION tokens
     model.special_ids = torch.tensor(sorted(special), dtype=torch.long, device=device)
     fill_from_checkpoint(model, path)
     return model.eval().requires_grad_(False)
@@ -1350,126 +690,11 @@ def save_checkpoint(model, raw_config, path, dtype=torch.bfloat16):
         json.dump(raw_config, f, indent=2)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Generation
-
-
 def set_expert_impl(model, impl):
     """Route every MoE layer's expert compute through `impl` (EXPERT_IMPLS), checked once here."""
-    cli.check(impl in EXPERT_IMPLS, f"--expert-impl {impl!r}: choose one of {', '.join(EXPERT_IMPLS)}")
+    check(impl in EXPERT_IMPLS, f"--expert-impl {impl!r}: choose one of {', '.join(EXPERT_IMPLS)}")
     if impl not in ("auto", "ref"):
-        kernels.check_path(impl, model.lm_head.weight.device)
-    for i in router.moe_layers(model):
-        model.layers[i].mlp.impl = impl
+        moe_kernels.check_path(impl, model.lm_head.weight.device)
+    for i in model.moe_layers():
+        model.layers.layer(i).mlp.set_expert_impl(impl)
     return model
-
-
-@torch.no_grad()
-def generate(model, input_ids, attention_mask=None, *, max_new_tokens=32, stop_ids=(), stats=None, compile=False,
-             **pixels):
-    """Greedy decoding with the KV cache. input_ids [B, S] (left padded) -> new token ids [B, n]; a row that hit
-    a stop id keeps emitting it. compile: decode steps through kernels.DecodeStep (torch.compile, and a CUDA graph
-    on a GPU) instead of eagerly."""
-    B, S = input_ids.shape
-    cli.check(max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    cli.check(S + max_new_tokens <= model.cfg.max_position_embeddings, f"{S} prompt tokens + {max_new_tokens} new "
-              f"tokens exceed the model's max_position_embeddings {model.cfg.max_position_embeddings}")
-    cache = model.new_cache(B, S + max_new_tokens)
-    logits = model(input_ids, attention_mask, cache=cache, stats=stats, last_only=True, **pixels)[:, -1]
-    step = kernels.DecodeStep(model, cache, stats) if compile else (lambda t: model.decode_step(t, cache, stats))
-    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=input_ids.device)
-    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    out = []
-    for i in range(max_new_tokens):
-        token = logits.argmax(-1)  # [B]
-        token = torch.where(done, out[-1] if out else token, token)
-        out.append(token)
-        done |= torch.isin(token, stop)
-        if bool(done.all()) or i == max_new_tokens - 1:
-            break
-        logits = step(token[:, None])
-        cache.length += 1
-    return torch.stack(out, 1)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def resolve_model(name):
-    """A checkpoint folder, or the name of a built-in checkpoint (tiny.py; default tiny-qwen)."""
-    name = name or "tiny-qwen"
-    if name in tiny.CHECKPOINTS:
-        return tiny.checkpoint(name, build=lambda raw: build(config_from_dict(raw, name), "cpu", torch.float32),
-                               save=save_checkpoint)
-    if not os.path.isdir(name):
-        raise FileNotFoundError(f"--model {name}: no such folder (or a built-in name: {', '.join(tiny.CHECKPOINTS)})")
-    return name
-
-
-def main(args):
-    cli.check(args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    rank, world, device = cli.init_distributed(cli.check_device(args.device))  # torchrun: the ranks run one model
-    compile = device.startswith("cuda") if args.compile is None else args.compile
-    path = resolve_model(args.model)
-    # the inputs and the thresholds are read and checked before the weights load; the thresholds against the
-    # architecture alone (a model on the meta device holds no weights)
-    cfg = read_config(path)
-    proc = processor.for_model(path, cfg.model_type)
-    batch = proc.from_cli(args.prompt, images=args.image, video=args.video, system=args.system)
-    prompt_tokens = len(batch["input_ids"])
-    cli.check(prompt_tokens + args.max_new_tokens <= cfg.max_position_embeddings,
-              f"--prompt with its images and video is {prompt_tokens} tokens; with --max-new-tokens "
-              f"{args.max_new_tokens} that exceeds the model's max_position_embeddings {cfg.max_position_embeddings}")
-    policy = router.load_thresholds(args.thresholds, build(cfg, "meta")) if args.thresholds else None
-    t0 = time.perf_counter()
-    model = set_expert_impl(load(path, device, cli.DTYPES[args.dtype], Shard(rank, world)), args.expert_impl)
-    load_s = time.perf_counter() - t0
-    if policy is not None:
-        router.install(model, policy)
-    stats = router.SkipStats(len(model.layers), device) if policy is not None else None
-    pixels = {k: batch[k].to(device) for k in processor.PIXEL_KEYS if batch.get(k) is not None}
-    input_ids = batch["input_ids"][None].to(device)
-    t0 = time.perf_counter()
-    token_ids = generate(model, input_ids, max_new_tokens=args.max_new_tokens, stop_ids=proc.stop_token_ids,
-                         stats=stats, compile=compile, **pixels)[0].tolist()
-    report = dict(text=proc.decode(token_ids), token_ids=token_ids, prompt_tokens=input_ids.shape[1], model=path,
-                  load_s=round(load_s, 3), generate_s=round(time.perf_counter() - t0, 3))
-    if rank > 0:  # every rank has the same tokens and skip counts; rank 0 reports them
-        return
-    if tiny.random_weights_note(args.model):
-        print(tiny.random_weights_note(args.model), file=sys.stderr)
-    print(cli.printable(report["text"]))
-    if stats is not None:
-        s = stats.summary()
-        report["skip_ratio"] = {phase: {m: s[phase][m] for m in ("text", "vision", "all")} for phase in s}
-        report["skip_per_layer"] = {phase: s[phase]["per_layer"] for phase in ("prefill", "decode")}
-        print(f"skipped routed-expert slots: prefill {s['prefill']['all']:.1%} (text {s['prefill']['text']:.1%}, "
-              f"vision {s['prefill']['vision'] or 0:.1%}), decode {s['decode']['all'] or 0:.1%}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(report))
-
-
-def parser():
-    p = argparse.ArgumentParser(description="Greedy generation with Qwen3-VL-MoE or Kimi-VL from a Hugging Face "
-                                "checkpoint folder.")
-    p.add_argument("--model", help=f"checkpoint folder, or a built-in one: {', '.join(tiny.CHECKPOINTS)} "
-                   "(default tiny-qwen)")
-    p.add_argument("--prompt", required=True, help="user text")
-    p.add_argument("--image", action="append", default=[], help="image file; repeat for several images")
-    p.add_argument("--video", help="a folder of frame images or an animated GIF")
-    p.add_argument("--system", help="optional system message")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="at most this many generated tokens (>= 1)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (under torchrun: each rank's LOCAL_RANK GPU)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--thresholds", help="MoDES thresholds file from search.py: skip experts while generating")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="compile the decode step and capture it in a CUDA graph (default: on for cuda)")
-    p.add_argument("--expert-impl", default="auto", choices=EXPERT_IMPLS,
-                   help="routed-expert compute: ref (the readable loop) or a kernels.py path (default auto)")
-    p.add_argument("--json", action="store_true", help="last stdout line: a JSON object with text and token ids")
-    return p
-
-
-if __name__ == "__main__":
-    cli.run(main, parser().parse_args())

@@ -78,8 +78,3 @@ def rank_part(whole, mine, shard):
         k = shard.rank * (n // m) // shard.world
         part.append(slice(k * m, (k + 1) * m))
     return tuple(part)
-
-
-if __name__ == "__main__":
-    print("parallel.py is a library (one model over several processes under torchrun); not a script: run model.py, "
-          "calibrate.py, search.py or bench.py under torchrun (docs/multi-gpu.md)")

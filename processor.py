@@ -1037,10 +1037,3 @@ def for_model(path, model_type):
     if model_type not in kinds:
         raise ValueError(f"{path}: no processor for model_type {model_type!r}")
     return kinds[model_type].from_dir(path)
-
-
-
-
-if __name__ == "__main__":
-    print("processor.py is a library (prompts, tokenizers, image and video preprocessing); not a script: run "
-          "model.py, calibrate.py, search.py, bench.py or plot.py (each has --help)")

@@ -41,12 +41,13 @@ import time
 import torch
 import torch.distributed as dist
 
-import calibrate as C
+from calibrate import add_model_args, calibrate, check_args, load_model
 import cli
-import data as D
-import model as M
+from data import add_data_args, answer_logits, kl_sum, load_samples, make_batch
+from model import build, read_config
 import router
-from router import SPECIAL
+from model import SPECIAL
+from support import plot, tiny
 
 PARTIAL_FORMAT = "modes-thresholds-partial/1"
 
@@ -105,11 +106,12 @@ class Evaluator:
         progress = cli.Progress("prepare", len(range(0, len(mine), batch_size)), quiet)
         with torch.inference_mode():
             for start in range(0, len(mine), batch_size):
-                batch = D.make_batch(mine[start:start + batch_size], proc, self.device,
+                batch = make_batch(mine[start:start + batch_size], proc, self.device,
                                      max_positions=model.cfg.max_position_embeddings)
-                media = D.vision_features(model, batch)
-                h = model.layers(*D.embed(model, batch, media, stats))
-                original = D.answer_logits(model, h, batch)[0].cpu()  # [N, V]
+                media = model.encode_vision(batch.input_ids, **batch.pixels) if batch.pixels else None
+                h = model.layers(*model.embed(batch.input_ids, batch.attention_mask, stats=stats, media=media,
+                                              **batch.pixels))
+                original = answer_logits(model, h, batch)[0].cpu()  # [N, V]
                 self.batches.append((batch, move(media, "cpu"), original))
                 progress.update(len(self.batches))
         progress.update(len(self.batches), finished=True)
@@ -119,7 +121,7 @@ class Evaluator:
 
     def __call__(self, tau_text, tau_vision):
         """MoDES with alpha at these thresholds -> (loss, skip ratios): the search's f and g."""
-        self.policy.tau.copy_(torch.tensor([tau_text, tau_vision]))
+        self.policy.set_thresholds(tau_text, tau_vision)
         result = self.score(self.policy)
         return result["kl"], result["skip"]
 
@@ -133,9 +135,10 @@ class Evaluator:
         try:
             with torch.inference_mode():
                 for batch, media, original in self.batches:
-                    h = model.layers(*D.embed(model, batch, move(media, self.device), stats))
-                    logits, original = D.answer_logits(model, h, batch)[0], original.to(self.device)
-                    sums[0] += D.kl_sum(original, logits)
+                    h = model.layers(*model.embed(batch.input_ids, batch.attention_mask, stats=stats,
+                                                  media=move(media, self.device), **batch.pixels))
+                    logits, original = answer_logits(model, h, batch)[0], original.to(self.device)
+                    sums[0] += kl_sum(original, logits)
                     sums[1] += (logits.argmax(-1) == original.argmax(-1)).sum()
                     sums[2] += len(batch.rows)
         finally:
@@ -197,64 +200,6 @@ def grids(args, alpha):
     return text, vision, dict(n=args.grid, map="exp", coeff=10.0, text=t_info, vision=v_info)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Fitting a baseline's single knob to a skip ratio (bench.py --fidelity)
-
-
-TOLERANCE = 0.02  # a fitted policy "reaches" the target when its skip ratio is within this of it
-
-
-def fit_scalar(ratio, make, target, hi=1.0, steps=16):
-    """(make(h), h, ratio) for the smallest h found by bisection (on [0, hi], hi doubled until feasible) with
-    ratio(make(h)) >= target, for rules whose skip ratio never falls as h grows; None when no h reaches it."""
-    while ratio(make(hi)) < target:
-        if hi > 1e3:
-            return None
-        hi *= 2
-    lo = 0.0
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if ratio(make(mid)) < target else (lo, mid)
-    policy = make(hi)
-    return policy, hi, ratio(policy)
-
-
-def fit_baseline(name, model, evaluator, alpha, gamma, target):
-    """A baseline fitted to `target` on the calibration evaluator -> dict(policy, hyper, calib_skip, reached, note).
-    One knob for all layers where the paper searches a per-layer beta genetically (modes.md §8): a documented
-    simplification. A rule whose ratio jumps over the target (NAEE's beta > 1 drops everything; reduce-k's steps of
-    1/K) takes the nearest setting at or above it and is marked as not reaching it."""
-    def ratio(policy):
-        return evaluator.score(policy)["skip"]["all"]
-    if name == "reduce-k":  # discrete: the largest k' that still reaches the target, down to k' = 0
-        K = model.cfg.num_experts_per_tok
-        fits = [(k, ratio(router.ReduceK(k))) for k in range(K, -1, -1)]
-        k, r = next(((k, r) for k, r in fits if r >= target), fits[-1])
-        found = (router.ReduceK(k), k, r)
-    elif name == "dmt":  # two thresholds without alpha: the same frontier search as MoDES, on grids up to tau = 1
-        def dmt(tau_text, tau_vision):
-            result = evaluator.score(router.DMT(tau_text, tau_vision))
-            return result["kl"], result["skip"]
-        grid = router.threshold_grid(40, x_max=1.0)
-        best, points = search(dmt, grid, grid, target, quiet=True)
-        found = None
-        if best is not None:
-            tau = (float(grid[best[0]]), float(grid[best[1]]))
-            found = (router.DMT(*tau), tau, points[best][1]["all"])
-    else:
-        rules = {"threshold": router.Threshold, "threshold+gmlg": lambda t: router.Threshold(t, alpha),
-                 "naee": router.NAEE, "mc-moe": router.MCMoE, "diep": lambda b: router.DiEP(b, gamma)}
-        cli.check(name in rules, f"--baselines: unknown baseline {name!r} ({', '.join(BASELINES)})")
-        found = fit_scalar(ratio, rules[name], target)
-    if found is None:
-        return dict(policy=None, hyper=None, calib_skip=None, reached=False, note="target out of reach")
-    policy, hyper, achieved = found
-    reached = abs(achieved - target) <= TOLERANCE
-    note = "" if reached else f"nearest setting skips {achieved:.3f}, not {target:.3f} +- {TOLERANCE}"
-    return dict(policy=policy, hyper=hyper, calib_skip=achieved, reached=reached, note=note)
-
-
-BASELINES = ("reduce-k", "threshold", "threshold+gmlg", "dmt", "naee", "mc-moe", "diep")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -272,7 +217,7 @@ def calibrate_alpha(args, model, proc, samples, info):
     partial = args.alpha + ".partial"
     if cli.is_main():
         print(f"{args.alpha} not found: calibrating alpha first", flush=True)
-    doc = C.calibrate(model, proc, samples, batch_size=args.batch_size, removal=args.removal, partial=partial,
+    doc = calibrate(model, proc, samples, batch_size=args.batch_size, removal=args.removal, partial=partial,
                       resume=args.resume, data_info=info, quiet=args.quiet)
     if cli.is_main():
         cli.write_json(args.alpha, doc)
@@ -303,7 +248,7 @@ def read_partial(path, settings):
 
 
 def main(args):
-    C.check_args(args)
+    check_args(args)
     cli.check(0.0 < args.target <= 1.0, f"--target must be in (0, 1], got {args.target}")
     cli.check(args.grid >= 1, f"--grid must be >= 1, got {args.grid}")
     for name in ("text_range", "vision_range"):
@@ -319,11 +264,11 @@ def main(args):
         cli.check_output(args.alpha, "--alpha", inputs)
         cli.check_output(args.alpha + ".partial", "--alpha's partial state")
         cli.check_no_state(args.alpha + ".partial", args.resume)
-    samples, info = D.load_samples(args)
+    samples, info = load_samples(args)
     # an existing alpha file is checked against the architecture (no weights on the meta device) before loading
-    skeleton = M.build(M.read_config(M.resolve_model(args.model)), "meta")
+    skeleton = build(read_config(tiny.resolve(args.model)), "meta")
     alpha = router.load_alpha(args.alpha, skeleton) if os.path.exists(args.alpha) else None
-    model, proc, path = C.load_model(args)
+    model, proc, path = load_model(args)
     alpha = alpha or calibrate_alpha(args, model, proc, samples, info)
     t0 = time.perf_counter()
     table = router.alpha_table(alpha, model, args.alpha)
@@ -372,14 +317,13 @@ def main(args):
           f"skip {ratios['all']:.4f} (text {text}, vision {vision})  target {args.target}")
     print(f"{len(points)} grid points ({doc['search']['method']}, D = {args.grid}), {seconds:.1f} s -> {args.out}")
     if args.plot:
-        import plot
         print("plots:", ", ".join(plot.plot_artifact(args.out, args.plot)))
 
 
 def parser():
     p = argparse.ArgumentParser(description="Search MoDES's text and vision thresholds for a target skip ratio.")
-    C.add_model_args(p)
-    D.add_data_args(p)
+    add_model_args(p)
+    add_data_args(p)
     p.add_argument("--alpha", default=f"{cli.RUNS}/alpha.json",
                    help=f"alpha file; calibrated first if missing (default: {cli.RUNS}/alpha.json)")
     p.add_argument("--removal", default="zero", choices=["zero", "input"], help="removal mode when calibrating")

@@ -18,8 +18,8 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import kernels  # noqa: E402
-import model as M  # noqa: E402
+import moe_kernels  # noqa: E402
+from model import attention, routed_experts  # noqa: E402
 
 SHAPES = {"qwen3_vl_30b": dict(E=128, K=8, H=2048, I=768), "kimi_vl_a3b": dict(E=64, K=6, H=2048, I=1408)}
 DRY_SHAPES = {"tiny_qwen": dict(E=32, K=4, H=128, I=64), "tiny_kimi": dict(E=16, K=4, H=128, I=64)}
@@ -54,7 +54,7 @@ def timer(device):
 
 def probe(device, dry):
     info = dict(torch=torch.__version__, python=platform.python_version(), device=device,
-                triton=getattr(getattr(kernels, "triton", None), "__version__", None))
+                triton=getattr(getattr(moe_kernels, "triton", None), "__version__", None))
     if device == "cuda":
         p = torch.cuda.get_device_properties(0)
         info.update(gpu=p.name, memory_gib=round(p.total_memory / 2**30, 1), capability=f"{p.major}.{p.minor}",
@@ -81,11 +81,11 @@ def probe(device, dry):
                 continue
             try:
                 with torch.nn.attention.sdpa_kernel(getattr(torch.nn.attention.SDPBackend, backend)):
-                    M.attention(q, k, v, mask)
+                    attention(q, k, v, mask)
                 works[backend] = True
             except RuntimeError:
                 works[backend] = False
-        us = timer(device)(lambda: M.attention(q, k, v, mask), 3 if dry else 10)
+        us = timer(device)(lambda: attention(q, k, v, mask), 3 if dry else 10)
         emit("probe", sdpa=name, q=list(qs), k=list(ks), eligible=works, default_us=round(us, 1))
     # grouped_mm on this device, against a loop over the groups
     g = torch.Generator().manual_seed(0)
@@ -93,7 +93,7 @@ def probe(device, dry):
     b = torch.randn(4, 64, 32, generator=g).to(device, dtype)
     offs = torch.tensor([10, 40, 40, 96], dtype=torch.int32, device=device)
     try:
-        out = kernels._grouped_mm(a, b, offs=offs).float()
+        out = moe_kernels._grouped_mm(a, b, offs=offs).float()
         ref = torch.cat([a[s:e].float() @ b[i].float() for i, (s, e) in enumerate(zip([0, 10, 40, 40], offs.tolist()))])
         emit("probe", grouped_mm="ok", rel_err=float((out - ref).norm() / ref.norm()))
     except RuntimeError as e:
@@ -105,13 +105,13 @@ def routing(T, E, K, kept, device, g):
     ids = torch.rand(T, E, generator=g).topk(K).indices
     w = torch.rand(T, K, generator=g)
     drop = torch.rand(T, K, generator=g) < kept if isinstance(kept, float) else torch.arange(K)[None] >= kept
-    return ids.masked_fill(drop, kernels.SKIP).to(device), w.to(device)
+    return ids.masked_fill(drop, moe_kernels.SKIP).to(device), w.to(device)
 
 
 def experts(device, dry):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     g = torch.Generator().manual_seed(0)
-    paths = ["grouped", "gather"] + (["triton"] if device == "cuda" and kernels.HAS_TRITON else [])
+    paths = ["grouped", "gather"] + (["triton"] if device == "cuda" and moe_kernels.HAS_TRITON else [])
     run = timer(device)
     for name, s in (DRY_SHAPES if dry else SHAPES).items():
         E, K, H, I = s["E"], s["K"], s["H"], s["I"]
@@ -125,8 +125,8 @@ def experts(device, dry):
             for T, kept in [(1, K), (1, 1), (1, 0), (7, 0.5), (64 if dry else 300, 0.88)]:
                 x = torch.randn(T, H, generator=g).to(device, dtype)
                 ids, w = routing(T, E, K, kept, device, g)
-                ref = M.moe_experts(x.float(), ref_experts, ids, w, "ref")
-                out = kernels.moe_experts(x, w1, w2, ids, w, path).float()
+                ref = routed_experts(x.float(), ref_experts, ids, w, "ref")
+                out = moe_kernels.run(x, w1, w2, ids, w, path).float()
                 errs.append(float((out - ref).norm() / ref.norm().clamp(min=1e-30)) if ref.norm() > 0
                             else float(out.abs().max()))
             emit("experts", model=name, path=path, check="vs fp32 loop", max_rel_err=max(errs), ok=max(errs) < 2e-2)
@@ -136,20 +136,20 @@ def experts(device, dry):
             for phase, T, kept in phases:
                 x = torch.randn(T, H, generator=g).to(device, dtype)
                 ids, w = routing(T, E, K, kept, device, g)
-                us = run(lambda: kernels.moe_experts(x, w1, w2, ids, w, path), 3 if dry else 20)
-                read = len(set(ids[ids != kernels.SKIP].tolist())) * expert_bytes
+                us = run(lambda: moe_kernels.run(x, w1, w2, ids, w, path), 3 if dry else 20)
+                read = len(set(ids[ids != moe_kernels.SKIP].tolist())) * expert_bytes
                 emit("experts", model=name, path=path, phase=phase, T=T, kept=kept, us=round(us, 1),
                      gb_s=round(read / us / 1e3, 1), floor_us=round(read / 4.3e6, 1))
 
 
 def tiles(device, dry):
-    if not (kernels.HAS_TRITON and (device == "cuda" or kernels._TRITON_INTERPRET)):
+    if not (moe_kernels.HAS_TRITON and (device == "cuda" or moe_kernels._TRITON_INTERPRET)):
         emit("tiles", skipped="triton needs CUDA (or TRITON_INTERPRET=1 on a CPU)")
         return
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     g = torch.Generator().manual_seed(1)
     run = timer(device)
-    default = dict(kernels.TRITON_TILES)
+    default = dict(moe_kernels.TRITON_TILES)
     grid = [(16, 64), (32, 128)] if dry else [(16, 128), (32, 64), (32, 128), (32, 256), (64, 64), (64, 128)]
     warps = [4] if dry else [2, 4, 8]
     for name, s in (DRY_SHAPES if dry else SHAPES).items():
@@ -160,14 +160,14 @@ def tiles(device, dry):
         tables = {kept: routing(1, E, K, kept, device, g) for kept in range(K + 1)}
         for n, k in grid:
             for nw in warps:
-                kernels.TRITON_TILES.update(gate_up=(n, k), down=(n, k), num_warps=nw)
+                moe_kernels.TRITON_TILES.update(gate_up=(n, k), down=(n, k), num_warps=nw)
                 for kept, (ids, w) in tables.items():
-                    us = run(lambda: kernels.moe_experts(x, w1, w2, ids, w, "triton"), 3 if dry else 50)
+                    us = run(lambda: moe_kernels.run(x, w1, w2, ids, w, "triton"), 3 if dry else 50)
                     read = kept * 3 * H * I * w1.element_size()
                     emit("tiles", model=name, block_n=n, block_k=k, num_warps=nw, kept=kept, us=round(us, 2),
                          gb_s=round(read / us / 1e3, 1))
-    kernels.TRITON_TILES.clear()
-    kernels.TRITON_TILES.update(default)
+    moe_kernels.TRITON_TILES.clear()
+    moe_kernels.TRITON_TILES.update(default)
 
 
 def main():

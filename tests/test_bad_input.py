@@ -16,8 +16,9 @@ import pytest
 import torch
 
 import cli
-import model as M
+from model import build, load, read_config
 import router
+from support import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,8 +51,8 @@ def made(tmp_path_factory):
     an image, and a regular file to put paths under."""
     from PIL import Image
     folder = tmp_path_factory.mktemp("made")
-    skeleton = M.build(M.read_config(M.resolve_model("tiny-qwen")), "meta")
-    rows = [dict(layer=i, text=0.25, vision=0.25) for i in router.moe_layers(skeleton)]
+    skeleton = build(read_config(tiny.resolve("tiny-qwen")), "meta")
+    rows = [dict(layer=i, text=0.25, vision=0.25) for i in skeleton.moe_layers()]
     made_for = dict(fingerprint=router.fingerprint(skeleton))
     cli.write_json(folder / "alpha.json", dict(format=router.ALPHA_FORMAT, model=made_for, layers=rows))
     cli.write_json(folder / "thresholds.json", dict(
@@ -242,7 +243,7 @@ def test_failed_final_write_names_the_destination_and_keeps_the_earlier_file(mad
     naming the file, the earlier file intact, no temporary file left."""
     out = tmp_path / "bench.json"
     out.write_text('{"earlier": true}\n')
-    M.resolve_model("tiny-qwen")  # the built-in checkpoint exists, so the limit hits only the result's write
+    tiny.resolve("tiny-qwen")  # the built-in checkpoint exists, so the limit hits only the result's write
     limit = 1000  # bytes: the result is several kB
 
     def limited():
@@ -268,7 +269,7 @@ def test_concurrent_first_use_of_a_built_in_checkpoint(tmp_path):
     assert os.listdir(cache) == ["tiny-qwen3-vl-moe-v2"]
     assert sorted(os.listdir(cache / "tiny-qwen3-vl-moe-v2")) == [
         "config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json"]
-    M.load(str(cache / "tiny-qwen3-vl-moe-v2"), dtype=torch.float32)  # complete: every tensor present
+    load(str(cache / "tiny-qwen3-vl-moe-v2"), dtype=torch.float32)  # complete: every tensor present
 
 
 # ---------------------------------------------------------------------------------------------------------------

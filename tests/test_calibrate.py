@@ -9,22 +9,23 @@ import sys
 import pytest
 import torch
 
-import calibrate as C
+from calibrate import ablate_batch, calibrate, main, parser, removed
 import cli
-import data as D
-import model as M
+from data import kl_sum, make_batch, read_gqa, read_jsonl, select, synthetic_samples
+from model import Context, load
 import processor
 import router
 import tiny as builtin
 from router import TEXT
+import qwen3_vl_moe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    path = M.resolve_model("tiny-qwen")
-    model = M.load(path, dtype=torch.float32)
+    path = tiny.resolve("tiny-qwen")
+    model = load(path, dtype=torch.float32)
     return model, processor.for_model(path, model.cfg.model_type), path
 
 
@@ -32,17 +33,17 @@ def tiny():
 def reference(tiny):
     """An uninterrupted run over 3 samples, one per batch (3 steps)."""
     model, proc, _ = tiny
-    return C.calibrate(model, proc, D.synthetic_samples(3), batch_size=1, quiet=True)
+    return calibrate(model, proc, synthetic_samples(3), batch_size=1, quiet=True)
 
 
 @pytest.mark.parametrize("removal", ["zero", "input"])
 def test_cached_prefix_equals_naive(tiny, removal):
     model, proc, _ = tiny
-    layers = router.moe_layers(model)
+    layers = model.moe_layers()
     L = len(model.layers)
-    batch = D.make_batch(D.synthetic_samples(2), proc, "cpu")
-    cached, n, passes = C.ablate_batch(model, batch, layers, removal)
-    naive, n_naive, naive_passes = C.ablate_batch(model, batch, layers, removal, naive=True)
+    batch = make_batch(synthetic_samples(2), proc, "cpu")
+    cached, n, passes = ablate_batch(model, batch, layers, removal)
+    naive, n_naive, naive_passes = ablate_batch(model, batch, layers, removal, naive=True)
     assert n == n_naive == len(batch.rows) > 0
     assert (cached[:, 0] > 0).all() and (cached[:-1, 1] > 1e-6).all()  # every ablation moves the answer but one:
     # vision tokens after the last layer reach no answer logit; the ablation runs as a doubled batch, whose fp32
@@ -55,8 +56,8 @@ def test_cached_prefix_equals_naive(tiny, removal):
 def test_zero_removal_is_skipping_every_slot(tiny):
     """Independent of the wrapper: router.DMT with tau_text = inf on layer 1 alone skips all of its text slots."""
     model, proc, _ = tiny
-    batch = D.make_batch(D.synthetic_samples(2), proc, "cpu")
-    kl, _, _ = C.ablate_batch(model, batch, router.moe_layers(model), "zero")
+    batch = make_batch(synthetic_samples(2), proc, "cpu")
+    kl, _, _ = ablate_batch(model, batch, model.moe_layers(), "zero")
     with torch.inference_mode():
         original = model(batch.input_ids, batch.attention_mask, **batch.pixels)[batch.rows, batch.cols]
         router.install(model, lambda i: router.DMT(1e30, 0.0) if i == 1 else None)
@@ -74,13 +75,13 @@ def test_input_removal_substitutes_the_moe_input(tiny):
     moe = model.layers[2].mlp
     x = torch.randn(2, 5, model.cfg.hidden_size)
     modality = torch.tensor([[0, 1, 2, 0, 1], [1, 1, 0, 2, 0]])
-    ctx = M.Context(None, None, None, modality, torch.ones(2, 5, dtype=torch.bool), "prefill")
+    ctx = Context(None, None, None, modality, torch.ones(2, 5, dtype=torch.bool), "prefill")
     with torch.inference_mode():
         plain = moe(x, ctx)
         remove = modality == TEXT
-        with C.removed(model, 2, remove, "input"):
+        with removed(model, 2, remove, "input"):
             substituted = model.layers[2].mlp(x, ctx)
-        with C.removed(model, 2, remove, "zero"):
+        with removed(model, 2, remove, "zero"):
             zeroed = model.layers[2].mlp(x, ctx)
     assert model.layers[2].mlp is moe and moe.policy is None  # restored
     assert torch.equal(substituted[remove], x[remove]) and torch.equal(zeroed[remove], torch.zeros_like(x[remove]))
@@ -95,17 +96,17 @@ def test_kl_sum_matches_float64_textbook_formula():
     z_q = z_p + 0.01 * torch.randn(7, 50000, generator=g)
     log_p, log_q = z_p.double().log_softmax(-1), z_q.double().log_softmax(-1)
     expected = (log_p.exp() * (log_p - log_q)).sum()
-    torch.testing.assert_close(D.kl_sum(z_p, z_q), expected, rtol=1e-4, atol=0)
+    torch.testing.assert_close(kl_sum(z_p, z_q), expected, rtol=1e-4, atol=0)
     huge = z_p.clone()
     huge[:, 0] -= 200.0  # exp(200) overflows fp32: the fp64 fallback takes over
-    assert torch.isfinite(D.kl_sum(z_p, huge)) and D.kl_sum(z_p, huge) > 0
+    assert torch.isfinite(kl_sum(z_p, huge)) and kl_sum(z_p, huge) > 0
 
 
 def test_alpha_document(reference, tiny):
     model, _, _ = tiny
     doc = reference
     assert doc["format"] == router.ALPHA_FORMAT and doc["model"]["fingerprint"] == router.fingerprint(model)
-    assert [r["layer"] for r in doc["layers"]] == router.moe_layers(model)
+    assert [r["layer"] for r in doc["layers"]] == model.moe_layers()
     for m in ("text", "vision"):
         alpha = torch.tensor([r[m] for r in doc["layers"]], dtype=torch.float64)
         kl = torch.tensor([r[m] for r in doc["kl_sum"]], dtype=torch.float64)
@@ -119,13 +120,13 @@ def test_resume_after_stop_equals_uninterrupted(tiny, reference, tmp_path):
     out = tmp_path / "alpha.json"
     partial = tmp_path / "alpha.json.partial"
     argv = ["--model", path, "--n", "3", "--batch-size", "1", "--out", str(out), "--quiet"]
-    C.main(C.parser().parse_args(argv + ["--max-batches", "1"]))  # stands for a run killed after batch 1
+    main(parser().parse_args(argv + ["--max-batches", "1"]))  # stands for a run killed after batch 1
     assert not out.exists() and json.load(open(partial))["steps_done"] == 1
     with pytest.raises(ValueError, match="made with another removal"):
-        C.main(C.parser().parse_args(argv + ["--resume", "--removal", "input"]))
-    C.main(C.parser().parse_args(argv + ["--resume", "--max-batches", "1"]))
+        main(parser().parse_args(argv + ["--resume", "--removal", "input"]))
+    main(parser().parse_args(argv + ["--resume", "--max-batches", "1"]))
     assert json.load(open(partial))["steps_done"] == 2
-    C.main(C.parser().parse_args(argv + ["--resume"]))
+    main(parser().parse_args(argv + ["--resume"]))
     resumed = json.load(open(out))
     assert not partial.exists()
     assert resumed["layers"] == reference["layers"] and resumed["kl_sum"] == reference["kl_sum"]
@@ -146,24 +147,24 @@ def test_resume_after_a_failure_fixed_between_runs(tiny, tmp_path):
     out, partial = tmp_path / "alpha.json", tmp_path / "alpha.json.partial"
     argv = ["--model", path, "--data", str(data), "--batch-size", "1", "--out", str(out), "--quiet"]
     with pytest.raises(ValueError, match=r"d\.jsonl:4: .*strip\.png: size 1000x4 has aspect ratio 250\.0"):
-        C.main(C.parser().parse_args(argv))
+        main(parser().parse_args(argv))
     assert json.load(open(partial))["steps_done"] == 3 and not out.exists()
     with pytest.raises(ValueError, match=r"alpha\.json\.partial holds an interrupted run's state: add --resume"):
-        C.main(C.parser().parse_args(argv))  # never overwritten unasked
+        main(parser().parse_args(argv))  # never overwritten unasked
     fixed = '{"image": "red.png", "question": "And this?", "answer": "Blue."}'
     data.write_text("\n".join(lines + [fixed]) + "\n")
-    C.main(C.parser().parse_args(argv + ["--resume"]))
+    main(parser().parse_args(argv + ["--resume"]))
     resumed = json.load(open(out))
     os.remove(out)
-    C.main(C.parser().parse_args(argv))
+    main(parser().parse_args(argv))
     uninterrupted = json.load(open(out))
     assert resumed["kl_sum"] == uninterrupted["kl_sum"] and resumed["data"] == uninterrupted["data"]
     # a finished batch's sample edited: refused, as its sums would no longer match the data
-    C.main(C.parser().parse_args(argv + ["--max-batches", "2"]))
+    main(parser().parse_args(argv + ["--max-batches", "2"]))
     edited = '{"image": "red.png", "question": "Edited?", "answer": "Red."}'
     data.write_text("\n".join([edited] + lines[1:] + [fixed]) + "\n")
     with pytest.raises(ValueError, match=r"the samples of its 2 finished batch\(es\) are not the ones it read"):
-        C.main(C.parser().parse_args(argv + ["--resume"]))
+        main(parser().parse_args(argv + ["--resume"]))
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -177,14 +178,14 @@ def test_resume_after_a_failure_fixed_between_runs(tiny, tmp_path):
 ])
 def test_damaged_partial_is_one_line(tiny, tmp_path, damage, message):
     model, proc, _ = tiny
-    samples = D.synthetic_samples(3)
+    samples = synthetic_samples(3)
     partial = str(tmp_path / "a.json.partial")
-    assert C.calibrate(model, proc, samples, batch_size=1, partial=partial, max_batches=2, quiet=True) is None
+    assert calibrate(model, proc, samples, batch_size=1, partial=partial, max_batches=2, quiet=True) is None
     state = json.load(open(partial))
     damage(state)
     cli.write_json(partial, state)
     with pytest.raises(ValueError, match=rf"^{re.escape(partial)}: .*{re.escape(message)}"):
-        C.calibrate(model, proc, samples, batch_size=1, partial=partial, resume=True, quiet=True)
+        calibrate(model, proc, samples, batch_size=1, partial=partial, resume=True, quiet=True)
 
 
 def test_fingerprint_and_refusal(tiny, tmp_path):
@@ -192,10 +193,10 @@ def test_fingerprint_and_refusal(tiny, tmp_path):
     raw = builtin.qwen_config()
     raw["text_config"]["num_hidden_layers"] = 3
     with torch.device("meta"):
-        other = M.Qwen3VLMoe(M.QwenConfig.from_hf(raw, "test"))
+        other = qwen3_vl_moe.Qwen3VLMoe(qwen3_vl_moe.QwenConfig.from_hf(raw, "test"))
     assert router.fingerprint(other) != router.fingerprint(model)
     with torch.device("meta"):
-        same = M.Qwen3VLMoe(M.QwenConfig.from_hf(builtin.qwen_config(), "test")).to(torch.bfloat16)
+        same = qwen3_vl_moe.Qwen3VLMoe(qwen3_vl_moe.QwenConfig.from_hf(builtin.qwen_config(), "test")).to(torch.bfloat16)
     assert router.fingerprint(same) == router.fingerprint(model)  # dtype and device do not matter
     doc = dict(format=router.ALPHA_FORMAT, model=dict(fingerprint=router.fingerprint(other)), layers=[])
     cli.write_json(tmp_path / "alpha.json", doc)
@@ -211,7 +212,7 @@ def test_jsonl_reader(tmp_path):
              '{"image": ["img/a.png", "img/a.png"], "question": "Same?", "answer": "Yes."}',
              '{"question": "No image?", "answer": "Right."}']
     (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
-    samples = D.read_jsonl(str(tmp_path / "d.jsonl"))
+    samples = read_jsonl(str(tmp_path / "d.jsonl"))
     assert [len(s.images) for s in samples] == [1, 2, 0]
     assert samples[0].images[0] == str(tmp_path / "img" / "a.png") and samples[1].where.endswith(":3")
 
@@ -242,7 +243,7 @@ def test_jsonl_errors_name_the_line(tmp_path, line, error, message):
     line = line if isinstance(line, bytes) else line.encode()
     (tmp_path / "d.jsonl").write_bytes(b'{"question": "fine", "answer": "ok"}\n' + line + b"\n")
     with pytest.raises(error, match=message):
-        D.read_jsonl(str(tmp_path / "d.jsonl"))
+        read_jsonl(str(tmp_path / "d.jsonl"))
 
 
 def test_gqa_reader(tmp_path):
@@ -252,23 +253,23 @@ def test_gqa_reader(tmp_path):
                  "q2": {"imageId": "n2", "question": "Where?", "answer": "no", "fullAnswer": "No."}}
     (tmp_path / "q.json").write_text(json.dumps(questions))
     with pytest.raises(ValueError, match=r"question q2: image not found: .*n2\.jpg"):
-        D.read_gqa(str(tmp_path / "q.json"), str(tmp_path))
+        read_gqa(str(tmp_path / "q.json"), str(tmp_path))
     del questions["q2"]
     (tmp_path / "q.json").write_text(json.dumps(questions))
-    [s] = D.read_gqa(str(tmp_path / "q.json"), str(tmp_path))
+    [s] = read_gqa(str(tmp_path / "q.json"), str(tmp_path))
     assert s.answer == "Yes, it is." and s.images == [str(tmp_path / "n1.jpg")]
 
 
 def test_synthetic_data_and_selection():
-    a, b = D.synthetic_samples(6), D.synthetic_samples(6)
+    a, b = synthetic_samples(6), synthetic_samples(6)
     assert [s.answer for s in a] == [s.answer for s in b] and a[0].images[0].tobytes() == b[0].images[0].tobytes()
-    assert len({s.answer for s in D.synthetic_samples(32)}) > 10
+    assert len({s.answer for s in synthetic_samples(32)}) > 10
     items = list(range(10))
-    assert D.select(items, 3, start=2) == [2, 3, 4]
-    chosen = D.select(items, 4, seed=1)
-    assert chosen == sorted(chosen) and len(set(chosen)) == 4 and chosen == D.select(items, 4, seed=1)
+    assert select(items, 3, start=2) == [2, 3, 4]
+    chosen = select(items, 4, seed=1)
+    assert chosen == sorted(chosen) and len(set(chosen)) == 4 and chosen == select(items, 4, seed=1)
     with pytest.raises(ValueError, match="--n 11"):
-        D.select(items, 11)
+        select(items, 11)
     assert cli.shard(items, 0, 3) + cli.shard(items, 1, 3) + cli.shard(items, 2, 3) == items
 
 
@@ -284,20 +285,20 @@ def test_cli_reports_bad_line_in_one_line(tmp_path):
 @pytest.mark.parametrize("removal", ["zero", "input"])
 def test_kimi_cached_prefix_equals_naive_and_search_starts_at_zero(removal):
     import search as S
-    path = M.resolve_model("tiny-kimi")
-    model = M.load(path, dtype=torch.float32)
+    path = tiny.resolve("tiny-kimi")
+    model = load(path, dtype=torch.float32)
     proc = processor.for_model(path, model.cfg.model_type)
-    layers = router.moe_layers(model)
+    layers = model.moe_layers()
     assert layers == list(range(1, len(model.layers)))  # layer 0 is the dense one
-    batch = D.make_batch(D.synthetic_samples(2), proc, "cpu")
-    cached, n, _ = C.ablate_batch(model, batch, layers, removal)
-    naive, _, _ = C.ablate_batch(model, batch, layers, removal, naive=True)
+    batch = make_batch(synthetic_samples(2), proc, "cpu")
+    cached, n, _ = ablate_batch(model, batch, layers, removal)
+    naive, _, _ = ablate_batch(model, batch, layers, removal, naive=True)
     assert n > 0 and (cached[:, 0] > 0).all()
     torch.testing.assert_close(cached, naive, rtol=1e-5, atol=1e-9)  # fp32 sums in another order
-    alpha = C.calibrate(model, proc, D.synthetic_samples(2), batch_size=2, removal=removal, quiet=True)
+    alpha = calibrate(model, proc, synthetic_samples(2), batch_size=2, removal=removal, quiet=True)
     table = router.alpha_table(alpha, model, "alpha")
     assert table[0].tolist() == [0.0, 0.0] and torch.allclose(table.sum(0), torch.ones(2))
-    evaluator = S.Evaluator(model, proc, D.synthetic_samples(2), table, batch_size=2, quiet=True)
+    evaluator = S.Evaluator(model, proc, synthetic_samples(2), table, batch_size=2, quiet=True)
     kl, skip = evaluator(0.0, 0.0)
     assert kl == 0.0 and skip["all"] == 0.0
     kl, skip = evaluator(0.05, 0.05)

@@ -5,9 +5,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-import model as M
+from model import MODELS, generate, load, read_config, set_expert_impl
 import router
 from qwen_oracle import image_prompt, make_oracle, pixels
+from support import tiny
 
 
 class CountingBackend:
@@ -21,7 +22,7 @@ class CountingBackend:
 
 def test_compiled_decode_step_one_graph_matches_eager(tmp_path):
     _, saved, _ = make_oracle(str(tmp_path))
-    model = M.set_expert_impl(M.load(saved, dtype=torch.float32), "gather")
+    model = set_expert_impl(load(saved, dtype=torch.float32), "gather")
     grids = [(1, 4, 4)]
     ids = torch.tensor([image_prompt(grids)])
     pv, thw = pixels(grids)
@@ -58,15 +59,15 @@ def test_compiled_decode_step_one_graph_matches_eager(tmp_path):
 @pytest.mark.parametrize("name", ["tiny-qwen", "tiny-kimi"])
 def test_zero_thresholds_reproduce_the_unskipped_model_exactly(name):
     """The bench's full row is the shared policy at tau = 0: scores are >= 0 and the comparison is strict."""
-    model = M.load(M.resolve_model(name), dtype=torch.float32)
+    model = load(tiny.resolve(name), dtype=torch.float32)
     ids = torch.randint(0, 200, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        plain = M.generate(model, ids, max_new_tokens=4)
+        plain = generate(model, ids, max_new_tokens=4)
         cache = model.new_cache(2, 16)
         plain_logits = model(ids, cache=cache)
         router.install(model, router.MoDES(0.0, 0.0, torch.full((len(model.layers), 2), 0.25)))
         stats = router.SkipStats(len(model.layers))
-        assert torch.equal(M.generate(model, ids, max_new_tokens=4, stats=stats), plain)
+        assert torch.equal(generate(model, ids, max_new_tokens=4, stats=stats), plain)
         assert torch.equal(model(ids, cache=model.new_cache(2, 16)), plain_logits)
         assert stats.summary()["total"]["skipped"] == 0
     router.uninstall(model)
@@ -95,10 +96,10 @@ class NoHostTensors(TorchDispatchMode):
 def test_decode_step_touches_no_host_tensor(name, impl):
     """One decode step with parameters, cache, policy and statistics on the meta device, through a static-shape
     expert path: every op it runs must stay off the host."""
-    cfg = M.read_config(M.resolve_model(name))
+    cfg = read_config(tiny.resolve(name))
     with torch.device("meta"):
-        model = M.MODELS[type(cfg)](cfg)
-    M.set_expert_impl(model, impl)
+        model = MODELS[type(cfg)](cfg)
+    set_expert_impl(model, impl)
     router.install(model, router.MoDES(0.1, 0.2, torch.full((len(model.layers), 2), 0.5)))
     cache = model.new_cache(2, 16)
     stats = router.SkipStats(len(model.layers), "meta")

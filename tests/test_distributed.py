@@ -13,13 +13,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import calibrate as C
-import data as D
-import model as M
+from calibrate import calibrate, expert_similarity
+from data import make_batch, synthetic_samples
+from model import MODELS, Shard, attention, generate, load, main, parser, read_config
 import processor
 import router
 import search
-import tiny
+from support import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD = 2
@@ -36,23 +36,23 @@ def compute(name, shard):
     """Logits (every position on the ids the tokenizer has, every id at the last 4 positions), greedy tokens and
     skip counts of a padded two-image batch, with plain top-k, MoDES and MC-MoE (whose token importance comes from
     all heads); calibration's KL sums, DiEP's expert similarity and a search evaluation; what this rank loaded."""
-    path = M.resolve_model(name)
-    model = M.load(path, "cpu", torch.float32, shard)
+    path = tiny.resolve(name)
+    model = load(path, "cpu", torch.float32, shard)
     proc = processor.for_model(path, model.cfg.model_type)
-    samples = D.synthetic_samples(2, size=64)
-    batch = D.make_batch(samples, proc, "cpu", answers=False)
+    samples = synthetic_samples(2, size=64)
+    batch = make_batch(samples, proc, "cpu", answers=False)
     ids = torch.tensor(sorted(tiny.vocabulary(path)))
-    alpha = C.calibrate(model, proc, samples, batch_size=2, quiet=True)
+    alpha = calibrate(model, proc, samples, batch_size=2, quiet=True)
     out = {"params": {n: tuple(p.shape) for n, p in model.named_parameters()},
            "kl_sum": torch.tensor([[row["text"], row["vision"]] for row in alpha["kl_sum"]]),
-           "cka": C.expert_similarity(model, proc, samples, batch_size=2),
+           "cka": expert_similarity(model, proc, samples, batch_size=2),
            "score": search.Evaluator(model, proc, samples, quiet=True).score(skip_policy(model))}
     for tag, policy in (("top-k", None), ("modes", skip_policy(model)), ("mc-moe", router.MCMoE(0.3))):
         router.install(model, policy)
         stats = router.SkipStats(len(model.layers))
         logits = model(batch.input_ids, batch.attention_mask, stats=stats, **batch.pixels)  # [B, S, V]
         out[tag] = dict(logits=logits[..., ids], last=logits[:, -4:].clone(),
-                        tokens=M.generate(model, batch.input_ids, batch.attention_mask, max_new_tokens=6,
+                        tokens=generate(model, batch.input_ids, batch.attention_mask, max_new_tokens=6,
                                           stats=stats, **batch.pixels) if tag != "mc-moe" else None,
                         counts=stats.counts.clone())
     router.uninstall(model)
@@ -66,11 +66,11 @@ def compute(name, shard):
 def load_memory(name, shard):
     """(growth of the peak RSS while this rank loads its part, bytes of its parameters, bytes of the whole model's)
     in fp32; first thing in a fresh process."""
-    cfg = M.read_config(M.resolve_model(name))
+    cfg = read_config(tiny.resolve(name))
     with torch.device("meta"):  # the first meta build imports torch's meta kernels: not part of loading
-        whole = M.MODELS[type(cfg)](cfg)
+        whole = MODELS[type(cfg)](cfg)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    model = M.load(M.resolve_model(name), "cpu", torch.float32, shard)
+    model = load(tiny.resolve(name), "cpu", torch.float32, shard)
     grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     return grew, sum(p.numel() * 4 for p in model.parameters()), sum(p.numel() * 4 for p in whole.parameters())
 
@@ -85,12 +85,12 @@ def launch(tmp_path_factory):
     """(folder, stdout) of one torchrun run of the __main__ block with 2 ranks. The folder holds a thresholds file
     made for the whole tiny-kimi (its fingerprint is the whole model's) and what each rank wrote."""
     for name in NAMES:
-        M.resolve_model(name)  # written once here, so the ranks do not race to write it
+        tiny.resolve(name)  # written once here, so the ranks do not race to write it
     out = str(tmp_path_factory.mktemp("dist"))
-    model = M.load(M.resolve_model("tiny-kimi"), "cpu", torch.float32)
+    model = load(tiny.resolve("tiny-kimi"), "cpu", torch.float32)
     doc = dict(format=router.THRESHOLDS_FORMAT, model=dict(fingerprint=router.fingerprint(model)),
                tau=dict(text=0.2, vision=0.25),
-               layers=[dict(layer=i, text=1.0, vision=1.0) for i in router.moe_layers(model)])
+               layers=[dict(layer=i, text=1.0, vision=1.0) for i in model.moe_layers()])
     with open(os.path.join(out, "thr.json"), "w") as f:
         json.dump(doc, f)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
@@ -109,7 +109,7 @@ def ranks(launch):
 @pytest.fixture(scope="module")
 def whole():
     """The same computations with the whole model, in this process."""
-    return {name: compute(name, M.Shard()) for name in NAMES}
+    return {name: compute(name, Shard()) for name in NAMES}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -146,8 +146,8 @@ def test_calibration_similarity_and_search_equal_one_process(ranks, whole, name)
 
 @pytest.mark.parametrize("name", NAMES)
 def test_each_rank_loads_only_its_part(ranks, whole, name):
-    path = M.resolve_model(name)
-    cfg = M.read_config(path)
+    path = tiny.resolve(name)
+    cfg = read_config(path)
     E = cfg.num_experts if name == "tiny-qwen" else cfg.n_routed_experts
     with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
         embed = f.get_tensor(next(n for n in f.keys() if n.endswith("embed_tokens.weight")))
@@ -181,7 +181,7 @@ def test_loading_memory_is_a_rank_share(ranks):
     """A rank's load grows its peak RSS by its share of the parameters plus the file pages it read (safetensors maps
     the file): about half of what loading the whole model takes, parameters plus the whole file (test_loading.py).
     The vocabulary matrices, split by rows, dominate the tiny models."""
-    file_bytes = os.path.getsize(os.path.join(M.resolve_model("tiny-qwen"), "model.safetensors"))
+    file_bytes = os.path.getsize(os.path.join(tiny.resolve("tiny-qwen"), "model.safetensors"))
     for r, rank in enumerate(ranks):
         grew, loaded, whole_bytes = rank["memory"]
         print(f"rank {r}: {loaded / 2**20:.1f} MiB of the {whole_bytes / 2**20:.1f} MiB of parameters, peak RSS "
@@ -195,15 +195,15 @@ def test_loading_memory_is_a_rank_share(ranks):
 def test_more_ranks_than_kv_heads():
     """tiny-qwen has 2 kv heads: over 4 ranks each pair of ranks keeps the kv head its query heads use, and the 4
     ranks' partial attention outputs (before the all-reduce, so no processes are needed) sum to the whole one's."""
-    path = M.resolve_model("tiny-qwen")
-    whole = M.load(path, "cpu", torch.float32)
+    path = tiny.resolve("tiny-qwen")
+    whole = load(path, "cpu", torch.float32)
     h, ctx = whole.embed(torch.randint(0, 500, (2, 7)))
     total = 0
     for r in range(4):
-        attn = M.load(path, "cpu", torch.float32, M.Shard(r, 4)).layers[1].self_attn
+        attn = load(path, "cpu", torch.float32, Shard(r, 4)).layers[1].self_attn
         q, k, v = attn.project(h, ctx)  # [B, 1, S, d], [B, 1, S, d]
         assert q.shape[1] == 1 and k.shape[1] == 1
-        total = total + attn.o_proj(M.attention(q, k, v, ctx.mask).transpose(1, 2).flatten(2))
+        total = total + attn.o_proj(attention(q, k, v, ctx.mask).transpose(1, 2).flatten(2))
     torch.testing.assert_close(total, whole.layers[1].self_attn(h, ctx), rtol=1e-5, atol=1e-5)
 
 
@@ -213,13 +213,13 @@ def test_model_py_command_line(launch):
     folder, stdout = launch
     assert sum(line.startswith("{") for line in stdout.splitlines()) == 1
     report = json.loads(stdout.splitlines()[-1])
-    path = M.resolve_model("tiny-kimi")
-    model = M.load(path, "cpu", torch.float32)
+    path = tiny.resolve("tiny-kimi")
+    model = load(path, "cpu", torch.float32)
     router.install(model, router.load_thresholds(os.path.join(folder, "thr.json"), model))
     stats = router.SkipStats(len(model.layers))
     proc = processor.for_model(path, model.cfg.model_type)
     ids = proc.from_cli("what is shown?")["input_ids"][None]
-    tokens = M.generate(model, ids, max_new_tokens=6, stop_ids=proc.stop_token_ids, stats=stats)
+    tokens = generate(model, ids, max_new_tokens=6, stop_ids=proc.stop_token_ids, stats=stats)
     assert report["token_ids"] == tokens[0].tolist()
     assert report["skip_ratio"]["prefill"]["all"] == stats.summary()["prefill"]["all"] > 0
 
@@ -227,9 +227,9 @@ def test_model_py_command_line(launch):
 if __name__ == "__main__":  # under torchrun: rank r writes rank{r}.pt into the folder argv[1], then runs model.py
     import torch.distributed as dist
     dist.init_process_group("gloo")
-    shard = M.Shard(dist.get_rank(), dist.get_world_size())
+    shard = Shard(dist.get_rank(), dist.get_world_size())
     result = {"memory": load_memory("tiny-qwen", shard)}
     result.update({name: compute(name, shard) for name in NAMES})
     torch.save(result, os.path.join(sys.argv[1], f"rank{shard.rank}.pt"))
-    M.main(M.parser().parse_args(cli_args(sys.argv[1])))
+    main(parser().parse_args(cli_args(sys.argv[1])))
     dist.destroy_process_group()

@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-import calibrate as C
-import model as M
+from calibrate import linear_cka
+from model import read_config
 import router
 import search as S
 
@@ -44,7 +44,7 @@ def test_baselines_reach_the_modes_skip_ratio(thresholds):
         else:  # marked, with the reason, and the table still produced
             assert row["note"] and (row["calib_skip"] is None or row["calib_skip"] >= target), name
     assert rows["threshold"]["reached"] and rows["threshold+gmlg"]["reached"]  # continuous in tau: always reach
-    K = M.read_config(os.path.join(env["MODES_CACHE"], "tiny-qwen3-vl-moe-v2")).num_experts_per_tok
+    K = read_config(os.path.join(env["MODES_CACHE"], "tiny-qwen3-vl-moe-v2")).num_experts_per_tok
     assert rows["reduce-k"]["calib_skip"] >= target and 0 <= rows["reduce-k"]["hyper"] < K
 
 
@@ -52,7 +52,7 @@ def test_linear_cka_hand_example():
     a = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
     Y = torch.stack([a, 3 * a, a @ torch.tensor([[0.0, 1.0], [1.0, 0.0]]), torch.tensor([[1.0, 0], [1, 0], [-1, 0],
                                                                                            [-1, 0]])])
-    cka = C.linear_cka(Y)
+    cka = linear_cka(Y)
     # scaling and rotations leave linear CKA at 1; a rank-1 projection of a's isotropic points keeps 1/sqrt(2)
     assert torch.allclose(cka[0, :3], torch.ones(3), atol=1e-6)
     assert cka[0, 3] == pytest.approx(2 ** -0.5, abs=1e-6)

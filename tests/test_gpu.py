@@ -12,10 +12,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import kernels
-import model as M
+import moe_kernels
+from model import build, config_from_dict, routed_experts, set_expert_impl
 import router
-import tiny
+from support import tiny
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,18 +32,18 @@ def real_width_model(name, layers=3):
         vision.update(depth=2, deepstack_visual_indexes=[0, 1])
     else:
         vision["num_hidden_layers"] = 2
-    model = M.build(M.config_from_dict(raw, CONFIGS[name]), "cuda", torch.bfloat16)
+    model = build(config_from_dict(raw, CONFIGS[name]), "cuda", torch.bfloat16)
     return tiny.random_weights(model).eval().requires_grad_(False)
 
 
 @pytest.mark.parametrize("name", ["qwen", "kimi"])
 @pytest.mark.parametrize("compile", [False, True])
 def test_graphed_decode_equals_eager(name, compile):
-    model = M.set_expert_impl(real_width_model(name), "auto")
+    model = set_expert_impl(real_width_model(name), "auto")
     router.install(model, router.MoDES(0.0, 0.0, torch.full((len(model.layers), 2), 0.5)))
     ids = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(0)).cuda()
     cache = model.new_cache(2, 40 + 9)
-    step = kernels.DecodeStep(model, cache, compile=compile, cuda_graph=True)
+    step = moe_kernels.DecodeStep(model, cache, compile=compile, cuda_graph=True)
     runs = {}
     with torch.no_grad():
         for kind in ("eager", "graph"):
@@ -70,9 +70,9 @@ SHAPES = {"qwen": dict(E=128, K=8, H=2048, I=768), "kimi": dict(E=64, K=6, H=204
 
 
 @pytest.mark.parametrize("name", list(SHAPES))
-@pytest.mark.parametrize("path", list(kernels.PATHS) + ["auto"])
+@pytest.mark.parametrize("path", list(moe_kernels.PATHS) + ["auto"])
 def test_expert_paths_at_real_shapes(name, path):
-    if path == "triton" and not kernels.HAS_TRITON:
+    if path == "triton" and not moe_kernels.HAS_TRITON:
         pytest.skip("triton is not installed")
     E, K, H, I = SHAPES[name].values()
     g = torch.Generator().manual_seed(0)
@@ -82,11 +82,11 @@ def test_expert_paths_at_real_shapes(name, path):
     for T, skip in [(1, 0.0), (1, 0.75), (1, 1.0), (4, 0.5), (512, 0.88), (2048, 0.0)]:
         x = torch.randn(T, H, generator=g).cuda().bfloat16()
         ids = torch.rand(T, E, generator=g).topk(K).indices
-        ids = ids.masked_fill(torch.rand(T, K, generator=g) < skip, kernels.SKIP).cuda()
+        ids = ids.masked_fill(torch.rand(T, K, generator=g) < skip, moe_kernels.SKIP).cuda()
         weights = torch.rand(T, K, generator=g).cuda()
-        ref = M.moe_experts(x.float(), reference, ids, weights, "ref")
-        resolved = kernels.auto_path(x, ids) if path == "auto" else path
-        out = kernels.moe_experts(x, w1, w2, ids, weights, resolved).float()
+        ref = routed_experts(x.float(), reference, ids, weights, "ref")
+        resolved = moe_kernels.auto_path(x, ids) if path == "auto" else path
+        out = moe_kernels.run(x, w1, w2, ids, weights, resolved).float()
         if skip == 1.0:
             assert out.abs().max() == 0
             continue

@@ -9,23 +9,23 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounter
 
-import kernels
-import model as M
-from kernels import SKIP
+import moe_kernels
+from model import routed_experts
+from model import SKIP
 
 
 def moe_experts(x, w_gate_up, w_down, ids, weights, path):
     """The model's choke point with the weights as the stacked Experts module holds them."""
-    return M.moe_experts(x, SimpleNamespace(gate_up_proj=w_gate_up, down_proj=w_down), ids.long(), weights, path)
+    return routed_experts(x, SimpleNamespace(gate_up_proj=w_gate_up, down_proj=w_down), ids.long(), weights, path)
 
 
 def kernel(x, w_gate_up, w_down, ids, weights, path):
     """kernels.py alone, as a compiled model reaches it ("auto" resolved the way the choke point does)."""
-    return kernels.moe_experts(x, w_gate_up, w_down, ids.long(), weights,
-                               kernels.auto_path(x, ids) if path == "auto" else path)
+    return moe_kernels.run(x, w_gate_up, w_down, ids.long(), weights,
+                               moe_kernels.auto_path(x, ids) if path == "auto" else path)
 
 H, I = 64, 32  # hidden and expert sizes: multiples of 8, so grouped_mm's 16-byte stride rule holds in bf16 too
-TRITON_ON_CPU = kernels.HAS_TRITON and kernels._TRITON_INTERPRET
+TRITON_ON_CPU = moe_kernels.HAS_TRITON and moe_kernels._TRITON_INTERPRET
 FAST_PATHS = ["grouped", "gather", "auto"] + (["triton"] if TRITON_ON_CPU else [])
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # relative L2 error against the fp32 loop
 # (T, K, E, skip pattern): every T, K, E and pattern appears at least once
@@ -104,7 +104,7 @@ def test_path_matches_loop(case, dtype, path):
 def test_grouped_falls_back_on_unaligned_sizes():
     # I=30 fp32 rows are 120 bytes, not a multiple of 16: grouped_mm refuses them, the path must still be right
     args = make_case(7, 6, 16, "random", h=40, i=30)
-    assert not kernels._grouped_mm_usable(args[0], 30)
+    assert not moe_kernels._grouped_mm_usable(args[0], 30)
     assert_close(moe_experts(*args, path="grouped"), dense_reference(*args), TOL[torch.float32], "fallback")
 
 
@@ -138,7 +138,7 @@ def test_masked_combine_ignores_uninitialised_tail():
     keep = torch.arange(10) < 6
     w = torch.rand(10).masked_fill(~keep, float("nan"))
     y[~keep] = float("nan")
-    out = kernels._masked_combine(y, keep, w)
+    out = moe_kernels._masked_combine(y, keep, w)
     assert out.isfinite().all() and (out[~keep] == 0).all()
     torch.testing.assert_close(out[keep], y[keep] * w[keep, None])
     assert (y * (keep * w.nan_to_num())[:, None]).isnan().any()  # the "* 0" mask would have let the NaN through
@@ -147,7 +147,7 @@ def test_masked_combine_ignores_uninitialised_tail():
 def test_redirect_reads_only_kept_experts():
     for pattern in ["random", "empty_tokens", "sparse88"]:
         ids = make_case(33, 8, 64, pattern)[3].long()
-        redirected = kernels._redirect_skipped(ids, 64)
+        redirected = moe_kernels._redirect_skipped(ids, 64)
         kept_any = set(ids[ids != SKIP].tolist())
         for t in range(ids.shape[0]):
             kept = set(ids[t][ids[t] != SKIP].tolist())
@@ -181,18 +181,18 @@ def test_compiled_grouped_matches_loop(backend, dtype):
 
 def test_paths_are_checked_once_when_chosen():
     with pytest.raises(ValueError, match="expert path must be one of"):
-        kernels.check_path("fast", "cpu")
+        moe_kernels.check_path("fast", "cpu")
     if not TRITON_ON_CPU:
         with pytest.raises(ValueError, match="triton needs a CUDA device"):
-            kernels.check_path("triton", "cpu")
-    kernels.check_path("grouped", "cpu")
-    assert kernels.auto_path(torch.zeros(3, 8), torch.zeros(3, 4, dtype=torch.long)) == "ref"  # eager CPU
+            moe_kernels.check_path("triton", "cpu")
+    moe_kernels.check_path("grouped", "cpu")
+    assert moe_kernels.auto_path(torch.zeros(3, 8), torch.zeros(3, 4, dtype=torch.long)) == "ref"  # eager CPU
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("path", ["grouped", "gather", "triton", "auto"])
 def test_cuda_bf16_paths_match_loop(path):
-    if path == "triton" and not kernels.HAS_TRITON:
+    if path == "triton" and not moe_kernels.HAS_TRITON:
         pytest.skip("triton is not installed")
     for case in [(1, 8, 64, "random"), (1, 8, 64, "all"), (7, 6, 16, "empty_tokens"), (257, 8, 64, "sparse88")]:
         args = [a.cuda() for a in make_case(*case, torch.bfloat16)]

@@ -11,9 +11,10 @@ import os
 import pytest
 import torch
 
-import model as M
+from model import build, load, routed_experts
 from model import SKIP, KimiVL, KimiVLConfig, checkpoint_names, fill_from_checkpoint, generate, set_expert_impl
 from router import Threshold, install, uninstall
+from support import tiny
 
 transformers = pytest.importorskip("transformers")
 
@@ -142,7 +143,7 @@ def whole(tmp_path_factory):
     tensors = random_checkpoint(cfg)
     folder = tmp_path_factory.mktemp("kimi")
     save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-    ours = M.build(cfg, "cpu", torch.float32).eval()  # as model.load does: meta, one allocation, filled from the file
+    ours = build(cfg, "cpu", torch.float32).eval()  # as model.load does: meta, one allocation, filled from the file
     fill_from_checkpoint(ours, str(folder))
 
     renames = {"multi_modal_projector.pre_norm": "mm_projector.pre_norm",
@@ -430,7 +431,7 @@ def test_expert_slots_cover_stacked_parameters():
     x = torch.randn(1, cfg.hidden_size)
     ref = tensors[f"{p}.3.down_proj.weight"] @ (torch.nn.functional.silu(tensors[f"{p}.3.gate_proj.weight"] @ x[0])
                                                  * (tensors[f"{p}.3.up_proj.weight"] @ x[0]))
-    got = M.moe_experts(x, experts, torch.tensor([[3]]), torch.ones(1, 1))
+    got = routed_experts(x, experts, torch.tensor([[3]]), torch.ones(1, 1))
     torch.testing.assert_close(got[0], ref, rtol=1e-5, atol=1e-5)
 
 
@@ -470,7 +471,7 @@ def test_tied_embeddings_survive_meta_build_and_loading(tmp_path):
     tensors = random_checkpoint(cfg)
     assert "language_model.lm_head.weight" not in tensors
     save_file(tensors, os.path.join(tmp_path, "model.safetensors"))
-    model = M.build(cfg, "cpu", torch.float32)  # to_empty alone would untie them
+    model = build(cfg, "cpu", torch.float32)  # to_empty alone would untie them
     fill_from_checkpoint(model, str(tmp_path))
     assert model.lm_head.weight is model.embed_tokens.weight
     reference = load_ours(KimiVL(cfg), tensors)
@@ -559,13 +560,13 @@ def test_loader_names_missing_and_misshapen_expert_tensors(tmp_path, monkeypatch
     from safetensors.torch import load_file, save_file
     monkeypatch.setenv("MODES_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "kimi"
-    shutil.copytree(M.resolve_model("tiny-kimi"), folder)
+    shutil.copytree(tiny.resolve("tiny-kimi"), folder)
     tensors = load_file(folder / "model.safetensors")
     del tensors["language_model.model.layers.1.mlp.experts.3.up_proj.weight"]
     tensors["language_model.model.layers.2.mlp.experts.0.down_proj.weight"] = torch.zeros(5, 5)
     save_file(tensors, folder / "model.safetensors")
     with pytest.raises(ValueError) as e:
-        M.load(str(folder))
+        load(str(folder))
     msg = str(e.value)
     assert "\n" not in msg and "2 checkpoint problem(s)" in msg
     assert "missing tensor language_model.model.layers.1.mlp.experts.3.up_proj.weight" in msg
@@ -576,8 +577,8 @@ def test_correction_bias_stays_fp32_in_a_bf16_model(tmp_path, monkeypatch):
     """transformers keeps e_score_correction_bias in fp32 whatever the model dtype; bf16 would round a bias that
     decides near-tie expert choices. The tiny checkpoint stores it in fp32, so a bf16 load keeps it exactly."""
     monkeypatch.setenv("MODES_CACHE", str(tmp_path / "cache"))
-    path = M.resolve_model("tiny-kimi")
-    full, half = M.load(path, dtype=torch.float32), M.load(path, dtype=torch.bfloat16)
+    path = tiny.resolve("tiny-kimi")
+    full, half = load(path, dtype=torch.float32), load(path, dtype=torch.bfloat16)
     for i in range(1, len(full.layers)):
         bias = half.layers[i].mlp.gate.e_score_correction_bias
         assert bias.dtype == torch.float32 and half.layers[i].mlp.gate.weight.dtype == torch.bfloat16

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import model as M
+from model import load, read_config
 from qwen_oracle import make_oracle
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +35,7 @@ def one_line(excinfo):
 
 def test_missing_config(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
-        M.load(str(tmp_path))
+        load(str(tmp_path))
     assert "no config.json" in one_line(e) and str(tmp_path) in one_line(e)
 
 
@@ -47,7 +47,7 @@ def test_unknown_model_type(folders, tmp_path):
     with open(os.path.join(d, "config.json"), "w") as f:
         json.dump(cfg, f)
     with pytest.raises(ValueError) as e:
-        M.load(d)
+        load(d)
     assert "unknown model_type 'llava'" in one_line(e) and "config.json" in one_line(e)
 
 
@@ -56,7 +56,7 @@ def test_malformed_config_names_line(folders, tmp_path):
     with open(os.path.join(d, "config.json"), "w") as f:
         f.write('{\n  "model_type": "qwen3_vl_moe",\n  oops\n}')
     with pytest.raises(ValueError) as e:
-        M.load(d)
+        load(d)
     assert "line 3" in one_line(e)
 
 
@@ -71,7 +71,7 @@ def test_missing_shards_all_named(folders, tmp_path):
         json.dump(index, f)
     os.remove(os.path.join(d, "model-00002-of-00002.safetensors"))
     with pytest.raises(FileNotFoundError) as e:
-        M.load(d)
+        load(d)
     msg = one_line(e)
     for f in ("model-00002-of-00002", "model-00003-of-00004", "model-00004-of-00004"):
         assert f in msg
@@ -85,7 +85,7 @@ def test_truncated_safetensors(folders, tmp_path):
     with open(f, "r+b") as fh:
         fh.truncate(size // 2)
     with pytest.raises(ValueError) as e:
-        M.load(d)
+        load(d)
     assert "model.safetensors" in one_line(e)
 
 
@@ -94,7 +94,7 @@ def test_lfs_pointer(folders, tmp_path):
     with open(os.path.join(d, "model.safetensors"), "w") as fh:
         fh.write("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n")
     with pytest.raises(ValueError) as e:
-        M.load(d)
+        load(d)
     assert "git-lfs pointer" in one_line(e) and "model.safetensors" in one_line(e)
 
 
@@ -107,7 +107,7 @@ def test_wrong_shapes_missing_and_unexpected_all_listed(folders, tmp_path):
     t["model.language_model.layers.0.mlp.shared_expert.weight"] = torch.zeros(3)
     save_file(t, f)
     with pytest.raises(ValueError) as e:
-        M.load(d)
+        load(d)
     msg = one_line(e)
     assert "3 checkpoint problem(s)" in msg
     assert "layers.0.self_attn.q_proj.weight: expected shape (128, 64), found (7, 64)" in msg
@@ -116,7 +116,7 @@ def test_wrong_shapes_missing_and_unexpected_all_listed(folders, tmp_path):
 
 
 def test_both_layouts_load_the_same_weights(folders):
-    a, b = (M.load(d, dtype=torch.float32) for d in folders)
+    a, b = (load(d, dtype=torch.float32) for d in folders)
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(p, q), n
     assert a.layers[0].mlp.experts.gate_up_proj.shape == (8, 32, 64)  # [E, 2I, H]
@@ -132,7 +132,7 @@ def test_expert_layout_when_hidden_is_twice_the_expert_width(tmp_path):
     with torch.no_grad():
         ref = hf(input_ids=ids, mm_token_type_ids=mm_token_type_ids(ids), pixel_values=pv, image_grid_thw=thw).logits
     for folder in (saved, hub):
-        ours = M.load(folder, dtype=torch.float32)
+        ours = load(folder, dtype=torch.float32)
         w = ours.layers[1].mlp.experts.gate_up_proj
         assert w.shape == (8, 64, 64)
         torch.testing.assert_close(w, hf.model.language_model.layers[1].mlp.experts.gate_up_proj)
@@ -149,7 +149,7 @@ def test_mixed_expert_layouts_are_refused(folders, tmp_path):
     t[name] = t[name].transpose(1, 2).contiguous()  # this one layer in the hub's x @ W layout
     save_file(t, f)
     with pytest.raises(ValueError) as e:
-        M.load(d)
+        load(d)
     assert "mixes both expert layouts" in one_line(e)
 
 
@@ -161,11 +161,11 @@ def test_peak_host_memory_near_weight_size(tmp_path):
 import os, resource, sys, torch
 sys.path.insert(0, {ROOT!r})
 import model as M
-path = M.resolve_model(None)
+path = tiny.resolve(None)
 with torch.device("meta"):  # the first meta build imports torch's meta kernels: not part of loading
-    M.Qwen3VLMoe(M.read_config(path))
+    qwen3_vl_moe.Qwen3VLMoe(read_config(path))
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-m = M.load(path, dtype=torch.float32)
+m = load(path, dtype=torch.float32)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 size = sum(p.numel() * p.element_size() for p in m.parameters())
 print(base * 1024, peak * 1024, size, os.path.getsize(os.path.join(path, "model.safetensors")))

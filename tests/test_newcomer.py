@@ -8,8 +8,8 @@ import pytest
 
 import bench
 import cli
-import kernels
-import model as M
+import moe_kernels
+from model import EXPERT_IMPLS, parser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["model.py", "calibrate.py", "search.py", "bench.py", "plot.py", "train_vqa.py"]
@@ -31,10 +31,10 @@ def test_every_top_level_file_answers_help():
 
 
 def test_one_list_of_expert_paths():
-    assert M.EXPERT_IMPLS == ("auto", "ref") + kernels.PATHS
-    for parser in (M.parser(), bench.parser()):
+    assert EXPERT_IMPLS == ("auto", "ref") + moe_kernels.PATHS
+    for parser in (parser(), bench.parser()):
         [action] = [a for a in parser._actions if a.dest == "expert_impl"]
-        assert tuple(action.choices) == M.EXPERT_IMPLS
+        assert tuple(action.choices) == EXPERT_IMPLS
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])

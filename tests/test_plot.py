@@ -21,7 +21,7 @@ import sys
 
 import pytest
 
-import plot
+from support import plot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "artifacts")

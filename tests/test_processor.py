@@ -11,8 +11,11 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
-import model as M
-import processor as P
+from model import config_from_dict
+from processor import (QwenProcessor, VisionPreprocessConfig, group_timestamps, patchify, preprocess_image,
+                       render_qwen_chat, sample_frame_indices, smart_resize, smart_resize_video, special_token_ids,
+                       to_rgb)
+import qwen3_vl_moe
 import tiny as builtin
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "qwen3_vl_moe")
@@ -33,7 +36,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def proc(model_dir):
-    return P.QwenProcessor.from_dir(model_dir)
+    return QwenProcessor.from_dir(model_dir)
 
 
 def noise_image(width, height, seed=0, mode="RGB"):
@@ -59,11 +62,11 @@ def render_jinja(messages):
 
 def test_smart_resize_spec_examples():
     # worked examples of spec §5.1 (height, width) -> (h', w')
-    assert P.smart_resize(1365, 2048) == (1376, 2048)
-    assert P.smart_resize(1024, 1024) == (1024, 1024)
-    assert P.smart_resize(100, 100) == (256, 256)
-    assert P.smart_resize(50, 100) == (192, 384)
-    assert P.smart_resize(48, 4000) == (64, 4000)  # round(1.5) = 2 (half to even); 64*4000 >= 65536
+    assert smart_resize(1365, 2048) == (1376, 2048)
+    assert smart_resize(1024, 1024) == (1024, 1024)
+    assert smart_resize(100, 100) == (256, 256)
+    assert smart_resize(50, 100) == (192, 384)
+    assert smart_resize(48, 4000) == (64, 4000)  # round(1.5) = 2 (half to even); 64*4000 >= 65536
 
 
 def test_smart_resize_matches_transformers():
@@ -71,14 +74,14 @@ def test_smart_resize_matches_transformers():
     rng = np.random.default_rng(1)
     for h, w in rng.integers(1, 6000, (300, 2)):
         if max(h, w) / min(h, w) <= 200:
-            assert P.smart_resize(int(h), int(w)) == smart_resize(int(h), int(w), 32, 65536, 16777216)
+            assert smart_resize(int(h), int(w)) == smart_resize(int(h), int(w), 32, 65536, 16777216)
 
 
 @pytest.mark.parametrize("width,height,mode", [(100, 50, "RGB"), (333, 517, "RGB"), (20, 20, "RGB"),
                                                (3000, 17, "RGB"), (61, 47, "RGBA"), (90, 70, "L")])
 def test_image_matches_transformers(width, height, mode):
     image = noise_image(width, height, seed=width, mode=mode)
-    ours, grid = P.preprocess_image(P.to_rgb(image), P.VisionPreprocessConfig())
+    ours, grid = preprocess_image(to_rgb(image), VisionPreprocessConfig())
     ref = hf_image_processor()(images=[image], return_tensors="pt")
     assert torch.equal(torch.tensor([grid]), ref["image_grid_thw"])
     assert ours.dtype == torch.float32 and ours.shape == ref["pixel_values"].shape
@@ -87,9 +90,9 @@ def test_image_matches_transformers(width, height, mode):
 
 def test_image_downscale_branch_matches_transformers():
     # a small max_pixels exercises the floor branch without a 16-megapixel image
-    cfg = P.VisionPreprocessConfig(min_pixels=32 * 32, max_pixels=128 * 128)
+    cfg = VisionPreprocessConfig(min_pixels=32 * 32, max_pixels=128 * 128)
     image = noise_image(517, 333, seed=3)
-    ours, grid = P.preprocess_image(image, cfg)
+    ours, grid = preprocess_image(image, cfg)
     ref = hf_image_processor(size={"shortest_edge": 32 * 32, "longest_edge": 128 * 128})(images=[image],
                                                                                           return_tensors="pt")
     # beta = sqrt(333 * 517 / 16384) = 3.24; h = floor(333 / 3.24 / 32) * 32 = 96, w = floor(517 / 3.24 / 32) * 32 = 128
@@ -99,12 +102,12 @@ def test_image_downscale_branch_matches_transformers():
 
 def test_image_patch_order_by_hand():
     # 64x32 image (no resize with these limits) whose 16x16 patch (r, c) has channel values 40r+10c+{0,1,2}
-    cfg = P.VisionPreprocessConfig(min_pixels=32 * 32)
+    cfg = VisionPreprocessConfig(min_pixels=32 * 32)
     a = np.zeros((32, 64, 3), dtype=np.uint8)
     for r in range(2):
         for c in range(4):
             a[16 * r:16 * r + 16, 16 * c:16 * c + 16] = [40 * r + 10 * c + k for k in range(3)]
-    pixels, grid = P.preprocess_image(Image.fromarray(a), cfg)
+    pixels, grid = preprocess_image(Image.fromarray(a), cfg)
     assert grid == (1, 2, 4) and pixels.shape == (8, 3 * 2 * 16 * 16)
     # 2x2 merge blocks left to right, each block row-major
     order = [(0, 0), (0, 1), (1, 0), (1, 1), (0, 2), (0, 3), (1, 2), (1, 3)]
@@ -131,7 +134,7 @@ CONVERSATIONS = [
 
 @pytest.mark.parametrize("messages", CONVERSATIONS)
 def test_prompt_matches_jinja_template(messages):
-    assert P.render_qwen_chat(messages) == render_jinja(messages)
+    assert render_qwen_chat(messages) == render_jinja(messages)
 
 
 def test_input_ids_match_transformers_processor(proc, model_dir):
@@ -180,10 +183,10 @@ def test_from_cli_and_modality(proc, model_dir, tmp_path):
 
 def model_modality(model_dir, ids, phase="prefill"):
     """The model's token modalities, with its special tokens read from the checkpoint's tokenizer files."""
-    cfg = M.config_from_dict(builtin.qwen_config(), "tiny")
+    cfg = config_from_dict(builtin.qwen_config(), "tiny")
     with torch.device("meta"):
-        model = M.Qwen3VLMoe(cfg)
-    model.special_ids = torch.tensor(sorted(set(P.special_token_ids(model_dir)) - set(cfg.media_token_ids)))
+        model = qwen3_vl_moe.Qwen3VLMoe(cfg)
+    model.special_ids = torch.tensor(sorted(set(special_token_ids(model_dir)) - set(cfg.media_token_ids)))
     return model.modality(ids, phase)
 
 
@@ -200,7 +203,7 @@ def test_ids_from_checkpoint_files(model_dir, tmp_path):
     for name in os.listdir(model_dir):
         shutil.copy(os.path.join(model_dir, name), tmp_path / name)
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [151645, 151643], "top_k": 20}))
-    proc = P.QwenProcessor.from_dir(str(tmp_path))
+    proc = QwenProcessor.from_dir(str(tmp_path))
     assert proc.stop_token_ids == [151645, 151643]
     assert proc.pad_token_id == 151643
     assert (proc.image_token_id, proc.video_token_id) == (151655, 151656)
@@ -211,7 +214,7 @@ def test_ids_from_checkpoint_files(model_dir, tmp_path):
     config = json.load(open(tmp_path / "config.json"))
     config["vision_config"]["patch_size"] = 14
     (tmp_path / "config.json").write_text(json.dumps(config))
-    assert P.QwenProcessor.from_dir(str(tmp_path)).image_cfg.patch_size == 14
+    assert QwenProcessor.from_dir(str(tmp_path)).image_cfg.patch_size == 14
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -280,30 +283,30 @@ def test_video_rules_match_transformers():
     from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
     from transformers.video_utils import VideoMetadata
     V = importlib.import_module("transformers.models.qwen3_vl.video_processing_qwen3_vl")
-    cfg = P.VisionPreprocessConfig.video_defaults()
+    cfg = VisionPreprocessConfig.video_defaults()
     rng = np.random.default_rng(2)
     for total, fps, h, w in zip(rng.integers(2, 3000, 200), rng.uniform(0.5, 60, 200), rng.integers(1, 4000, 200),
                                 rng.integers(1, 4000, 200)):
         total, h, w = int(total), int(h), int(w)
         ref_indices = V.Qwen3VLVideoProcessor.sample_frames(SimpleNamespace(fps=2, min_frames=4, max_frames=768),
                                                             VideoMetadata(total_num_frames=total, fps=fps))
-        indices = P.sample_frame_indices(total, fps, cfg)
+        indices = sample_frame_indices(total, fps, cfg)
         assert indices.tolist() == ref_indices.tolist()
-        assert P.group_timestamps(indices, fps, 2) == Qwen3VLProcessor._calculate_timestamps(None, indices, fps, 2)
+        assert group_timestamps(indices, fps, 2) == Qwen3VLProcessor._calculate_timestamps(None, indices, fps, 2)
         if max(h, w) / min(h, w) <= 100:
-            assert (P.smart_resize_video(len(indices), h, w, 2, 32, 4096, 25165824)
+            assert (smart_resize_video(len(indices), h, w, 2, 32, 4096, 25165824)
                     == V.smart_resize(len(indices), h, w, 2, 32, 4096, 25165824))
     frames = torch.randn(5, 3, 64, 96)  # odd frame count: the last frame is repeated
     ref, *ref_grid = V.Qwen3VLVideoProcessor.patchify(None, frames[None], 16, 2, 2)
-    ours, grid = P.patchify(frames, cfg)
+    ours, grid = patchify(frames, cfg)
     assert grid == tuple(ref_grid) == (3, 4, 6) and torch.equal(ours, ref[0])
 
 
 def test_frame_sampling_long_clip():
-    cfg = P.VisionPreprocessConfig.video_defaults()
+    cfg = VisionPreprocessConfig.video_defaults()
     # 100 frames at 25 fps = 4 s -> 8 frames at 2 fps: linspace(0, 99, 8) rounded
-    assert P.sample_frame_indices(100, 25.0, cfg).tolist() == [0, 14, 28, 42, 57, 71, 85, 99]
-    assert P.group_timestamps([0, 14, 28], 25.0, 2) == [(0 + 14 / 25) / 2, 28 / 25]
+    assert sample_frame_indices(100, 25.0, cfg).tolist() == [0, 14, 28, 42, 57, 71, 85, 99]
+    assert group_timestamps([0, 14, 28], 25.0, 2) == [(0 + 14 / 25) / 2, 28 / 25]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -410,23 +413,23 @@ def test_bad_messages(proc, messages, match):
 
 def test_bad_model_dir(model_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="no_such_dir"):
-        P.QwenProcessor.from_dir(str(tmp_path / "no_such_dir"))
+        QwenProcessor.from_dir(str(tmp_path / "no_such_dir"))
     with pytest.raises(FileNotFoundError, match="tokenizer.json not found"):
-        P.QwenProcessor.from_dir(str(tmp_path))
+        QwenProcessor.from_dir(str(tmp_path))
     for name in os.listdir(model_dir):
         shutil.copy(os.path.join(model_dir, name), tmp_path / name)
     config = json.load(open(tmp_path / "config.json"))
     config["image_token_id"] = 151654
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"config.json: image_token_id=151654 but .* has <\|image_pad\|> at id 151655"):
-        P.QwenProcessor.from_dir(str(tmp_path))
+        QwenProcessor.from_dir(str(tmp_path))
     shutil.copy(os.path.join(model_dir, "config.json"), tmp_path / "config.json")
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": {"shortest_edge": "big"}}))
     with pytest.raises(ValueError, match="preprocessor_config.json: min_pixels must be a number, got 'big'"):
-        P.QwenProcessor.from_dir(str(tmp_path))
+        QwenProcessor.from_dir(str(tmp_path))
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json: invalid JSON"):
-        P.QwenProcessor.from_dir(str(tmp_path))
+        QwenProcessor.from_dir(str(tmp_path))
 
 
 def test_foreign_chat_template_warns(model_dir, tmp_path):
@@ -434,4 +437,4 @@ def test_foreign_chat_template_warns(model_dir, tmp_path):
         shutil.copy(os.path.join(model_dir, name), tmp_path / name)
     (tmp_path / "chat_template.jinja").write_text("{{ messages }}")
     with pytest.warns(UserWarning, match="chat_template.jinja: chat template differs"):
-        P.QwenProcessor.from_dir(str(tmp_path))
+        QwenProcessor.from_dir(str(tmp_path))

@@ -13,7 +13,8 @@ import tiktoken
 import torch
 from PIL import Image
 
-import model as M
+from model import config_from_dict
+import kimi_vl
 import processor as pk
 import tiny as builtin
 
@@ -124,9 +125,9 @@ def test_input_ids_and_modality_match_reference(proc, ref_encoding, tmp_path):
 
 def kimi_modality(proc, ids):
     """The model's token modalities with the special block the tokenizer names (what the loader reads)."""
-    cfg = M.config_from_dict(builtin.kimi_config(), "tiny")
+    cfg = config_from_dict(builtin.kimi_config(), "tiny")
     with torch.device("meta"):
-        model = M.KimiVL(cfg)
+        model = kimi_vl.KimiVL(cfg)
     model.special_ids = torch.tensor(sorted(set(proc.special_ids) - {MEDIA_PAD_ID}))
     return model.modality(ids, "prefill")
 

@@ -5,8 +5,9 @@ import os
 import pytest
 import torch
 
-import model as M
+from model import attention, causal_mask, checkpoint_names, generate, load, read_config, set_expert_impl
 from qwen_oracle import (IMAGE, image_prompt, make_oracle, mm_token_type_ids, pixels, video_prompt)
+import qwen3_vl_moe
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "qwen3_vl_moe")
 
@@ -59,7 +60,7 @@ def test_config_variants_match_oracle(tmp_path, variant):
     ref = hf_logits(hf, ids, pixel_values=pv, image_grid_thw=thw)
     for path in (saved, hub):
         with torch.no_grad():
-            assert_logits_close(M.load(path, dtype=torch.float32)(ids, pixel_values=pv, image_grid_thw=thw), ref)
+            assert_logits_close(load(path, dtype=torch.float32)(ids, pixel_values=pv, image_grid_thw=thw), ref)
 
 
 @pytest.mark.parametrize("part, change", [("text_config", {"hidden_act": "gelu"}),
@@ -72,14 +73,14 @@ def test_unsupported_config_is_one_clear_error(part, change):
     raw[part].update(change)
     key = "mrope_section" if "rope_scaling" in change else next(iter(change))
     with pytest.raises(ValueError, match=f"config.json: .*{key}"):
-        M.QwenConfig.from_hf(raw, "config.json")
+        qwen3_vl_moe.QwenConfig.from_hf(raw, "config.json")
 
 
 @pytest.mark.parametrize("layout", ["transformers5", "hub"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_logits_match_oracle(oracle, layout, case):
     hf, saved, hub = oracle
-    ours = M.load(saved if layout == "transformers5" else hub, dtype=torch.float32)
+    ours = load(saved if layout == "transformers5" else hub, dtype=torch.float32)
     c = CASES[case]
     if "grids" in c:
         ids = torch.tensor([image_prompt(c["grids"])])
@@ -98,7 +99,7 @@ def test_logits_match_oracle(oracle, layout, case):
 
 def test_pad_count_must_match_the_visual_features(oracle):
     _, saved, _ = oracle
-    ours = M.load(saved, dtype=torch.float32)
+    ours = load(saved, dtype=torch.float32)
     grids = CASES["two_images"]["grids"]
     ids = torch.tensor([image_prompt(grids)])
     pv, thw = pixels(grids)
@@ -120,7 +121,7 @@ def left_padded_batch():
 
 def test_left_padded_batch_matches_oracle(oracle):
     hf, saved, _ = oracle
-    ours = M.load(saved, dtype=torch.float32)
+    ours = load(saved, dtype=torch.float32)
     ids, mask, kw = left_padded_batch()
     with torch.no_grad():
         out = ours(ids, mask, **kw)
@@ -132,7 +133,7 @@ def test_left_padded_batch_matches_oracle(oracle):
 
 def test_cached_decode_equals_recompute(oracle):
     _, saved, _ = oracle
-    ours = M.load(saved, dtype=torch.float32)
+    ours = load(saved, dtype=torch.float32)
     ids, mask, kw = left_padded_batch()
     new = torch.tensor([[7, 3, 99], [42, 5, 6]])
     full_ids = torch.cat([ids, new], 1)
@@ -150,21 +151,21 @@ def test_cached_decode_equals_recompute(oracle):
 
 def test_greedy_generation_matches_oracle(oracle):
     hf, saved, _ = oracle
-    ours = M.load(saved, dtype=torch.float32)
+    ours = load(saved, dtype=torch.float32)
     grids = [(1, 4, 6)]
     ids = torch.tensor([image_prompt(grids)])
     pv, thw = pixels(grids)
     ref = hf.generate(input_ids=ids, pixel_values=pv, image_grid_thw=thw, mm_token_type_ids=mm_token_type_ids(ids),
                       max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:]
-    out = M.generate(ours, ids, max_new_tokens=8, pixel_values=pv, image_grid_thw=thw)[0]
+    out = generate(ours, ids, max_new_tokens=8, pixel_values=pv, image_grid_thw=thw)[0]
     assert out.tolist() == ref.tolist()
     assert len(set(out.tolist())) > 1, "degenerate generation cannot catch mistakes"
 
 
 def test_rope_index_worked_example():
     # qwen3_vl_moe.md §4: <|im_start|>user\n<|vision_start|> then a merged 2x4 image, then text; 22 tokens
-    cfg = M.QwenConfig(image_token_id=IMAGE)
-    model = M.Qwen3VLMoe.__new__(M.Qwen3VLMoe)
+    cfg = qwen3_vl_moe.QwenConfig(image_token_id=IMAGE)
+    model = qwen3_vl_moe.Qwen3VLMoe.__new__(qwen3_vl_moe.Qwen3VLMoe)
     model.cfg = cfg
     ids = torch.tensor([[1, 2, 3, 4] + [IMAGE] * 8 + list(range(30, 40))])
     valid = torch.ones_like(ids, dtype=torch.bool)
@@ -176,17 +177,17 @@ def test_rope_index_worked_example():
 
 
 def test_mrope_interleaved_layout():
-    axis = M.mrope_axis(M.QwenConfig())
+    axis = qwen3_vl_moe.mrope_axis(qwen3_vl_moe.QwenConfig())
     assert "".join("THW"[a] for a in axis.tolist()) == "THW" * 20 + "TTTT"
 
 
 def test_real_config_tensor_names_and_shapes():
-    cfg = M.read_config(FIXTURES)
+    cfg = read_config(FIXTURES)
     with torch.device("meta"):
-        model = M.Qwen3VLMoe(cfg)
+        model = qwen3_vl_moe.Qwen3VLMoe(cfg)
     params = dict(model.named_parameters())
     ours = {}
-    for name, (pname, _) in M.checkpoint_names(model).items():
+    for name, (pname, _) in checkpoint_names(model).items():
         shape = tuple(params[pname].shape)
         if name.endswith(("experts.gate_up_proj", "experts.down_proj")):  # hub stores x @ W
             shape = shape[:1] + shape[1:][::-1]
@@ -204,13 +205,13 @@ def test_real_config_tensor_names_and_shapes():
 
 
 def test_both_config_dialects_agree():
-    hub = M.read_config(FIXTURES)
+    hub = read_config(FIXTURES)
     with open(os.path.join(FIXTURES, "config.json")) as f:
         raw = json.load(f)
     t = raw["text_config"]
     t["rope_parameters"] = dict(t.pop("rope_scaling"), rope_theta=t.pop("rope_theta"))
     t["num_local_experts"] = t.pop("num_experts")
-    assert M.QwenConfig.from_hf(raw, "transformers 5 dialect") == hub
+    assert qwen3_vl_moe.QwenConfig.from_hf(raw, "transformers 5 dialect") == hub
     assert hub.num_experts == 128 and hub.rope_theta == 5e6 and hub.mrope_section == (24, 20, 20)
 
 
@@ -227,7 +228,7 @@ def test_token_importance_hand_example():
     assert torch.allclose(got[0, :2], torch.tensor([2 * (11 / 6) / 3, 2 * (5 / 6) / 2]))
     assert got[0, 2] == float("-inf")
     # the same with the padded-prefill mask form
-    mask = M.causal_mask(torch.arange(3), torch.ones(1, 3, dtype=torch.bool))
+    mask = causal_mask(torch.arange(3), torch.ones(1, 3, dtype=torch.bool))
     torch.testing.assert_close(router.token_importance(router.attention_probs(q, k, mask), x, mask, valid), got)
 
 
@@ -242,28 +243,28 @@ def test_fused_attention_forms_equal_the_masked_reference():
         kk, vv = (t.repeat_interleave(h // h_kv, dim=1) for t in (k, v))
         scores = (q @ kk.transpose(-1, -2)) / d ** 0.5
         return scores.masked_fill(~mask, float("-inf")).softmax(-1) @ vv
-    causal = M.causal_mask(torch.arange(S), torch.ones(B, S, dtype=torch.bool))
-    torch.testing.assert_close(M.attention(q, k, v, None), reference(causal), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(M.attention(q, k, v, causal), reference(causal), rtol=1e-5, atol=1e-6)
+    causal = causal_mask(torch.arange(S), torch.ones(B, S, dtype=torch.bool))
+    torch.testing.assert_close(attention(q, k, v, None), reference(causal), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(attention(q, k, v, causal), reference(causal), rtol=1e-5, atol=1e-6)
     valid = torch.ones(B, S, dtype=torch.bool)
     valid[1, :3] = False  # row 1 left-padded
-    padded = M.causal_mask(torch.arange(S), valid)
-    torch.testing.assert_close(M.attention(q, k, v, padded), reference(padded), rtol=1e-5, atol=1e-6)
+    padded = causal_mask(torch.arange(S), valid)
+    torch.testing.assert_close(attention(q, k, v, padded), reference(padded), rtol=1e-5, atol=1e-6)
     # a decode step: one query per row against a 12-slot cache whose last 4 slots are unwritten
     key_valid = torch.ones(B, 12, dtype=torch.bool)
     key_valid[:, 8:] = False
     key_valid[1, :3] = False
-    step = M.causal_mask(torch.tensor([7]), key_valid)
+    step = causal_mask(torch.tensor([7]), key_valid)
     kc, vc = (torch.randn(B, h_kv, 12, d, generator=g) for _ in range(2))
     kk, vv = (t.repeat_interleave(h // h_kv, dim=1) for t in (kc, vc))
     expected = ((q[:, :, :1] @ kk.transpose(-1, -2)) / d ** 0.5).masked_fill(~step, float("-inf")).softmax(-1) @ vv
-    torch.testing.assert_close(M.attention(q[:, :, :1], kc, vc, step), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(attention(q[:, :, :1], kc, vc, step), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_mcmoe_policy_gets_importance(oracle):
     import router
     _, saved, _ = oracle
-    ours = M.load(saved, dtype=torch.float32)
+    ours = load(saved, dtype=torch.float32)
     ids = torch.tensor([image_prompt([(1, 4, 4)])])
     pv, thw = pixels([(1, 4, 4)])
     stats = {}
@@ -280,18 +281,18 @@ def test_mcmoe_policy_gets_importance(oracle):
 def test_kernel_paths_reproduce_reference(oracle, impl):
     import router
     _, saved, _ = oracle
-    ours = M.load(saved, dtype=torch.float32)
+    ours = load(saved, dtype=torch.float32)
     grids = [(1, 4, 6)]
     ids = torch.tensor([image_prompt(grids)])
     pv, thw = pixels(grids)
     with torch.no_grad():
         ref_logits = ours(ids, pixel_values=pv, image_grid_thw=thw)
-        ref_tokens = M.generate(ours, ids, max_new_tokens=6, pixel_values=pv, image_grid_thw=thw)
-        M.set_expert_impl(ours, impl)
+        ref_tokens = generate(ours, ids, max_new_tokens=6, pixel_values=pv, image_grid_thw=thw)
+        set_expert_impl(ours, impl)
         torch.testing.assert_close(ours(ids, pixel_values=pv, image_grid_thw=thw), ref_logits, rtol=1e-5, atol=1e-5)
-        assert M.generate(ours, ids, max_new_tokens=6, pixel_values=pv, image_grid_thw=thw).tolist() == \
+        assert generate(ours, ids, max_new_tokens=6, pixel_values=pv, image_grid_thw=thw).tolist() == \
             ref_tokens.tolist()
         router.install(ours, router.Threshold(0.3))  # and with skipping on, the same skipped slots
         fast = ours(ids, pixel_values=pv, image_grid_thw=thw)
-        M.set_expert_impl(ours, "ref")
+        set_expert_impl(ours, "ref")
         torch.testing.assert_close(fast, ours(ids, pixel_values=pv, image_grid_thw=thw), rtol=1e-5, atol=1e-5)

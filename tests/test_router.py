@@ -400,14 +400,14 @@ def test_policy_bad_input():
 @pytest.fixture(scope="module")
 def skeleton():
     """tiny-qwen's architecture on the meta device (no weights): what the scripts check these files against."""
-    import model as M
+    from model import build, config_from_dict
     import tiny
-    return M.build(M.config_from_dict(tiny.qwen_config(), "tiny-qwen"), "meta")
+    return build(config_from_dict(tiny.qwen_config(), "tiny-qwen"), "meta")
 
 
 def documents(model):
     """A valid (alpha, thresholds) pair for model."""
-    rows = [dict(layer=i, text=0.25, vision=0.25) for i in router.moe_layers(model)]
+    rows = [dict(layer=i, text=0.25, vision=0.25) for i in model.moe_layers()]
     made_for = dict(fingerprint=router.fingerprint(model))
     return (dict(format=router.ALPHA_FORMAT, model=made_for, layers=rows),
             dict(format=router.THRESHOLDS_FORMAT, model=made_for, tau=dict(text=0.1, vision=0.2), layers=rows))

@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 
-import calibrate as C
+from calibrate import calibrate
 import cli
-import data as D
-import model as M
+from data import synthetic_samples
+from model import load
 import processor
 import router
 import search as S
@@ -73,11 +73,11 @@ def test_frontier_walks_down_once():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    path = M.resolve_model("tiny-qwen")
-    model = M.load(path, dtype=torch.float32)
+    path = tiny.resolve("tiny-qwen")
+    model = load(path, dtype=torch.float32)
     proc = processor.for_model(path, model.cfg.model_type)
-    samples = D.synthetic_samples(3)
-    alpha = C.calibrate(model, proc, samples, batch_size=1, quiet=True)
+    samples = synthetic_samples(3)
+    alpha = calibrate(model, proc, samples, batch_size=1, quiet=True)
     folder = tmp_path_factory.mktemp("search")
     cli.write_json(folder / "alpha.json", alpha)
     evaluator = S.Evaluator(model, proc, samples, router.alpha_table(alpha, model, "alpha"), batch_size=1,

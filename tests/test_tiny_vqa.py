@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-import model as M
-import processor as P
+from model import generate, load, read_config
+from processor import QwenProcessor
 
 easy_vqa = pytest.importorskip("easy_vqa", reason="easy-vqa is not installed (pip install easy-vqa): it holds the "
                                "images and questions these tests ask")
@@ -34,7 +34,7 @@ def one_thread():
 
 def answer(model, proc, question, image):
     batch = proc.from_cli(question, images=[image])
-    out = M.generate(model, batch["input_ids"][None], max_new_tokens=4, stop_ids=proc.stop_token_ids,
+    out = generate(model, batch["input_ids"][None], max_new_tokens=4, stop_ids=proc.stop_token_ids,
                      pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])[0].tolist()
     stops = [i for i, t in enumerate(out) if t in proc.stop_token_ids]
     assert stops, f"no stop token in {out}"
@@ -44,8 +44,8 @@ def answer(model, proc, question, image):
 def test_shipped_checkpoint_answers_held_out_questions(one_thread):
     questions, answers, image_ids = easy_vqa.get_test_questions()
     paths = easy_vqa.get_test_image_paths()
-    model = M.load(CKPT, dtype=torch.float32)
-    proc = P.QwenProcessor.from_dir(CKPT)
+    model = load(CKPT, dtype=torch.float32)
+    proc = QwenProcessor.from_dir(CKPT)
     got = {j: answer(model, proc, questions[j], paths[image_ids[j]]) for j in QUESTIONS}
     wrong = {questions[j]: (answers[j], got[j]) for j in QUESTIONS if got[j] != answers[j]}
     assert not wrong, f"(expected, got): {wrong}"
@@ -53,14 +53,14 @@ def test_shipped_checkpoint_answers_held_out_questions(one_thread):
 
 
 def test_shipped_checkpoint_is_small_and_really_moe():
-    cfg = M.read_config(CKPT)
+    cfg = read_config(CKPT)
     assert os.path.getsize(os.path.join(CKPT, "model.safetensors")) <= 10 * 2**20
     assert cfg.num_hidden_layers >= 4 and all(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
     assert cfg.num_experts >= 16 and cfg.num_experts_per_tok >= 4
     # hidden == 2 * expert width would make the stored expert layout ambiguous by shape
     assert cfg.hidden_size != 2 * cfg.moe_intermediate_size
     # small special-token ids come from the checkpoint's own files
-    proc = P.QwenProcessor.from_dir(CKPT)
+    proc = QwenProcessor.from_dir(CKPT)
     assert max(proc.stop_token_ids + [proc.image_token_id]) < cfg.vocab_size < 1024
 
 
@@ -68,8 +68,8 @@ def test_shipped_checkpoint_is_a_transformers_checkpoint(one_thread):
     """transformers reads the folder as it is and computes the same logits (the loader's oracle)."""
     transformers = pytest.importorskip("transformers")
     hf = transformers.Qwen3VLMoeForConditionalGeneration.from_pretrained(CKPT, dtype=torch.float32).eval()
-    ours = M.load(CKPT, dtype=torch.float32)
-    proc = P.QwenProcessor.from_dir(CKPT)
+    ours = load(CKPT, dtype=torch.float32)
+    proc = QwenProcessor.from_dir(CKPT)
     b = proc.from_cli("is there not a rectangle in the image?", images=[easy_vqa.get_test_image_paths()[5]])
     with torch.no_grad():
         want = hf(input_ids=b["input_ids"][None], pixel_values=b["pixel_values"], image_grid_thw=b["image_grid_thw"],
@@ -100,8 +100,8 @@ def test_training_smoke_and_resume(tmp_path, one_thread):
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                  "preprocessor_config.json"):
         assert os.path.isfile(os.path.join(out, name)), name
-    model = M.load(out, dtype=torch.float32)
-    proc = P.QwenProcessor.from_dir(out)
+    model = load(out, dtype=torch.float32)
+    proc = QwenProcessor.from_dir(out)
     batch = proc.from_cli("what color is the shape?", images=[easy_vqa.get_test_image_paths()[0]])
     logits = model(batch["input_ids"][None], pixel_values=batch["pixel_values"],
                    image_grid_thw=batch["image_grid_thw"])

@@ -2,13 +2,13 @@
 compiled, CUDA-graph-captured decode step. model.py stays eager and readable; this file makes it fast.
 
 Expert paths take a fixed [T, K] table of (expert id, routing weight) per token, where a skipped (token, slot) pair
-carries the id SKIP. Every shape depends on T and K only, never on how many slots were skipped, so one compiled
-graph (and one CUDA graph) serves any skip pattern. Skipped pairs are never multiplied, and an expert that no kept
-pair selects is never read.
+carries a negative id (model.SKIP). Every shape depends on T and K only, never on how many slots were skipped, so
+one compiled graph (and one CUDA graph) serves any skip pattern. Skipped pairs are never multiplied, and an expert
+that no kept pair selects is never read.
 
   grouped  prefill: sort pairs by expert, skipped pairs last, two grouped matmuls over the kept rows
   gather   decode (gpt-fast style): gather each slot's expert weights, batched matmul
-  triton   decode on CUDA: one program per (slot, tile) reads the slot's expert id and reads no weight on SKIP
+  triton   decode on CUDA: one program per (slot, tile) reads the slot's expert id and reads no weight when skipped
   auto     (resolved by auto_path) model.py's readable loop on an eager CPU, where it is the fastest; otherwise
            the decode path when T * K <= DECODE_MAX_SLOTS, else grouped
 
@@ -16,7 +16,8 @@ DecodeStep compiles model.decode_step with fullgraph=True and on CUDA captures i
 policies change only buffers, so the same graph serves every threshold (tau = 0 skips nothing).
 
 Legend: T tokens, K slots per token, E experts, H hidden size, I expert intermediate size, S = T * K slots.
-Nothing here imports the model; model.py calls in.
+Named moe_kernels, not kernels: Hugging Face's `kernels` package (which transformers >= 5.25 imports) owns that
+import name, and a kernels.py beside a script would shadow it. Nothing here imports the model; model.py calls in.
 """
 import os
 
@@ -31,7 +32,6 @@ try:
 except ImportError:
     HAS_TRITON = False
 
-SKIP = -1  # expert id of a skipped (token, slot) pair, for the whole project
 PATHS = ("grouped", "gather", "triton")
 DECODE_MAX_SLOTS = 64  # auto: T * K at or below this takes the decode path (tune per GPU; transformers saw 2^6-2^9)
 # Triton decode tiles: output rows per program and reduction chunk, per kernel (vLLM's M=1 configs for H100/H200
@@ -61,11 +61,11 @@ def check_path(path: str, device) -> None:
         raise ValueError("expert path triton needs a CUDA device and an importable triton (torch >= 2.6)")
 
 
-def moe_experts(x: Tensor, w_gate_up: Tensor, w_down: Tensor, ids: Tensor, weights: Tensor, path: str) -> Tensor:
+def run(x: Tensor, w_gate_up: Tensor, w_down: Tensor, ids: Tensor, weights: Tensor, path: str) -> Tensor:
     """sum_k weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)) over kept slots -> [T, H], x's dtype.
 
     x [T, H]; w_gate_up [E, 2I, H] (gate rows first), contiguous; w_down [E, H, I], contiguous; ids [T, K] int64,
-    SKIP where skipped; weights [T, K] fp32 final mixing coefficients, ignored (may be NaN) where skipped.
+    negative where skipped; weights [T, K] fp32 final mixing coefficients, ignored (may be NaN) where skipped.
     Shapes, dtypes and devices are the model's and were checked when it was loaded, not here on the hot path."""
     T, H = x.shape
     K = ids.shape[1]
@@ -94,7 +94,7 @@ def _grouped_mm_usable(x: Tensor, I: int) -> bool:
 def _grouped_experts(x, w_gate_up, w_down, ids, weights) -> Tensor:
     T, H = x.shape
     E, I, K = w_gate_up.shape[0], w_down.shape[2], ids.shape[1]
-    key = torch.where(ids == SKIP, E, ids).flatten()  # [S], skipped pairs sort last
+    key = torch.where(ids < 0, E, ids).flatten()  # [S], skipped pairs sort last
     key_sorted, perm = torch.sort(key, stable=True)  # [S], [S]
     # end offset of each expert's run of rows; empty experts get empty groups, so their weights are never read
     offs = torch.searchsorted(key_sorted, torch.arange(E, device=x.device), right=True, out_int32=True)  # [E]
@@ -129,10 +129,10 @@ def _redirect_skipped(ids: Tensor, E: int) -> Tensor:
     """Point each skipped slot at an expert its token keeps (else one the batch keeps), so a gather reads no new
     expert. Only when the whole batch keeps nothing does a slot read an expert (E - 1) nobody selected; its result
     is masked."""
-    key = torch.where(ids == SKIP, E, ids)  # [T, K]
+    key = torch.where(ids < 0, E, ids)  # [T, K]
     first = key.min(dim=1, keepdim=True).values  # [T, 1], E where the token keeps none
     first = torch.where(first == E, key.min(), first).clamp(max=E - 1)  # [T, 1]
-    return torch.where(ids == SKIP, first, ids)  # [T, K]
+    return torch.where(ids < 0, first, ids)  # [T, K]
 
 
 def _gather_experts(x, w_gate_up, w_down, ids, weights) -> Tensor:
@@ -142,7 +142,7 @@ def _gather_experts(x, w_gate_up, w_down, ids, weights) -> Tensor:
     h = torch.einsum("th,tkjh->tkj", x, w_gate_up[ids_r])  # [T, K, 2I]
     act = F.silu(h[..., :I]) * h[..., I:]  # [T, K, I]
     y = torch.einsum("tki,tkhi->tkh", act, w_down[ids_r])  # [T, K, H]
-    keep = ids != SKIP  # [T, K]
+    keep = ids >= 0  # [T, K]
     return torch.where(keep[..., None], y.float() * weights[..., None], 0.0).sum(1)  # [T, H] fp32
 
 
@@ -154,7 +154,7 @@ if HAS_TRITON:
         s = tl.program_id(0)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         e = tl.load(ids_ptr + s)
-        h_end = tl.where(e == -1, 0, H)  # SKIP (-1): zero iterations, so not one weight byte is read
+        h_end = tl.where(e < 0, 0, H)  # skipped: zero iterations, so not one weight byte is read
         w_gate = w_ptr + e * 2 * I * H + n[:, None] * H
         x_row = x_ptr + (s // K) * H
         gate = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -175,7 +175,7 @@ if HAS_TRITON:
         s = tl.program_id(0)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         e = tl.load(ids_ptr + s)
-        i_end = tl.where(e == -1, 0, I)  # SKIP: as above
+        i_end = tl.where(e < 0, 0, I)  # skipped: as above
         w_row = w_ptr + e * H * I + n[:, None] * I
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for i0 in range(0, i_end, BLOCK_I):
@@ -183,7 +183,7 @@ if HAS_TRITON:
             a = tl.load(act_ptr + s * I + i, mask=i < I, other=0.0)
             mask = (n[:, None] < H) & (i[None, :] < I)
             acc += tl.sum(tl.load(w_row + i[None, :], mask=mask, other=0.0).to(tl.float32) * a[None, :], axis=1)
-        y = tl.where(e == -1, 0.0, acc * tl.load(rw_ptr + s))  # the weight of a skipped slot may be NaN
+        y = tl.where(e < 0, 0.0, acc * tl.load(rw_ptr + s))  # the weight of a skipped slot may be NaN
         tl.store(y_ptr + s * H + n, y, mask=n < H)
 
     @torch.library.triton_op("moe_kernels::slot_experts", mutates_args={})
@@ -253,10 +253,3 @@ class DecodeStep:
             self.logits = self.fn(self.token)
         for t, old in zip(written, saved):
             t.copy_(old)
-
-
-
-
-if __name__ == "__main__":
-    print("kernels.py is a library (the expert kernels and the compiled decode step); not a script: run "
-          "model.py, calibrate.py, search.py, bench.py or plot.py (each has --help)")

@@ -26,11 +26,11 @@ Touches of model.py internals are marked `# model.py API:` (building from a conf
 with media, the MoE routers' gate modules, save_checkpoint, load, generate).
 
 Examples
-    python train_vqa.py                                      # full run -> checkpoints/tiny-vqa (~26 min, 2 cores)
-    python train_vqa.py --resume                             # continue an interrupted run from its last state
-    python train_vqa.py --eval-only                          # held-out accuracy of checkpoints/tiny-vqa (all 9,673)
-    python train_vqa.py --eval-only --model DIR --eval-n 2000 --eval-seed 0      # a random sample instead
-    python train_vqa.py --steps 20 --train-images 32 --val-images 0 --out /tmp/vqa-smoke --eval-n 32  # smoke
+    python support/train_vqa.py                                      # full run -> checkpoints/tiny-vqa (~26 min, 2 cores)
+    python support/train_vqa.py --resume                             # continue an interrupted run from its last state
+    python support/train_vqa.py --eval-only                          # held-out accuracy of checkpoints/tiny-vqa (all 9,673)
+    python support/train_vqa.py --eval-only --model DIR --eval-n 2000 --eval-seed 0      # a random sample instead
+    python support/train_vqa.py --steps 20 --train-images 32 --val-images 0 --out /tmp/vqa-smoke --eval-n 32  # smoke
 """
 import argparse
 import collections
@@ -47,13 +47,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
-import cli
-import data as D
-import model as M
-import processor as P
-import tiny
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as support/train_vqa.py
+import cli  # noqa: E402
+import qwen3_vl_moe  # noqa: E402
+from data import Sample, make_batch  # noqa: E402
+from generate import generate  # noqa: E402
+from model import Wrapper, load, read_config, save_checkpoint  # noqa: E402
+from processor import QwenProcessor, special_token_ids  # noqa: E402
+from support import tiny  # noqa: E402
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = tiny.ROOT
 DEFAULT_OUT = os.path.join(ROOT, "checkpoints", "tiny-vqa")
 COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 SHAPES = ("circle", "rectangle", "triangle")
@@ -214,15 +217,17 @@ def init_weights(model, layers, seed):
             p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
-class GateTap:
-    """Collects the router logits of every MoE layer during a forward (forward hooks on the gate Linear modules:
-    the training loop's balance loss needs the un-skipped logits with their gradient)."""
+class GateTap(Wrapper):
+    """An MoE layer that also hands its router logits to `sink` (the training loop's balance loss needs the
+    un-skipped logits with their gradient). Put around every MoE layer with model.DecoderLayers.wrap."""
 
-    def __init__(self, model):
-        self.logits = []
-        # model.py API: model.layers[i].mlp.gate is the router nn.Linear of MoE layer i
-        for layer in model.layers:
-            layer.mlp.gate.register_forward_hook(lambda mod, inp, out: self.logits.append(out))
+    def __init__(self, moe, sink):
+        super().__init__(moe)
+        self.sink = sink
+
+    def forward(self, x, ctx):
+        self.sink.append(self.inner.gate(x.reshape(-1, x.shape[-1])))  # model.py API: the MoE's router nn.Linear
+        return self.inner(x, ctx)
 
 
 def balance_loss(logits, valid, k):
@@ -242,7 +247,7 @@ def slot_shares(probs, k):
 
 def forward_losses(net, aux_head, b):
     """(answer loss, aux loss, balance loss, answer-token accuracy) of one batch."""
-    net.tap.logits.clear()
+    net.router_logits.clear()
     # model.py API: encode_vision -> (visual mask, main features [n, H], deepstack list), then forward with media
     media = net.encode_vision(b["input_ids"], **b["pixels"])
     logits = net(b["input_ids"], b["attention_mask"], media=media, image_grid_thw=b["pixels"]["image_grid_thw"])
@@ -256,19 +261,19 @@ def forward_losses(net, aux_head, b):
     lab = b["aux"].repeat_interleave(visual.sum(1), dim=0)  # [n, 2]
     aux = (F.cross_entropy(aux_logits[:, :len(COLORS)], lab[:, 0], ignore_index=-100)
            + F.cross_entropy(aux_logits[:, len(COLORS):], lab[:, 1], ignore_index=-100))
-    bal = balance_loss(net.tap.logits, b["attention_mask"].bool().flatten(), net.cfg.num_experts_per_tok)
+    bal = balance_loss(net.router_logits, b["attention_mask"].bool().flatten(), net.cfg.num_experts_per_tok)
     return ce, aux, bal, acc
 
 
 @torch.no_grad()
 def expert_loads(net, data, n=256):
     """Per MoE layer: the share of routed slots each expert gets on n training examples (real tokens only)."""
-    net.tap.logits.clear()
+    net.router_logits.clear()
     b = data.batch(list(range(min(n, len(data)))))
     net(b["input_ids"], b["attention_mask"], **b["pixels"])
     valid = b["attention_mask"].bool().flatten()
     k = net.cfg.num_experts_per_tok
-    return torch.stack([slot_shares(z[valid].float().softmax(-1), k) for z in net.tap.logits])  # [L, E]
+    return torch.stack([slot_shares(z[valid].float().softmax(-1), k) for z in net.router_logits])  # [L, E]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -335,15 +340,17 @@ def train(args):
     vocab_size = -(-n_tokens // 64) * 64  # rows past the tokenizer are padding, as in the real checkpoint
     raw = vqa_config(ids, vocab_size, args)
     write_folder(args.out, raw, ids, args)
-    proc = P.QwenProcessor.from_dir(args.out)
+    proc = QwenProcessor.from_dir(args.out)
     data = VQAData(proc, "train", set(train_images))
     val = VQAData(proc, "train", val_images) if val_images else None
 
     # model.py API: the config dict parsed by model.py's reader, the model built from it
-    cfg = M.read_config(os.path.join(args.out, "config.json"))
-    net = M.Qwen3VLMoe(cfg)
+    cfg = read_config(os.path.join(args.out, "config.json"))
+    net = qwen3_vl_moe.Qwen3VLMoe(cfg)
     init_weights(net, cfg.num_hidden_layers, args.seed)
-    net.tap = GateTap(net)
+    net.router_logits = []
+    for i in net.moe_layers():
+        net.layers.wrap(i, "mlp", lambda moe: GateTap(moe, net.router_logits))
     aux_head = nn.Linear(cfg.hidden_size, len(COLORS) + len(SHAPES))
     params = list(net.parameters()) + list(aux_head.parameters())
     n_params = sum(p.numel() for p in net.parameters())
@@ -410,12 +417,12 @@ def train(args):
     net.eval()
     loads = expert_loads(net, data)
     E = cfg.num_experts
-    for layer, load in enumerate(loads):
-        print(f"layer {layer} expert load x E: min {load.min() * E:.2f} max {load.max() * E:.2f} "
-              f"(1 = uniform), unused experts {int((load == 0).sum())}", file=sys.stderr)
+    for layer, share in enumerate(loads):
+        print(f"layer {layer} expert load x E: min {share.min() * E:.2f} max {share.max() * E:.2f} "
+              f"(1 = uniform), unused experts {int((share == 0).sum())}", file=sys.stderr)
 
     # model.py API: save_checkpoint writes model.safetensors (bf16, hub expert layout) and config.json
-    M.save_checkpoint(net, raw, args.out)
+    save_checkpoint(net, raw, args.out)
     check_reload(net, args.out, data)
     summary = dict(steps=args.steps, batch_size=args.batch_size, train_s=round(train_s, 1),
                    total_s=round(time.perf_counter() - t_start, 1), parameters=n_params,
@@ -444,10 +451,10 @@ def val_accuracy(net, val, n=1024, batch_size=128):
 def check_reload(net, path, data, tol=1e-4):
     """The saved folder, read back by model.py's load(), must give the in-memory model's logits (with the weights
     rounded to bf16 as stored): catches any layout mix-up of the stacked experts."""
-    ref = M.Qwen3VLMoe(net.cfg)  # model.py API: the model class and its state_dict
+    ref = qwen3_vl_moe.Qwen3VLMoe(net.cfg)  # model.py API: the model class and its state_dict
     ref.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in net.state_dict().items()})
     ref.eval()
-    loaded = M.load(path, dtype=torch.float32)  # model.py API: load
+    loaded = load(path, dtype=torch.float32, special_ids=special_token_ids(path))  # model.py API: load
     b = data.batch(list(range(min(8, len(data)))))
     a = ref(b["input_ids"], b["attention_mask"], **b["pixels"])
     c = loaded(b["input_ids"], b["attention_mask"], **b["pixels"])
@@ -464,8 +471,8 @@ def check_reload(net, path, data, tol=1e-4):
 @torch.no_grad()
 def evaluate(path, n=None, seed=0, batch_size=64, dtype="float32"):
     """Exact-match accuracy of greedy answers on easy-VQA's test split (all questions, or a random sample of n)."""
-    model = M.load(path, dtype=getattr(torch, dtype))  # model.py API: load
-    proc = P.QwenProcessor.from_dir(path)
+    model = load(path, dtype=getattr(torch, dtype), special_ids=special_token_ids(path))  # model.py API: load
+    proc = QwenProcessor.from_dir(path)
     questions, answers, image_ids, paths = easy_vqa_split("test")
     order = list(range(len(questions)))
     if n is not None and n < len(order):
@@ -476,9 +483,9 @@ def evaluate(path, n=None, seed=0, batch_size=64, dtype="float32"):
     t0 = time.perf_counter()
     for s in range(0, len(order), batch_size):
         chunk = order[s:s + batch_size]
-        samples = [D.Sample(questions[j], answers[j], [paths[image_ids[j]]]) for j in chunk]
-        batch = D.make_batch(samples, proc, "cpu", answers=False)  # the prompts, left padded as generate expects
-        out = M.generate(model, batch.input_ids, batch.attention_mask, max_new_tokens=4,  # model.py API
+        samples = [Sample(questions[j], answers[j], [paths[image_ids[j]]]) for j in chunk]
+        batch = make_batch(samples, proc, "cpu", answers=False)  # the prompts, left padded as generate expects
+        out = generate(model, batch.input_ids, batch.attention_mask, max_new_tokens=4,  # model.py API
                          stop_ids=proc.stop_token_ids, **batch.pixels)
         for j, tokens in zip(chunk, out.tolist()):
             end = next((t for t, tok in enumerate(tokens) if tok in proc.stop_token_ids), len(tokens))

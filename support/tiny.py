@@ -5,7 +5,7 @@
   the cache folder ($MODES_CACHE, else ~/.cache/modes), safely when several processes start at once.
 - tiny-vqa: a tiny Qwen3-VL-MoE trained on the easy-vqa data set (train_vqa.py), shipped in checkpoints/tiny-vqa.
 
-Not a script: use `python model.py --model tiny-vqa ...` (or tiny-qwen, tiny-kimi) and the other scripts' --model.
+Every script's --model takes these names (`resolve`), e.g. `python generate.py --model tiny-vqa ...`.
 """
 import base64
 import json
@@ -13,16 +13,18 @@ import math
 import os
 import shutil
 import tempfile
+import zlib
 from collections import Counter
 from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+import model
 from cli import write_atomic
 from processor import KIMI_PAT_STR, cache_dir
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 SHIPPED = {"tiny-vqa": os.path.join(ROOT, "checkpoints", "tiny-vqa")}
 
 
@@ -115,7 +117,7 @@ The sky is blue and the sun is bright. Please answer the question with a single 
 You are a helpful assistant. The system gives instructions, the user asks questions, and the assistant replies.
 """
 
-DEFAULT_CHAT_TEMPLATE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
+DEFAULT_CHAT_TEMPLATE_PATH = os.path.join(ROOT, "configs",
                                           "qwen3_vl_moe_chat_template.jinja")
 
 
@@ -298,13 +300,14 @@ def write_kimi_tokenizer(out_dir):
 # Random weights and the checkpoint folders
 
 
-def random_weights(model, seed=0):
-    """Variance-preserving random weights, drawn on the parameters' device. Routers are scaled up and share a
-    low-rank preference so that routing is peaked and uneven across experts, as in real Qwen3 routers (uniform
-    routing makes skipping degenerate)."""
+def random_weights(net, seed=0):
+    """Variance-preserving random weights, drawn on the parameters' device, each from a generator seeded by its
+    name (so the model's parameter order does not matter). Routers are scaled up and share a low-rank preference so
+    that routing is peaked and uneven across experts, as in real Qwen3 routers (uniform routing makes skipping
+    degenerate)."""
     with torch.no_grad():
-        for i, (name, p) in enumerate(model.named_parameters()):
-            g = torch.Generator(device=p.device).manual_seed(seed * 100003 + i)
+        for name, p in net.named_parameters():
+            g = torch.Generator(device=p.device).manual_seed(seed * 100003 + zlib.crc32(name.encode()))
             if p.ndim == 1:
                 p.normal_(generator=g).mul_(0.05).add_(1.0 if "norm" in name else 0.0)
             elif name.endswith("mlp.gate.weight"):
@@ -315,7 +318,7 @@ def random_weights(model, seed=0):
             else:
                 fan_in = p.shape[-1] if p.ndim != 5 else p[0].numel()
                 p.normal_(generator=g).mul_(fan_in ** -0.5)
-    return model
+    return net
 
 
 def vocabulary(folder):
@@ -329,8 +332,8 @@ def vocabulary(folder):
         return list(range(ranks)) + [int(i) for i in json.load(f)["added_tokens_decoder"]]
 
 
-RANDOM = {"tiny-qwen": ("tiny-qwen3-vl-moe-v2", qwen_config, QWEN_PREPROCESSOR, write_qwen_tokenizer),
-          "tiny-kimi": ("tiny-kimi-vl-v2", kimi_config, KIMI_PREPROCESSOR, write_kimi_tokenizer)}
+RANDOM = {"tiny-qwen": ("tiny-qwen3-vl-moe-v3", qwen_config, QWEN_PREPROCESSOR, write_qwen_tokenizer),
+          "tiny-kimi": ("tiny-kimi-vl-v3", kimi_config, KIMI_PREPROCESSOR, write_kimi_tokenizer)}
 CHECKPOINTS = tuple(RANDOM) + tuple(SHIPPED)
 
 
@@ -343,11 +346,20 @@ def random_weights_note(name):
     return None
 
 
-def checkpoint(name, build, save):
-    """The folder of built-in checkpoint `name`. A random one is written on first use: build(raw config) -> model
-    (model.py passes its builder and save_checkpoint, so this file does not import model.py). It is made in a
-    temporary folder and renamed into place, so concurrent first users (torchrun ranks) never see half of it:
-    whoever renames first wins, the others discard their copy."""
+def resolve(name):
+    """A checkpoint folder, or the name of a built-in checkpoint (default tiny-qwen) -> its folder."""
+    name = name or "tiny-qwen"
+    if name in CHECKPOINTS:
+        return checkpoint(name)
+    if not os.path.isdir(name):
+        raise FileNotFoundError(f"--model {name}: no such folder (or a built-in name: {', '.join(CHECKPOINTS)})")
+    return name
+
+
+def checkpoint(name):
+    """The folder of built-in checkpoint `name`. A random one is written on first use. It is made in a temporary
+    folder and renamed into place, so concurrent first users (torchrun ranks) never see half of it: whoever
+    renames first wins, the others discard their copy."""
     if name in SHIPPED:
         if not os.path.isfile(os.path.join(SHIPPED[name], "model.safetensors")):
             raise FileNotFoundError(f"{SHIPPED[name]}: the shipped {name} checkpoint is missing from this copy")
@@ -361,14 +373,14 @@ def checkpoint(name, build, save):
     tmp = tempfile.mkdtemp(dir=cache, prefix=".tmp-")
     try:
         raw = make_config()
-        model = random_weights(build(raw))
+        net = random_weights(model.build(model.config_from_dict(raw, name), "cpu", torch.float32))
         write_tokenizer(tmp)
-        unused = torch.ones(model.cfg.vocab_size, dtype=torch.bool)
+        unused = torch.ones(net.cfg.vocab_size, dtype=torch.bool)
         unused[vocabulary(tmp)] = False
         with torch.no_grad():
-            model.lm_head.weight[unused] = 0.0  # like the real padding rows: ids the tokenizer lacks are unlikely
-            model.lm_head.weight[~unused] *= 6.0  # peaked next-token distributions, as in a trained model
-        save(model, raw, tmp)
+            net.lm_head.weight[unused] = 0.0  # like the real padding rows: ids the tokenizer lacks are unlikely
+            net.lm_head.weight[~unused] *= 6.0  # peaked next-token distributions, as in a trained model
+        model.save_checkpoint(net, raw, tmp)
         with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
             json.dump(preprocessor, f, indent=2)
         os.chmod(tmp, 0o755)
@@ -380,10 +392,3 @@ def checkpoint(name, build, save):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
-
-
-
-
-if __name__ == "__main__":
-    print("tiny.py is a library (the built-in checkpoints tiny-qwen, tiny-kimi, tiny-vqa); not a script: run "
-          "model.py, calibrate.py, search.py, bench.py or plot.py (each has --help)")
