@@ -155,7 +155,7 @@ def normalise(kl):
 
 def consumed(samples, steps, batch_size, world):
     """sha256 of the samples that the first `steps` steps read, on every rank."""
-    return data_hash([s for r in range(world) for s in cli.shard(samples, r, world)[:steps * batch_size]])
+    return data_hash([s for r in range(world) for s in cli.rank_items(samples, r, world)[:steps * batch_size]])
 
 
 def read_partial(path, settings, samples, steps):
@@ -193,7 +193,7 @@ def calibrate(model, proc, samples, *, batch_size=4, removal="zero", naive=False
     router.uninstall(model)  # the original model is plain top-k
     rank, world = cli.data_parallel(model)
     layers = model.moe_layers()
-    mine = cli.shard(samples, rank, world)
+    mine = cli.rank_items(samples, rank, world)
     steps = math.ceil(math.ceil(len(samples) / world) / batch_size)
     data = data_info or dict(n=len(samples), sha256=data_hash(samples))
     # the data's hash is not a setting: a resumed run must see the samples of the finished batches again (done_sha256),
@@ -269,28 +269,23 @@ def load_model(args):
 def main(args):
     check_args(args)
     cli.check(args.max_batches is None or args.max_batches >= 1, f"--max-batches must be >= 1, got {args.max_batches}")
-    cli.check_output(args.out, inputs=[(args.data, "--data"), (args.gqa_questions, "--gqa-questions")])
-    partial = args.out + ".partial"
-    cli.check_output(partial, "--out's partial state")
-    cli.check_no_state(partial, args.resume)
+    out = cli.ResumableOutput(args.out, args.resume, [(args.data, "--data"), (args.gqa_questions, "--gqa-questions")])
     samples, info = load_samples(args)
     model, proc, path = load_model(args)
-    if args.resume and not os.path.exists(partial) and cli.is_main():
-        print(f"note: --resume: no {partial} yet, starting from the first batch", file=sys.stderr)
+    if args.resume and not out.resumed() and cli.is_main():
+        print(f"note: --resume: no {out.partial} yet, starting from the first batch", file=sys.stderr)
     t0 = time.perf_counter()
     doc = calibrate(model, proc, samples, batch_size=args.batch_size, removal=args.removal, naive=args.naive,
-                    pair=not args.separate_modalities, partial=partial, resume=args.resume,
+                    pair=not args.separate_modalities, partial=out.partial, resume=args.resume,
                     max_batches=args.max_batches, data_info=info, quiet=args.quiet)
     if not cli.is_main():
         return
     if doc is None:
-        print(f"stopped after --max-batches {args.max_batches}; continue with --resume (state in {partial})")
+        print(f"stopped after --max-batches {args.max_batches}; continue with --resume (state in {out.partial})")
         return
     doc["model"]["path"] = os.path.abspath(path)
     doc["calibration"]["seconds"] = round(time.perf_counter() - t0, 3)
-    cli.write_json(args.out, doc)
-    if os.path.exists(partial):
-        os.remove(partial)
+    out.finish(doc)
     c = doc["calibration"]
     print(f"{'layer':>5} {'alpha text':>11} {'alpha vision':>13}")
     for row in doc["layers"]:

@@ -1,7 +1,5 @@
 """What the command-line scripts share: one-line errors, argument and path checks made before the expensive work,
-atomic output files, a progress line, and torchrun data parallelism.
-
-Not a script: run model.py, calibrate.py, search.py or bench.py (each has --help).
+atomic output files and resumable state, a progress line, and torchrun data parallelism.
 """
 import json
 import math
@@ -14,17 +12,13 @@ import unicodedata
 import torch
 import torch.distributed as dist
 
+from model import check, read_json  # noqa: F401 (the scripts' one-line refusal and JSON reader)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Errors and checks
-
-
-def check(ok, message):
-    """Refuse bad input with one line (the scripts print it as `error: ...` and exit 2)."""
-    if not ok:
-        raise ValueError(message)
 
 
 def check_device(device):
@@ -121,21 +115,6 @@ def write_json(path, doc):
     write_atomic(path, (json.dumps(doc, indent=1) + "\n").encode())
 
 
-def read_json(path, what):
-    """A JSON file's content; a missing, unreadable or malformed file is one line naming it."""
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"{what} file {path}: is a folder")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not UTF-8 text") from None
-
-
 def read_state(path, fmt, settings, what):
     """The state an interrupted run left at path (its --resume file), refused unless it has format fmt and was made
     with the same settings; the message names the settings that differ."""
@@ -151,6 +130,37 @@ def check_no_state(path, resume):
     """An interrupted run's state is never overwritten unasked: without --resume an existing file is refused."""
     check(resume or not os.path.exists(path),
           f"{path} holds an interrupted run's state: add --resume to continue it, or delete it to start over")
+
+
+class ResumableOutput:
+    """A script's JSON output `out` and the state of an interrupted run beside it (OUT.partial), checked before
+    any work: both writable, not one of the run's inputs (pairs (path or None, argument)), and an existing state
+    never overwritten unasked. Rank 0 writes; the state is replaced atomically and removed when the output is
+    written."""
+
+    def __init__(self, out, resume, inputs=(), what="--out"):
+        check_output(out, what, inputs)
+        self.out, self.partial, self.resume = out, out + ".partial", resume
+        check_output(self.partial, f"{what}'s partial state")
+        check_no_state(self.partial, resume)
+
+    def resumed(self):
+        """Whether this run continues an interrupted one (--resume and a state file present)."""
+        return self.resume and os.path.exists(self.partial)
+
+    def read(self, fmt, settings, what):
+        """The interrupted run's state (read_state), or None when there is none to continue."""
+        return read_state(self.partial, fmt, settings, what) if self.resumed() else None
+
+    def save(self, state):
+        if is_main():
+            write_json(self.partial, state)
+
+    def finish(self, doc):
+        if is_main():
+            write_json(self.out, doc)
+            if os.path.exists(self.partial):
+                os.remove(self.partial)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -228,7 +238,7 @@ def all_sum(t, world):
     return t
 
 
-def shard(items, rank, world):
-    """Rank's contiguous slice of items (the official code's split)."""
+def rank_items(items, rank, world):
+    """Rank's contiguous slice of items, its share of the data (the official code's split)."""
     size = math.ceil(len(items) / world)
     return items[rank * size:(rank + 1) * size]

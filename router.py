@@ -254,7 +254,7 @@ def read_document(path, model, fmt, what):
     return doc
 
 
-def alphatable(doc, model, where) -> torch.Tensor:
+def alpha_table(doc, model, where) -> torch.Tensor:
     """[L, 2] fp32 alpha (text, vision) by decoder layer from the `layers` rows of an alpha or thresholds document:
     every MoE layer exactly once, values finite and >= 0; dense layers stay 0."""
     rows, moe = doc.get("layers"), model.moe_layers()
@@ -280,7 +280,7 @@ def alphatable(doc, model, where) -> torch.Tensor:
 def load_alpha(path, model) -> dict:
     """The alpha document at path (calibrate.py's output), checked against the model."""
     doc = read_document(path, model, ALPHA_FORMAT, "alpha")
-    alphatable(doc, model, path)
+    alpha_table(doc, model, path)
     return doc
 
 
@@ -291,4 +291,4 @@ def load_thresholds(path, model) -> MoDES:
     check(isinstance(tau, dict), f"{path}: 'tau' must be an object {{text, vision}}")
     for m in ("text", "vision"):
         check(_number(tau.get(m)), f"{path}: tau.{m} must be a number >= 0, finite in fp32, got {tau.get(m)!r}")
-    return MoDES(tau["text"], tau["vision"], alphatable(doc, model, path))
+    return MoDES(tau["text"], tau["vision"], alpha_table(doc, model, path))

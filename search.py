@@ -99,7 +99,7 @@ class Evaluator:
         rank, self.world = cli.data_parallel(model)
         self.model = model
         self.device = model.lm_head.weight.device
-        mine = cli.shard(samples, rank, self.world)
+        mine = cli.rank_items(samples, rank, self.world)
         router.uninstall(model)
         stats = router.SkipStats(len(model.layers), self.device)
         self.batches = []
@@ -211,18 +211,14 @@ def file_sha256(path):
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def calibrate_alpha(args, model, proc, samples, info):
+def calibrate_alpha(args, model, proc, samples, info, alpha_out):
     """The alpha document calibrated on the search's samples and written to --alpha (by rank 0); an interrupted
     calibration continues from ALPHA.partial with --resume."""
-    partial = args.alpha + ".partial"
     if cli.is_main():
         print(f"{args.alpha} not found: calibrating alpha first", flush=True)
-    doc = calibrate(model, proc, samples, batch_size=args.batch_size, removal=args.removal, partial=partial,
-                      resume=args.resume, data_info=info, quiet=args.quiet)
-    if cli.is_main():
-        cli.write_json(args.alpha, doc)
-        if os.path.exists(partial):
-            os.remove(partial)
+    doc = calibrate(model, proc, samples, batch_size=args.batch_size, removal=args.removal, partial=alpha_out.partial,
+                    resume=args.resume, data_info=info, quiet=args.quiet)
+    alpha_out.finish(doc)
     if dist.is_initialized():
         dist.barrier()  # every rank hashes --alpha next: not before rank 0 has written it
     return doc
@@ -232,9 +228,9 @@ def finite(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def read_partial(path, settings):
+def read_partial(out, settings):
     """{(tau_text, tau_vision): (loss, ratios)} evaluated by an earlier run with the same settings."""
-    state = cli.read_state(path, PARTIAL_FORMAT, settings, "partial search")
+    state, path = out.read(PARTIAL_FORMAT, settings, "partial search") or dict(evaluated=[]), out.partial
     known = {}
     try:
         for k, e in enumerate(state["evaluated"]):
@@ -256,33 +252,26 @@ def main(args):
         cli.check(r is None or (finite(r[0]) and finite(r[1]) and 0.0 <= r[0] <= r[1]),
                   f"--{name.replace('_', '-')} must be finite, 0 <= MIN <= MAX, got {r}")
     inputs = [(args.data, "--data"), (args.gqa_questions, "--gqa-questions")]
-    cli.check_output(args.out, inputs=inputs + [(args.alpha, "--alpha")])
-    partial = args.out + ".partial"
-    cli.check_output(partial, "--out's partial state")
-    cli.check_no_state(partial, args.resume)
-    if not os.path.exists(args.alpha):  # made first, then read
-        cli.check_output(args.alpha, "--alpha", inputs)
-        cli.check_output(args.alpha + ".partial", "--alpha's partial state")
-        cli.check_no_state(args.alpha + ".partial", args.resume)
+    out = cli.ResumableOutput(args.out, args.resume, inputs + [(args.alpha, "--alpha")])
+    alpha_out = None if os.path.exists(args.alpha) else cli.ResumableOutput(args.alpha, args.resume, inputs, "--alpha")
     samples, info = load_samples(args)
     # an existing alpha file is checked against the architecture (no weights on the meta device) before loading
     skeleton = build(read_config(tiny.resolve(args.model)), "meta")
     alpha = router.load_alpha(args.alpha, skeleton) if os.path.exists(args.alpha) else None
     model, proc, path = load_model(args)
-    alpha = alpha or calibrate_alpha(args, model, proc, samples, info)
+    alpha = alpha or calibrate_alpha(args, model, proc, samples, info, alpha_out)
     t0 = time.perf_counter()
     table = router.alpha_table(alpha, model, args.alpha)
     grid_text, grid_vision, grid_info = grids(args, table)
     settings = dict(fingerprint=router.fingerprint(model), data=info["sha256"], alpha=file_sha256(args.alpha),
                     grid_text=grid_text.tolist(), grid_vision=grid_vision.tolist())
-    known = read_partial(partial, settings) if args.resume and os.path.exists(partial) else {}
+    known = read_partial(out, settings)
     evaluator = Evaluator(model, proc, samples, table, args.batch_size, args.quiet)
     evaluated = [dict(tau_text=t, tau_vision=v, kl=r[0], skip=r[1]) for (t, v), r in known.items()]
 
     def keep(taus, result):
         evaluated.append(dict(tau_text=taus[0], tau_vision=taus[1], kl=result[0], skip=result[1]))
-        if cli.is_main():
-            cli.write_json(partial, dict(format=PARTIAL_FORMAT, settings=settings, evaluated=evaluated))
+        out.save(dict(format=PARTIAL_FORMAT, settings=settings, evaluated=evaluated))
     best, points = search(evaluator, grid_text, grid_vision, args.target, args.exhaustive, args.quiet, known, keep)
     seconds = time.perf_counter() - t0
     if best is None:
@@ -307,11 +296,9 @@ def main(args):
                         kl=l, skip=r["all"], skip_text=r["text"], skip_vision=r["vision"])
                    for (i, j), (l, r) in points.items()],
     )
+    out.finish(doc)
     if not cli.is_main():
         return
-    cli.write_json(args.out, doc)
-    if os.path.exists(partial):
-        os.remove(partial)
     text, vision = (("-" if r is None else f"{r:.4f}") for r in (ratios["text"], ratios["vision"]))
     print(f"tau_text {doc['tau']['text']:.6g}  tau_vision {doc['tau']['vision']:.6g}  KL {loss:.6g}  "
           f"skip {ratios['all']:.4f} (text {text}, vision {vision})  target {args.target}")
