@@ -27,7 +27,7 @@ import model
 import moe_kernels
 import processor
 import router
-from model import check
+from model import check, is_any
 from parallel import Shard
 from support import tiny
 
@@ -52,7 +52,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=32, stop_i
         token = logits.argmax(-1)  # [B]
         token = torch.where(done, out[-1] if out else token, token)
         out.append(token)
-        done |= torch.isin(token, stop)
+        done |= is_any(token, stop)
         if bool(done.all()) or i == max_new_tokens - 1:
             break
         logits = step(token[:, None])

@@ -277,6 +277,11 @@ class KVCache:
         self.pos.zero_()
 
 
+def is_any(ids, choices):
+    """ids [...] equal to any of choices [n] -> bool [...]: elementwise, no sort, no host sync (unlike torch.isin)."""
+    return (ids[..., None] == choices).any(-1)
+
+
 def causal_mask(query_pos, key_valid):
     """[B, 1, S, S_kv] bool: causal over cache indices, padding keys hidden. A padding query may always see itself
     so that no row is empty (an empty softmax row is NaN, and 0 * NaN would leak into real rows through V)."""
@@ -323,13 +328,14 @@ def attention(q, k, v, mask, scale=None):
 
 def block_diagonal_attention(q, k, v, lengths):
     """Attention within consecutive row segments (an image, or one temporal group of a video) -> [N, h, d]:
-    q, k, v [N, h, d], lengths summing to N."""
+    q, k, v [N, h, d], lengths summing to N. Each segment goes to SDPA as a 4-D [1, h, n, d] batch, the form its
+    fused (flash / memory-efficient) kernels accept; 3-D inputs fall back to the math kernel on a GPU."""
     out = torch.empty_like(q)
     start = 0
     for n in lengths:
         s = slice(start, start + n)
-        out[s] = F.scaled_dot_product_attention(q[s].transpose(0, 1), k[s].transpose(0, 1),
-                                                v[s].transpose(0, 1)).transpose(0, 1)  # [n, h, d]
+        q_s, k_s, v_s = (t[s].transpose(0, 1)[None] for t in (q, k, v))  # [1, h, n, d] each
+        out[s] = F.scaled_dot_product_attention(q_s, k_s, v_s)[0].transpose(0, 1)  # [n, h, d]
         start += n
     return out
 
@@ -482,12 +488,13 @@ class VisionLanguageModel(nn.Module):
 
     def modality(self, input_ids, phase):
         """TEXT, VISION (the media pads of a prompt) or SPECIAL (chat-template tokens) per token. A generated pad
-        is text; a decode step reads no host tensor."""
-        m = torch.where(torch.isin(input_ids, self.special_ids), SPECIAL, TEXT)
+        is text. Compared against every id at once rather than with torch.isin, which sorts (a host sync on CUDA,
+        fatal inside a captured decode graph) once there are about ten ids; a decode step reads no host tensor."""
+        m = torch.where(is_any(input_ids, self.special_ids), SPECIAL, TEXT)
         if phase == "decode":
             return m
         media = torch.tensor(self.cfg.media_token_ids, device=input_ids.device)
-        return torch.where(torch.isin(input_ids, media), VISION, m)
+        return torch.where(is_any(input_ids, media), VISION, m)
 
     def embed(self, input_ids, attention_mask=None, *, cache=None, stats=None, media=None, phase=None, **pixels):
         """Token embeddings, the vision features in place of the media pads, and the Context of this forward

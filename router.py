@@ -169,7 +169,7 @@ class SkipStats:
     """Skipped and total top-k slots per phase x decoder layer x modality, accumulated on `device`.
 
     counts [2, L, 3, 2] int64: phase (prefill, decode), layer, modality (text, vision, special),
-    (skipped, total). Padding is left out; special tokens count in the total (modes.md §6, §14.4).
+    (skipped, total). Padding is left out; special tokens count in the total, as the official code counts.
     Data-parallel ranks sum `counts` (torch.distributed.all_reduce) before summary().
     """
 
@@ -211,7 +211,7 @@ def threshold_grid(n: int, x_max: float = 1.0, x_min: float = 0.0, mapping: str 
                    coeff: float = 10.0) -> torch.Tensor:
     """n thresholds [n] float64, ascending: x = linspace(x_min, x_max, n) mapped by the paper's rectified sigmoid
     tau = 2 * sigmoid(coeff * (x - 1)) ("exp", nearly log-uniform, tau(1) = 1), or tau = x ("linear").
-    The official search uses x_max = 0.71 for text and 0.6 for vision with n = 100 (modes.md §5.3)."""
+    The official search uses x_max = 0.71 for text and 0.6 for vision with n = 100."""
     check(n >= 1, f"n must be >= 1, got {n}")
     check(x_min <= x_max, f"x_min {x_min} must be <= x_max {x_max}")
     check(mapping in ("exp", "linear"), f"mapping must be 'exp' or 'linear', got {mapping!r}")

@@ -1,6 +1,5 @@
 """
-Frontier search of MoDES's two thresholds (arXiv 2511.15690 §5.2, Alg. 1; modes.md §5), and the fitting of the
-baselines' knobs to a skip ratio.
+Frontier search of MoDES's two thresholds (arXiv 2511.15690 §5.2, Alg. 1).
 
 Minimise f(tau_text, tau_vision) subject to g(tau_text, tau_vision) >= rho over two D-point threshold grids, where
 one evaluation is one teacher-forced pass over the calibration set with MoDES installed:
