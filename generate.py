@@ -76,7 +76,8 @@ def main(args):
               f"{args.max_new_tokens} that exceeds the model's max_position_embeddings {cfg.max_position_embeddings}")
     policy = router.load_thresholds(args.thresholds, model.build(cfg, "meta")) if args.thresholds else None
     t0 = time.perf_counter()
-    net = model.set_expert_impl(model.load(path, device, cli.DTYPES[args.dtype], Shard(rank, world), proc.special_ids),
+    special_ids = processor.special_token_ids(path)
+    net = model.set_expert_impl(model.load(path, device, cli.DTYPES[args.dtype], Shard(rank, world), special_ids),
                                 args.expert_impl)
     load_s = time.perf_counter() - t0
     if policy is not None:

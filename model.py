@@ -672,7 +672,7 @@ def fill_from_checkpoint(model, path):
 
 def load(path, device="cpu", dtype=torch.bfloat16, shard=Shard(), special_ids=()):
     """The model of checkpoint folder `path` (this rank's part of it) with its weights on `device` in `dtype`,
-    strictly checked. special_ids: the tokenizer's special tokens (processor.special_ids), the SPECIAL modality."""
+    strictly checked. special_ids: the tokenizer's special tokens (processor.special_token_ids), the SPECIAL modality."""
     cfg = read_config(path)
     model = build(cfg, device, dtype, shard)
     special = set(special_ids) - set(cfg.media_token_ids)  # media pads are VISION tokens

@@ -5,8 +5,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from model import MODELS, generate, load, read_config, set_expert_impl
 import router
+from generate import generate
+from model import family, load, read_config, set_expert_impl
 from qwen_oracle import image_prompt, make_oracle, pixels
 from support import tiny
 
@@ -98,7 +99,7 @@ def test_decode_step_touches_no_host_tensor(name, impl):
     expert path: every op it runs must stay off the host."""
     cfg = read_config(tiny.resolve(name))
     with torch.device("meta"):
-        model = MODELS[type(cfg)](cfg)
+        model = family(cfg.model_type, name).MODEL(cfg)
     set_expert_impl(model, impl)
     router.install(model, router.MoDES(0.1, 0.2, torch.full((len(model.layers), 2), 0.5)))
     cache = model.new_cache(2, 16)

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import moe_kernels
-from model import build, config_from_dict, routed_experts, set_expert_impl
 import router
+from model import SKIP, build, config_from_dict, routed_experts, set_expert_impl
 from support import tiny
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")]
@@ -82,7 +82,7 @@ def test_expert_paths_at_real_shapes(name, path):
     for T, skip in [(1, 0.0), (1, 0.75), (1, 1.0), (4, 0.5), (512, 0.88), (2048, 0.0)]:
         x = torch.randn(T, H, generator=g).cuda().bfloat16()
         ids = torch.rand(T, E, generator=g).topk(K).indices
-        ids = ids.masked_fill(torch.rand(T, K, generator=g) < skip, moe_kernels.SKIP).cuda()
+        ids = ids.masked_fill(torch.rand(T, K, generator=g) < skip, SKIP).cuda()
         weights = torch.rand(T, K, generator=g).cuda()
         ref = routed_experts(x.float(), reference, ids, weights, "ref")
         resolved = moe_kernels.auto_path(x, ids) if path == "auto" else path

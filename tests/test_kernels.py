@@ -1,4 +1,4 @@
-"""kernels.py's expert paths against model.py's readable loop in fp32 (itself checked against a dense fp64
+"""moe_kernels.py's expert paths against model.py's readable loop in fp32 (itself checked against a dense fp64
 reference), skip semantics, NaN safety, graph counts under torch.compile, path checks. CPU, tiny sizes; the triton
 path runs here only with triton installed and TRITON_INTERPRET=1, and on CUDA when a GPU is present."""
 import functools
@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounter
 
 import moe_kernels
-from model import routed_experts
-from model import SKIP
+from model import SKIP, routed_experts
 
 
 def moe_experts(x, w_gate_up, w_down, ids, weights, path):
@@ -20,9 +19,10 @@ def moe_experts(x, w_gate_up, w_down, ids, weights, path):
 
 
 def kernel(x, w_gate_up, w_down, ids, weights, path):
-    """kernels.py alone, as a compiled model reaches it ("auto" resolved the way the choke point does)."""
+    """moe_kernels.py alone, as a compiled model reaches it ("auto" resolved the way the choke point does)."""
     return moe_kernels.run(x, w_gate_up, w_down, ids.long(), weights,
-                               moe_kernels.auto_path(x, ids) if path == "auto" else path)
+                           moe_kernels.auto_path(x, ids) if path == "auto" else path)
+
 
 H, I = 64, 32  # hidden and expert sizes: multiples of 8, so grouped_mm's 16-byte stride rule holds in bf16 too
 TRITON_ON_CPU = moe_kernels.HAS_TRITON and moe_kernels._TRITON_INTERPRET
@@ -51,7 +51,7 @@ def make_case(T, K, E, pattern, dtype=torch.float32, seed=0, h=H, i=I):
 
 
 def dense_reference(x, w_gate_up, w_down, ids, weights):
-    """fp64: every expert on every token, mixed by a dense [T, E] weight matrix; shares no code with kernels.py."""
+    """fp64: every expert on every token, mixed by a dense [T, E] weight matrix; shares no code with moe_kernels.py."""
     x, w_gate_up, w_down = x.double(), w_gate_up.double(), w_down.double()
     T, E, i = x.shape[0], w_gate_up.shape[0], w_down.shape[2]
     h = torch.einsum("th,ejh->tej", x, w_gate_up)                           # [T, E, 2I]

@@ -11,8 +11,11 @@ import os
 import pytest
 import torch
 
-from model import build, load, routed_experts
-from model import SKIP, KimiVL, KimiVLConfig, checkpoint_names, fill_from_checkpoint, generate, set_expert_impl
+import baselines
+import router
+from generate import generate
+from kimi_vl import KimiVL, KimiVLConfig
+from model import SKIP, build, checkpoint_names, fill_from_checkpoint, load, routed_experts, set_expert_impl
 from router import Threshold, install, uninstall
 from support import tiny
 
@@ -391,7 +394,7 @@ def test_policy_and_stats_hooks(whole):
     model = load_ours(KimiVL(ours.cfg), tensors)
     no_routed = load_ours(KimiVL(ours.cfg), tensors)
     for layer in (1, 2):
-        model.layers[layer].mlp.policy = SkipAll()
+        model.layers[layer].mlp.set_policy(SkipAll())
         no_routed.layers[layer].mlp.experts.down_proj.data.zero_()
     stats = Recorder()
     with torch.no_grad():
@@ -518,7 +521,6 @@ def test_bad_inputs(whole):
 
 @pytest.mark.parametrize("impl", ["grouped", "gather", "auto"])
 def test_kernel_paths_reproduce_reference(whole, impl):
-    import router
     ours, _, _, ids, pixel_values, grid_hws = whole
     pixels = dict(pixel_values=pixel_values, image_grid_hws=grid_hws)
     try:
@@ -539,12 +541,11 @@ def test_kernel_paths_reproduce_reference(whole, impl):
 
 
 def test_mcmoe_gets_attention_importance(whole):
-    import router
     ours, _, _, ids, pixel_values, grid_hws = whole
     skipped = {}
     try:
-        for name, policy in (("naee", router.NAEE(0.3)), ("mcmoe", router.MCMoE(0.3, protect_frac=0.25,
-                                                                                 drop_frac=0.0))):
+        for name, policy in (("naee", baselines.NAEE(0.3)), ("mcmoe", baselines.MCMoE(0.3, protect_frac=0.25,
+                                                                                       drop_frac=0.0))):
             install(ours, policy)
             stats = router.SkipStats(len(ours.layers))
             with torch.no_grad():

@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
+import qwen3_vl_moe
 from model import config_from_dict
 from processor import (QwenProcessor, VisionPreprocessConfig, group_timestamps, patchify, preprocess_image,
                        render_qwen_chat, sample_frame_indices, smart_resize, smart_resize_video, special_token_ids,
                        to_rgb)
-import qwen3_vl_moe
-import tiny as builtin
+from support import tiny
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "qwen3_vl_moe")
 TEMPLATE = os.path.join(FIXTURES, "chat_template_qwen3_vl_instruct.jinja")
@@ -28,7 +28,7 @@ SPECIAL_TOKENS = {k: v for k, v in json.load(open(os.path.join(FIXTURES, "specia
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("qwen_tiny")
-    builtin.write_qwen_tokenizer(str(d))
+    tiny.write_qwen_tokenizer(str(d))
     for name in ("config.json", "preprocessor_config.json"):
         shutil.copy(os.path.join(FIXTURES, name), d / name)
     return str(d)
@@ -70,11 +70,11 @@ def test_smart_resize_spec_examples():
 
 
 def test_smart_resize_matches_transformers():
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
     rng = np.random.default_rng(1)
     for h, w in rng.integers(1, 6000, (300, 2)):
         if max(h, w) / min(h, w) <= 200:
-            assert smart_resize(int(h), int(w)) == smart_resize(int(h), int(w), 32, 65536, 16777216)
+            assert smart_resize(int(h), int(w)) == hf_smart_resize(int(h), int(w), 32, 65536, 16777216)
 
 
 @pytest.mark.parametrize("width,height,mode", [(100, 50, "RGB"), (333, 517, "RGB"), (20, 20, "RGB"),
@@ -183,7 +183,7 @@ def test_from_cli_and_modality(proc, model_dir, tmp_path):
 
 def model_modality(model_dir, ids, phase="prefill"):
     """The model's token modalities, with its special tokens read from the checkpoint's tokenizer files."""
-    cfg = config_from_dict(builtin.qwen_config(), "tiny")
+    cfg = config_from_dict(tiny.qwen_config(), "tiny")
     with torch.device("meta"):
         model = qwen3_vl_moe.Qwen3VLMoe(cfg)
     model.special_ids = torch.tensor(sorted(set(special_token_ids(model_dir)) - set(cfg.media_token_ids)))
@@ -327,7 +327,7 @@ def test_tiny_tokenizer_real_ids_and_roundtrip(model_dir, tmp_path):
     cfg = json.load(open(os.path.join(model_dir, "tokenizer_config.json")))
     assert cfg["chat_template"] == open(TEMPLATE).read()
     assert (cfg["eos_token"], cfg["pad_token"]) == ("<|im_end|>", "<|endoftext|>")
-    builtin.write_qwen_tokenizer(str(tmp_path))  # deterministic
+    tiny.write_qwen_tokenizer(str(tmp_path))  # deterministic
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert open(tmp_path / name, "rb").read() == open(os.path.join(model_dir, name), "rb").read()
 

@@ -13,10 +13,10 @@ import tiktoken
 import torch
 from PIL import Image
 
-from model import config_from_dict
 import kimi_vl
-import processor as pk
-import tiny as builtin
+import processor
+from model import config_from_dict
+from support import tiny
 
 FIXTURES = Path(__file__).parent / "fixtures" / "kimi_vl"
 SPECIAL_JSON = json.loads((FIXTURES / "special_tokens.json").read_text())
@@ -24,11 +24,13 @@ NAMED = {int(i): s for i, s in SPECIAL_JSON["named_special_tokens"].items()}
 FIRST_SPECIAL, LAST_SPECIAL = SPECIAL_JSON["special_id_range"]
 MEDIA_PAD_ID = SPECIAL_JSON["media_placeholder_token_id"]
 INSTRUCT_JSON = json.loads((FIXTURES / "preprocessor_config.reconstructed.json").read_text())
-INSTRUCT = pk.KimiImageConfig(in_token_limit=INSTRUCT_JSON["in_token_limit"], patch_size=INSTRUCT_JSON["patch_size"],
-                              merge_kernel_size=tuple(INSTRUCT_JSON["merge_kernel_size"]),
-                              image_mean=tuple(INSTRUCT_JSON["image_mean"]), image_std=tuple(INSTRUCT_JSON["image_std"]),
-                              pad_input=INSTRUCT_JSON["pad_input"])
-THINKING = pk.KimiImageConfig(in_token_limit=16384)
+INSTRUCT = processor.KimiImageConfig(in_token_limit=INSTRUCT_JSON["in_token_limit"],
+                                     patch_size=INSTRUCT_JSON["patch_size"],
+                                     merge_kernel_size=tuple(INSTRUCT_JSON["merge_kernel_size"]),
+                                     image_mean=tuple(INSTRUCT_JSON["image_mean"]),
+                                     image_std=tuple(INSTRUCT_JSON["image_std"]),
+                                     pad_input=INSTRUCT_JSON["pad_input"])
+THINKING = processor.KimiImageConfig(in_token_limit=16384)
 
 
 def render_template(messages, add_generation_prompt=True):
@@ -40,7 +42,7 @@ def render_template(messages, add_generation_prompt=True):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny_kimi_proc")
-    builtin.write_kimi_tokenizer(d)
+    tiny.write_kimi_tokenizer(d)
     shutil.copy(FIXTURES / "preprocessor_config.reconstructed.json", d / "preprocessor_config.json")
     shutil.copy(FIXTURES / "config.reconstructed.json", d / "config.json")
     return d
@@ -48,7 +50,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def proc(model_dir):
-    return pk.KimiProcessor.from_dir(model_dir)
+    return processor.KimiProcessor.from_dir(model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +79,7 @@ def test_prompt_matches_template_system_two_images(tmp_path):
         {"role": "user", "content": [{"type": "image", "image": "a.png"}, {"type": "image", "image": "b.png"},
                                      {"type": "text", "text": "Compare the two pictures."}]},
     ]
-    assert pk.format_kimi_chat(messages) == render_template(messages)
+    assert processor.format_kimi_chat(messages) == render_template(messages)
 
 
 def test_prompt_matches_template_multi_turn():
@@ -89,7 +91,8 @@ def test_prompt_matches_template_multi_turn():
         {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
     ]
     for add_generation_prompt in (True, False):
-        assert pk.format_kimi_chat(messages, add_generation_prompt) == render_template(messages, add_generation_prompt)
+        assert (processor.format_kimi_chat(messages, add_generation_prompt)
+                == render_template(messages, add_generation_prompt))
 
 
 def test_from_cli_prompt_is_the_literal_spec_format(proc, tmp_path):
@@ -125,7 +128,7 @@ def test_input_ids_and_modality_match_reference(proc, ref_encoding, tmp_path):
 
 def kimi_modality(proc, ids):
     """The model's token modalities with the special block the tokenizer names (what the loader reads)."""
-    cfg = config_from_dict(builtin.kimi_config(), "tiny")
+    cfg = config_from_dict(tiny.kimi_config(), "tiny")
     with torch.device("meta"):
         model = kimi_vl.KimiVL(cfg)
     model.special_ids = torch.tensor(sorted(set(proc.special_ids) - {MEDIA_PAD_ID}))
@@ -157,7 +160,7 @@ def test_token_ids_from_the_checkpoint_files(proc):
     (THINKING, (1792, 1792), (1792, 1792), (1792, 1792), 4096),
 ])
 def test_image_sizes_from_the_spec_table(cfg, size, resized, final, tokens):
-    got_resized, got_final = pk.kimi_image_size(*size, cfg)
+    got_resized, got_final = processor.kimi_image_size(*size, cfg)
     assert (got_resized, got_final) == (resized, final)
     assert (final[0] // 14) * (final[1] // 14) // 4 == tokens
 
@@ -183,13 +186,13 @@ def test_image_sizes_match_transformers_k25_rule(width, height):
     # Kimi-VL and Kimi-K2.5 share the budget/pad rule; K2.5 adds a per-side cap that these sizes do not reach
     navit_resize = transformers_navit_resize()
     (rh, rw), (ph, pw) = navit_resize(height, width, 14, 2, INSTRUCT.in_token_limit, 512)
-    assert pk.kimi_image_size(width, height, INSTRUCT) == ((rw, rh), (pw, ph))
+    assert processor.kimi_image_size(width, height, INSTRUCT) == ((rw, rh), (pw, ph))
 
 
 def test_pixels_and_patch_order_hand_worked():
     rng = np.random.default_rng(3)
     arr = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)  # H=20, W=30 -> padded 28 x 56 -> grid 2 x 4
-    pixels, grid = pk.preprocess_kimi_image(Image.fromarray(arr), INSTRUCT)
+    pixels, grid = processor.preprocess_kimi_image(Image.fromarray(arr), INSTRUCT)
     assert grid == (2, 4) and pixels.shape == (8, 3, 14, 14)
     expected = np.full((8, 3, 14, 14), -1.0, dtype=np.float32)  # black padding normalises to -1
     for row in range(2):
@@ -207,7 +210,7 @@ def test_downscale_uses_pil_bicubic():
     rng = np.random.default_rng(4)
     img = Image.fromarray(rng.integers(0, 256, (1000, 1200, 3), dtype=np.uint8))
     # 85*71 = 6035 patches > 4096: scale sqrt(4096/6035) -> 988 x 823, padded to 1008 x 840 -> grid 60 x 72
-    pixels, grid = pk.preprocess_kimi_image(img, INSTRUCT)
+    pixels, grid = processor.preprocess_kimi_image(img, INSTRUCT)
     assert grid == (60, 72)
     canvas = np.zeros((840, 1008, 3), dtype=np.uint8)
     canvas[:823, :988] = np.asarray(img.resize((988, 823), Image.Resampling.BICUBIC))
@@ -227,7 +230,7 @@ def test_gif_video_becomes_image_blocks(proc, tmp_path):
     frames[0].save(gif, save_all=True, append_images=frames[1:], duration=100, loop=0)
     out = proc.from_cli("What happens?", video=str(gif))
     # each frame: 600x300 -> long side 480 -> 480x240 -> padded 504x252 -> grid 18x36 -> 162 tokens
-    assert out["prompt"].count(pk.IMAGE_BLOCK) == 5
+    assert out["prompt"].count(processor.IMAGE_BLOCK) == 5
     assert out["image_grid_hws"].tolist() == [[18, 36]] * 5
     assert (out["input_ids"] == MEDIA_PAD_ID).sum().item() == 5 * 162
     per_frame = out["pixel_values"].view(5, 18, 36, 3, 14, 14)
@@ -240,7 +243,7 @@ def test_gif_video_becomes_image_blocks(proc, tmp_path):
 def test_video_folder_is_sampled_uniformly(tmp_path):
     for k in range(10):
         Image.new("RGB", (20, 10), (k * 20,) * 3).save(tmp_path / f"{k:02d}.png")
-    frames = pk.kimi_video_frames(tmp_path, max_frames=4)  # round(linspace(0, 9, 4)) = 0, 3, 6, 9
+    frames = processor.kimi_video_frames(tmp_path, max_frames=4)  # round(linspace(0, 9, 4)) = 0, 3, 6, 9
     assert [f.getpixel((0, 0))[0] for f in frames] == [0, 60, 120, 180]
     assert [f.size for f in frames] == [(20, 10)] * 4
 
@@ -304,21 +307,21 @@ def test_bad_config_json(model_dir, tmp_path):
         shutil.copy(model_dir / name, tmp_path / name)
     (tmp_path / "config.json").write_text(json.dumps({"media_placeholder_token_id": 163000}))
     with pytest.raises(ValueError, match="config.json: media_placeholder_token_id 163000"):
-        pk.KimiProcessor.from_dir(tmp_path)
+        processor.KimiProcessor.from_dir(tmp_path)
     (tmp_path / "config.json").write_text("{")
     with pytest.raises(ValueError, match="config.json: not valid JSON"):
-        pk.KimiProcessor.from_dir(tmp_path)
+        processor.KimiProcessor.from_dir(tmp_path)
 
 
 def test_missing_model_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="model folder not found: .*absent"):
-        pk.KimiProcessor.from_dir(tmp_path / "absent")
+        processor.KimiProcessor.from_dir(tmp_path / "absent")
 
 
 def test_bad_preprocessor_config(tmp_path):
     (tmp_path / "preprocessor_config.json").write_text("{oops")
     with pytest.raises(ValueError, match="preprocessor_config.json: cannot read preprocessor config"):
-        pk.KimiImageConfig.from_file(tmp_path / "preprocessor_config.json")
+        processor.KimiImageConfig.from_file(tmp_path / "preprocessor_config.json")
 
 
 def test_tokenizer_without_media_pad(model_dir, tmp_path):
@@ -327,20 +330,20 @@ def test_tokenizer_without_media_pad(model_dir, tmp_path):
     del config["added_tokens_decoder"]["163605"]
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"token '<\|media_pad\|>' is not in the vocabulary"):
-        pk.KimiProcessor.from_dir(tmp_path)
+        processor.KimiProcessor.from_dir(tmp_path)
 
 
 def test_centre_crop_when_padding_is_off():
-    cfg = pk.KimiImageConfig(pad_input=False)
+    cfg = processor.KimiImageConfig(pad_input=False)
     arr = np.random.default_rng(5).integers(0, 256, (50, 100, 3), dtype=np.uint8)
     # 100x50 -> cropped to 84x28 (whole 28 px windows), offsets left (100-84)//2 = 8, top (50-28)//2 = 11
-    pixels, grid = pk.preprocess_kimi_image(Image.fromarray(arr), cfg)
+    pixels, grid = processor.preprocess_kimi_image(Image.fromarray(arr), cfg)
     assert grid == (2, 6)
     expected = torch.from_numpy(arr.astype(np.float32)) / 127.5 - 1  # [H, W, 3]
     torch.testing.assert_close(pixels[0, :, 0, 0], expected[11, 8])  # top-left of the crop
     torch.testing.assert_close(pixels[11, :, 13, 13], expected[11 + 27, 8 + 83])  # bottom-right
     with pytest.raises(ValueError, match="tiny: 20x40 px is smaller than one 28 px merge window"):
-        pk.preprocess_kimi_image(Image.new("RGB", (20, 40)), cfg, "tiny")
+        processor.preprocess_kimi_image(Image.new("RGB", (20, 40)), cfg, "tiny")
 
 
 def test_alpha_is_dropped_not_composited(proc, tmp_path):

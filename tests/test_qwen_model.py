@@ -5,9 +5,12 @@ import os
 import pytest
 import torch
 
-from model import attention, causal_mask, checkpoint_names, generate, load, read_config, set_expert_impl
-from qwen_oracle import (IMAGE, image_prompt, make_oracle, mm_token_type_ids, pixels, video_prompt)
+import baselines
 import qwen3_vl_moe
+import router
+from generate import generate
+from model import attention, causal_mask, checkpoint_names, load, read_config, set_expert_impl
+from qwen_oracle import (IMAGE, image_prompt, make_oracle, mm_token_type_ids, pixels, video_prompt)
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "qwen3_vl_moe")
 
@@ -216,20 +219,19 @@ def test_both_config_dialects_agree():
 
 
 def test_token_importance_hand_example():
-    import router
     # one head, three tokens, causal: q.k = 0 everywhere, so each query spreads uniformly over what it sees
     q = torch.zeros(1, 1, 3, 2)
     k = torch.zeros(1, 1, 3, 2)
-    probs = router.attention_probs(q, k, None)
+    probs = baselines.attention_probs(q, k, None)
     x = torch.tensor([[[1.0, -1.0], [2.0, 0.0], [0.0, 3.0]]])  # L1 norms 2, 2, 3
     valid = torch.tensor([[True, True, False]])
-    got = router.token_importance(probs, x, None, valid)
+    got = baselines.token_importance(probs, x, None, valid)
     # token 0 receives 1 + 1/2 + 1/3 from its 3 viewers, token 1 receives 1/2 + 1/3 from 2
     assert torch.allclose(got[0, :2], torch.tensor([2 * (11 / 6) / 3, 2 * (5 / 6) / 2]))
     assert got[0, 2] == float("-inf")
     # the same with the padded-prefill mask form
     mask = causal_mask(torch.arange(3), torch.ones(1, 3, dtype=torch.bool))
-    torch.testing.assert_close(router.token_importance(router.attention_probs(q, k, mask), x, mask, valid), got)
+    torch.testing.assert_close(baselines.token_importance(baselines.attention_probs(q, k, mask), x, mask, valid), got)
 
 
 def test_fused_attention_forms_equal_the_masked_reference():
@@ -262,13 +264,13 @@ def test_fused_attention_forms_equal_the_masked_reference():
 
 
 def test_mcmoe_policy_gets_importance(oracle):
-    import router
     _, saved, _ = oracle
     ours = load(saved, dtype=torch.float32)
     ids = torch.tensor([image_prompt([(1, 4, 4)])])
     pv, thw = pixels([(1, 4, 4)])
     stats = {}
-    for name, policy in (("naee", router.NAEE(0.3)), ("mcmoe", router.MCMoE(0.3, protect_frac=0.25, drop_frac=0.0))):
+    for name, policy in (("naee", baselines.NAEE(0.3)),
+                         ("mcmoe", baselines.MCMoE(0.3, protect_frac=0.25, drop_frac=0.0))):
         router.install(ours, policy)
         stats[name] = router.SkipStats(ours.cfg.num_hidden_layers)
         with torch.no_grad():
@@ -279,7 +281,6 @@ def test_mcmoe_policy_gets_importance(oracle):
 
 @pytest.mark.parametrize("impl", ["grouped", "gather", "auto"])
 def test_kernel_paths_reproduce_reference(oracle, impl):
-    import router
     _, saved, _ = oracle
     ours = load(saved, dtype=torch.float32)
     grids = [(1, 4, 6)]
