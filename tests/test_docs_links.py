@@ -221,7 +221,7 @@ def doc_param(path: Path):
 
 
 def test_docs_folder_holds_the_documents():
-    assert {"models.md", "moe_kernels.md"} <= {p.name for p in DOCS}
+    assert {"models.md", "kernels.md"} <= {p.name for p in DOCS}
 
 
 @pytest.mark.parametrize("doc", [doc_param(ROOT / "README.md"), doc_param(ROOT / "BENCHMARKS.md")]
@@ -247,16 +247,16 @@ def test_the_checks_catch_what_they_are_for():
     doc = ROOT / "docs" / "models.md"
     text = "\n".join([
         "# Title", "## Two words", "",
-        "[ok](moe_kernels.md) [ok anchor](#two-words) [ext](https://example.org/x) `[not a link](nowhere.md)`",
-        "[bad](missing.md) [out](../../elsewhere.md) [bad anchor](moe_kernels.md#no-such-heading)",
-        "`model.py: KVCache.reset` `kernels.py: SKIP` `model.py: NoSuchThing` `model.py: KVCache.nothing`",
+        "[ok](kernels.md) [ok anchor](#two-words) [ext](https://example.org/x) `[not a link](nowhere.md)`",
+        "[bad](missing.md) [out](../../elsewhere.md) [bad anchor](kernels.md#no-such-heading)",
+        "`model.py: KVCache.reset` `moe_kernels.py: run` `model.py: NoSuchThing` `model.py: KVCache.nothing`",
         "`benchmarks/gpu.sh` `benchmarks/gpu-out/` `benchmarks/nothing.py` `../../shared/spec/` `h/2`",
         "```", "[in a fence](missing-too.md)", "```",
     ])
     assert [p.split(": ", 1)[1] for p in link_problems(doc, text)] == [
         "link 'missing.md': no such file docs/missing.md",
         "link '../../elsewhere.md' leaves the repository",
-        "link 'moe_kernels.md#no-such-heading': no heading #no-such-heading in docs/moe_kernels.md"]
+        "link 'kernels.md#no-such-heading': no heading #no-such-heading in docs/kernels.md"]
     assert [p.split(": ", 1)[1] for p in reference_problems(doc, text)] == [
         "`model.py: NoSuchThing`: model.py defines no NoSuchThing",
         "`model.py: KVCache.nothing`: KVCache in model.py has no member nothing"]
