@@ -8,7 +8,7 @@
   tokens and the end marker.
 - `kl_sum` computes KL(P || Q) from logits accurately in fp32 over a 150k vocabulary.
 
-Not a script: calibrate.py, search.py and bench.py --fidelity read their data through it (see their --help).
+calibrate.py, search.py and evaluate.py read their data through it (see their --help).
 """
 import hashlib
 import json

@@ -16,7 +16,7 @@ Kimi-VL (moonshotai/Kimi-VL-A3B-Instruct):
 - images: shrink to the patch budget with PIL bicubic, pad to multiples of 28 px, normalise, 14x14 patches
 - prompt: the Instruct chat template written out in Python; video as a sequence of image blocks
 
-Not a script; model.py and the pipeline scripts use it. Usage:
+generate.py and the pipeline scripts use it. Usage:
     proc = QwenProcessor.from_dir("Qwen3-VL-30B-A3B-Instruct")
     batch = proc.from_cli("What is in this image?", images=["cat.png"])
     batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"]

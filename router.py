@@ -86,7 +86,7 @@ class DMT(nn.Module):
 
     def scores(self, routing: Routing, modality: torch.Tensor, layer: int) -> torch.Tensor:
         """s [T, K] fp32: GMLG's alpha[layer, modality] * pi_hat (or pi_hat alone without alpha)."""
-        column = modality.clamp(max=VISION)  # [T] 0 text, 1 vision; SPECIAL rows are kept by _apply_skip anyway
+        column = modality.clamp(max=VISION)  # [T] 0 text, 1 vision; SPECIAL rows are kept by apply_skip anyway
         pi = routing.probs.gather(-1, routing.ids) if self.use_full_softmax else routing.pi_hat  # [T, K]
         score = pi.float()
         if self.alpha is not None:

@@ -7,10 +7,10 @@ Each JSON file is recognised by its content, and gives one or more plot kinds:
     search    search.py's thresholds file (format modes-thresholds/1): every evaluated (tau_text, tau_vision),
               coloured by skip ratio and by KL, the feasible set, the walk, the chosen point, and the walk's
               evaluations drawn on the full D x D grid
-    skip      any file carrying `skip_per_layer` (model.py --json, bench.py rows): skip ratio per decoder layer x
+    skip      any file carrying `skip_per_layer` (generate.py --json, bench.py rows): skip ratio per decoder layer x
               modality, prefill and decode
     bench     bench.py --json speed rows: vision + LM prefill and decode ms per policy, against the decode floor
-    fidelity  bench.py --fidelity --json: accuracy, retention, answer KL and top-1 agreement against skip ratio per
+    fidelity  evaluate.py --json: accuracy, retention, answer KL and top-1 agreement against skip ratio per
               policy; the files of several --target values make the curves (the paper's Figure 1)
 
 A PNG is named after its source file and kind (`alpha.json` -> `alpha.alpha.png`); the fidelity files given together
@@ -18,11 +18,11 @@ make one plot, `fidelity.png` when there are several. Figures have fixed sizes a
 pixel size is known in advance. matplotlib is needed only to draw and is imported there, never at import time.
 
 Examples
-    python plot.py runs/                                     # every artifact in runs/, PNGs written next to them
-    python plot.py runs/ --out plots/
-    python plot.py fid-0.3.json fid-0.5.json fid-0.7.json --out plots/     # fidelity curves over three targets
-    python plot.py alpha.json --alpha-scale log
-    python -c "import json, plot; plot.plot_alpha(json.load(open('alpha.json')), 'alpha.png')"
+    python support/plot.py runs/                                     # every artifact in runs/, PNGs written next to them
+    python support/plot.py runs/ --out plots/
+    python support/plot.py fid-0.3.json fid-0.5.json fid-0.7.json --out plots/     # fidelity curves over three targets
+    python support/plot.py alpha.json --alpha-scale log
+    python -c "import json; from support import plot; plot.plot_alpha(json.load(open('alpha.json')), 'alpha.png')"
 """
 import argparse
 import contextlib
@@ -124,7 +124,7 @@ def read_artifact(path):
 
 
 def runs_with_skip(doc):
-    """(label, skip_per_layer, its JSON path) of every run in the JSON object doc: model.py --json has one, bench.py
+    """(label, skip_per_layer, its JSON path) of every run in the JSON object doc: generate.py --json has one, bench.py
     files one per row."""
     if "skip_per_layer" in doc:
         return [("generation", doc["skip_per_layer"], "skip_per_layer")]
@@ -243,7 +243,7 @@ def skip_grids(runs):
 
 def plot_skip(doc, path):
     """Heatmaps, prefill and decode side by side: decoder layer across, one band of text / vision / all rows per
-    run (the generation of model.py --json, or each bench.py row)."""
+    run (the generation of generate.py --json, or each bench.py row)."""
     runs = runs_with_skip(doc)
     if not runs:
         raise ArtifactError("missing field 'skip_per_layer' (at the top or in rows)")
@@ -392,7 +392,7 @@ def plot_bench(doc, path):
 
 
 def fidelity_points(doc):
-    """(policy, point) of each row of one bench.py --fidelity document; accuracy, retention and calib_skip may be
+    """(policy, point) of each row of one evaluate.py document; accuracy, retention and calib_skip may be
     null or absent. A baseline that could not be fitted (`reached` false, no skip ratio) has no point."""
     out = []
     for r, where in entries(doc, "fidelity"):
@@ -540,7 +540,7 @@ def main(args):
 
 
 def parser():
-    p = argparse.ArgumentParser(description="PNG plots of calibrate.py, search.py, bench.py and model.py JSON files.")
+    p = argparse.ArgumentParser(description="PNG plots of calibrate.py, search.py, bench.py and generate.py JSON files.")
     p.add_argument("paths", nargs="+", help="artifact folders (their *.json files) or JSON files")
     p.add_argument("--out", help="folder for the PNGs (default: next to each JSON file)")
     p.add_argument("--alpha-scale", default="auto", choices=["auto", "linear", "log"],

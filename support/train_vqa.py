@@ -23,7 +23,7 @@ What makes it learn
 - One torch thread by default: these ops are tiny, and two threads stall badly when another job shares 2 cores.
 
 Touches of model.py internals are marked `# model.py API:` (building from a config dict, encode_vision, forward
-with media, the MoE routers' gate modules, save_checkpoint, load, generate).
+with media, the MoE routers' gate modules, save_checkpoint, load; and generate.py's generate).
 
 Examples
     python support/train_vqa.py                                      # full run -> checkpoints/tiny-vqa (~26 min, 2 cores)
