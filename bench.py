@@ -1,6 +1,6 @@
 """
-Speed, memory and skip ratios of the handwritten forward, one row per skip policy, measured in the same run; and
-with --fidelity, MoDES against every baseline at equal skip ratio.
+Speed, memory and skip ratios of the handwritten forward, one row per skip policy, measured in the same run. (How
+well each policy keeps the unskipped model's answers is evaluate.py's.)
 
 Prefill is compute-bound and decode is bandwidth-bound, so they are timed apart: the vision tower and the language
 model prefill separately, then decode steps with the static KV cache (compiled, CUDA-graphed on GPU, unless
@@ -15,7 +15,6 @@ memory and the decode roofline are then per rank (assuming the kept slots spread
 Examples
     python bench.py                                                  # tiny built-in checkpoint, CPU
     python bench.py --model tiny-kimi                                # the tiny Kimi-VL one
-    python bench.py --model tiny-vqa --fidelity --thresholds thresholds-vqa.json --data easy-vqa-test --eval-n 200
     python bench.py --model ~/Qwen3-VL-30B-A3B-Instruct --device cuda --dtype bfloat16 --thresholds thr.json \
         --policy full,modes
     python bench.py --config configs/qwen3_vl_30b_a3b.json --random-weights --device cuda --dtype bfloat16 \
@@ -37,14 +36,11 @@ import torch
 import baselines
 import cli
 import processor
-from data import data_hash, make_batch, read_samples, select, synthetic_samples
 import moe_kernels
-from generate import generate
 from model import EXPERT_IMPLS, build, checkpoint_names, load, read_config, set_expert_impl
 from parallel import Shard
 from support import plot
 import router
-import search
 from support import tiny
 import kimi_vl
 import qwen3_vl_moe
@@ -282,7 +278,7 @@ def speed(model, source, load_s, host_load, args, modes):
     print(f"# {source}: loaded in {load_s:.2f} s, host peak +{host_load / 2**20:.0f} MiB for "
           f"{header['weight_bytes'] / 2**20:.0f} MiB of weights; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     cache = model.new_cache(args.batch, ids.shape[1] + args.decode_steps + 1)
-    shared, reduce = router.MoDES(0.0, 0.0, torch.ones(len(model.layers), 2)), router.ReduceK(args.keep)
+    shared, reduce = router.MoDES(0.0, 0.0, torch.ones(len(model.layers), 2)), baselines.ReduceK(args.keep)
     steps = {policy: moe_kernels.DecodeStep(model, cache, compile=args.compile, cuda_graph=args.cuda_graph)
              for policy in (shared, reduce)}  # compiled (and captured) on first use: the shared rows reuse one graph
     rows = []
@@ -322,109 +318,13 @@ def fmt(value, spec):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Fidelity: MoDES and the baselines at the skip ratio MoDES reaches on its calibration data
-
-
-def normalise_answer(text):
-    return " ".join("".join(c for c in text.lower() if c.isalnum() or c.isspace()).split())
-
-
-def exact_match(model, proc, samples, policy, device, batch_size=16):
-    """Share of samples whose greedy answer equals the reference answer (case and punctuation ignored), generated
-    in left-padded batches (generate runs without gradients). The policy stays installed: every later pass
-    installs its own."""
-    router.install(model, policy)
-    hits = 0
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start:start + batch_size]
-        batch = make_batch(chunk, proc, device, answers=False)
-        tokens = generate(model, batch.input_ids, batch.attention_mask, stop_ids=proc.stop_token_ids,
-                            max_new_tokens=max(len(proc.encode(s.answer)) for s in chunk) + 4, **batch.pixels)
-        for s, row in zip(chunk, tokens.tolist()):
-            end = next((k for k, t in enumerate(row) if t in proc.stop_token_ids), len(row))
-            hits += normalise_answer(proc.decode(row[:end])) == normalise_answer(s.answer)
-    return hits / len(samples)
-
-
-def fidelity_inputs(args):
-    """(thresholds document, calibration samples, evaluation samples) of --fidelity, read and checked before the
-    model loads: the calibration samples are those the thresholds file was searched on, re-read and checked by
-    their hash."""
-    path = args.thresholds
-    doc = cli.read_json(path, "thresholds")
-    ratio = doc["skip_ratio"].get("all") if isinstance(doc.get("skip_ratio"), dict) else None
-    cli.check(search.finite(ratio) and 0 <= ratio <= 1,
-              f"{path}: skip_ratio.all must be the search's skip ratio in [0, 1], got {ratio!r}")
-    info = doc.get("data")
-    cli.check(isinstance(info, dict) and {"source", "n", "start", "seed", "sha256"} <= set(info),
-              f"{path}: no 'data' section naming its calibration samples (made by search.py?)")
-    source, n, start, seed = info["source"], info["n"], info["start"], info["seed"]
-    cli.check(isinstance(source, str) and isinstance(n, int) and n >= 1 and isinstance(start, int) and start >= 0
-              and (seed is None or isinstance(seed, int)), f"{path}: data needs a source string, n >= 1, start >= 0 "
-              f"and a seed that is an integer or null, got {dict(source=source, n=n, start=start, seed=seed)}")
-    cli.check(source in ("synthetic", "easy-vqa-train", "easy-vqa-test") or source.endswith(".jsonl"),
-              f"{path}: calibration data {source} cannot be re-read here (only JSONL, easy-vqa or synthetic)")
-    calib = select(read_samples(source), n, start, seed)
-    cli.check(data_hash(calib) == info["sha256"], f"{path}: the calibration data {source} changed since the "
-              f"search (its sha256 differs)")
-    evals = read_samples(args.data)[:args.eval_n] if args.data else synthetic_samples(args.eval_n, seed=1)
-    return doc, calib, evals
-
-
-def fidelity(model, source, args, modes, doc, calib, evals):
-    """Rows of skip ratios, mean answer-token KL and top-1 agreement against the unskipped model, and exact-match
-    accuracy with retention, on the evaluation set (--data, or built-in synthetic samples unseen in calibration)."""
-    target = doc["skip_ratio"]["all"]
-    proc = processor.for_model(source, model.cfg.model_type)
-    calib_eval = search.Evaluator(model, proc, calib, quiet=True)
-    test_eval = search.Evaluator(model, proc, evals, quiet=True)
-    gamma = baselines.diep_gamma(baselines.expert_similarity(model, proc, calib)) if "diep" in args.baselines else None
-    rows = [dict(policy="full", hyper=None, calib_skip=0.0, reached=True, note="", obj=None),
-            dict(policy="modes", hyper=[doc["tau"]["text"], doc["tau"]["vision"]], calib_skip=target, reached=True,
-                 note="", obj=modes)]
-    # steps: fit each baseline, then score and generate with the policy of each row (full, modes, the baselines)
-    progress = cli.Progress("fidelity", len(args.baselines) + 2 * (len(args.baselines) + 2), args.quiet)
-    for done, name in enumerate(args.baselines, 1):
-        fit = baselines.fit_baseline(name, model, calib_eval, modes.alpha, gamma, target)
-        rows.append(dict(policy=name, **{k: v for k, v in fit.items() if k != "policy"}, obj=fit["policy"]))
-        progress.update(done, f"fitted {name}")
-    for i, r in enumerate(rows):
-        policy, done = r.pop("obj"), len(args.baselines) + 2 * i
-        if r["policy"] != "full" and policy is None:  # not fitted: the row says why
-            r.update(kl=None, top1=None, skip=dict(all=None, text=None, vision=None), accuracy=None)
-            continue
-        r.update(test_eval.score(policy))
-        progress.update(done + 1, f"scored {r['policy']}")
-        r["accuracy"] = exact_match(model, proc, evals, policy, args.device) if args.accuracy else None
-        progress.update(done + 2, f"generated with {r['policy']}")
-    progress.update(progress.total, finished=True)
-    full_acc = rows[0]["accuracy"]
-    print(f"# fidelity on {args.data or 'built-in synthetic samples (seed 1)'} ({len(evals)} samples); every policy "
-          f"fitted to MoDES's calibration skip ratio {target:.3f} (+- {baselines.TOLERANCE})")
-    print("policy | hyperparameter | calib skip | matched | skip all | text | vision | KL | top-1 | accuracy | "
-          "retention")
-    for r in rows:
-        r["retention"] = None if not full_acc or r["accuracy"] is None else 100 * r["accuracy"] / full_acc
-        hyper = r["hyper"] if isinstance(r["hyper"], (list, tuple)) else [r["hyper"]]  # none, one or two numbers
-        print(" | ".join([r["policy"], "/".join(fmt(h, ".4g") for h in hyper), fmt(r["calib_skip"], ".3f"),
-                          "yes" if r["reached"] else "NO", fmt(r["skip"]["all"], ".3f"), fmt(r["skip"]["text"], ".3f"),
-                          fmt(r["skip"]["vision"], ".3f"), fmt(r["kl"], ".4g"), fmt(r["top1"], ".3f"),
-                          fmt(r["accuracy"], ".3f"), fmt(r["retention"], ".1f")]))
-    for r in rows:
-        if r["note"]:
-            print(f"# {r['policy']}: {r['note']}")
-    return dict(source=source, thresholds=args.thresholds, target=target, tolerance=baselines.TOLERANCE,
-                eval_data=args.data or "synthetic", eval_n=len(evals), fidelity=rows)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Command line
 
 
 def check_args(args):
     cli.check(args.random_weights == bool(args.config),
               "--config FILE and --random-weights go together (real-size architecture, random weights)")
-    for name in ("batch", "decode_steps", "repeats", "eval_n", "image_size"):
+    for name in ("batch", "decode_steps", "repeats", "image_size"):
         cli.check(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("warmup", "text_tokens", "keep"):
         cli.check(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
@@ -432,19 +332,15 @@ def check_args(args):
     given, args.policy = args.policy, [p for p in args.policy.split(",") if p]
     cli.check(args.policy and all(p in ("full", "modes", "threshold", "reduce-k") for p in args.policy),
               f"--policy {given!r}: a comma list of full, modes, threshold, reduce-k")
-    cli.check("modes" not in args.policy and not args.fidelity or args.thresholds,
-              "--policy modes and --fidelity need --thresholds FILE (made by search.py)")
-    args.baselines = [b for b in args.baselines.split(",") if b]
-    unknown = [b for b in args.baselines if b not in baselines.BASELINES]
-    cli.check(not unknown, f"--baselines: unknown {', '.join(unknown)} (choose from {', '.join(baselines.BASELINES)})")
+    cli.check("modes" not in args.policy or args.thresholds,
+              "--policy modes needs --thresholds FILE (made by search.py)")
     args.device = cli.check_device(args.device)
     args.compile = args.device.startswith("cuda") if args.compile is None else args.compile
     args.cuda_graph = args.device.startswith("cuda") if args.cuda_graph is None else args.cuda_graph
     cli.check(not args.cuda_graph or args.device.startswith("cuda"), "--cuda-graph needs a CUDA --device")
     cli.check(not args.plot or args.json, "--plot DIR draws from the --json FILE: give both")
     if args.json:
-        cli.check_output(args.json, "--json", inputs=[(args.thresholds, "--thresholds"), (args.data, "--data"),
-                                                      (args.config, "--config")])
+        cli.check_output(args.json, "--json", inputs=[(args.thresholds, "--thresholds"), (args.config, "--config")])
     if args.plot:  # now, not after a long run
         plot.require_matplotlib()
         plot.check_out_dir(args.plot, "--plot")
@@ -453,19 +349,17 @@ def check_args(args):
 def main(args):
     check_args(args)
     rank, world, args.device = cli.init_distributed(args.device)  # torchrun: the ranks run one model together
-    # every file is read and checked before the weights load: the thresholds against the architecture alone (a
-    # model on the meta device holds no weights), and the samples of --fidelity
+    # the thresholds are read and checked before the weights load, against the architecture alone (a model on the
+    # meta device holds no weights)
     source = args.config or tiny.resolve(args.model)
     skeleton = build(read_config(source), "meta")
     top_k = skeleton.cfg.num_experts_per_tok
     cli.check(args.keep <= top_k, f"--keep {args.keep}: the model routes each token to {top_k} experts")
     modes = router.load_thresholds(args.thresholds, skeleton) if args.thresholds else None
-    inputs = fidelity_inputs(args) if args.fidelity else None
     model, load_s, host_load = build_model(args, source, Shard(rank, world))
     # every rank runs the measurements, rank 0 reports them
     with contextlib.redirect_stdout(open(os.devnull, "w")) if rank > 0 else contextlib.nullcontext():
-        result = (fidelity(model, source, args, modes, *inputs) if args.fidelity
-                  else speed(model, source, load_s, host_load, args, modes))
+        result = speed(model, source, load_s, host_load, args, modes)
     if rank > 0:
         return
     if args.json:
@@ -476,8 +370,8 @@ def main(args):
 
 
 def parser():
-    p = argparse.ArgumentParser(description="Time vision, prefill and decode per skip policy; or with --fidelity "
-                                "compare MoDES with the baselines at equal skip ratio.")
+    p = argparse.ArgumentParser(description="Time vision, prefill and decode per skip policy (evaluate.py compares "
+                                "their answers).")
     p.add_argument("--model", help=f"checkpoint folder, or a built-in one: {', '.join(tiny.CHECKPOINTS)} "
                    "(default tiny-qwen)")
     p.add_argument("--config", help="a config.json: benchmark that architecture (with --random-weights)")
@@ -486,11 +380,11 @@ def parser():
     p.add_argument("--dtype", default="float32", choices=list(cli.DTYPES))
     p.add_argument("--policy", default="full", help="comma list of: full, modes (needs --thresholds), threshold "
                    "(single tau fitted to --target on the prompt), reduce-k (keeps --keep slots)")
-    p.add_argument("--thresholds", help="thresholds file from search.py, for --policy modes and --fidelity")
+    p.add_argument("--thresholds", help="thresholds file from search.py, for --policy modes")
     p.add_argument("--target", type=float, default=0.88, help="skip ratio for --policy threshold")
     p.add_argument("--keep", type=int, default=1, help="slots kept by --policy reduce-k")
     p.add_argument("--expert-impl", default="auto", choices=EXPERT_IMPLS,
-                   help="ref (the readable loop in model.py) or a kernels.py path")
+                   help="ref (the readable loop in model.py) or a moe_kernels.py path")
     p.add_argument("--batch", type=int, default=1, help="rows of the same prompt")
     p.add_argument("--image-size", type=int, default=256, help="side of the square image, pixels")
     p.add_argument("--text-tokens", type=int, default=32, help="text tokens after the image")
@@ -504,16 +398,6 @@ def parser():
     p.add_argument("--check-graph", action="store_true",
                    help="also compare the timed decode step with eager decoding (tokens, logits) per row")
     p.add_argument("--compare-transformers", action="store_true", help="also time transformers' implementation")
-    p.add_argument("--fidelity", action="store_true", help="instead of timings: MoDES (--thresholds) and the "
-                   "--baselines at equal skip ratio, against the unskipped model on --data")
-    p.add_argument("--baselines", default=",".join(baselines.BASELINES),
-                   help="comma list for --fidelity: " + ", ".join(baselines.BASELINES))
-    p.add_argument("--data", help="evaluation data for --fidelity: JSONL or easy-vqa-test (default: built-in "
-                   "synthetic samples)")
-    p.add_argument("--eval-n", type=int, default=16, help="evaluation samples for --fidelity")
-    p.add_argument("--accuracy", action=argparse.BooleanOptionalAction, default=True,
-                   help="greedy exact-match accuracy per policy in --fidelity (one generation per sample)")
-    p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
     p.add_argument("--json", help="also write the result to this file")
     p.add_argument("--plot", metavar="DIR", help="with --json: also draw the result's plots into DIR (matplotlib)")
     return p

@@ -136,13 +136,13 @@ def runs_with_skip(doc):
 
 
 def kinds(doc):
-    """(plot kinds in doc, why none) by content: the format field, else the keys bench.py and model.py write."""
+    """(plot kinds in doc, why none) by content: the format field, else the keys bench.py and generate.py write."""
     if not isinstance(doc, dict):
         return [], f"a JSON {type(doc).__name__}, not an object"
     fmt = doc.get("format")
     if fmt in FORMAT_KINDS:
         return [FORMAT_KINDS[fmt]], None
-    # bench.py and model.py write no format field yet: known by their keys, which also covers one added later
+    # bench.py and generate.py write no format field yet: known by their keys, which also covers one added later
     found = ["fidelity"] if "fidelity" in doc else ["bench"] if "rows" in doc else []
     found += ["skip"] if runs_with_skip(doc) else []
     if found:

@@ -1,6 +1,6 @@
-"""Bad input to the pipeline's command lines (model.py, calibrate.py, search.py, bench.py, plot.py): one `error:`
-line naming the argument or the file and what was expected, exit status 2, found before any weights load, nothing
-written or left behind. Also: a failed final write, concurrent first use of a built-in checkpoint, progress lines.
+"""Bad input to the pipeline's command lines (generate.py, calibrate.py, search.py, bench.py, support/plot.py): one
+`error:` line naming the argument or the file and what was expected, exit status 2, found before any weights load,
+nothing written or left behind. Also: a failed final write, concurrent first use of a built-in checkpoint, progress lines.
 
 Most cases run a script's command line in this process (argparse, main, cli.run: all that `python script.py`
 adds is the interpreter); a few run it for real to see the exit status and that no traceback is printed."""
@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import cli
+import model
 from model import build, load, read_config
 import router
 from support import tiny
@@ -23,12 +24,20 @@ from support import tiny
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+SCRIPTS = ("generate", "calibrate", "search", "bench", "evaluate")  # the command lines run in this process below
+
+
 @pytest.fixture
 def no_loading(monkeypatch):
-    """Any attempt to load a checkpoint's weights fails the test: bad input must be found before."""
+    """Any attempt to load a checkpoint's weights fails the test: bad input must be found before. The loader is
+    replaced where the scripts look it up: model.load, and the `load` each script imported from model."""
     def load(*args, **kwargs):
         raise AssertionError("weights were loaded before the bad input was found")
-    monkeypatch.setattr(M, "load", load)
+    monkeypatch.setattr(model, "load", load)
+    for name in SCRIPTS:
+        module = importlib.import_module(name)
+        if hasattr(module, "load"):
+            monkeypatch.setattr(module, "load", load)
 
 
 def one_line_error(capsys, script, *argv):
@@ -76,9 +85,9 @@ def variant(path, out, change):
 
 
 @pytest.mark.parametrize("script, argv, message", [
-    ("model", ["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
-    ("model", ["--prompt", "hi", "--max-new-tokens", "-3"], "--max-new-tokens must be >= 1, got -3"),
-    ("model", ["--prompt", "hi", "--max-new-tokens", "40000"],
+    ("generate", ["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    ("generate", ["--prompt", "hi", "--max-new-tokens", "-3"], "--max-new-tokens must be >= 1, got -3"),
+    ("generate", ["--prompt", "hi", "--max-new-tokens", "40000"],
      "with --max-new-tokens 40000 that exceeds the model's max_position_embeddings 32768"),
     ("calibrate", ["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     ("calibrate", ["--n", "0"], "--n must be >= 1, got 0"),
@@ -95,13 +104,14 @@ def variant(path, out, change):
     ("bench", ["--text-tokens", "-1"], "--text-tokens must be >= 0, got -1"),
     ("bench", ["--decode-steps", "0"], "--decode-steps must be >= 1, got 0"),
     ("bench", ["--repeats", "0"], "--repeats must be >= 1, got 0"),
-    ("bench", ["--fidelity", "--thresholds", "t.json", "--eval-n", "0"], "--eval-n must be >= 1, got 0"),
+    ("evaluate", ["--thresholds", "t.json", "--eval-n", "0"], "--eval-n must be >= 1, got 0"),
+    ("evaluate", [], "--thresholds FILE is needed"),
     ("bench", ["--keep", "9"], "--keep 9: the model routes each token to 4 experts"),
     ("bench", ["--target", "nan"], "--target must be in (0, 1], got nan"),
-    ("bench", ["--policy", "full,modes"], "--policy modes and --fidelity need --thresholds"),
+    ("bench", ["--policy", "full,modes"], "--policy modes needs --thresholds"),
     ("bench", ["--plot", "plots"], "--plot DIR draws from the --json FILE"),
-] + [(script, [*(["--prompt", "hi"] if script == "model" else []), "--device", device], message)
-     for script in ("model", "calibrate", "search", "bench")
+] + [(script, [*(["--prompt", "hi"] if script == "generate" else []), "--device", device], message)
+     for script in ("generate", "calibrate", "search", "bench")
      for device, message in [("cuda:99", "--device cuda:99: "), ("tpu", "--device 'tpu': not a device"),
                              ("meta", "--device meta: only cpu and cuda are supported")]])
 def test_bad_argument_is_one_line_naming_it(capsys, no_loading, tmp_path, monkeypatch, script, argv, message):
@@ -159,7 +169,7 @@ def test_partial_state_is_never_overwritten_unasked(capsys, no_loading, tmp_path
 # Files handed in: checked when read, one line naming the file and the line or field
 
 
-@pytest.mark.parametrize("script", ["model", "bench"])
+@pytest.mark.parametrize("script", ["generate", "bench"])
 @pytest.mark.parametrize("change, message", [
     (lambda d: d["layers"].pop(), r"no alpha for MoE layer(s) 3; every MoE layer needs one"),
     (lambda d: d["tau"].update(text=-0.5), "tau.text must be a number >= 0, finite in fp32, got -0.5"),
@@ -170,15 +180,15 @@ def test_partial_state_is_never_overwritten_unasked(capsys, no_loading, tmp_path
 ])
 def test_bad_thresholds_file_is_one_line_before_loading(capsys, no_loading, made, tmp_path, script, change, message):
     path = variant(made / "thresholds.json", tmp_path / "t.json", change)
-    argv = ["--prompt", "hi"] if script == "model" else ["--policy", "full,modes"]
+    argv = ["--prompt", "hi"] if script == "generate" else ["--policy", "full,modes"]
     assert one_line_error(capsys, script, *argv, "--thresholds", path).startswith(f"{path}: {message}")
 
 
 def test_thresholds_file_that_is_a_list_or_a_folder(capsys, no_loading, made, tmp_path):
     (tmp_path / "list.json").write_text("[1]")
-    assert one_line_error(capsys, "model", "--prompt", "hi", "--thresholds", tmp_path / "list.json") == \
+    assert one_line_error(capsys, "generate", "--prompt", "hi", "--thresholds", tmp_path / "list.json") == \
         f"{tmp_path}/list.json: expected a JSON object (thresholds file), got a list"
-    assert one_line_error(capsys, "model", "--prompt", "hi", "--thresholds", tmp_path) == \
+    assert one_line_error(capsys, "generate", "--prompt", "hi", "--thresholds", tmp_path) == \
         f"thresholds file {tmp_path}: is a folder"
 
 
@@ -192,7 +202,7 @@ def test_thresholds_file_that_is_a_list_or_a_folder(capsys, no_loading, made, tm
 ])
 def test_fidelity_thresholds_without_usable_data_section(capsys, no_loading, made, tmp_path, change, message):
     path = variant(made / "thresholds.json", tmp_path / "t.json", change)
-    assert one_line_error(capsys, "bench", "--fidelity", "--thresholds", path).startswith(f"{path}: {message}")
+    assert one_line_error(capsys, "evaluate", "--thresholds", path).startswith(f"{path}: {message}")
 
 
 @pytest.mark.parametrize("change, message", [
@@ -227,11 +237,11 @@ def run(*argv, env=None, **kwargs):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["model.py", "--prompt", "hi", "--max-new-tokens", "0"], "error: --max-new-tokens must be >= 1, got 0"),
+    (["generate.py", "--prompt", "hi", "--max-new-tokens", "0"], "error: --max-new-tokens must be >= 1, got 0"),
     (["calibrate.py", "--batch-size", "0"], "error: --batch-size must be >= 1, got 0"),
     (["search.py", "--grid", "0"], "error: --grid must be >= 1, got 0"),
     (["bench.py", "--device", "tpu"], "error: --device 'tpu': not a device (cpu, cuda, cuda:N)"),
-    (["plot.py", "no-such.json"], "error: no-such.json: no such file or folder"),
+    (["support/plot.py", "no-such.json"], "error: no-such.json: no such file or folder"),
 ])
 def test_command_line_exits_2_with_one_line(tmp_path, argv, message):
     r = run(*argv)
@@ -248,8 +258,7 @@ def test_failed_final_write_names_the_destination_and_keeps_the_earlier_file(mad
 
     def limited():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    r = run("bench.py", "--repeats", "1", "--warmup", "0", "--decode-steps", "1", "--json", out, "--quiet",
-            preexec_fn=limited)
+    r = run("bench.py", "--repeats", "1", "--warmup", "0", "--decode-steps", "1", "--json", out, preexec_fn=limited)
     assert r.returncode == 2 and r.stderr.splitlines()[-1] == f"error: cannot write {out}: File too large", r.stderr
     assert "Traceback" not in r.stderr
     assert out.read_text() == '{"earlier": true}\n' and os.listdir(tmp_path) == ["bench.json"]
@@ -259,17 +268,17 @@ def test_concurrent_first_use_of_a_built_in_checkpoint(tmp_path):
     """Three processes (torchrun ranks on a fresh machine) write tiny-qwen into an empty cache at once: all get the
     same complete folder, and no temporary folder is left."""
     cache = tmp_path / "cache"
-    code = "import model; print(model.resolve_model('tiny-qwen'))"
+    code = "from support import tiny; print(tiny.resolve('tiny-qwen'))"
     env = dict(os.environ, OMP_NUM_THREADS="1", MODES_CACHE=str(cache))
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(3)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], [err for _, err in outs]
-    assert {out.strip() for out, _ in outs} == {str(cache / "tiny-qwen3-vl-moe-v2")}
-    assert os.listdir(cache) == ["tiny-qwen3-vl-moe-v2"]
-    assert sorted(os.listdir(cache / "tiny-qwen3-vl-moe-v2")) == [
+    assert {out.strip() for out, _ in outs} == {str(cache / "tiny-qwen3-vl-moe-v3")}
+    assert os.listdir(cache) == ["tiny-qwen3-vl-moe-v3"]
+    assert sorted(os.listdir(cache / "tiny-qwen3-vl-moe-v3")) == [
         "config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json"]
-    load(str(cache / "tiny-qwen3-vl-moe-v2"), dtype=torch.float32)  # complete: every tensor present
+    load(str(cache / "tiny-qwen3-vl-moe-v3"), dtype=torch.float32)  # complete: every tensor present
 
 
 # ---------------------------------------------------------------------------------------------------------------

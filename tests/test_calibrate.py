@@ -12,20 +12,20 @@ import torch
 from calibrate import ablate_batch, calibrate, main, parser, removed
 import cli
 from data import kl_sum, make_batch, read_gqa, read_jsonl, select, synthetic_samples
-from model import Context, load
+from model import TEXT, Context, load
 import processor
-import router
-import tiny as builtin
-from router import TEXT
 import qwen3_vl_moe
+import router
+import search
+from support import tiny as builtin
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    path = tiny.resolve("tiny-qwen")
-    model = load(path, dtype=torch.float32)
+    path = builtin.resolve("tiny-qwen")
+    model = load(path, dtype=torch.float32, special_ids=processor.special_token_ids(path))  # as the scripts load it
     return model, processor.for_model(path, model.cfg.model_type), path
 
 
@@ -270,7 +270,7 @@ def test_synthetic_data_and_selection():
     assert chosen == sorted(chosen) and len(set(chosen)) == 4 and chosen == select(items, 4, seed=1)
     with pytest.raises(ValueError, match="--n 11"):
         select(items, 11)
-    assert cli.shard(items, 0, 3) + cli.shard(items, 1, 3) + cli.shard(items, 2, 3) == items
+    assert cli.rank_items(items, 0, 3) + cli.rank_items(items, 1, 3) + cli.rank_items(items, 2, 3) == items
 
 
 def test_cli_reports_bad_line_in_one_line(tmp_path):
@@ -284,9 +284,8 @@ def test_cli_reports_bad_line_in_one_line(tmp_path):
 
 @pytest.mark.parametrize("removal", ["zero", "input"])
 def test_kimi_cached_prefix_equals_naive_and_search_starts_at_zero(removal):
-    import search as S
-    path = tiny.resolve("tiny-kimi")
-    model = load(path, dtype=torch.float32)
+    path = builtin.resolve("tiny-kimi")
+    model = load(path, dtype=torch.float32, special_ids=processor.special_token_ids(path))  # as the scripts load it
     proc = processor.for_model(path, model.cfg.model_type)
     layers = model.moe_layers()
     assert layers == list(range(1, len(model.layers)))  # layer 0 is the dense one
@@ -298,7 +297,7 @@ def test_kimi_cached_prefix_equals_naive_and_search_starts_at_zero(removal):
     alpha = calibrate(model, proc, synthetic_samples(2), batch_size=2, removal=removal, quiet=True)
     table = router.alpha_table(alpha, model, "alpha")
     assert table[0].tolist() == [0.0, 0.0] and torch.allclose(table.sum(0), torch.ones(2))
-    evaluator = S.Evaluator(model, proc, synthetic_samples(2), table, batch_size=2, quiet=True)
+    evaluator = search.Evaluator(model, proc, synthetic_samples(2), table, batch_size=2, quiet=True)
     kl, skip = evaluator(0.0, 0.0)
     assert kl == 0.0 and skip["all"] == 0.0
     kl, skip = evaluator(0.05, 0.05)

@@ -1,4 +1,4 @@
-"""The command lines other issues and checks rely on: model.py generation and bench.py on the tiny default."""
+"""The command lines other issues and checks rely on: generate.py generation and bench.py on the tiny default."""
 import json
 import os
 import subprocess
@@ -21,13 +21,13 @@ def run(env, *args):
 def test_generate_json_on_tiny_default(env, tmp_path):
     from PIL import Image
     Image.new("RGB", (50, 37), (200, 30, 30)).save(tmp_path / "red.png")
-    r = run(env, "model.py", "--prompt", "What colour is it?", "--image", str(tmp_path / "red.png"),
+    r = run(env, "generate.py", "--prompt", "What colour is it?", "--image", str(tmp_path / "red.png"),
             "--max-new-tokens", "5", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert len(out["token_ids"]) == 5 and isinstance(out["text"], str)
     assert out["prompt_tokens"] > 64  # at least the minimum of 64 visual tokens
-    again = json.loads(run(env, "model.py", "--prompt", "What colour is it?", "--image", str(tmp_path / "red.png"),
+    again = json.loads(run(env, "generate.py", "--prompt", "What colour is it?", "--image", str(tmp_path / "red.png"),
                            "--max-new-tokens", "5", "--json").stdout.strip().splitlines()[-1])
     assert again["token_ids"] == out["token_ids"]  # the built-in checkpoint and greedy decoding are deterministic
 
@@ -35,11 +35,11 @@ def test_generate_json_on_tiny_default(env, tmp_path):
 def test_tiny_kimi_generates_and_benches(env, tmp_path):
     from PIL import Image
     Image.new("RGB", (100, 60), (20, 200, 30)).save(tmp_path / "green.png")
-    r = run(env, "model.py", "--model", "tiny-kimi", "--prompt", "What colour?", "--image", str(tmp_path / "green.png"),
+    r = run(env, "generate.py", "--model", "tiny-kimi", "--prompt", "What colour?", "--image", str(tmp_path / "green.png"),
             "--max-new-tokens", "4", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(out["token_ids"]) == 4 and out["model"].endswith("tiny-kimi-vl-v2")
+    assert len(out["token_ids"]) == 4 and out["model"].endswith("tiny-kimi-vl-v3")
     r = run(env, "bench.py", "--model", "tiny-kimi", "--repeats", "1", "--warmup", "0", "--decode-steps", "2")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
@@ -51,7 +51,7 @@ def test_compiled_decode_generates_the_eager_tokens(env, name):
     """Inductor on the whole decode step (Kimi: absorbed latent attention) gives the eager greedy tokens."""
     outs = []
     for flag in ("--no-compile", "--compile"):
-        r = run(env, "model.py", "--model", name, "--prompt", "hello there", "--max-new-tokens", "6", "--json", flag)
+        r = run(env, "generate.py", "--model", name, "--prompt", "hello there", "--max-new-tokens", "6", "--json", flag)
         assert r.returncode == 0, r.stderr
         outs.append(json.loads(r.stdout.strip().splitlines()[-1])["token_ids"])
     assert outs[0] == outs[1] and len(outs[0]) == 6
@@ -64,14 +64,14 @@ def test_bad_image_is_one_line_error(env, tmp_path, bad):
         path.write_bytes(b"")
     elif bad == "garbage":
         path.write_bytes(b"not an image at all")
-    r = run(env, "model.py", "--prompt", "hi", "--image", str(path), "--max-new-tokens", "1")
+    r = run(env, "generate.py", "--prompt", "hi", "--image", str(path), "--max-new-tokens", "1")
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "img.png" in lines[0], r.stderr
 
 
 def test_missing_model_folder_is_one_line_error(env, tmp_path):
-    r = run(env, "model.py", "--model", str(tmp_path / "nope"), "--prompt", "hi")
+    r = run(env, "generate.py", "--model", str(tmp_path / "nope"), "--prompt", "hi")
     assert r.returncode == 2 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1
 
 
@@ -93,7 +93,7 @@ def test_bench_reports_json(env, tmp_path):
 
 @pytest.mark.parametrize("args, culprit", [
     (["--policy", "full,nope"], "--policy 'full,nope': a comma list of full, modes"),
-    (["--policy", "modes"], "--policy modes and --fidelity need --thresholds"),
+    (["--policy", "modes"], "--policy modes needs --thresholds"),
     (["--config", "configs/qwen3_vl_moe_cpu_bench.json"], "--config FILE and --random-weights go together"),
     (["--model", "no/such/folder"], "--model no/such/folder: no such folder"),
 ])

@@ -13,8 +13,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import router  # noqa: E402
-from router import (DMT, NAEE, SKIP, SPECIAL, TEXT, VISION, DiEP, MCMoE, MoDES, ReduceK,  # noqa: E402
-                    Routing, SkipStats, Threshold, diep_gamma, install, threshold_grid, uninstall)
+from baselines import NAEE, DiEP, MCMoE, ReduceK, TokenImportance, diep_gamma  # noqa: E402
+from model import (SKIP, SPECIAL, TEXT, VISION, DecoderLayers, MoE, Routing, VisionLanguageModel,  # noqa: E402
+                   Wrapper)
+from router import DMT, MoDES, SkipStats, Threshold, install, threshold_grid, uninstall  # noqa: E402
 
 KIMI_SCALE = 2.446
 
@@ -306,11 +308,11 @@ def test_skip_stats_reset():
 # install / uninstall on a fake model: the config says which layers are MoE layers
 
 
-class FakeMoE(nn.Module):
+class FakeMoE(MoE):
+    """model.MoE's policy switch (set_policy) without experts: forward applies the policy to a given routing."""
+
     def __init__(self, layer_idx, E=16):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.policy = None
+        super().__init__(layer_idx, None, None)
         self.gate = nn.Linear(2, E, bias=False)  # install counts the experts by the gate's rows
 
     def forward(self, routing, modality):
@@ -326,10 +328,12 @@ class FakeLayer(nn.Module):
 
 
 class FakeModel(nn.Module):
+    moe_layers = VisionLanguageModel.moe_layers  # the real model's rule: the layers the config makes MoE
+
     def __init__(self, device="cpu"):
         super().__init__()
         self.cfg = type("Cfg", (), {"is_moe_layer": staticmethod(lambda i: i >= 1)})()  # layer 0 is dense
-        self.layers = nn.ModuleList([FakeLayer(nn.Linear(2, 2)), FakeLayer(FakeMoE(1)), FakeLayer(FakeMoE(2))])
+        self.layers = DecoderLayers([FakeLayer(nn.Linear(2, 2)), FakeLayer(FakeMoE(1)), FakeLayer(FakeMoE(2))])
         self.lm_head = nn.Linear(2, 2, device=device)
 
 
@@ -351,6 +355,23 @@ def test_install_and_uninstall():
     uninstall(model)
     assert all(layer.mlp.policy is None for layer in model.layers[1:])
     assert kept(model.layers[2].mlp(routing, modality)[1]) == [[True] * 4]
+
+
+def test_install_puts_a_policys_wrapper_around_the_layer_and_the_next_install_takes_it_off():
+    # MC-MoE needs its token importance: install wraps each MoE decoder layer in its TokenImportance
+    model = FakeModel()
+    layers = list(model.layers)
+    policy = MCMoE(0.3)
+    install(model, policy)
+    assert not isinstance(model.layers[0], Wrapper)  # the dense layer has no policy, so no wrapper
+    for i in (1, 2):
+        assert isinstance(model.layers[i], TokenImportance) and model.layers[i].policy is policy
+        assert model.layers.layer(i) is layers[i] and layers[i].mlp.policy is policy
+    install(model, Threshold(0.2))  # another policy: the wrappers go, the new policy is set
+    assert list(model.layers) == layers and layers[1].mlp.policy is not policy
+    install(model, policy)
+    uninstall(model)
+    assert list(model.layers) == layers and all(layer.mlp.policy is None for layer in layers[1:])
 
 
 def test_install_checks_the_policy_against_the_model_once():
@@ -401,7 +422,7 @@ def test_policy_bad_input():
 def skeleton():
     """tiny-qwen's architecture on the meta device (no weights): what the scripts check these files against."""
     from model import build, config_from_dict
-    import tiny
+    from support import tiny
     return build(config_from_dict(tiny.qwen_config(), "tiny-qwen"), "meta")
 
 
@@ -477,4 +498,4 @@ def test_unreadable_files_are_one_line(skeleton, tmp_path):
 
 
 def test_constants_match_shared_conventions():
-    assert (router.SKIP, router.TEXT, router.VISION, router.SPECIAL) == (-1, 0, 1, 2)
+    assert (SKIP, TEXT, VISION, SPECIAL) == (-1, 0, 1, 2)
