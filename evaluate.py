@@ -1,0 +1,215 @@
+"""
+The evaluation of MoDES against the unskipped model and every baseline at equal skip ratio: skip ratios, answer KL,
+top-1 agreement and exact-match accuracy with retention, one row per policy, on an evaluation set.
+
+Every baseline (baselines.py) is fitted on the calibration samples that search.py chose the thresholds on (named by
+the thresholds file's data section and checked by their hash) to the skip ratio MoDES reached there, within
+baselines.TOLERANCE; a rule whose ratio jumps over the target is reported at its nearest setting and marked. Then
+each policy is scored on the evaluation set (--data, else built-in synthetic samples unseen in calibration):
+
+    skip       skipped / total top-k slots of the prefill, all tokens, text and vision (router.SkipStats)
+    KL         mean KL(P_unskipped || P_policy) over the teacher-forced answer tokens (search.Evaluator)
+    top-1      share of those answer tokens whose argmax agrees with the unskipped model
+    accuracy   share of greedy answers equal to the reference, case and punctuation ignored (--no-accuracy: skipped,
+               it is one generation per sample and policy); retention = accuracy / unskipped accuracy, in %
+
+Every argument and file is checked before the weights load. The last stdout line is one JSON object (support/plot.py
+draws the fidelity curves from these files, one per --target of the search). Under torchrun the ranks run one model
+together (parallel.py's Shard) and rank 0 reports.
+
+Examples
+    python evaluate.py --thresholds runs/thresholds.json                  # tiny-qwen, built-in synthetic samples
+    python evaluate.py --model tiny-vqa --thresholds runs/thresholds.json --data easy-vqa-test --eval-n 200
+    python evaluate.py --model tiny-vqa --thresholds runs/thresholds.json --data easy-vqa-test --eval-n 200 \
+        --baselines threshold,naee --no-accuracy --json runs/fid.json --plot runs/plots
+    python evaluate.py --model ~/Qwen3-VL-30B-A3B-Instruct --thresholds thresholds-qwen3-0.85.json \
+        --data gqa-test.jsonl --eval-n 1000 --device cuda --dtype bfloat16 --json fidelity-qwen3-0.85.json
+"""
+import argparse
+import contextlib
+import json
+import os
+
+import baselines
+import cli
+import processor
+import router
+import search
+from data import data_hash, make_batch, read_samples, select, synthetic_samples
+from generate import generate
+from model import EXPERT_IMPLS, build, load, read_config, set_expert_impl
+from parallel import Shard
+from support import plot, tiny
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Exact-match accuracy
+
+
+def normalise_answer(text):
+    return " ".join("".join(c for c in text.lower() if c.isalnum() or c.isspace()).split())
+
+
+def exact_match(model, proc, samples, policy, device, batch_size=16):
+    """Share of samples whose greedy answer equals the reference answer (case and punctuation ignored), generated
+    in left-padded batches (generate runs without gradients). The policy stays installed: every later pass
+    installs its own."""
+    router.install(model, policy)
+    hits = 0
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        batch = make_batch(chunk, proc, device, answers=False)
+        tokens = generate(model, batch.input_ids, batch.attention_mask, stop_ids=proc.stop_token_ids,
+                          max_new_tokens=max(len(proc.encode(s.answer)) for s in chunk) + 4, **batch.pixels)
+        for s, row in zip(chunk, tokens.tolist()):
+            end = next((k for k, t in enumerate(row) if t in proc.stop_token_ids), len(row))
+            hits += normalise_answer(proc.decode(row[:end])) == normalise_answer(s.answer)
+    return hits / len(samples)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MoDES and the baselines at the skip ratio MoDES reaches on its calibration data
+
+
+def fidelity_inputs(args):
+    """(thresholds document, calibration samples, evaluation samples), read and checked before the model loads:
+    the calibration samples are those the thresholds file was searched on, re-read and checked by their hash."""
+    path = args.thresholds
+    doc = cli.read_json(path, "thresholds")
+    ratio = doc["skip_ratio"].get("all") if isinstance(doc.get("skip_ratio"), dict) else None
+    cli.check(search.finite(ratio) and 0 <= ratio <= 1,
+              f"{path}: skip_ratio.all must be the search's skip ratio in [0, 1], got {ratio!r}")
+    info = doc.get("data")
+    cli.check(isinstance(info, dict) and {"source", "n", "start", "seed", "sha256"} <= set(info),
+              f"{path}: no 'data' section naming its calibration samples (made by search.py?)")
+    source, n, start, seed = info["source"], info["n"], info["start"], info["seed"]
+    cli.check(isinstance(source, str) and isinstance(n, int) and n >= 1 and isinstance(start, int) and start >= 0
+              and (seed is None or isinstance(seed, int)), f"{path}: data needs a source string, n >= 1, start >= 0 "
+              f"and a seed that is an integer or null, got {dict(source=source, n=n, start=start, seed=seed)}")
+    cli.check(source in ("synthetic", "easy-vqa-train", "easy-vqa-test") or source.endswith(".jsonl"),
+              f"{path}: calibration data {source} cannot be re-read here (only JSONL, easy-vqa or synthetic)")
+    calib = select(read_samples(source), n, start, seed)
+    cli.check(data_hash(calib) == info["sha256"], f"{path}: the calibration data {source} changed since the "
+              f"search (its sha256 differs)")
+    evals = read_samples(args.data)[:args.eval_n] if args.data else synthetic_samples(args.eval_n, seed=1)
+    return doc, calib, evals
+
+
+def fidelity(model, source, args, modes, doc, calib, evals):
+    """Rows of skip ratios, mean answer-token KL and top-1 agreement against the unskipped model, and exact-match
+    accuracy with retention, on the evaluation set (--data, or built-in synthetic samples unseen in calibration)."""
+    target = doc["skip_ratio"]["all"]
+    proc = processor.for_model(source, model.cfg.model_type)
+    calib_eval = search.Evaluator(model, proc, calib, quiet=True)
+    test_eval = search.Evaluator(model, proc, evals, quiet=True)
+    gamma = baselines.diep_gamma(baselines.expert_similarity(model, proc, calib)) if "diep" in args.baselines else None
+    rows = [dict(policy="full", hyper=None, calib_skip=0.0, reached=True, note="", obj=None),
+            dict(policy="modes", hyper=[doc["tau"]["text"], doc["tau"]["vision"]], calib_skip=target, reached=True,
+                 note="", obj=modes)]
+    # steps: fit each baseline, then score and generate with the policy of each row (full, modes, the baselines)
+    progress = cli.Progress("fidelity", len(args.baselines) + 2 * (len(args.baselines) + 2), args.quiet)
+    for done, name in enumerate(args.baselines, 1):
+        fit = baselines.fit_baseline(name, model, calib_eval, modes.alpha, gamma, target)
+        rows.append(dict(policy=name, **{k: v for k, v in fit.items() if k != "policy"}, obj=fit["policy"]))
+        progress.update(done, f"fitted {name}")
+    for i, r in enumerate(rows):
+        policy, done = r.pop("obj"), len(args.baselines) + 2 * i
+        if r["policy"] != "full" and policy is None:  # not fitted: the row says why
+            r.update(kl=None, top1=None, skip=dict(all=None, text=None, vision=None), accuracy=None)
+            continue
+        r.update(test_eval.score(policy))
+        progress.update(done + 1, f"scored {r['policy']}")
+        r["accuracy"] = exact_match(model, proc, evals, policy, args.device) if args.accuracy else None
+        progress.update(done + 2, f"generated with {r['policy']}")
+    progress.update(progress.total, finished=True)
+    full_acc = rows[0]["accuracy"]
+    print(f"# fidelity on {args.data or 'built-in synthetic samples (seed 1)'} ({len(evals)} samples); every policy "
+          f"fitted to MoDES's calibration skip ratio {target:.3f} (+- {baselines.TOLERANCE})")
+    print("policy | hyperparameter | calib skip | matched | skip all | text | vision | KL | top-1 | accuracy | "
+          "retention")
+    for r in rows:
+        r["retention"] = None if not full_acc or r["accuracy"] is None else 100 * r["accuracy"] / full_acc
+        hyper = r["hyper"] if isinstance(r["hyper"], (list, tuple)) else [r["hyper"]]  # none, one or two numbers
+        print(" | ".join([r["policy"], "/".join(fmt(h, ".4g") for h in hyper), fmt(r["calib_skip"], ".3f"),
+                          "yes" if r["reached"] else "NO", fmt(r["skip"]["all"], ".3f"), fmt(r["skip"]["text"], ".3f"),
+                          fmt(r["skip"]["vision"], ".3f"), fmt(r["kl"], ".4g"), fmt(r["top1"], ".3f"),
+                          fmt(r["accuracy"], ".3f"), fmt(r["retention"], ".1f")]))
+    for r in rows:
+        if r["note"]:
+            print(f"# {r['policy']}: {r['note']}")
+    return dict(source=source, thresholds=args.thresholds, target=target, tolerance=baselines.TOLERANCE,
+                eval_data=args.data or "synthetic", eval_n=len(evals), fidelity=rows)
+
+
+def fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def check_args(args):
+    """Every argument, before anything is read or loaded."""
+    cli.check(args.thresholds, "--thresholds FILE is needed: MoDES's thresholds (made by search.py)")
+    cli.check(args.eval_n >= 1, f"--eval-n must be >= 1, got {args.eval_n}")
+    args.baselines = [b for b in args.baselines.split(",") if b]
+    unknown = [b for b in args.baselines if b not in baselines.BASELINES]
+    cli.check(not unknown, f"--baselines: unknown {', '.join(unknown)} (choose from {', '.join(baselines.BASELINES)})")
+    args.device = cli.check_device(args.device)
+    cli.check(not args.plot or args.json, "--plot DIR draws from the --json FILE: give both")
+    if args.json:
+        cli.check_output(args.json, "--json", inputs=[(args.thresholds, "--thresholds"), (args.data, "--data")])
+    if args.plot:  # now, not after a long run
+        plot.require_matplotlib()
+        plot.check_out_dir(args.plot, "--plot")
+
+
+def main(args):
+    check_args(args)
+    rank, world, args.device = cli.init_distributed(args.device)  # torchrun: the ranks run one model together
+    # every file is read and checked before the weights load: the thresholds against the architecture alone (a
+    # model on the meta device holds no weights), then the calibration samples they name and the evaluation samples
+    source = tiny.resolve(args.model)
+    modes = router.load_thresholds(args.thresholds, build(read_config(source), "meta"))
+    inputs = fidelity_inputs(args)
+    model = load(source, args.device, cli.DTYPES[args.dtype], Shard(rank, world), processor.special_token_ids(source))
+    model = set_expert_impl(model.requires_grad_(False), args.expert_impl)
+    # every rank runs the evaluation, rank 0 reports it
+    with contextlib.redirect_stdout(open(os.devnull, "w")) if rank > 0 else contextlib.nullcontext():
+        result = fidelity(model, source, args, modes, *inputs)
+    if rank > 0:
+        return
+    if args.json:
+        cli.write_json(args.json, result)
+        if args.plot:
+            print("plots:", ", ".join(plot.plot_artifact(args.json, args.plot)))
+    print(json.dumps(result))
+
+
+def parser():
+    p = argparse.ArgumentParser(description="Compare MoDES (--thresholds) with the unskipped model and the "
+                                "baselines at equal skip ratio: skip ratios, answer KL, top-1 agreement and "
+                                "exact-match accuracy on an evaluation set.")
+    p.add_argument("--model", help=f"checkpoint folder, or a built-in one: {', '.join(tiny.CHECKPOINTS)} "
+                   "(default tiny-qwen)")
+    p.add_argument("--thresholds", help="thresholds file from search.py (needed): MoDES's policy, and the "
+                   "calibration samples and skip ratio the baselines are fitted to")
+    p.add_argument("--data", help="evaluation data: JSONL or easy-vqa-test (default: built-in synthetic samples)")
+    p.add_argument("--eval-n", type=int, default=16, help="evaluation samples: the first N of --data")
+    p.add_argument("--baselines", default=",".join(baselines.BASELINES),
+                   help="comma list of: " + ", ".join(baselines.BASELINES) + " (default: all)")
+    p.add_argument("--accuracy", action=argparse.BooleanOptionalAction, default=True,
+                   help="greedy exact-match accuracy per policy (one generation per sample and policy)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="float32", choices=list(cli.DTYPES))
+    p.add_argument("--expert-impl", default="auto", choices=EXPERT_IMPLS,
+                   help="routed-expert compute: ref (the readable loop) or a moe_kernels.py path (default auto)")
+    p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+    p.add_argument("--json", help="also write the result to this file")
+    p.add_argument("--plot", metavar="DIR", help="with --json: also draw the result's plots into DIR (matplotlib)")
+    return p
+
+
+if __name__ == "__main__":
+    cli.run(main, parser().parse_args())
