@@ -43,7 +43,7 @@ FIGSIZE = {"alpha": (10, 5), "skip": (12, 6), "search": (18, 6), "bench": (12, 5
 STYLE = {"savefig.bbox": "standard", "savefig.dpi": DPI, "font.size": 10, "axes.titlesize": 11,
          "figure.titlesize": 13, "axes.grid": False, "legend.fontsize": 9}
 
-# fidelity legend names of bench.py's policies, where they differ from the policy's name
+# fidelity legend names of evaluate.py's policies, where they differ from the policy's name
 POLICY_LABELS = {"modes": "MoDES (GMLG + DMT)", "threshold+gmlg": "threshold + GMLG", "dmt": "DMT without GMLG",
                  "naee": "NAEE", "mc-moe": "MC-MoE", "diep": "DiEP"}
 MODALITY_COLORS = {"text": "tab:blue", "vision": "tab:orange"}
@@ -441,7 +441,7 @@ def plot_fidelity(docs, path):
                 ax.plot([p["skip"] for p in missed], [p[key] for p in missed], ls="none", marker="o", ms=9,
                         mfc="white", mec=color, zorder=4)
             if not ax.lines:  # an empty panel says why
-                why = {"accuracy": "no data: accuracy not measured\n(bench.py --no-accuracy)",
+                why = {"accuracy": "no data: accuracy not measured\n(evaluate.py --no-accuracy)",
                        "retention": "no data: retention needs a nonzero\nunskipped accuracy"}.get(key, "no data")
                 ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, color="0.4")
                 ax.set(xticks=[], yticks=[])
