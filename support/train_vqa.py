@@ -34,6 +34,7 @@ Examples
 """
 import argparse
 import collections
+import contextlib
 import json
 import math
 import os
@@ -219,7 +220,7 @@ def init_weights(model, layers, seed):
 
 class GateTap(Wrapper):
     """An MoE layer that also hands its router logits to `sink` (the training loop's balance loss needs the
-    un-skipped logits with their gradient). Put around every MoE layer with model.DecoderLayers.wrap."""
+    un-skipped logits with their gradient). Put around every MoE layer by `router_logits`."""
 
     def __init__(self, moe, sink):
         super().__init__(moe)
@@ -228,6 +229,20 @@ class GateTap(Wrapper):
     def forward(self, x, ctx):
         self.sink.append(self.inner.gate(x.reshape(-1, x.shape[-1])))  # model.py API: the MoE's router nn.Linear
         return self.inner(x, ctx)
+
+
+@contextlib.contextmanager
+def router_logits(net):
+    """Within the block, every MoE layer appends its router logits [T, E] to the yielded list, in layer order. The
+    taps come off afterwards, so state dicts and saved checkpoints never see them."""
+    logits = []
+    for i in net.moe_layers():
+        net.layers.wrap(i, "mlp", lambda moe: GateTap(moe, logits))
+    try:
+        yield logits
+    finally:
+        for i in net.moe_layers():
+            net.layers.unwrap(i, "mlp")
 
 
 def balance_loss(logits, valid, k):
@@ -247,10 +262,10 @@ def slot_shares(probs, k):
 
 def forward_losses(net, aux_head, b):
     """(answer loss, aux loss, balance loss, answer-token accuracy) of one batch."""
-    net.router_logits.clear()
     # model.py API: encode_vision -> (visual mask, main features [n, H], deepstack list), then forward with media
     media = net.encode_vision(b["input_ids"], **b["pixels"])
-    logits = net(b["input_ids"], b["attention_mask"], media=media, image_grid_thw=b["pixels"]["image_grid_thw"])
+    with router_logits(net) as gates:
+        logits = net(b["input_ids"], b["attention_mask"], media=media, image_grid_thw=b["pixels"]["image_grid_thw"])
     tgt = b["targets"]
     ce = F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=-100)
     scored = tgt != -100
@@ -261,19 +276,19 @@ def forward_losses(net, aux_head, b):
     lab = b["aux"].repeat_interleave(visual.sum(1), dim=0)  # [n, 2]
     aux = (F.cross_entropy(aux_logits[:, :len(COLORS)], lab[:, 0], ignore_index=-100)
            + F.cross_entropy(aux_logits[:, len(COLORS):], lab[:, 1], ignore_index=-100))
-    bal = balance_loss(net.router_logits, b["attention_mask"].bool().flatten(), net.cfg.num_experts_per_tok)
+    bal = balance_loss(gates, b["attention_mask"].bool().flatten(), net.cfg.num_experts_per_tok)
     return ce, aux, bal, acc
 
 
 @torch.no_grad()
 def expert_loads(net, data, n=256):
     """Per MoE layer: the share of routed slots each expert gets on n training examples (real tokens only)."""
-    net.router_logits.clear()
     b = data.batch(list(range(min(n, len(data)))))
-    net(b["input_ids"], b["attention_mask"], **b["pixels"])
+    with router_logits(net) as gates:
+        net(b["input_ids"], b["attention_mask"], **b["pixels"])
     valid = b["attention_mask"].bool().flatten()
     k = net.cfg.num_experts_per_tok
-    return torch.stack([slot_shares(z[valid].float().softmax(-1), k) for z in net.router_logits])  # [L, E]
+    return torch.stack([slot_shares(z[valid].float().softmax(-1), k) for z in gates])  # [L, E]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -348,9 +363,6 @@ def train(args):
     cfg = read_config(os.path.join(args.out, "config.json"))
     net = qwen3_vl_moe.Qwen3VLMoe(cfg)
     init_weights(net, cfg.num_hidden_layers, args.seed)
-    net.router_logits = []
-    for i in net.moe_layers():
-        net.layers.wrap(i, "mlp", lambda moe: GateTap(moe, net.router_logits))
     aux_head = nn.Linear(cfg.hidden_size, len(COLORS) + len(SHAPES))
     params = list(net.parameters()) + list(aux_head.parameters())
     n_params = sum(p.numel() for p in net.parameters())

@@ -1,6 +1,7 @@
 """Bad input to the pipeline's command lines (generate.py, calibrate.py, search.py, bench.py, support/plot.py): one
 `error:` line naming the argument or the file and what was expected, exit status 2, found before any weights load,
-nothing written or left behind. Also: a failed final write, concurrent first use of a built-in checkpoint, progress lines.
+nothing written or left behind. Also: a failed final write, concurrent first use of a built-in checkpoint, progress
+lines.
 
 Most cases run a script's command line in this process (argparse, main, cli.run: all that `python script.py`
 adds is the interpreter); a few run it for real to see the exit status and that no traceback is printed."""

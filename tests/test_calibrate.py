@@ -196,7 +196,8 @@ def test_fingerprint_and_refusal(tiny, tmp_path):
         other = qwen3_vl_moe.Qwen3VLMoe(qwen3_vl_moe.QwenConfig.from_hf(raw, "test"))
     assert router.fingerprint(other) != router.fingerprint(model)
     with torch.device("meta"):
-        same = qwen3_vl_moe.Qwen3VLMoe(qwen3_vl_moe.QwenConfig.from_hf(builtin.qwen_config(), "test")).to(torch.bfloat16)
+        cfg = qwen3_vl_moe.QwenConfig.from_hf(builtin.qwen_config(), "test")
+        same = qwen3_vl_moe.Qwen3VLMoe(cfg).to(torch.bfloat16)
     assert router.fingerprint(same) == router.fingerprint(model)  # dtype and device do not matter
     doc = dict(format=router.ALPHA_FORMAT, model=dict(fingerprint=router.fingerprint(other)), layers=[])
     cli.write_json(tmp_path / "alpha.json", doc)

@@ -1,6 +1,6 @@
 """One model over several processes (parallel.py's Shard): 2 processes on CPU with gloo against one process, for both
 tiny models. torchrun runs this file as a script (the __main__ block), once: each rank writes what it computed and
-what it loaded, then runs model.py's command line; the tests compare that with the same computation in the test
+what it loaded, then runs generate.py's command line; the tests compare that with the same computation in the test
 process, which holds the whole model.
 """
 import json
@@ -13,9 +13,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from calibrate import calibrate, expert_similarity
+from baselines import MCMoE, expert_similarity
+from calibrate import calibrate
 from data import make_batch, synthetic_samples
-from model import MODELS, Shard, attention, generate, load, main, parser, read_config
+from generate import generate, main, parser
+from model import attention, family, load, read_config
+from parallel import Shard
 import processor
 import router
 import search
@@ -37,7 +40,7 @@ def compute(name, shard):
     skip counts of a padded two-image batch, with plain top-k, MoDES and MC-MoE (whose token importance comes from
     all heads); calibration's KL sums, DiEP's expert similarity and a search evaluation; what this rank loaded."""
     path = tiny.resolve(name)
-    model = load(path, "cpu", torch.float32, shard)
+    model = load(path, "cpu", torch.float32, shard, processor.special_token_ids(path))  # as the scripts load it
     proc = processor.for_model(path, model.cfg.model_type)
     samples = synthetic_samples(2, size=64)
     batch = make_batch(samples, proc, "cpu", answers=False)
@@ -47,7 +50,7 @@ def compute(name, shard):
            "kl_sum": torch.tensor([[row["text"], row["vision"]] for row in alpha["kl_sum"]]),
            "cka": expert_similarity(model, proc, samples, batch_size=2),
            "score": search.Evaluator(model, proc, samples, quiet=True).score(skip_policy(model))}
-    for tag, policy in (("top-k", None), ("modes", skip_policy(model)), ("mc-moe", router.MCMoE(0.3))):
+    for tag, policy in (("top-k", None), ("modes", skip_policy(model)), ("mc-moe", MCMoE(0.3))):
         router.install(model, policy)
         stats = router.SkipStats(len(model.layers))
         logits = model(batch.input_ids, batch.attention_mask, stats=stats, **batch.pixels)  # [B, S, V]
@@ -68,7 +71,7 @@ def load_memory(name, shard):
     in fp32; first thing in a fresh process."""
     cfg = read_config(tiny.resolve(name))
     with torch.device("meta"):  # the first meta build imports torch's meta kernels: not part of loading
-        whole = MODELS[type(cfg)](cfg)
+        whole = family(cfg.model_type, "test").MODEL(cfg)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     model = load(tiny.resolve(name), "cpu", torch.float32, shard)
     grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
@@ -207,14 +210,14 @@ def test_more_ranks_than_kv_heads():
     torch.testing.assert_close(total, whole.layers[1].self_attn(h, ctx), rtol=1e-5, atol=1e-5)
 
 
-def test_model_py_command_line(launch):
-    """model.py's main under torchrun, with a thresholds file made for the whole model, generates what one process
+def test_generate_py_command_line(launch):
+    """generate.py's main under torchrun, with a thresholds file made for the whole model, generates what one process
     does, and rank 0 alone reports."""
     folder, stdout = launch
     assert sum(line.startswith("{") for line in stdout.splitlines()) == 1
     report = json.loads(stdout.splitlines()[-1])
     path = tiny.resolve("tiny-kimi")
-    model = load(path, "cpu", torch.float32)
+    model = load(path, "cpu", torch.float32, special_ids=processor.special_token_ids(path))  # as generate.py does
     router.install(model, router.load_thresholds(os.path.join(folder, "thr.json"), model))
     stats = router.SkipStats(len(model.layers))
     proc = processor.for_model(path, model.cfg.model_type)
@@ -224,7 +227,7 @@ def test_model_py_command_line(launch):
     assert report["skip_ratio"]["prefill"]["all"] == stats.summary()["prefill"]["all"] > 0
 
 
-if __name__ == "__main__":  # under torchrun: rank r writes rank{r}.pt into the folder argv[1], then runs model.py
+if __name__ == "__main__":  # under torchrun: rank r writes rank{r}.pt into the folder argv[1], then generate.py
     import torch.distributed as dist
     dist.init_process_group("gloo")
     shard = Shard(dist.get_rank(), dist.get_world_size())

@@ -1,4 +1,4 @@
-"""plot.py: every plot kind from real artifacts, the folder command, and its one-line errors.
+"""support/plot.py: every plot kind from real artifacts, the folder command, and its one-line errors.
 
 The fixtures in fixtures/artifacts were made by the scripts on the tiny built-in checkpoints (2-core CPU):
     python calibrate.py --n 8 --out alpha.json                 (and --model tiny-kimi --out alpha-kimi.json)
@@ -10,6 +10,8 @@ The fixtures in fixtures/artifacts were made by the scripts on the tiny built-in
 row, from router.SkipStats.summary()'s per-layer part of the same untimed pass bench.py counts its skip ratios in;
 generate-kimi.json is model.py's --json report of a tiny-kimi generation with MoDES (alpha-kimi.json, both taus
 0.03) plus `skip_per_layer` (layer 0 is dense, hence null). That field is the one the scripts will write.
+They predate the architecture split (model.py's command line is generate.py now, bench.py --fidelity evaluate.py)
+and the tiny checkpoints' v3 weights: they are kept as they were, as inputs of the plots.
 """
 import importlib.util
 import json
@@ -53,8 +55,8 @@ def expected_size(kind):
 
 
 def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "plot.py"), *args], capture_output=True, text=True,
-                          env=env, timeout=120)
+    return subprocess.run([sys.executable, os.path.join(ROOT, "support", "plot.py"), *args], capture_output=True,
+                          text=True, env=env, timeout=120)
 
 
 def test_fixtures_are_recognised_and_small():
@@ -143,7 +145,7 @@ def test_plot_artifact_returns_what_it_wrote(tmp_path):
 
 
 def test_import_does_not_load_matplotlib():
-    code = "import sys, plot; sys.exit('matplotlib' in sys.modules)"
+    code = "import sys; from support import plot; sys.exit('matplotlib' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=60).returncode == 0
 
 

@@ -1,4 +1,5 @@
-"""The shipped easy-VQA checkpoint (checkpoints/tiny-vqa) answers through the user path, and train_vqa.py runs.
+"""The shipped easy-VQA checkpoint (checkpoints/tiny-vqa) answers through the user path, and support/train_vqa.py
+runs.
 
 CI never retrains: the checkpoint is committed. easy-vqa (pip install easy-vqa) holds the data; without it these
 tests are skipped.
@@ -11,7 +12,8 @@ import sys
 import pytest
 import torch
 
-from model import generate, load, read_config
+from generate import generate
+from model import load, read_config
 from processor import QwenProcessor
 
 easy_vqa = pytest.importorskip("easy_vqa", reason="easy-vqa is not installed (pip install easy-vqa): it holds the "
@@ -44,8 +46,8 @@ def answer(model, proc, question, image):
 def test_shipped_checkpoint_answers_held_out_questions(one_thread):
     questions, answers, image_ids = easy_vqa.get_test_questions()
     paths = easy_vqa.get_test_image_paths()
-    model = load(CKPT, dtype=torch.float32)
     proc = QwenProcessor.from_dir(CKPT)
+    model = load(CKPT, dtype=torch.float32, special_ids=proc.special_ids)  # as generate.py loads it
     got = {j: answer(model, proc, questions[j], paths[image_ids[j]]) for j in QUESTIONS}
     wrong = {questions[j]: (answers[j], got[j]) for j in QUESTIONS if got[j] != answers[j]}
     assert not wrong, f"(expected, got): {wrong}"
@@ -80,8 +82,8 @@ def test_shipped_checkpoint_is_a_transformers_checkpoint(one_thread):
 
 def run(*args, cwd=ROOT):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "train_vqa.py", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run([sys.executable, "support/train_vqa.py", *args], cwd=cwd, env=env, capture_output=True,
+                       text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
@@ -100,8 +102,8 @@ def test_training_smoke_and_resume(tmp_path, one_thread):
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                  "preprocessor_config.json"):
         assert os.path.isfile(os.path.join(out, name)), name
-    model = load(out, dtype=torch.float32)
     proc = QwenProcessor.from_dir(out)
+    model = load(out, dtype=torch.float32, special_ids=proc.special_ids)
     batch = proc.from_cli("what color is the shape?", images=[easy_vqa.get_test_image_paths()[0]])
     logits = model(batch["input_ids"][None], pixel_values=batch["pixel_values"],
                    image_grid_thw=batch["image_grid_thw"])
