@@ -15,7 +15,7 @@ from torch import nn
 
 import search
 from data import make_batch
-from model import VISION, Routing, Wrapper, check
+from model import SKIP, VISION, Routing, Wrapper, check
 from router import DMT, PolicyWrapper, Threshold, apply_skip, layer_row, table, threshold_grid
 
 # T tokens, K top-k slots, E routed experts, L decoder layers, B batch, S sequence, H hidden, h heads
@@ -71,14 +71,16 @@ class NAEE(nn.Module):
 
 
 class MCMoE(NAEE):
-    """MC-MoE's ODP skipping adapted to top-k: the NAEE tail rule, plus, in prefill, the top
-    protect_frac of the T tokens by importance keep all k slots and the bottom drop_frac lose all of them;
-    protection wins where both apply. `importance` [T] is set before each layer by the TokenImportance wrapper
-    that router.install puts around the decoder layer (None in decode).
+    """MC-MoE's ODP skipping adapted to top-k: the NAEE tail rule, plus, in prefill, the top protect_frac of each
+    sequence's tokens by importance keep all k slots and its bottom drop_frac lose all of them; protection wins
+    where both apply. The kept weights are renormalised to the routing's total, as the official wrapper does.
+    `importance` [B, S] (or [S], one sequence) is set before each layer by the TokenImportance wrapper that
+    router.install puts around the decoder layer (None in decode); padding has importance -inf.
 
-    Unspecified by MoDES: both fractions. The defaults 0.1 / 0.1 and the floor int(frac * T) follow the official
-    MC-MoE code (tau_h, tau_l). A layer range like the official block_range is expressed as beta = 0 there.
-    Tokens are ranked over all T rows of the call; padding rows get importance -inf.
+    Unspecified by MoDES: both fractions. The defaults 0.1 / 0.1 and the floor int(frac * n) follow the official
+    MC-MoE code (tau_h, tau_l). Tokens are ranked within their own sequence over its n real tokens, as the official
+    wrapper does (it runs one sequence at a time), so padding never uses up a quota and a batch changes nothing. A
+    layer range like the official block_range is expressed as beta = 0 there.
     """
 
     def __init__(self, beta, protect_frac: float = 0.1, drop_frac: float = 0.1):
@@ -92,16 +94,24 @@ class MCMoE(NAEE):
         """The wrapper router.install puts around each decoder layer: it sets `importance` before the layer's MoE."""
         return TokenImportance(layer, self)
 
+    def protect_and_drop(self, skip):
+        """skip [T, K] with each sequence's most important tokens kept whole and its least important dropped."""
+        importance = self.importance.reshape(-1, self.importance.shape[-1])  # [B, S]
+        real = importance > float("-inf")
+        n = real.sum(1, keepdim=True)  # [B, 1] real tokens per sequence
+        rank = importance.argsort(dim=1, descending=True, stable=True).argsort(dim=1)  # [B, S], 0 = most important
+        protected = rank < (self.protect_frac * n).floor()
+        dropped = real & (rank >= n - (self.drop_frac * n).floor())
+        return (skip | dropped.reshape(-1, 1)) & ~protected.reshape(-1, 1)
+
     def forward(self, routing: Routing, modality: torch.Tensor, layer: int):
         skip = self.skip_mask(routing, layer)  # [T, K]
         if self.importance is not None:
-            T = modality.shape[0]
-            none = torch.zeros(T, dtype=torch.bool, device=skip.device)
-            low = self.importance.topk(int(self.drop_frac * T), largest=False).indices
-            dropped = none.scatter(0, low, True)  # [T]
-            protected = none.scatter(0, self.importance.topk(int(self.protect_frac * T)).indices, True)  # [T]
-            skip = (skip | dropped[:, None]) & ~protected[:, None]
-        return apply_skip(routing, modality, skip)
+            skip = self.protect_and_drop(skip)
+        weights, ids = apply_skip(routing, modality, skip)
+        total, kept = routing.weights.sum(-1, keepdim=True), weights.sum(-1, keepdim=True)  # [T, 1]
+        rescale = (ids == SKIP).any(-1, keepdim=True) & (kept > 0)  # a token that lost some slots but not all
+        return torch.where(rescale, weights * total / kept.clamp(min=torch.finfo(kept.dtype).tiny), weights), ids
 
 
 def attention_probs(q, k, mask):
@@ -142,7 +152,7 @@ class TokenImportance(PolicyWrapper):
             x = self.inner.input_layernorm(h)
             q, k, _ = self.inner.self_attn.project(x, ctx)  # [B, h, S, d], [B, h_kv, S, d]: the call's own tokens
             probs = attention_probs(q, k, ctx.mask)
-            importance = token_importance(probs, x, ctx.mask, ctx.valid).reshape(-1)
+            importance = token_importance(probs, x, ctx.mask, ctx.valid)  # [B, S]
             shard = self.inner.self_attn.shard  # split over ranks, each has its heads' mean: average those
             self.policy.importance = shard.reduce(importance) / shard.world
         return self.inner(h, ctx)

@@ -137,9 +137,15 @@ def test_skipped_slots_are_sentinel_with_zero_weight_and_kept_weights_unchanged(
         dropped = ids == SKIP
         assert 0 < dropped.sum() < dropped.numel(), type(policy).__name__
         assert (weights[dropped] == 0).all()
+        assert torch.equal(ids[~dropped], routing.ids[~dropped])
+        if isinstance(policy, MCMoE):  # renormalised like the official wrapper: the token's total is kept
+            lost = dropped.any(1) & ~dropped.all(1)
+            torch.testing.assert_close(weights[lost].sum(1), routing.weights[lost].sum(1))
+            ratio = weights[~dropped] / routing.weights[~dropped]  # one factor per token
+            assert ratio.min() >= 1.0
+            continue
         # not renormalised: a kept slot has exactly its original (Kimi-scaled) weight and id
         assert torch.equal(weights[~dropped], routing.weights[~dropped])
-        assert torch.equal(ids[~dropped], routing.ids[~dropped])
         assert weights.dtype == torch.float32 and ids.dtype == torch.int64
 
 
@@ -230,6 +236,31 @@ def test_mcmoe_protection_by_hand():
     assert kept(policy(routing, modality, 0)[1]) == [[False] * 4, [False] * 4, [True] * 4, [False] * 4, [False] * 4]
     # decode (no importance): plain NAEE rule
     assert kept(MCMoE(0.3, protect_frac=0.2, drop_frac=0.4)(routing, modality, 0)[1]) == [naee] * 5
+
+
+def test_mcmoe_ranks_per_sequence_and_renormalises():
+    # two sequences of 5 slots, the second left-padded by 2 (importance -inf): each is ranked on its own real
+    # tokens. Row 0 as in the hand example above; row 1 has 3 real tokens (6, 8, 7): protect int(0.2 * 3) = 0,
+    # drop int(0.4 * 3) = 1 -> its least important real token (6) loses all slots, no padding slot is "dropped"
+    pi = [0.5, 0.25, 0.125, 0.125]
+    inf = float("-inf")
+    importance = torch.tensor([[3.0, 1.0, 5.0, 2.0, 4.0], [inf, inf, 6.0, 8.0, 7.0]])
+    routing = hand_routing([pi] * 10)
+    modality = torch.full((10,), TEXT)
+    naee = [True, True, False, False]
+    policy = MCMoE(0.3, protect_frac=0.2, drop_frac=0.4)
+    policy.importance = importance
+    weights, ids = policy(routing, modality, 0)
+    assert kept(ids) == [naee, [False] * 4, [True] * 4, [False] * 4, naee, naee, naee, [False] * 4, naee, naee]
+    # kept weights are renormalised to the routing's total (KIMI_SCALE here): 0.5, 0.25 -> 2/3, 1/3; a row with nothing kept
+    # stays all zero
+    torch.testing.assert_close(weights[0], torch.tensor([2 / 3, 1 / 3, 0.0, 0.0]) * KIMI_SCALE)
+    torch.testing.assert_close(weights[2], torch.tensor(pi) * KIMI_SCALE)
+    assert weights[1].abs().sum() == 0
+    # the same sequence alone, unpadded, gets the same decisions: the batch changes nothing
+    alone = MCMoE(0.3, protect_frac=0.2, drop_frac=0.4)
+    alone.importance = torch.tensor([6.0, 8.0, 7.0])
+    assert kept(alone(hand_routing([pi] * 3), torch.full((3,), TEXT), 0)[1]) == kept(ids)[7:]
 
 
 def test_diep_by_hand():
