@@ -272,31 +272,51 @@ def fit_scalar(ratio, make, target, hi=1.0, steps=16):
     return policy, hi, ratio(policy)
 
 
-def fit_baseline(name, model, evaluator, alpha, gamma, target):
+def fit_grid(ratio, make, grid, target):
+    """(make(tau), tau, ratio) for the smallest tau of the ascending grid with ratio(make(tau)) >= target, by
+    bisection over the grid's indices (the ratio never falls as tau grows); None when even the last misses."""
+    lo, hi = 0, len(grid) - 1
+    if ratio(make(float(grid[hi]))) < target:
+        return None
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if ratio(make(float(grid[mid]))) < target else (lo, mid)
+    policy = make(float(grid[hi]))
+    return policy, float(grid[hi]), ratio(policy)
+
+
+def fit_baseline(name, model, evaluator, alpha, gamma, target, grid_n=100):
     """A baseline fitted to `target` on the calibration evaluator -> dict(policy, hyper, calib_skip, reached, note).
-    One knob for all layers where the paper searches a per-layer beta genetically: a documented
-    simplification. A rule whose ratio jumps over the target (NAEE's beta > 1 drops everything; reduce-k's steps of
-    1/K) takes the nearest setting at or above it and is marked as not reaching it."""
+
+    The threshold rules are searched as MoDES is (search.py): on grid_n-point grids of the same spacing
+    (router.threshold_grid), scaled to just above the largest score the rule can produce (1 for pi_hat, max alpha
+    with GMLG), DMT by the same frontier walk, one-threshold rules by bisection over the grid. The other rules have
+    one knob for all layers where the paper searches a per-layer beta genetically: a documented simplification,
+    bisected. A rule whose ratio jumps over the target (NAEE's beta > 1 drops everything; reduce-k's steps of 1/K)
+    takes the nearest setting at or above it and is marked as not reaching it."""
     def ratio(policy):
         return evaluator.score(policy)["skip"]["all"]
+    unit = threshold_grid(grid_n) * (1 + 1e-6)  # pi_hat <= 1: the last point skips every slot (strict <)
     if name == "reduce-k":  # discrete: the largest k' that still reaches the target, down to k' = 0
         K = model.cfg.num_experts_per_tok
         fits = [(k, ratio(ReduceK(k))) for k in range(K, -1, -1)]
         k, r = next(((k, r) for k, r in fits if r >= target), fits[-1])
         found = (ReduceK(k), k, r)
-    elif name == "dmt":  # two thresholds without alpha: the same frontier search as MoDES, on grids up to tau = 1
+    elif name == "dmt":  # two thresholds without alpha: MoDES's frontier walk on MoDES's grid size
         def dmt(tau_text, tau_vision):
             result = evaluator.score(DMT(tau_text, tau_vision))
             return result["kl"], result["skip"]
-        grid = threshold_grid(40, x_max=1.0)
-        best, points = search.search(dmt, grid, grid, target, quiet=True)
+        best, points = search.search(dmt, unit, unit, target, quiet=True)
         found = None
         if best is not None:
-            tau = (float(grid[best[0]]), float(grid[best[1]]))
+            tau = (float(unit[best[0]]), float(unit[best[1]]))
             found = (DMT(*tau), tau, points[best][1]["all"])
+    elif name == "threshold":
+        found = fit_grid(ratio, Threshold, unit, target)
+    elif name == "threshold+gmlg":
+        found = fit_grid(ratio, lambda t: Threshold(t, alpha), unit * float(alpha.max()), target)
     else:
-        rules = {"threshold": Threshold, "threshold+gmlg": lambda t: Threshold(t, alpha),
-                 "naee": NAEE, "mc-moe": MCMoE, "diep": lambda b: DiEP(b, gamma)}
+        rules = {"naee": NAEE, "mc-moe": MCMoE, "diep": lambda b: DiEP(b, gamma)}
         check(name in rules, f"--baselines: unknown baseline {name!r} ({', '.join(BASELINES)})")
         found = fit_scalar(ratio, rules[name], target)
     if found is None:

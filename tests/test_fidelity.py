@@ -47,7 +47,8 @@ def test_baselines_reach_the_modes_skip_ratio(thresholds):
             assert row["kl"] > 0 and row["skip"]["all"] > 0
         else:  # marked, with the reason, and the table still produced
             assert row["note"] and (row["calib_skip"] is None or row["calib_skip"] >= target), name
-    assert rows["threshold"]["reached"] and rows["threshold+gmlg"]["reached"]  # continuous in tau: always reach
+    # searched on MoDES's grid, as MoDES is: the first grid point at or above the target
+    assert rows["threshold"]["calib_skip"] >= target and rows["threshold+gmlg"]["calib_skip"] >= target
     K = read_config(doc["source"]).num_experts_per_tok
     assert rows["reduce-k"]["calib_skip"] >= target and 0 <= rows["reduce-k"]["hyper"] < K
     # --no-accuracy: no accuracy and no retention, and the document has the fields of the committed fidelity files
