@@ -1,6 +1,7 @@
 """
-The foundation: what every model family shares, and the loader. A family file (qwen3_vl_moe.py, kimi_vl.py) holds
-one model read top to bottom (config, vision tower, attention, MoE, model); this file holds the rest.
+The foundation: what every model family shares, and the loader. A family file (qwen3_vl_moe.py, kimi_vl.py,
+internvl.py) holds one model read top to bottom (config, vision tower, attention, MoE, model); this file holds the
+rest.
 
 Notable features
 - Shared types: the routing record `Routing`, the skipped-slot id SKIP and the modality codes TEXT / VISION /
@@ -15,8 +16,9 @@ Notable features
 - A static per-layer KV cache with tensor positions: a decode step is tensors only, so moe_kernels.DecodeStep can
   compile it and capture it in a CUDA graph.
 - Lazy, strict loading: the model is built on the meta device, each parameter allocated once on the target
-  device and filled tensor by tensor from safetensors, checkpoint names mapped by one prefix table per family;
-  every missing, unexpected or misshapen tensor is reported at once.
+  device and filled tensor by tensor from safetensors, checkpoint names mapped by the family's prefix table (or
+  tables: the key layouts it reads, told apart by the names in the folder); every missing, unexpected or misshapen
+  tensor is reported at once.
 - One model over several processes under torchrun (parallel.py's `Shard`): each rank holds and loads only its own
   routed experts, attention heads, dense-MLP rows and vocabulary rows.
 
@@ -39,7 +41,7 @@ import moe_kernels
 from parallel import ParallelEmbedding, ParallelHead, Shard, rank_part
 
 # model_type in config.json -> the family file that holds its config (CONFIG) and model (MODEL)
-FAMILIES = {"qwen3_vl_moe": "qwen3_vl_moe", "kimi_vl": "kimi_vl"}
+FAMILIES = {"qwen3_vl_moe": "qwen3_vl_moe", "kimi_vl": "kimi_vl", "internvl": "internvl"}
 EXPERT_IMPLS = ("auto", "ref") + moe_kernels.PATHS  # "ref": the loop in routed_experts below
 
 
@@ -102,7 +104,9 @@ def read_config(path):
 
 def config_from_dict(raw, where):
     kind = raw.get("model_type") if isinstance(raw, dict) else None
-    return family(kind, where).CONFIG.from_hf(raw, where)
+    cfg = family(kind, where).CONFIG.from_hf(raw, where)
+    cfg.config_json = raw  # as read, for the fingerprints earlier versions wrote (router.py: legacy_fingerprints)
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -441,6 +445,7 @@ class VisionLanguageModel(nn.Module):
     CHECKPOINT_PREFIXES = {}  # checkpoint name prefix -> our parameter name prefix; the loader renames both ways
     FP32_PARAMETERS = ()  # parameter name suffixes kept in fp32 whatever the model's dtype
     PER_EXPERT_TENSORS = False  # the checkpoint stores one tensor per expert (stacked at load), not stacked ones
+    OTHER_LAYOUTS = ()  # more (CHECKPOINT_PREFIXES, PER_EXPERT_TENSORS) pairs a checkpoint may use instead
 
     def __init__(self, cfg, shard, layers, **vision):
         """vision: the vision tower (and projector) by name, registered first, as the checkpoints order them."""
@@ -540,15 +545,17 @@ def build(cfg, device="cpu", dtype=torch.bfloat16, shard=Shard()):
     return model
 
 
-def checkpoint_names(model):
-    """checkpoint tensor name -> (our parameter name, index into it or None) for every tensor the model reads.
-    Names are renamed by the model's prefix table; Kimi's per-expert tensors fill slices of stacked parameters."""
-    ours_to_checkpoint = {ours: theirs for theirs, ours in model.CHECKPOINT_PREFIXES.items()}
+def checkpoint_names(model, layout=None):
+    """checkpoint tensor name -> (our parameter name, index into it or None) for every tensor the model reads in
+    `layout` (a (prefix table, per-expert) pair; the model's CHECKPOINT_PREFIXES and PER_EXPERT_TENSORS if None).
+    Names are renamed by the prefix table; per-expert tensors fill slices of stacked parameters."""
+    prefixes, per_expert = layout or (model.CHECKPOINT_PREFIXES, model.PER_EXPERT_TENSORS)
+    ours_to_checkpoint = {ours: theirs for theirs, ours in prefixes.items()}
     names = {}
     for pname, _ in model.named_parameters():  # a tied lm_head is listed once, as the embedding
         prefix = next(p for p in ours_to_checkpoint if pname.startswith(p))
         names[ours_to_checkpoint[prefix] + pname[len(prefix):]] = (pname, None)
-    if model.PER_EXPERT_TENSORS:
+    if per_expert:
         # the checkpoint stores experts.{e}.{gate,up,down}_proj.weight; we hold one stacked gate_up_proj [E, 2I, H]
         # (gate rows, then up rows) and down_proj [E, H, I] per layer. Split over ranks: this rank's experts only
         layers = ours_to_checkpoint["layers."]
@@ -564,6 +571,13 @@ def checkpoint_names(model):
                 names[f"{theirs}.{experts.first + e}.up_proj.weight"] = (f"{ours}.gate_up_proj", (e, slice(I, 2 * I)))
                 names[f"{theirs}.{experts.first + e}.down_proj.weight"] = (f"{ours}.down_proj", (e,))
     return names
+
+
+def checkpoint_layout(model, names):
+    """The layout (see checkpoint_names) of the model's whose tensor names the checkpoint holds most of: a family
+    reads every layout it declares, and which one a folder uses is decided by its names, never by a setting."""
+    layouts = [(model.CHECKPOINT_PREFIXES, model.PER_EXPERT_TENSORS), *model.OTHER_LAYOUTS]
+    return max(layouts, key=lambda layout: len(names & set(checkpoint_names(model, layout))))  # first on a tie
 
 
 def checkpoint_files(path):
@@ -633,7 +647,8 @@ def fill_from_checkpoint(model, path):
     the whole model, and each rank reads only its own part of each tensor."""
     files = checkpoint_files(path)
     whole = build(model.cfg, "meta") if model.shard.world > 1 else model
-    wanted = checkpoint_names(whole)
+    layout = checkpoint_layout(whole, set(files))
+    wanted = checkpoint_names(whole, layout)
     params = dict(whole.named_parameters())
     problems = [f"missing tensor {n}" for n in sorted(set(wanted) - set(files))]
     problems += [f"unexpected tensor {n} in {os.path.basename(files[n])}" for n in sorted(set(files) - set(wanted))]
@@ -657,7 +672,7 @@ def fill_from_checkpoint(model, path):
             problems.append(f"{name}: expected shape {want}, found {shape} in {os.path.basename(files[name])}")
     if problems:
         raise ValueError(f"{path}: {len(problems)} checkpoint problem(s): " + "; ".join(problems))
-    mine, local = checkpoint_names(model), dict(model.named_parameters())
+    mine, local = checkpoint_names(model, layout), dict(model.named_parameters())
     for file, names in by_file.items():
         with open_safetensors(file) as f:
             for name in [n for n in names if n in mine]:
