@@ -1,0 +1,147 @@
+"""support/scenes.py: the generated task is deterministic, its splits are disjoint, every question type is asked,
+and every answer follows from the scene's description (recomputed here by a separate reading of the question)."""
+import hashlib
+import json
+import os
+import re
+from collections import Counter
+
+import pytest
+
+pytest.importorskip("sklearn")  # the handwritten digits ship inside scikit-learn's wheel
+
+from support import scenes  # noqa: E402
+
+
+def test_same_seed_same_bytes(tmp_path):
+    assert scenes.scene(123) == scenes.scene(123) != scenes.scene(124)
+    a, b = scenes.render(scenes.scene(123)), scenes.render(scenes.scene(123))
+    assert a[0].tobytes() == b[0].tobytes() and a[1].tobytes() == b[1].tobytes()
+    files = []
+    for run in ("a", "b"):
+        scenes.export("test", str(tmp_path / run), n_scenes=4)
+        names = sorted(os.listdir(tmp_path / run / "images"))
+        assert len(names) == 4
+        files.append({n: (tmp_path / run / n).read_bytes()
+                      for n in ["questions.jsonl"] + [f"images/{m}" for m in names]})
+    assert files[0] == files[1]
+
+
+def test_splits_are_disjoint():
+    seeds = {s: set(scenes.scene_seeds(s)) for s in scenes.SPLITS}
+    assert not (seeds["test"] & seeds["val"] or seeds["test"] & seeds["train"] or seeds["val"] & seeds["train"])
+    assert all(scenes.split_of(seed) == s for s in seeds for seed in (min(seeds[s]), max(seeds[s])))
+    # the handwritten scans are split too: no test scene shows a scan that a training scene can show
+    test_scans = {i for v in scenes.digit_pool("test").values() for i in v}
+    train_scans = {i for v in scenes.digit_pool("train").values() for i in v}
+    assert test_scans and train_scans and not test_scans & train_scans
+    assert len(test_scans | train_scans) == len(scenes.digit_scans()) == 1797
+    for seed in list(seeds["test"])[:50] + list(seeds["train"])[:50]:
+        used = {o["scan"] for o in scenes.scene(seed)["objects"]} - {None}
+        assert used <= (test_scans if seed in seeds["test"] else train_scans)
+    digest = lambda s: hashlib.sha256(scenes.render(scenes.scene(s))[0].tobytes()).hexdigest()  # noqa: E731
+    assert not {digest(s) for s in list(seeds["test"])[:40]} & {digest(s) for s in list(seeds["train"])[:40]}
+
+
+def test_test_split_size_and_type_coverage():
+    qs = scenes.split_questions("test")
+    assert len(qs) >= 2000
+    types = Counter(q["type"] for _, q in qs)
+    assert set(types) == set(scenes.QUESTION_TYPES)
+    assert min(types.values()) >= 50, types
+    for kind in ("left_of", "above", "larger"):  # the pair order is random, so yes and no both come up often
+        keys = Counter(q["key"] for _, q in qs if q["type"] == kind)
+        assert min(keys["yes"], keys["no"]) >= 0.3 * types[kind], (kind, keys)
+    per_scene = Counter(d["seed"] for d, _ in qs)
+    assert max(per_scene.values()) == scenes.QUESTIONS_PER_SCENE
+    assert all(len({q["type"] for d, q in qs if d["seed"] == s}) == n for s, n in list(per_scene.items())[:50])
+
+
+# An independent reading of the questions: find the objects the question names, recompute the key word.
+
+NUMBERS = ("no", "one", "two", "three", "four", "five", "six")
+
+
+def find(objects, phrase):
+    """The one object a phrase ("large red circle", "green 7", "small object") names."""
+    *attrs, noun = phrase.split()
+    hits = [o for o in objects
+            if (noun == "object" or o["kind"] == noun) and all(a in (o["size"], o["colour"]) for a in attrs)]
+    assert len(hits) == 1, (phrase, objects)
+    return hits[0]
+
+
+def expected_key(objects, question):
+    digits = [int(o["kind"]) for o in objects if o["kind"].isdigit()]
+    if question == "How many objects are there?":
+        return NUMBERS[len(objects)]
+    if question == "What is the sum of the digits?":
+        assert len(digits) >= 2
+        return str(sum(digits))
+    if m := re.fullmatch(r"How many (\w+) objects are there\?", question):
+        return NUMBERS[sum(o["colour"] == m[1] for o in objects)]
+    if m := re.fullmatch(r"How many (\w+)s are there\?", question):
+        group = {"digit": [o for o in objects if o["kind"].isdigit()],
+                 "shape": [o for o in objects if not o["kind"].isdigit()]}
+        return NUMBERS[len(group.get(m[1], [o for o in objects if o["kind"] == m[1]]))]
+    if m := re.fullmatch(r"What colour is the (.+)\?", question):
+        return find(objects, m[1])["colour"]
+    if m := re.fullmatch(r"What is the (\w+) digit plus the (\w+) digit\?", question):
+        named = [o for o in objects if o["kind"].isdigit()]
+        return str(sum(int(find(named, c + " object")["kind"]) for c in m.groups()))
+    if m := re.fullmatch(r"What is the (.+)\?", question):
+        return find(objects, m[1])["kind"]
+    if m := re.fullmatch(r"Is the (.+) (left of|above|larger than) the (.+)\?", question):
+        a, b = find(objects, m[1]), find(objects, m[3])
+        if m[2] == "larger than":
+            assert a["size"] != b["size"]
+            return "yes" if a["size"] == "large" else "no"
+        key = "col" if m[2] == "left of" else "row"
+        assert a[key] != b[key]
+        return "yes" if a[key] < b[key] else "no"
+    raise AssertionError(f"unknown question {question!r}")
+
+
+@pytest.mark.parametrize("split", ["test", "train"])
+def test_answers_follow_from_the_scene(split):
+    qs = scenes.split_questions(split, 500 if split == "test" else 200)
+    for d, q in qs:
+        key = expected_key(d["objects"], q["question"])
+        assert key == q["key"], (d, q)
+        words = re.findall(r"\w+", q["answer"].lower())
+        assert key in words, (d, q)
+        if q["type"] in ("left_of", "above", "larger"):
+            assert words[0] == key
+            opposite = {"left_of": "right", "above": "below", "larger": "smaller"}[q["type"]]
+            assert (opposite in words) == (key == "no"), q
+
+
+def test_rendering_matches_the_description():
+    """Each object's pixels (from the id map) are mostly its colour, inside its box and its slot; objects never
+    overlap (every object keeps most of its own pixels)."""
+    for seed in range(30):
+        d = scenes.scene(seed)
+        image, ids = scenes.render(d)
+        assert image.size == ids.size == (scenes.SIZE, scenes.SIZE)
+        pixels, labels = image.load(), ids.load()
+        for i, o in enumerate(d["objects"]):
+            b = scenes.BOX[o["size"]]
+            assert o["col"] * scenes.SLOT <= o["x"] and o["x"] + b <= (o["col"] + 1) * scenes.SLOT
+            assert o["row"] * scenes.SLOT <= o["y"] and o["y"] + b <= (o["row"] + 1) * scenes.SLOT
+            mine = [(x, y) for x in range(o["x"], o["x"] + b) for y in range(o["y"], o["y"] + b)
+                    if labels[x, y] == i + 1]
+            assert len(mine) >= 0.1 * b * b, (seed, o)
+            target = scenes.COLOURS[o["colour"]]
+            close = sum(max(abs(c - t) for c, t in zip(pixels[p], target)) < 60 for p in mine)
+            assert close >= 0.8 * len(mine), (seed, o)
+
+
+def test_samples_and_jsonl_read_back(tmp_path):
+    from data import read_jsonl
+    n = scenes.export("val", str(tmp_path), n_scenes=3)
+    read = read_jsonl(str(tmp_path / "questions.jsonl"))
+    direct = scenes.samples("val", 3)
+    assert n == len(read) == len(direct) >= 3
+    assert [(s.question, s.answer) for s in read] == [(s.question, s.answer) for s in direct]
+    row = json.loads((tmp_path / "questions.jsonl").read_text().splitlines()[0])
+    assert {"image", "question", "answer", "type", "key", "scene"} <= set(row)
