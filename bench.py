@@ -8,8 +8,19 @@ model prefill separately, then decode steps with the static KV cache (compiled, 
 compiled decode graph serves them all. Every number is a median over --repeats runs after --warmup runs (their
 time is reported apart); on CUDA each timing is synchronised. Decode GB/s counts the bytes a step must read (all
 non-expert weights, the kept experts, the KV cache); its floor is those bytes at the bandwidth measured by a
-device copy. The header records the machine (CPU model or GPU, cores, threads, BLAS). The last stdout line is one
-JSON object. Under torchrun the ranks run one model together (parallel.py's Shard) and rank 0 reports: weights,
+device copy, timed with CUDA events on a GPU and a host timer on a CPU (the header says which). The header records
+the machine (CPU model or GPU, cores, threads, BLAS). With --check-graph the timed decode step is fed the tokens of
+an eager decode and its logits are compared with the eager ones step by step (compare_logits), and each row also
+reports the memory one timed decode step takes next to one eager model.decode_step.
+
+Output, so that a run cut short keeps what it measured: each JSON object is one stdout line, flushed as it is made.
+    {"record": "header", ...}                       the machine and settings, before the first measurement
+    {"record": "row", "policy": ..., ...}           one per row, the moment it is measured; a row that raises is
+                                                    {"record": "row", "policy": ..., "error": "Type: message"} (the
+                                                    traceback goes to stderr) and the next row runs
+    {...header fields, "rows": [...]}               last: the whole result, as --json writes it
+A human-readable table line follows each row line. A run with an error row exits with status 1 after the last line.
+Under torchrun the ranks run one model together (parallel.py's Shard) and rank 0 reports: weights,
 memory and the decode roofline are then per rank (assuming the kept slots spread evenly over the experts).
 
 Examples
@@ -29,7 +40,9 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import time
+import traceback
 
 import torch
 
@@ -61,10 +74,54 @@ def host_peak_bytes():
 
 
 def copy_bandwidth(device, n_bytes=1 << 28):
-    """Bytes/s of a device-to-device copy (read + write), the ceiling a decode step can reach."""
+    """(bytes/s of a device-to-device copy, read + write: the ceiling a decode step can reach, how it was timed).
+    On CUDA, events around 10 back-to-back copies (a host timer around one copy reads ~10 % low there)."""
     x, y = torch.empty(2, n_bytes // 4, dtype=torch.float32, device=device)  # source and target
-    times = [timed(lambda: y.copy_(x), device)[1] for _ in range(5)]
-    return 2 * n_bytes / statistics.median(times[1:])
+    if not device.startswith("cuda"):
+        times = [timed(lambda: y.copy_(x), device)[1] for _ in range(5)]
+        return 2 * n_bytes / statistics.median(times[1:]), "host"
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(6):
+        start.record()
+        for _ in range(10):
+            y.copy_(x)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / 10)
+    return 2 * n_bytes / statistics.median(times[1:]), "cuda events"
+
+
+def step_memory(fn, token, device):
+    """(peak bytes above what was allocated before the call, bytes still allocated after it, its output dropped) of
+    fn(token): from the CUDA allocator's counters (its peak counter is reset), or on a CPU from the profiler's
+    record of each allocation. A CUDA graph allocates its memory pool when captured, on its first call."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn(token)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before, torch.cuda.memory_allocated() - before
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn(token)
+    level = peak = 0
+    for size in allocation_sizes(prof):
+        level += size
+        peak = max(peak, level)
+    return peak, level
+
+
+def allocation_sizes(prof):
+    """Each allocation (bytes > 0) and release (< 0) a profiler with profile_memory=True recorded, in order."""
+    from torch._C._profiler import _EventType
+
+    def walk(nodes):
+        for n in nodes:
+            yield n
+            yield from walk(n.children)
+    events = [e for e in walk(prof.profiler.kineto_results.experimental_event_tree()) if e.tag == _EventType.Allocation]
+    return [e.extra_fields.alloc_size for e in sorted(events, key=lambda e: e.start_time_ns)]
 
 
 def machine(device):
@@ -156,32 +213,98 @@ def medians(run, args):
     return {f"{k}_ms": 1e3 * statistics.median(r[k] for r in runs) for k in runs[0]}, warmup_s
 
 
-def decode(step, cache, token, n, logits=None):
-    """n greedy decode steps from token [B, 1], step: token -> logits [B, V] at the cache's next position; a copy of
-    each step's logits is appended to the list `logits` if one is given."""
-    for _ in range(n):
+def decode(step, cache, token, n, record=None, forced=None):
+    """n decode steps from token [B, 1], step: token -> logits [B, V] at the cache's next position. Greedy (each
+    step's input is the last step's argmax), or teacher-forced: forced[i] is step i's input. `record`, a dict of
+    lists, gets each step's input token and a copy of its logits."""
+    for i in range(n):
+        token = token if forced is None else forced[i]
         out = step(token)
-        if logits is not None:
-            logits.append(out.float().clone())  # a CUDA graph's output buffer is overwritten by the next step
+        if record is not None:
+            record["tokens"].append(token)
+            record["logits"].append(out.float().clone())  # a CUDA graph's output buffer is overwritten by the next step
         cache.length += 1
         token = out.argmax(-1, keepdim=True)
 
 
-def prefill_decode(model, cache, ids, pixels, n, step=None, stats=None, logits=None):
+def prefill_decode(model, cache, ids, pixels, n, step=None, stats=None, record=None, forced=None):
     """A prefill into the emptied cache, then decode(): through `step`, or the eager model.decode_step counting
     skips into `stats`."""
     cache.reset()
     token = model(ids, cache=cache, stats=stats, last_only=True, **pixels)[:, -1:].argmax(-1)
-    decode(step or (lambda t: model.decode_step(t, cache, stats)), cache, token, n, logits)
+    decode(step or (lambda t: model.decode_step(t, cache, stats)), cache, token, n, record, forced)
+
+
+CHECK_RTOL = {"float32": 1e-4, "bfloat16": 2e-2}  # decode step against eager: relative L2 error of a step's logits
+FLIP_BAND = 10  # see compare_logits
+
+
+def compare_logits(eager, other, rtol, exact=False):
+    """Logits of a decode step (compiled and/or graphed) against eager decoding's, eager and other [n, B, V] from
+    the same input tokens (teacher-forced: greedy sequences would part at the first near-tie that rounding flips,
+    and differ everywhere after it). ok when every step's L2 error relative to the eager logits is at most rtol and
+    the top-1 token agrees wherever eager's margin over its runner-up exceeds FLIP_BAND * rtol * the RMS of that
+    step's logits: errors within rtol have an RMS of at most rtol * RMS, their largest over a vocabulary is about
+    5 RMS, so only a margin under 10 such RMS can flip by rounding. exact: the two must also be bitwise equal, for
+    the same kernels on the same inputs (an eager step against eager decoding)."""
+    eager, other = eager.float(), other.float()
+    assert eager.shape == other.shape and eager.ndim == 3, (tuple(eager.shape), tuple(other.shape))
+    diff = other - eager
+    rel = diff.norm(dim=(1, 2)) / eager.norm(dim=(1, 2)).clamp_min(torch.finfo(torch.float32).tiny)  # [n]
+    top2 = eager.topk(2, dim=-1).values  # [n, B, 2]
+    rms = eager.pow(2).mean(dim=(1, 2)).sqrt()  # [n]
+    decided = top2[..., 0] - top2[..., 1] > FLIP_BAND * rtol * rms[:, None]  # [n, B]
+    agree = eager.argmax(-1) == other.argmax(-1)  # [n, B]
+    equal = torch.equal(eager, other)
+    flips = int((decided & ~agree).sum())
+    return dict(steps=eager.shape[0], rtol=rtol, max_rel_err=float(rel.max()), max_abs_diff=float(diff.abs().max()),
+                top1_agree=float(agree.float().mean()), top1_decided=int(decided.sum()), top1_decided_flips=flips,
+                bitwise_equal=equal, exact_required=exact,
+                ok=bool((rel <= rtol).all()) and flips == 0 and (equal or not exact))
 
 
 @torch.no_grad()
-def measure(model, step, cache, ids, pixels, args):
+def teacher_forced_check(model, step, cache, ids, pixels, n, rtol, exact=False, stats=None):
+    """Greedy eager decoding of n steps after a prefill (counting skips into `stats`), then the same prefill and
+    `step` fed the eager run's tokens: compare_logits of the two runs' logits."""
+    eager, forced = dict(tokens=[], logits=[]), dict(tokens=[], logits=[])
+    prefill_decode(model, cache, ids, pixels, n, stats=stats, record=eager)
+    prefill_decode(model, cache, ids, pixels, n, step, record=forced, forced=eager["tokens"])
+    return compare_logits(torch.stack(eager["logits"]), torch.stack(forced["logits"]), rtol, exact)
+
+
+def step_memories(model, step, cache, ids, pixels, device, first_calls):
+    """Memory of one timed decode step (compiled and/or graphed) next to one eager model.decode_step, from the same
+    prefilled cache, each on a call after its first: peak bytes above what was allocated before. A step object's
+    first call (compilation, CUDA graph capture) is measured once, in the row that makes it (first_calls keeps
+    it): on CUDA, what it leaves allocated is the graph's memory pool, where expert weights copied per step would
+    live. The cache must hold 4 tokens past the prompt."""
+    cuda = device.startswith("cuda")
+    cache.reset()
+    token = model(ids, cache=cache, last_only=True, **pixels)[:, -1:].argmax(-1)
+    eager = lambda t: model.decode_step(t, cache)  # noqa: E731
+    if step not in first_calls:  # compilation and graph capture happen here
+        if cuda:
+            first_calls[step] = step_memory(step, token, device)
+        else:  # no graph pool on a CPU, and compilation's own allocations would blur the number
+            step(token)
+            first_calls[step] = (None, None)
+    eager(token)  # its first call may allocate workspaces that stay
+    out = dict(step_first_call_peak_bytes=first_calls[step][0], step_first_call_retained_bytes=first_calls[step][1],
+               step_peak_bytes=step_memory(step, token, device)[0], eager_step_peak_bytes=step_memory(eager, token,
+                                                                                                       device)[0])
+    cache.reset()
+    return out
+
+
+@torch.no_grad()
+def measure(model, step, cache, ids, pixels, args, first_calls):
     """Median times of the vision tower, the language-model prefill, time to first token and one decode step
-    (all steps of a run timed together, divided); the skip ratios from one separate, untimed eager pass. With
-    --check-graph, the decode step as timed (compiled and/or graphed) against that eager pass from the same
-    prefill: greedy tokens equal, and the largest logit difference relative to the logits' scale."""
+    (all steps of a run timed together, divided); the memory of one decode step (step_memories, first: it resets
+    the CUDA peak counter); the skip ratios from one separate, untimed eager pass. With --check-graph, the decode
+    step as timed (compiled and/or graphed) teacher-forced with that eager pass's tokens: compare_logits."""
     dev, n = args.device, args.decode_steps
+    memory = step_memories(model, step, cache, ids, pixels, dev, first_calls)
 
     def run():
         cache.reset()
@@ -190,16 +313,19 @@ def measure(model, step, cache, ids, pixels, args):
         td = timed(lambda: decode(step, cache, logits[:, -1:].argmax(-1), n), dev)[1]
         return dict(vision=tv, prefill=tp, ttft=tv + tp, decode=td / n)
     out, warmup_s = medians(run, args)
-    stats, eager, graphed = router.SkipStats(len(model.layers), dev), [], []  # each step's logits go to eager, graphed
-    prefill_decode(model, cache, ids, pixels, n, stats=stats, logits=eager if args.check_graph else None)
+    stats = router.SkipStats(len(model.layers), dev)
+    if args.check_graph:  # its eager pass counts the skips
+        plain = not args.compile and not args.cuda_graph  # then the step is model.decode_step itself
+        check = teacher_forced_check(model, step, cache, ids, pixels, n, CHECK_RTOL[args.dtype], exact=plain,
+                                     stats=stats)
+    else:
+        prefill_decode(model, cache, ids, pixels, n, stats=stats)
     skips = stats.summary()
     out.update({f"skip_{phase}_{m}": skips[phase][m] for phase in router.PHASES for m in ("text", "vision", "all")},
-               skip_per_layer={phase: skips[phase]["per_layer"] for phase in router.PHASES}, warmup_s=warmup_s)
+               warmup_s=warmup_s, **memory)
     if args.check_graph:
-        prefill_decode(model, cache, ids, pixels, n, step, logits=graphed)
-        eager, graphed = torch.stack(eager), torch.stack(graphed)
-        out["graph_check"] = dict(tokens_equal=bool(torch.equal(eager.argmax(-1), graphed.argmax(-1))),
-                                  max_abs_diff_rel=float((graphed - eager).abs().max() / eager.abs().max()), steps=n)
+        out["graph_check"] = check
+    out["skip_per_layer"] = {phase: skips[phase]["per_layer"] for phase in router.PHASES}  # long: last
     return out
 
 
@@ -259,8 +385,9 @@ def transformers_row(model, source, ids, pixels, args):
 
 
 def speed(model, source, load_s, host_load, args, modes):
+    """Measure every row, printing each as it is measured (see the module docstring) -> the whole result."""
     ids, pixels = synthetic_inputs(model, args, args.batch)
-    bandwidth = copy_bandwidth(args.device)
+    bandwidth, bandwidth_timer = copy_bandwidth(args.device)
     cuda = args.device.startswith("cuda")
     header = dict(source=source, **machine(args.device), processes=model.shard.world, dtype=args.dtype,
                   batch=args.batch, prompt_tokens=ids.shape[1], model_type=model.cfg.model_type,
@@ -268,7 +395,8 @@ def speed(model, source, load_s, host_load, args, modes):
                   decode_steps=args.decode_steps, repeats=args.repeats, warmup=args.warmup, compile=args.compile,
                   cuda_graph=args.cuda_graph, expert_impl=args.expert_impl, load_s=load_s,
                   weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
-                  host_load_peak_bytes=host_load, copy_bandwidth_gb_s=bandwidth / 1e9)
+                  host_load_peak_bytes=host_load, copy_bandwidth_gb_s=bandwidth / 1e9,
+                  copy_bandwidth_timer=bandwidth_timer)
     print(f"# {header['device']} ({header['cores']} cores, {header['threads']} threads) | torch {torch.__version__} | "
           f"{args.dtype} | batch {args.batch} | prompt {header['prompt_tokens']} tokens ({header['visual_tokens']} "
           f"visual) | {args.decode_steps} decode steps | compile {'on' if args.compile else 'off'} | CUDA graph "
@@ -276,41 +404,74 @@ def speed(model, source, load_s, host_load, args, modes):
           f"{args.warmup} warm-up" + (f" | one model over {model.shard.world} processes, per rank:"
                                       if model.shard.world > 1 else ""))
     print(f"# {source}: loaded in {load_s:.2f} s, host peak +{host_load / 2**20:.0f} MiB for "
-          f"{header['weight_bytes'] / 2**20:.0f} MiB of weights; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
-    cache = model.new_cache(args.batch, ids.shape[1] + args.decode_steps + 1)
+          f"{header['weight_bytes'] / 2**20:.0f} MiB of weights; copy bandwidth {bandwidth / 1e9:.1f} GB/s "
+          f"({bandwidth_timer})")
+    print(json.dumps(dict(record="header", **header)), flush=True)
+    # room for the prompt, the decode steps, step_memories' 4 steps, and the last index DecodeStep's capture writes
+    cache = model.new_cache(args.batch, ids.shape[1] + max(args.decode_steps, 4) + 1)
     shared, reduce = router.MoDES(0.0, 0.0, torch.ones(len(model.layers), 2)), baselines.ReduceK(args.keep)
     steps = {policy: moe_kernels.DecodeStep(model, cache, compile=args.compile, cuda_graph=args.cuda_graph)
              for policy in (shared, reduce)}  # compiled (and captured) on first use: the shared rows reuse one graph
-    rows = []
-    for name in args.policy:
+    first_calls = {}  # step -> memory of its first call
+
+    def policy_row(name):
         policy = reduce if name == "reduce-k" else shared_policy(name, model, args, shared, modes)
         router.install(model, policy)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        row = dict(policy=name, prompt_tokens=ids.shape[1], **measure(model, steps[policy], cache, ids, pixels, args))
+        row = dict(policy=name, prompt_tokens=ids.shape[1],
+                   **measure(model, steps[policy], cache, ids, pixels, args, first_calls))
         row.update(roofline(model, args, row, bandwidth), decode_tokens_per_s=args.batch * 1e3 / row["decode_ms"],
                    peak_memory_bytes=torch.cuda.max_memory_allocated() if cuda else host_peak_bytes())
-        rows.append(row)
+        row["skip_per_layer"] = row.pop("skip_per_layer")  # long: last, so a line cut short keeps the numbers
+        return row
+
+    makers = [(name, lambda name=name: policy_row(name)) for name in args.policy]
     if args.compare_transformers:
-        rows.append(dict(policy="transformers", **transformers_row(model, source, ids, pixels, args)))
-    full = next((r for r in rows if r["policy"] == "full"), None)
-    cols = ("policy", "skip pre", "skip dec", "vision ms", "LM prefill ms", "TTFT ms", "decode ms", "tok/s",
-            "GB/s", "% floor", "TFLOP/s", "peak MiB", "x prefill", "x decode")
-    print(" | ".join(cols))
-    for r in rows:
-        if full:
-            prefill = "ttft_ms" if r["policy"] == "transformers" else "prefill_ms"
-            r.update(speedup_prefill=full[prefill] / r[prefill], speedup_decode=full["decode_ms"] / r["decode_ms"])
-        print(" | ".join([r["policy"], fmt(r.get("skip_prefill_all"), ".3f"), fmt(r.get("skip_decode_all"), ".3f"),
-                          fmt(r.get("vision_ms"), ".1f"), fmt(r.get("prefill_ms"), ".1f"), fmt(r["ttft_ms"], ".1f"),
-                          fmt(r["decode_ms"], ".2f"), fmt(args.batch * 1e3 / r["decode_ms"], ".1f"),
-                          fmt(r.get("decode_gb_per_s"), ".1f"), fmt(r.get("decode_pct_of_floor"), ".0f"),
-                          fmt(r.get("prefill_tflops"), ".3f"),
-                          fmt(r["peak_memory_bytes"] / 2**20 if "peak_memory_bytes" in r else None, ".0f"),
-                          fmt(r.get("speedup_prefill"), ".2f"), fmt(r.get("speedup_decode"), ".2f")]))
+        makers.append(("transformers", lambda: dict(policy="transformers",
+                                                     **transformers_row(model, source, ids, pixels, args))))
+    print(" | ".join(COLUMNS))
+    rows = []
+    for name, make in makers:
+        try:
+            row = make()
+        except Exception as e:  # this row is lost, not the run: the rows before it are printed, the next ones run
+            traceback.print_exc()
+            row = dict(policy=name, error=f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:500]}")
+            if cuda:
+                torch.cuda.empty_cache()
+        rows.append(row)
+        add_speedups(rows)
+        print(json.dumps(dict(record="row", **row)), flush=True)
+        print(table_line(row, args), flush=True)
     if args.compare_transformers:
         print("# the transformers row's x prefill compares time to first token (vision tower included)")
     return dict(header, rows=rows)
+
+
+COLUMNS = ("policy", "skip pre", "skip dec", "vision ms", "LM prefill ms", "TTFT ms", "decode ms", "tok/s", "GB/s",
+           "% floor", "TFLOP/s", "peak MiB", "step/eager MiB", "x prefill", "x decode")
+
+
+def add_speedups(rows):
+    """Speed-ups of every measured row over the full row (no skipping), once it is measured."""
+    full = next((r for r in rows if r["policy"] == "full" and "error" not in r), None)
+    for r in rows if full else []:
+        if "error" not in r:
+            prefill = "ttft_ms" if r["policy"] == "transformers" else "prefill_ms"
+            r.update(speedup_prefill=full[prefill] / r[prefill], speedup_decode=full["decode_ms"] / r["decode_ms"])
+
+
+def table_line(r, args):
+    if "error" in r:
+        return f"{r['policy']} | error: {r['error']}"
+    def mib(key):
+        return None if r.get(key) is None else r[key] / 2**20
+    step = f"{fmt(mib('step_peak_bytes'), '.1f')}/{fmt(mib('eager_step_peak_bytes'), '.1f')}"
+    return " | ".join([r["policy"], fmt(r.get("skip_prefill_all"), ".3f"), fmt(r.get("skip_decode_all"), ".3f"),
+                       fmt(r.get("vision_ms"), ".1f"), fmt(r.get("prefill_ms"), ".1f"), fmt(r["ttft_ms"], ".1f"),
+                       fmt(r["decode_ms"], ".2f"), fmt(args.batch * 1e3 / r["decode_ms"], ".1f"),
+                       fmt(r.get("decode_gb_per_s"), ".1f"), fmt(r.get("decode_pct_of_floor"), ".0f"),
+                       fmt(r.get("prefill_tflops"), ".3f"), fmt(mib("peak_memory_bytes"), ".0f"), step,
+                       fmt(r.get("speedup_prefill"), ".2f"), fmt(r.get("speedup_decode"), ".2f")])
 
 
 def fmt(value, spec):
@@ -362,11 +523,18 @@ def main(args):
         result = speed(model, source, load_s, host_load, args, modes)
     if rank > 0:
         return
+    failed = [r for r in result["rows"] if "error" in r]
     if args.json:
         cli.write_json(args.json, result)
-        if args.plot:
+        if args.plot and not failed:
             print("plots:", ", ".join(plot.plot_artifact(args.json, args.plot)))
-    print(json.dumps(result))
+        elif args.plot:
+            print("plots: not drawn, the result has error rows", file=sys.stderr)
+    print(json.dumps(result), flush=True)
+    if failed:
+        print(f"error: {len(failed)} of {len(result['rows'])} rows failed: "
+              + "; ".join(f"{r['policy']}: {r['error']}" for r in failed), file=sys.stderr)
+        sys.exit(1)
 
 
 def parser():
@@ -396,7 +564,7 @@ def parser():
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="capture the decode step in a CUDA graph and replay it (default: on for cuda)")
     p.add_argument("--check-graph", action="store_true",
-                   help="also compare the timed decode step with eager decoding (tokens, logits) per row")
+                   help="also compare the timed decode step's logits with eager decoding's, fed the same tokens")
     p.add_argument("--compare-transformers", action="store_true", help="also time transformers' implementation")
     p.add_argument("--json", help="also write the result to this file")
     p.add_argument("--plot", metavar="DIR", help="with --json: also draw the result's plots into DIR (matplotlib)")
