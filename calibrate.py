@@ -283,7 +283,7 @@ def main(args):
     if doc is None:
         print(f"stopped after --max-batches {args.max_batches}; continue with --resume (state in {out.partial})")
         return
-    doc["model"]["path"] = os.path.abspath(path)
+    doc["model"]["path"] = args.model or tiny.DEFAULT  # as given: a built-in name, or the user's path
     doc["calibration"]["seconds"] = round(time.perf_counter() - t0, 3)
     out.finish(doc)
     c = doc["calibration"]

@@ -197,8 +197,36 @@ def select(samples, n=None, start=0, seed=None):
     return [pool[i] for i in sorted(random.Random(seed).sample(range(len(pool)), n))]
 
 
+def _file_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _image_sha256(image):
+    """An image file's bytes, or a PIL image's mode, size and pixels."""
+    if isinstance(image, str):
+        return _file_sha256(image)
+    return hashlib.sha256(json.dumps([image.mode, image.size]).encode() + image.tobytes()).hexdigest()
+
+
+def _video_sha256(path):
+    if path is None or not os.path.isdir(path):
+        return path and _file_sha256(path)
+    return [_file_sha256(os.path.join(path, n)) for n in sorted(os.listdir(path)) if n.lower().endswith(IMAGE_SUFFIXES)]
+
+
 def data_hash(samples):
-    """Identity of a sample list, for checking that a resumed run sees the same data."""
+    """Identity of a sample list by content (question, answer, the bytes of its images and video frames, in
+    order), not by where the files are: a result made on one machine is checked on another."""
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(json.dumps([s.question, s.answer, [_image_sha256(p) for p in s.images], _video_sha256(s.video)])
+                 .encode())
+    return h.hexdigest()
+
+
+def path_data_hash(samples):
+    """The identity files made before 2026-12-07 hold: names and paths (where the files were on that machine)."""
     h = hashlib.sha256()
     for s in samples:
         h.update(json.dumps([s.where, s.question, s.answer, [p if isinstance(p, str) else "" for p in s.images],
@@ -206,15 +234,20 @@ def data_hash(samples):
     return h.hexdigest()
 
 
+def same_data(samples, sha256):
+    """Whether samples are the data a file recorded as sha256: by content, or by the path identity of earlier
+    files (which only matches on the machine that made them, with the files where they were)."""
+    return sha256 in (data_hash(samples), path_data_hash(samples))
+
+
 def load_samples(args):
     """The samples chosen by the data arguments, and a description of them for output files."""
     check(not (args.data and args.gqa_questions), "give either --data or --gqa-questions, not both")
     if args.gqa_questions:
         check(args.gqa_images, "--gqa-questions needs --gqa-images (the folder of <imageId>.jpg files)")
-        samples, source = read_gqa(args.gqa_questions, args.gqa_images), os.path.abspath(args.gqa_questions)
-    else:
-        samples = read_samples(args.data)
-        source = args.data if args.data in (None, "easy-vqa-train", "easy-vqa-test") else os.path.abspath(args.data)
+        samples, source = read_gqa(args.gqa_questions, args.gqa_images), args.gqa_questions
+    else:  # a file as the user named it: result files hold no machine's absolute paths that were not given
+        samples, source = read_samples(args.data), args.data
     chosen = select(samples, args.n, args.start, args.seed)
     if args.gqa_questions:  # decoded only now: a GQA file asks about many more images than are chosen
         for s in chosen:

@@ -94,6 +94,21 @@ class KimiVLConfig:
     def is_moe_layer(self, i: int) -> bool:
         return i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0
 
+    def architecture(self):
+        """Every config.json value the model is built from, by its name in the hub's config.json: what alpha and
+        thresholds files are made for (router.py: fingerprint). Fixed names, not this dataclass's fields, so a
+        refactor keeps the fingerprint; a key read in the future enters only where it differs from today's
+        behaviour. kv_norm_eps and the vision rope_theta and eps are not listed: config.json does not set them."""
+        floats = ("routed_scaling_factor", "rms_norm_eps", "rope_theta")
+        return {
+            **{f"text_config.{k}": float(getattr(self, k)) if k in floats else getattr(self, k) for k in KIMI_TEXT_ARCH},
+            **{f"vision_config.{k}": getattr(self, f"vision_{k}") for k in KIMI_VISION_PREFIXED},
+            **{f"vision_config.{k}": getattr(self, k) for k in ("patch_size", "init_pos_emb_height", "init_pos_emb_width")},
+            "vision_config.merge_kernel_size": list(self.merge_kernel_size),
+            "media_placeholder_token_id": self.media_placeholder_token_id,
+            "tie_word_embeddings": self.tie_word_embeddings,
+        }
+
     @classmethod
     def from_hf(cls, raw: dict, where: str) -> "KimiVLConfig":
         """Translate the checkpoint's config.json (kimi_vl / deepseek_v3 / moonvit) into our fields."""
@@ -118,6 +133,14 @@ class KimiVLConfig:
             return cls(**kw)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{where}: {e}") from None
+
+
+KIMI_TEXT_ARCH = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                  "v_head_dim", "n_routed_experts", "num_experts_per_tok", "n_shared_experts", "first_k_dense_replace",
+                  "moe_layer_freq", "scoring_func", "topk_method", "n_group", "topk_group", "norm_topk_prob",
+                  "routed_scaling_factor", "rms_norm_eps", "rope_theta", "max_position_embeddings")
+KIMI_VISION_PREFIXED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 
 
 # ---------------------------------------------------------------------------------------------------------------

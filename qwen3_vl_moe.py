@@ -72,6 +72,22 @@ class QwenConfig:
     def is_moe_layer(self, i):
         return i not in self.mlp_only_layers and self.num_experts > 0 and (i + 1) % self.decoder_sparse_step == 0
 
+    def architecture(self):
+        """Every config.json value the model is built from, by its name in the hub's config.json: what alpha and
+        thresholds files are made for (router.py: fingerprint). Fixed names, not this dataclass's fields, so a
+        refactor keeps the fingerprint; a key read in the future enters only where it differs from today's
+        behaviour. vision rope_theta and eps are not listed: config.json does not set them."""
+        v = self.vision
+        return {
+            **{f"text_config.{k}": getattr(self, k) for k in QWEN_TEXT_ARCH},
+            "text_config.rope_theta": float(self.rope_theta), "text_config.rms_norm_eps": float(self.rms_norm_eps),
+            "text_config.mlp_only_layers": sorted(self.mlp_only_layers),
+            "text_config.rope_scaling.mrope_section": list(self.mrope_section),
+            **{f"vision_config.{k}": getattr(v, k) for k in QWEN_VISION_ARCH},
+            "vision_config.deepstack_visual_indexes": list(v.deepstack_visual_indexes),
+            **{k: getattr(self, k) for k in QWEN_TOKEN_KEYS + ("tie_word_embeddings",)},
+        }
+
     @classmethod
     def from_hf(cls, raw, where):
         """Both dialects in the wild: the hub's rope_scaling + rope_theta and num_experts, and transformers 5's
@@ -113,6 +129,11 @@ QWEN_TEXT_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attenti
 QWEN_VISION_KEYS = ("depth", "hidden_size", "num_heads", "intermediate_size", "patch_size", "temporal_patch_size",
                     "spatial_merge_size", "out_hidden_size", "num_position_embeddings", "deepstack_visual_indexes")
 QWEN_TOKEN_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+QWEN_TEXT_ARCH = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                  "head_dim", "intermediate_size", "moe_intermediate_size", "num_experts", "num_experts_per_tok",
+                  "decoder_sparse_step", "max_position_embeddings", "attention_bias")
+QWEN_VISION_ARCH = ("depth", "hidden_size", "num_heads", "intermediate_size", "in_channels", "patch_size",
+                    "temporal_patch_size", "spatial_merge_size", "out_hidden_size", "num_position_embeddings")
 
 
 # ---------------------------------------------------------------------------------------------------------------

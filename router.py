@@ -20,7 +20,6 @@ Notable features
 - File formats: the alpha file (calibrate.py) and the thresholds file (search.py), checked field by field against
   the model they are used with (fingerprint, every MoE layer covered, finite non-negative values).
 """
-import dataclasses
 import hashlib
 import json
 import math
@@ -223,17 +222,103 @@ def threshold_grid(n: int, x_max: float = 1.0, x_min: float = 0.0, mapping: str 
 # alpha and thresholds files
 
 
-def fingerprint(model) -> str:
-    """sha256 of the model's config and parameter shapes: equal for the same architecture in any dtype or device,
-    different for any other checkpoint layout. Weights are not read (it works on the meta device). A model split
-    over ranks has the fingerprint of the whole model."""
+def _whole(model):
+    """The whole model of a model split over ranks (on the meta device), else the model itself."""
     if model.shard.world > 1:
         with torch.device("meta"):
-            model = type(model)(model.cfg)
-    shapes = {name: list(p.shape) for name, p in model.named_parameters()}
-    blob = json.dumps({"model_type": model.cfg.model_type, "config": dataclasses.asdict(model.cfg), "shapes": shapes},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+            return type(model)(model.cfg)
+    return model
+
+
+def _sha256(doc) -> str:
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def fingerprint(model) -> str:
+    """What alpha and thresholds files are made for: sha256 of the checkpoint's architecture, i.e. what its
+    config.json says (the family's architecture(): hub key names and values, whatever dialect the file was written
+    in) and the shape of every checkpoint tensor by its checkpoint name (the stacked experts in nn.Linear
+    orientation). Equal for the same checkpoint in any dtype, device, config dialect, rank split or version of
+    this code; weights are not read (it works on the meta device)."""
+    from model import checkpoint_names
+    whole = _whole(model)
+    params = dict(whole.named_parameters())
+    tensors = {name: list(params[p].shape if i is None else params[p][i].shape)
+               for name, (p, i) in checkpoint_names(whole).items()}
+    return _sha256({"fingerprint": 2, "model_type": model.cfg.model_type,
+                    "architecture": model.cfg.architecture(), "tensors": tensors})
+
+
+# Files made before 2026-12-07 hold the sha256 of the code's own config dataclass (dataclasses.asdict) and
+# parameter names and shapes, which changed with the code although the checkpoint did not. The two dataclass
+# versions of that time (before and after 2026-12-01, when Qwen's norm_topk_prob and mrope_interleaved stopped
+# being read) are rebuilt here from the config.json as read, exactly as those versions built them.
+
+QWEN_TEXT_2026_11 = dict(vocab_size=151936, hidden_size=2048, num_hidden_layers=48, num_attention_heads=32,
+                         num_key_value_heads=4, head_dim=128, intermediate_size=6144, moe_intermediate_size=768,
+                         num_experts=128, num_experts_per_tok=8, decoder_sparse_step=1, mlp_only_layers=(),
+                         rms_norm_eps=1e-6, rope_theta=5e6, mrope_section=(24, 20, 20), max_position_embeddings=262144,
+                         attention_bias=False, tie_word_embeddings=False, image_token_id=151655,
+                         video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+QWEN_VISION_2026_11 = dict(depth=27, hidden_size=1152, num_heads=16, intermediate_size=4304, in_channels=3,
+                           patch_size=16, temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=2048,
+                           num_position_embeddings=2304, deepstack_visual_indexes=(8, 16, 24), rope_theta=10000.0,
+                           eps=1e-6)
+KIMI_2026_11 = dict(vocab_size=163840, hidden_size=2048, intermediate_size=11264, moe_intermediate_size=1408,
+                    num_hidden_layers=27, num_attention_heads=16, q_lora_rank=None, kv_lora_rank=512,
+                    qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64,
+                    num_experts_per_tok=6, n_shared_experts=2, first_k_dense_replace=1, moe_layer_freq=1,
+                    scoring_func="sigmoid", topk_method="noaux_tc", n_group=1, topk_group=1, norm_topk_prob=True,
+                    routed_scaling_factor=2.446, rms_norm_eps=1e-5, kv_norm_eps=1e-6, rope_theta=800000.0,
+                    max_position_embeddings=131072, tie_word_embeddings=False, patch_size=14,
+                    vision_hidden_size=1152, vision_num_hidden_layers=27, vision_num_attention_heads=16,
+                    vision_intermediate_size=4304, init_pos_emb_height=64, init_pos_emb_width=64,
+                    merge_kernel_size=(2, 2), vision_rope_theta=10000.0, vision_norm_eps=1e-5,
+                    media_placeholder_token_id=163605)
+
+
+def _legacy_qwen(raw, before_12_01):
+    t, v = raw["text_config"], raw["vision_config"]
+    rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
+    vision = dict(QWEN_VISION_2026_11)
+    vision.update({k: v[k] for k in vision if k in v and k not in ("rope_theta", "eps")},
+                  rope_theta=(v.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    text = dict(QWEN_TEXT_2026_11, **(dict(norm_topk_prob=True, mrope_interleaved=True) if before_12_01 else {}))
+    text.update({k: t[k] for k in text if k in t})
+    text.update({k: raw[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                     "vision_end_token_id")}, vision=vision,
+                mlp_only_layers=t.get("mlp_only_layers") or (),
+                num_experts=t["num_experts"] if "num_experts" in t else t["num_local_experts"],
+                head_dim=t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"],
+                rope_theta=rope.get("rope_theta", t.get("rope_theta", 5e6 if before_12_01 else 5e5)),
+                mrope_section=rope.get("mrope_section", (24, 20, 20)),
+                tie_word_embeddings=raw.get("tie_word_embeddings", False))
+    if before_12_01:
+        text["mrope_interleaved"] = rope.get("mrope_interleaved", False)
+    return text
+
+
+def _legacy_kimi(raw):
+    text, vision = raw["text_config"], raw["vision_config"]
+    cfg = dict(KIMI_2026_11)
+    cfg.update({k: text[k] for k in cfg if k in text})
+    cfg.update({f"vision_{k}": vision[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                   "intermediate_size") if k in vision})
+    cfg.update({k: vision[k] for k in ("patch_size", "init_pos_emb_height", "init_pos_emb_width",
+                                       "merge_kernel_size") if k in vision})
+    cfg.update({k: raw[k] for k in ("media_placeholder_token_id", "tie_word_embeddings") if k in raw})
+    return cfg
+
+
+def legacy_fingerprints(model) -> set:
+    """The fingerprints that versions before 2026-12-07 wrote for this checkpoint (empty for a config that was not
+    read from a config.json, or a family those versions did not have)."""
+    raw, kind = getattr(model.cfg, "config_json", None), model.cfg.model_type
+    if not isinstance(raw, dict) or kind not in ("qwen3_vl_moe", "kimi_vl"):
+        return set()
+    shapes = {name: list(p.shape) for name, p in _whole(model).named_parameters()}
+    configs = [_legacy_qwen(raw, True), _legacy_qwen(raw, False)] if kind == "qwen3_vl_moe" else [_legacy_kimi(raw)]
+    return {_sha256({"model_type": kind, "config": c, "shapes": shapes}) for c in configs}
 
 
 def _number(value) -> bool:
@@ -249,8 +334,10 @@ def read_document(path, model, fmt, what):
     check(doc.get("format") == fmt, f"{path}: not {'an' if what[0] in 'aeiou' else 'a'} {what} file "
                                     f"(format {doc.get('format')!r}, expected {fmt!r})")
     made_for = doc.get("model", {}).get("fingerprint") if isinstance(doc.get("model"), dict) else None
-    check(made_for == fingerprint(model), f"{path}: made for another model (fingerprint {str(made_for)[:12]}..., "
-                                          f"this model {fingerprint(model)[:12]}...); recalibrate for this checkpoint")
+    this = fingerprint(model)
+    check(made_for == this or made_for in legacy_fingerprints(model),
+          f"{path}: made for another model (fingerprint {str(made_for)[:12]}..., this model {this[:12]}...); "
+          f"recalibrate for this checkpoint")
     return doc
 
 

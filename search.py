@@ -283,10 +283,11 @@ def main(args):
     loss, ratios = points[best]
     doc = dict(
         format=router.THRESHOLDS_FORMAT,
-        model=dict(fingerprint=router.fingerprint(model), model_type=model.cfg.model_type, path=os.path.abspath(path)),
+        model=dict(fingerprint=router.fingerprint(model), model_type=model.cfg.model_type,
+                   path=args.model or tiny.DEFAULT),  # paths as given, never a machine's absolute path
         tau=dict(text=float(grid_text[best[0]]), vision=float(grid_vision[best[1]])),
         target_skip=args.target, loss=loss, skip_ratio=ratios, skip_ceiling=evaluator.ceiling,
-        alpha_file=dict(path=os.path.abspath(args.alpha), sha256=settings["alpha"]),
+        alpha_file=dict(path=args.alpha, sha256=settings["alpha"]),
         layers=alpha["layers"],
         search=dict(method="exhaustive" if args.exhaustive else "frontier", evaluations=len(points),
                     max_frontier_evaluations=3 * args.grid, seconds=round(seconds, 3), grid=grid_info),

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import zlib
 from collections import Counter
@@ -21,6 +22,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 import model
+import cli
 from cli import write_atomic
 from processor import KIMI_PAT_STR, cache_dir
 
@@ -346,29 +348,67 @@ def random_weights_note(name):
     return None
 
 
+DEFAULT = "tiny-qwen"  # --model when none is given
+FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json")
+
+
 def resolve(name):
     """A checkpoint folder, or the name of a built-in checkpoint (default tiny-qwen) -> its folder."""
-    name = name or "tiny-qwen"
+    name = DEFAULT if name is None else name
+    model.check(name.strip(), f"--model: empty; give a checkpoint folder or a built-in name ({', '.join(CHECKPOINTS)})")
     if name in CHECKPOINTS:
         return checkpoint(name)
-    if not os.path.isdir(name):
-        raise FileNotFoundError(f"--model {name}: no such folder (or a built-in name: {', '.join(CHECKPOINTS)})")
-    return name
+    if os.path.isdir(name):
+        return name
+    if os.path.exists(name):
+        raise NotADirectoryError(f"--model {name}: is a file; expected a checkpoint folder (config.json, "
+                                 f"model.safetensors, ...)")
+    parts = name.split("/")
+    if len(parts) == 2 and all(parts) and not name.startswith((".", "~")):  # a hub id such as Qwen/Qwen3-VL-...
+        raise FileNotFoundError(f"--model {name}: no such folder. This looks like a Hugging Face hub id, and this "
+                                f"project does not download: run `hf download {name} --local-dir {parts[1]}` (pip "
+                                f"install huggingface_hub), then pass --model {parts[1]}")
+    raise FileNotFoundError(f"--model {name}: no such folder (or a built-in name: {', '.join(CHECKPOINTS)})")
+
+
+def damaged(path):
+    """Why the checkpoint folder at path is not whole (a missing file, a truncated model.safetensors), or None."""
+    missing = [f for f in FILES if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    try:
+        model.safetensors_header(os.path.join(path, "model.safetensors"))
+        for f in FILES[:1] + FILES[2:]:
+            model.read_json(os.path.join(path, f), f)
+    except (OSError, ValueError) as e:
+        return str(e)
+    return None
 
 
 def checkpoint(name):
-    """The folder of built-in checkpoint `name`. A random one is written on first use. It is made in a temporary
-    folder and renamed into place, so concurrent first users (torchrun ranks) never see half of it: whoever
-    renames first wins, the others discard their copy."""
+    """The folder of built-in checkpoint `name`. A random one is written on first use, and again when the cached
+    copy is damaged. It is made in a temporary folder and renamed into place, so concurrent first users (torchrun
+    ranks) never see half of it: whoever renames first wins, the others discard their copy."""
     if name in SHIPPED:
-        if not os.path.isfile(os.path.join(SHIPPED[name], "model.safetensors")):
-            raise FileNotFoundError(f"{SHIPPED[name]}: the shipped {name} checkpoint is missing from this copy")
+        problem = damaged(SHIPPED[name])
+        if problem:
+            raise FileNotFoundError(f"{SHIPPED[name]}: the shipped {name} checkpoint is damaged in this copy "
+                                    f"({problem}); restore it with `git checkout -- checkpoints/{name}`")
         return SHIPPED[name]
     folder_name, make_config, preprocessor, write_tokenizer = RANDOM[name]
     cache = cache_dir()
     path = os.path.join(cache, folder_name)
-    if os.path.isfile(os.path.join(path, "model.safetensors")):
-        return path
+    if os.path.exists(path):
+        problem = damaged(path)
+        if problem is None:
+            return path
+        print(f"note: the cached {name} in {path} is damaged ({problem}); writing it again", file=sys.stderr)
+        aside = tempfile.mkdtemp(dir=cache, prefix=".damaged-")
+        try:
+            os.rename(path, os.path.join(aside, folder_name))
+        except OSError:
+            pass  # another process moved it first
+        shutil.rmtree(aside, ignore_errors=True)
     os.makedirs(cache, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=cache, prefix=".tmp-")
     try:
@@ -383,11 +423,11 @@ def checkpoint(name):
         model.save_checkpoint(net, raw, tmp)
         with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
             json.dump(preprocessor, f, indent=2)
-        os.chmod(tmp, 0o755)
+        cli.follow_umask(tmp)
         try:
             os.rename(tmp, path)
         except OSError:
-            if not os.path.isfile(os.path.join(path, "model.safetensors")):
+            if damaged(path):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
