@@ -1,6 +1,7 @@
 """What the command-line scripts share: one-line errors, argument and path checks made before the expensive work,
 atomic output files and resumable state, a progress line, and torchrun data parallelism.
 """
+import argparse
 import json
 import math
 import os
@@ -19,6 +20,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 # ---------------------------------------------------------------------------------------------------------------
 # Errors and checks
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """--help names every option's default (unless its help already does, or there is none to name)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" in text or "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
 
 
 def check_device(device):
@@ -41,23 +52,41 @@ RUNS = "runs"  # where the scripts write by default, relative to the working dir
 
 
 def check_output(path, what="--out", inputs=()):
-    """Refuse an output path that cannot be written (empty, a folder, in a missing or read-only folder, under a
-    regular file) or that names one of the run's input files, inputs = [(path or None, argument)], before any work."""
+    """Refuse an output path that cannot be written (empty, a folder, under a regular file, in a read-only folder)
+    or that names one of the run's input files, inputs = [(path or None, argument)], before any work. Missing
+    folders on the way are made by the write (write_atomic), so nothing is made for a refused run."""
     check(path, f"{what}: empty path, expected a file path")
-    folder = os.path.dirname(os.path.abspath(path))
-    if folder == os.path.abspath(RUNS) and not os.path.lexists(folder):
-        folder = os.path.dirname(folder)  # write_atomic makes the default folder; nothing is made before any work
     check(not os.path.isdir(path), f"{what} {path}: is a folder, expected a file path")
+    folder = os.path.dirname(os.path.abspath(path))
     above = folder
     while not os.path.exists(above):
         above = os.path.dirname(above)
     check(os.path.isdir(above), f"{what} {path}: {above} is a file, not a folder")
-    check(above == folder, f"{what} {path}: folder {folder} does not exist")
-    check(os.access(folder, os.W_OK | os.X_OK) and (not os.path.exists(path) or os.access(path, os.W_OK)),
-          f"{what} {path}: not writable")
+    check(os.access(above, os.W_OK | os.X_OK) and (not os.path.exists(path) or os.access(path, os.W_OK)),
+          f"{what} {path}: not writable" + ("" if above == folder else f" ({above} is read-only)"))
     for other, name in inputs:
         check(not other or os.path.realpath(other) != os.path.realpath(path),
               f"{what} {path}: is also {name}, an input of this run; write the output elsewhere")
+
+
+def check_input_path(path, what):
+    """A path argument that is given must not be empty: '' is a mistake (an unset shell variable), not a default."""
+    check(path is None or path.strip(), f"{what}: empty path; leave the option out for its default")
+    return path
+
+
+def add_threads_arg(p, default=1):
+    p.add_argument("--threads", type=int, default=default,
+                   help="torch CPU threads; 0 = torch's default (all cores). One thread is the default: a busy "
+                   "shared machine slows many-thread runs by 10-30x (default: %(default)s)")
+
+
+def set_threads(n):
+    """--threads: n >= 1 threads, 0 = torch's default (the machine's cores; OMP_NUM_THREADS if set)."""
+    check(isinstance(n, int) and n >= 0, f"--threads must be >= 0 (0 = torch's default), got {n}")
+    if n:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
 
 
 def printable(text):
@@ -109,6 +138,17 @@ def write_atomic(path, data: bytes):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def follow_umask(folder):
+    """Give a folder made by tools that ignore the umask (tempfile.mkdtemp: 0700; safetensors' save_file: 0600) and
+    everything in it the modes the user's umask gives new files and folders."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for top, dirs, names in os.walk(folder):
+        os.chmod(top, 0o777 & ~umask)
+        for name in names:
+            os.chmod(os.path.join(top, name), 0o666 & ~umask)
 
 
 def write_json(path, doc):
@@ -203,20 +243,65 @@ class Progress:
 # run one model together, parallel.py's Shard)
 
 
+def torchrun_env():
+    """(rank, world size, local rank) from torchrun's variables, (0, 1, 0) without torchrun; inconsistent or
+    malformed variables are refused in one line instead of hanging in the rendezvous."""
+    env = {k: os.environ.get(k) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    values = {}
+    for k, v in env.items():
+        if v is not None:
+            check(v.strip().isdigit(), f"torchrun: {k}={v!r} is not a non-negative integer")
+            values[k] = int(v)
+    world = values.get("WORLD_SIZE", 1)
+    check(world >= 1, "torchrun: WORLD_SIZE=0; it must be >= 1")
+    if world == 1 and "RANK" not in values:
+        return 0, 1, 0
+    rank, local = values.get("RANK"), values.get("LOCAL_RANK", 0)
+    check(rank is not None, f"torchrun: WORLD_SIZE={world} but RANK is not set")
+    check(rank < world, f"torchrun: RANK {rank} is not below WORLD_SIZE {world}")
+    local_world = values.get("LOCAL_WORLD_SIZE", world)
+    check(local < local_world <= world, f"torchrun: LOCAL_RANK {local} / LOCAL_WORLD_SIZE {local_world} do not fit "
+                                        f"WORLD_SIZE {world}")
+    if world > 1:
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+        check(not missing, f"torchrun: WORLD_SIZE={world} but {' and '.join(missing)} not set (start with torchrun)")
+        port = os.environ["MASTER_PORT"]
+        check(port.isdigit() and 0 < int(port) < 65536, f"torchrun: MASTER_PORT={port!r} is not a port number")
+    return rank, world, local
+
+
 def init_distributed(device):
     """(rank, world size, device) under torchrun (nccl on CUDA, gloo on CPU), else (0, 1, device)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world, local = torchrun_env()
     if world == 1:
         return 0, 1, device
     if device.startswith("cuda"):
-        local = int(os.environ.get("LOCAL_RANK", "0"))
         check(local < torch.cuda.device_count(),
               f"--device cuda: LOCAL_RANK {local}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
         device = f"cuda:{local}"
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", store=rendezvous(rank, world),
+                                rank=rank, world_size=world)
     return dist.get_rank(), world, device
+
+
+def rendezvous(rank, world):
+    """torchrun's env:// store, but waiting at most $MODES_RENDEZVOUS_TIMEOUT seconds (default 300) for the other
+    ranks: a rank whose peers never come (WORLD_SIZE larger than the ranks started, two ranks with one RANK) fails
+    in one line instead of waiting torch's 30 minutes. The ranks' later collectives keep torch's timeout."""
+    import datetime
+    wait = os.environ.get("MODES_RENDEZVOUS_TIMEOUT", "300")
+    check(wait.isdigit() and int(wait) > 0, f"MODES_RENDEZVOUS_TIMEOUT={wait!r}: expected seconds > 0")
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"  # torchrun's agent hosts it
+    try:
+        return dist.TCPStore(addr, port, world, is_master=rank == 0 and not agent,
+                             timeout=datetime.timedelta(seconds=int(wait)))
+    except (RuntimeError, OSError) as e:  # torch's DistStoreError / DistNetworkError
+        raise ValueError(f"torchrun: rank {rank} of {world} could not meet the other ranks at {addr}:{port} within "
+                         f"{wait} s ({str(e).splitlines()[0][:200]}); are all {world} ranks started, each with its "
+                         f"own RANK?") from None
 
 
 def is_main():

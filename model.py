@@ -580,24 +580,52 @@ def checkpoint_layout(model, names):
     return max(layouts, key=lambda layout: len(names & set(checkpoint_names(model, layout))))  # first on a tie
 
 
+def safetensors_header(file):
+    """{tensor name: shape} of a safetensors file from its header, refused in one line unless the file is whole:
+    a header that parses and data as long as the header says (a truncated download or copy is found here, before
+    any tensor is read)."""
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if head.startswith(b"version "):
+            raise ValueError(f"{file}: a git-lfs pointer file, not the weights (run `git lfs pull` in that folder)")
+        size = int.from_bytes(head, "little") if len(head) == 8 else -1
+        try:
+            check(0 < size <= 100 << 20, "no header")
+            header = json.loads(f.read(size))
+            check(isinstance(header, dict), "no header")
+            tensors = {n: t for n, t in header.items() if n != "__metadata__"}
+            end = max((t["data_offsets"][1] for t in tensors.values()), default=0)
+            shapes = {n: tuple(t["shape"]) for n, t in tensors.items()}
+        except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError):
+            raise ValueError(f"{file}: not a readable safetensors file (damaged or truncated header)") from None
+    have = os.path.getsize(file) - 8 - size
+    check(have >= end, f"{file}: truncated ({have} of {end} data bytes); download or copy it again")
+    return shapes
+
+
 def checkpoint_files(path):
-    """checkpoint tensor name -> safetensors file, from the index or the single model.safetensors."""
+    """checkpoint tensor name -> safetensors file, from the index or the single model.safetensors. Every file is
+    checked to be whole, and an index to name only tensors its shards hold."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         weight_map = read_json(index, "safetensors index")
         weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
-        check(isinstance(weight_map, dict) and all(isinstance(f, str) for f in weight_map.values()),
-                  f"{index}: not a valid safetensors index (no weight_map of tensor name -> file name)")
+        check(isinstance(weight_map, dict) and weight_map and all(isinstance(f, str) and f
+                                                                  for f in weight_map.values()),
+              f"{index}: not a valid safetensors index (no weight_map of tensor name -> file name)")
         files = {n: os.path.join(path, f) for n, f in weight_map.items()}
         missing = sorted({os.path.basename(f) for f in files.values() if not os.path.isfile(f)})
         if missing:
             raise FileNotFoundError(f"{index}: {len(missing)} shard(s) listed but missing: {', '.join(missing)}")
+        held = {f: safetensors_header(f) for f in sorted(set(files.values()))}
+        lies = sorted(n for n, f in files.items() if n not in held[f])
+        check(not lies, f"{index}: names {len(lies)} tensor(s) in shards that do not hold them: " + ", ".join(
+            f"{n} ({os.path.basename(files[n])})" for n in lies[:4]) + (" ..." if len(lies) > 4 else ""))
         return files
     single = os.path.join(path, "model.safetensors")
     if not os.path.isfile(single):
         raise FileNotFoundError(f"{path}: no model.safetensors.index.json or model.safetensors")
-    with open_safetensors(single) as f:
-        return {n: single for n in f.keys()}
+    return {n: single for n in safetensors_header(single)}
 
 
 def open_safetensors(file):
