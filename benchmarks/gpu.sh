@@ -6,7 +6,8 @@
 #                                      at 0 % and 88 % skip, CUDA-graphed, against transformers on the same GPU;
 #                                      then Kimi-VL-A3B the same way                                 (BUDGET 480)
 #   bash benchmarks/gpu.sh compiled    the same decode steps compiled by Inductor                    (BUDGET 420)
-#   bash benchmarks/gpu.sh checks      pytest tests/test_gpu.py, the expert-path and Triton-tile sweeps (BUDGET 345)
+#   bash benchmarks/gpu.sh checks      the GPU tests (tests/test_gpu.py and tests/test_kernels.py's CUDA one), the
+#                                      expert-path and Triton-tile sweeps                           (BUDGET 345)
 #   bash benchmarks/gpu.sh             all three, one after the other (more than one 10-minute call on a GPU)
 #   bash benchmarks/gpu.sh --dry-run [GROUP...]   on a CPU: tiny models and shapes, the same steps (CI runs it)
 #   bash benchmarks/gpu.sh --plan [GROUP...]      print the steps (name, limit, command) without running them
@@ -113,7 +114,8 @@ compiled() {
 
 checks() {
   step probe 30 $RUN probe --quick
-  step gpu-tests 150 python3 -m pytest -q tests/test_gpu.py
+  # the GPU-marked tests: all of tests/test_gpu.py, and tests/test_kernels.py's CUDA one
+  step gpu-tests 150 python3 -m pytest -q --durations=5 -m gpu tests/test_gpu.py tests/test_kernels.py
   step experts 80 $RUN experts
   step tiles 80 $RUN tiles
 }

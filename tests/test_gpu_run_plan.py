@@ -52,8 +52,9 @@ def test_headline_first_compiled_alone_checks_last(dry):
     assert names["compiled"] == ["probe"] + COMPILED
     assert names["checks"] == ["probe"] + CHECKS
     tests = dict((s[0], s[2]) for s in groups["checks"][1])["gpu-tests"]
-    assert tests[:3] == ["python3", "-m", "pytest"] and tests[-1] == "tests/test_gpu.py"  # not the whole suite
-    assert "gpu" not in tests[3:-1]  # (no -m gpu marker selection over every test module)
+    assert tests[:3] == ["python3", "-m", "pytest"]
+    # two named files, not the whole suite collected for its gpu marker
+    assert [a for a in tests if a.startswith("tests/")] == ["tests/test_gpu.py", "tests/test_kernels.py"]
 
 
 def test_each_command_fits_one_call():
@@ -168,6 +169,27 @@ def test_routing_fields_hold_what_they_say():
     assert len(first) == 2 and not first & second
     per_call, union = gpu_run.kept_experts(tables)
     assert per_call == 2 and union * 3 * 2048 * 768 * 2 > 2 * 50e6
+
+
+def test_gpu_tests_step_selects_every_gpu_test_and_no_cpu_one():
+    tests = dict((s[0], s[2]) for s in plan()["checks"][1])["gpu-tests"]
+    r = subprocess.run([*tests[:3], "--collect-only", "-q", *(a for a in tests[3:] if a != "-q")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode in (0, 5), r.stdout + r.stderr  # 5: nothing selected, which the assertions below refuse
+    chosen = {line.split("[")[0] for line in r.stdout.splitlines() if "::" in line}
+    assert chosen == {"tests/test_kernels.py::test_cuda_bf16_paths_match_loop",
+                      "tests/test_gpu.py::test_graphed_decode_matches_eager_teacher_forced",
+                      "tests/test_gpu.py::test_expert_paths_at_real_shapes"}, r.stdout
+
+
+def test_gpu_expert_tests_only_where_memory_is_bounded():
+    import test_gpu
+    for name, s in test_gpu.SHAPES.items():
+        for path in list(test_gpu.moe_kernels.PATHS) + ["auto"]:
+            cases = test_gpu.expert_cases(name, path)
+            assert (1, 0.0) in cases and (4, 0.5) in cases, (name, path)  # every path is tested at decode sizes
+            assert ((2048, 0.0) in cases) == (path != "gather"), (name, path)  # gather: 96 / 132 GiB
+        assert test_gpu.temporary_bytes("gather", 2048, s["K"], s["H"], s["I"]) > 90 << 30
 
 
 def test_gather_path_only_where_its_copy_is_bounded():

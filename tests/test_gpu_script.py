@@ -5,8 +5,9 @@ import os
 import subprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = ["probe", "gpu-tests", "experts", "tiles", "qwen-decode", "qwen-prefill-b8", "kimi-decode", "kimi-prefill-b8",
-         "qwen-decode-compiled", "kimi-decode-compiled"]
+HEADLINE = ["qwen-decode", "qwen-prefill-b8", "kimi-decode", "kimi-prefill-b8"]
+COMPILED = ["qwen-decode-compiled", "kimi-decode-compiled"]
+STEPS = ["probe", "gpu-tests", "experts", "tiles"] + HEADLINE + COMPILED
 
 
 def test_dry_run_produces_every_result(tmp_path):
@@ -26,10 +27,19 @@ def test_dry_run_produces_every_result(tmp_path):
     assert any("copy_bandwidth_gb_s" in d for d in data["probe"]) and any("sdpa" in d for d in data["probe"])
     assert all(d["ok"] for d in data["experts"] if "check" in d) and any("us" in d for d in data["experts"])
     assert data["tiles"]  # measured under TRITON_INTERPRET, else one line saying why not
-    for step in ("qwen-decode", "kimi-decode", "qwen-decode-compiled", "kimi-decode-compiled"):
-        [bench] = data[step]
+    for step in HEADLINE + COMPILED:
+        *streamed, bench = data[step]  # bench.py's lines: a header, one per row as measured, the whole result last
+        assert [d["record"] for d in streamed] == ["header"] + ["row"] * len(bench["rows"]), step
+        assert [{k: v for k, v in d.items() if k != "record"} for d in streamed[1:]] == bench["rows"], step
         assert [row["policy"] for row in bench["rows"]][:2] == ["full", "threshold"], step
-        assert all(row["graph_check"]["tokens_equal"] for row in bench["rows"] if "graph_check" in row), step
+        assert not any("error" in row for row in bench["rows"]), step
         assert bench["rows"][1]["skip_prefill_all"] >= 0.88
-    assert [row["policy"] for row in data["qwen-decode"][0]["rows"]] == ["full", "threshold", "transformers"]
-    assert data["qwen-prefill-b8"][0]["batch"] == 2
+        assert bench["copy_bandwidth_timer"] == "host"  # a CPU's copy is never passed off as a GPU one
+        if "decode" in step:
+            checks = [row["graph_check"] for row in bench["rows"] if row["policy"] != "transformers"]
+            assert checks and all(c["ok"] and c["top1_decided"] > 0 for c in checks), (step, checks)
+            assert all(c["exact_required"] == ("compiled" not in step) for c in checks), step  # eager: bitwise
+            assert all(row["step_peak_bytes"] > 0 and row["eager_step_peak_bytes"] > 0
+                       for row in bench["rows"] if row["policy"] != "transformers"), step
+    assert [row["policy"] for row in data["qwen-decode"][-1]["rows"]] == ["full", "threshold", "transformers"]
+    assert data["qwen-prefill-b8"][-1]["batch"] == 2
