@@ -83,6 +83,20 @@ class InternVLConfig:
     def is_moe_layer(self, i):
         return i not in self.mlp_only_layers and self.num_experts > 0 and (i + 1) % self.decoder_sparse_step == 0
 
+    def architecture(self):
+        """Every config.json value the model is built from, by its name in the -HF config.json: what alpha and
+        thresholds files are made for (router.py: fingerprint). Fixed names, not this dataclass's fields, so a
+        refactor keeps the fingerprint."""
+        v = self.vision
+        return {
+            **{f"text_config.{k}": getattr(self, k) for k in TEXT_ARCH},
+            "text_config.rope_theta": float(self.rope_theta), "text_config.rms_norm_eps": float(self.rms_norm_eps),
+            "text_config.mlp_only_layers": sorted(self.mlp_only_layers),
+            **{f"vision_config.{k}": getattr(v, k) for k in VISION_ARCH},
+            "vision_config.layer_norm_eps": float(v.layer_norm_eps), "downsample_ratio": float(self.downsample_ratio),
+            **{k: getattr(self, k) for k in ("image_token_id", "tie_word_embeddings")},
+        }
+
     @classmethod
     def from_hf(cls, raw, where):
         """An -HF config.json (transformers' InternVLConfig: vision_config + text_config), in either dialect of the
@@ -146,8 +160,12 @@ class InternVLConfig:
 
 TEXT_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
              "moe_intermediate_size", "num_experts_per_tok")
+TEXT_ARCH = TEXT_KEYS + ("head_dim", "intermediate_size", "num_experts", "decoder_sparse_step",
+                         "max_position_embeddings", "attention_bias")
 VISION_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "layer_norm_eps",
                "num_channels")
+VISION_ARCH = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "num_channels",
+               "attention_bias", "image_size", "patch_size")
 
 
 # ---------------------------------------------------------------------------------------------------------------

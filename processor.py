@@ -16,6 +16,12 @@ Kimi-VL (moonshotai/Kimi-VL-A3B-Instruct):
 - images: shrink to the patch budget with PIL bicubic, pad to multiples of 28 px, normalise, 14x14 patches
 - prompt: the Instruct chat template written out in Python; video as a sequence of image blocks
 
+InternVL-3.5 (OpenGVLab/InternVL3_5-30B-A3B-HF):
+- tokenizer: `tokenizer.json` as for Qwen3-VL; `<img>`, `</img>` and `<IMG_CONTEXT>` are its added tokens
+- images: dynamic tiling into 448 px tiles (the grid closest to the aspect ratio, min/max tiles from the folder,
+  a thumbnail last), normalised with ImageNet statistics, as transformers' GotOcr2ImageProcessorPil
+- prompt: ChatML, each image `<img>` + 256 `<IMG_CONTEXT>` per tile + `</img>`; a video one tile per frame
+
 generate.py and the pipeline scripts use it. Usage:
     proc = QwenProcessor.from_dir("Qwen3-VL-30B-A3B-Instruct")
     batch = proc.from_cli("What is in this image?", images=["cat.png"])
@@ -1016,6 +1022,218 @@ class KimiProcessor:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# InternVL-3.5 (OpenGVLab/InternVL3_5-30B-A3B-HF): dynamic tiling, the ChatML prompt with <img> blocks, video frames
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass
+class InternVLImageConfig:
+    """The -HF preprocessor_config.json (GotOcr2ImageProcessor) values of InternVL-3.5; the class defaults of
+    transformers' image and video processors (CLIP statistics, 384 px) are not InternVL's and never used."""
+    tile: int = 448  # size.height == size.width: the vision tower's image_size
+    min_tiles: int = 1  # min_patches
+    max_tiles: int = 12  # max_patches: a 4:3 photo becomes 4 x 3 tiles + a thumbnail (3,330 tokens)
+    image_mean: tuple = IMAGENET_MEAN
+    image_std: tuple = IMAGENET_STD
+    rescale_factor: float = 1 / 255
+    num_frames: int = 32  # video: frames sampled per video (lmms-eval's InternVL setting)
+
+    @classmethod
+    def from_file(cls, path):
+        d, cfg = _read_json(path), cls()
+        size = d.get("size") or {}
+        if size.get("height", cfg.tile) != size.get("width", cfg.tile):
+            raise ValueError(f"{path}: size {size} must be square (InternVL tiles are)")
+        values = {"tile": size.get("height"), "min_tiles": d.get("min_patches"), "max_tiles": d.get("max_patches"),
+                  "rescale_factor": d.get("rescale_factor"), "num_frames": d.get("num_frames")}
+        for key, value in values.items():
+            if value is not None:
+                if not isinstance(value, (int, float)) or value <= 0:
+                    raise ValueError(f"{path}: {key} must be a positive number, got {value!r}")
+                setattr(cfg, key, value if key == "rescale_factor" else int(value))
+        for key in ("image_mean", "image_std"):
+            if d.get(key) is not None:
+                value = _as_list(d[key])
+                if len(value) != 3 or not all(isinstance(v, (int, float)) for v in value):
+                    raise ValueError(f"{path}: {key} must be 3 numbers, got {value}")
+                setattr(cfg, key, tuple(float(v) for v in value))
+        if cfg.min_tiles > cfg.max_tiles:
+            raise ValueError(f"{path}: min_patches {cfg.min_tiles} > max_patches {cfg.max_tiles}")
+        return cfg
+
+
+def tile_grid(width, height, tile, min_tiles, max_tiles):
+    """(columns, rows) of the tiling whose aspect ratio is closest to the image's, among the grids of min_tiles ..
+    max_tiles tiles sorted by tile count. On an exact tie the larger grid wins only while the image's area exceeds
+    half the grid's (GotOcr2's get_optimal_tiled_canvas, InternVL's dynamic_preprocess)."""
+    grids = sorted(((c, r) for c in range(1, max_tiles + 1) for r in range(1, max_tiles + 1)
+                    if min_tiles <= c * r <= max_tiles), key=lambda g: g[0] * g[1])
+    best, best_diff = (1, 1), float("inf")
+    for c, r in grids:
+        diff = abs(width / height - c / r)
+        if diff < best_diff:
+            best, best_diff = (c, r), diff
+        elif diff == best_diff and width * height > 0.5 * tile * tile * c * r:
+            best = (c, r)
+    return best
+
+
+def internvl_tiles(image, cfg, max_tiles=None):
+    """RGB PIL image -> tiles [n, 3, tile, tile] float32: the image resized (PIL bicubic) to its grid and cut
+    row-major, then, when there is more than one tile, the whole image resized to one tile as a thumbnail, last.
+    max_tiles caps cfg.max_tiles (1: the thumbnail alone, as transformers does without tiling)."""
+    cap = min(cfg.max_tiles, max_tiles or cfg.max_tiles)
+    t = cfg.tile
+    if cap == 1:
+        tiles = [image.resize((t, t), resample=Image.BICUBIC)]
+    else:
+        cols, rows = tile_grid(image.width, image.height, t, min(cfg.min_tiles, cap), cap)
+        canvas = image.resize((t * cols, t * rows), resample=Image.BICUBIC)
+        tiles = [canvas.crop((c * t, r * t, (c + 1) * t, (r + 1) * t)) for r in range(rows) for c in range(cols)]
+        if len(tiles) > 1:
+            tiles.append(image.resize((t, t), resample=Image.BICUBIC))
+    return torch.from_numpy(np.stack([normalize_image(tile, cfg) for tile in tiles]))
+
+
+def video_frame_indices(total, num_frames):
+    """Uniform sampling with a half-interval initial shift (transformers' InternVLVideoProcessor.sample_frames);
+    a video of at most num_frames frames keeps them all."""
+    if total <= num_frames:
+        return list(range(total))
+    return torch.arange(total / num_frames / 2, total, total / num_frames).int().tolist()
+
+
+class InternVLProcessor:
+    """Chat messages (+ images, video) -> input_ids and tiles for InternVL-3.5 with its Qwen3 decoder.
+
+    The prompt is the -HF chat template written out: ChatML (`render_qwen_chat`, no default system prompt), each
+    image part `<img>` + 256 `<IMG_CONTEXT>` per tile + `</img>` and a newline, each video part
+    `Frame1: <img>...</img>\\nFrame2: ...` (one 448 px tile per frame) and a newline."""
+
+    def __init__(self, tokenizer, *, image_token_id, pad_token_id, stop_token_ids, special_ids, tokens_per_tile,
+                 image_cfg=None, max_tiles=None):
+        self.tokenizer = tokenizer
+        self.image_token_id, self.pad_token_id = image_token_id, pad_token_id
+        self.stop_token_ids = list(stop_token_ids)
+        self.special_ids = sorted(special_ids)
+        self.tokens_per_tile = tokens_per_tile
+        self.image_cfg = image_cfg or InternVLImageConfig()
+        if max_tiles is not None and max_tiles < 1:
+            raise ValueError(f"max_tiles must be >= 1, got {max_tiles}")
+        self.max_tiles = max_tiles  # a cap below the folder's max_patches: a 4:3 photo is 13 tiles at 12
+
+    @classmethod
+    def from_dir(cls, model_dir, max_tiles=None):
+        """Reads tokenizer.json, tokenizer_config.json, config.json and, when present, generation_config.json,
+        preprocessor_config.json and the chat template of an -HF checkpoint folder."""
+        if not os.path.isdir(model_dir):
+            raise FileNotFoundError(f"model folder not found: {model_dir}")
+        tok_path = os.path.join(model_dir, "tokenizer.json")
+        if not os.path.isfile(tok_path):
+            raise FileNotFoundError(f"tokenizer.json not found in {model_dir}")
+        try:
+            tokenizer = Tokenizer.from_file(tok_path)
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise ValueError(f"cannot load {tok_path}: {e}") from None
+        special_ids = {t["id"] for t in _read_json(tok_path).get("added_tokens") or [] if t.get("special")}
+
+        def token_id(token, needed_for):
+            tid = tokenizer.token_to_id(token)
+            if tid is None:
+                raise ValueError(f"{tok_path} has no token {token} (needed for {needed_for})")
+            return tid
+
+        cfg_path = os.path.join(model_dir, "config.json")
+        config = _read_json(cfg_path) if os.path.isfile(cfg_path) else {}
+        image_token_id = token_id("<IMG_CONTEXT>", "images")
+        token_id("<img>", "images"), token_id("</img>", "images")
+        # the prompt is built from the literal token strings, so the config's id must name exactly that one
+        if config.get("image_token_id", image_token_id) != image_token_id:
+            raise ValueError(f"{cfg_path}: image_token_id={config['image_token_id']} but {tok_path} has "
+                             f"<IMG_CONTEXT> at id {image_token_id}")
+        tok_cfg_path = os.path.join(model_dir, "tokenizer_config.json")
+        tok_cfg = _read_json(tok_cfg_path) if os.path.isfile(tok_cfg_path) else {}
+        pad = tok_cfg.get("pad_token") or "<|endoftext|>"
+        pad = pad["content"] if isinstance(pad, dict) else pad
+        gen_path = os.path.join(model_dir, "generation_config.json")
+        gen_cfg = _read_json(gen_path) if os.path.isfile(gen_path) else {}
+        text_cfg = config.get("text_config") or {}
+        stop = _as_list(text_cfg.get("eos_token_id", config.get("eos_token_id")))
+        stop += _as_list(gen_cfg.get("eos_token_id"))
+        stop += [token_id("<|im_end|>", "stop ids"), token_id("<|endoftext|>", "stop ids")]
+        pre_path = os.path.join(model_dir, "preprocessor_config.json")
+        image_cfg = InternVLImageConfig.from_file(pre_path) if os.path.isfile(pre_path) else InternVLImageConfig()
+        template_path, template = _find_chat_template(model_dir)
+        if template is not None and "<|im_start|>" not in template:
+            warnings.warn(f"{template_path}: not a ChatML chat template; prompts are still built in ChatML, the "
+                          f"template of InternVL-3.5's Qwen3 decoder", stacklevel=2)
+        return cls(tokenizer, image_token_id=image_token_id, pad_token_id=token_id(pad, "pad_token"),
+                   stop_token_ids=list(dict.fromkeys(int(s) for s in stop)), special_ids=special_ids,
+                   tokens_per_tile=config.get("image_seq_length", 256), image_cfg=image_cfg, max_tiles=max_tiles)
+
+    def encode(self, text):
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens=True):
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def image_block(self, n_tiles):
+        return "<img>" + "<IMG_CONTEXT>" * (self.tokens_per_tile * n_tiles) + "</img>"
+
+    def __call__(self, messages, add_generation_prompt=True):
+        """-> dict: input_ids [S] int64, pixel_values [n_tiles, 3, 448, 448] float32 (or None: every image's tiles
+        and every video's frames in prompt order), prompt (chat text with one placeholder per image or video, as
+        transformers' template renders it) and text (after expansion)."""
+        tiles = []
+
+        def placeholder(part, i, j):
+            return "<IMG_CONTEXT>\n" if part["type"] == "image" else "<video>\n"
+
+        def expand(part, i, j):
+            if part["type"] == "image":
+                src = part["image"]
+                if isinstance(src, (str, os.PathLike)):
+                    image = open_image(os.fspath(src))
+                elif isinstance(src, Image.Image):
+                    image = to_rgb(src)
+                else:
+                    raise ValueError(f"messages[{i}].content[{j}].image must be a path or a PIL image, "
+                                     f"got {type(src).__name__}")
+                tiles.append(internvl_tiles(image, self.image_cfg, self.max_tiles))
+                return self.image_block(len(tiles[-1])) + "\n"
+            if not isinstance(part["video"], (str, os.PathLike)):
+                raise ValueError(f"messages[{i}].content[{j}].video must be a path, got {type(part['video']).__name__}")
+            frames, _ = load_video_frames(os.fspath(part["video"]))
+            t = self.image_cfg.tile
+            kept = [frames[k].resize((t, t), resample=Image.BICUBIC)
+                    for k in video_frame_indices(len(frames), self.image_cfg.num_frames)]
+            tiles.append(torch.from_numpy(np.stack([normalize_image(f, self.image_cfg) for f in kept])))
+            return "\n".join(f"Frame{k + 1}: " + self.image_block(1) for k in range(len(kept))) + "\n"
+
+        prompt = render_qwen_chat(messages, add_generation_prompt, expand=placeholder)  # also validates them
+        for i, message in enumerate(messages):
+            for j, part in enumerate(_content_parts(message, i)):
+                # a context token typed as text would get no pixels and break the token/feature count
+                if part["type"] == "text" and "<IMG_CONTEXT>" in part["text"]:
+                    raise ValueError(f"messages[{i}].content[{j}]: text contains a literal <IMG_CONTEXT>; pass "
+                                     f"images and videos as parts instead")
+        text = render_qwen_chat(messages, add_generation_prompt, expand=expand)
+        return {"input_ids": torch.tensor(self.encode(text), dtype=torch.long),
+                "pixel_values": torch.cat(tiles) if tiles else None, "prompt": prompt, "text": text}
+
+    def from_cli(self, prompt, images=(), video=None, system=None):
+        """One user turn: the images first, then the video, then the text (plus an optional system turn)."""
+        content = [{"type": "image", "image": path} for path in images]
+        if video is not None:
+            content.append({"type": "video", "video": video})
+        content.append({"type": "text", "text": prompt})
+        messages = [{"role": "system", "content": system}] if system is not None else []
+        return self(messages + [{"role": "user", "content": content}])
+
+
 def special_token_ids(path):
     """Ids of the tokens marked special in a checkpoint folder's tokenizer files (tokenizer.json, else
     tokenizer_config.json's added_tokens_decoder), read without building a tokenizer."""
@@ -1031,9 +1249,14 @@ def special_token_ids(path):
     return []
 
 
-def for_model(path, model_type):
-    """The processor of the checkpoint folder `path`, by its config's model_type."""
-    kinds = {"qwen3_vl_moe": QwenProcessor, "kimi_vl": KimiProcessor}
+def for_model(path, model_type, max_tiles=None):
+    """The processor of the checkpoint folder `path`, by its config's model_type. max_tiles: InternVL's cap on the
+    tiles of one image (default: the folder's max_patches)."""
+    kinds = {"qwen3_vl_moe": QwenProcessor, "kimi_vl": KimiProcessor, "internvl": InternVLProcessor}
     if model_type not in kinds:
         raise ValueError(f"{path}: no processor for model_type {model_type!r}")
+    if model_type == "internvl":
+        return InternVLProcessor.from_dir(path, max_tiles)
+    if max_tiles is not None:
+        raise ValueError(f"{path}: max_tiles applies to InternVL only, not {model_type}")
     return kinds[model_type].from_dir(path)

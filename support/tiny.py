@@ -1,8 +1,9 @@
 """The built-in checkpoints, in the exact Hugging Face layout, so everything runs without downloading anything.
 
-- tiny-qwen, tiny-kimi: tiny Qwen3-VL-MoE and Kimi-VL with deterministic RANDOM weights (their text is noise),
-  the real vocabulary size and special-token ids, and small real-format tokenizers. Written on first use into
-  the cache folder ($MODES_CACHE, else ~/.cache/modes), safely when several processes start at once.
+- tiny-qwen, tiny-kimi, tiny-internvl: tiny Qwen3-VL-MoE, Kimi-VL and InternVL-3.5 (Qwen3-MoE decoder) with
+  deterministic RANDOM weights (their text is noise), the real vocabulary size and special-token ids, and small
+  real-format tokenizers. Written on first use into the cache folder ($MODES_CACHE, else ~/.cache/modes), safely
+  when several processes start at once.
 - tiny-vqa: a tiny Qwen3-VL-MoE trained on the easy-vqa data set (train_vqa.py), shipped in checkpoints/tiny-vqa.
 
 Every script's --model takes these names (`resolve`), e.g. `python generate.py --model tiny-vqa ...`.
@@ -88,6 +89,38 @@ def kimi_config():
 KIMI_PREPROCESSOR = {"in_token_limit": 4096, "patch_size": 14, "num_pooled_tokens": 1024,
                      "merge_kernel_size": [2, 2], "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
                      "pad_input": True, "image_processor_type": "KimiVLImageProcessor"}
+
+
+def internvl_config():
+    """config.json of tiny-internvl (InternVL-3.5 with a Qwen3-MoE decoder), in the -HF dialect, with the real tile
+    geometry (448 px, patch 14, 256 tokens per tile), vocabulary size and special-token ids."""
+    return {
+        "architectures": ["InternVLForConditionalGeneration"], "model_type": "internvl", "downsample_ratio": 0.5,
+        "image_seq_length": 256, "image_token_id": 151671, "projector_hidden_act": "gelu",
+        "tie_word_embeddings": False, "vision_feature_layer": -1, "vision_feature_select_strategy": "default",
+        "text_config": {
+            "model_type": "qwen3_moe", "vocab_size": 151936, "hidden_size": 128, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "intermediate_size": 256,
+            "moe_intermediate_size": 64, "num_experts": 32, "num_experts_per_tok": 4, "norm_topk_prob": True,
+            "decoder_sparse_step": 1, "mlp_only_layers": [], "hidden_act": "silu", "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0, "rope_scaling": None, "attention_bias": False, "max_position_embeddings": 40960,
+            "use_sliding_window": False, "bos_token_id": 151643, "eos_token_id": 151645,
+            "tie_word_embeddings": False},
+        "vision_config": {
+            "model_type": "internvl_vision", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "intermediate_size": 128, "hidden_act": "gelu", "attention_bias": True, "layer_norm_eps": 1e-6,
+            "image_size": [448, 448], "patch_size": [14, 14], "num_channels": 3, "norm_type": "layer_norm",
+            "use_qk_norm": False, "use_mean_pooling": True, "use_absolute_position_embeddings": True,
+            "use_mask_token": False},
+    }
+
+
+# InternVL-3.5's GotOcr2ImageProcessor values: 448 px tiles, 1..12 of them, ImageNet statistics
+INTERNVL_PREPROCESSOR = {"size": {"height": 448, "width": 448}, "min_patches": 1, "max_patches": 12,
+                         "crop_to_patches": False, "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255,
+                         "do_normalize": True, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
+                         "resample": 3, "image_processor_type": "GotOcr2ImageProcessor",
+                         "processor_class": "InternVLProcessor"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -179,6 +212,34 @@ def write_qwen_tokenizer(out_dir, chat_template_path=DEFAULT_CHAT_TEMPLATE_PATH,
                  json.dumps(tok_config, ensure_ascii=False, indent=2).encode())
     return ids
 
+
+# InternVL's added tokens after Qwen3's, from 151669 (<img>, </img>, <IMG_CONTEXT> as the spec infers them; the
+# rest in InternVL3's order; <video> is transformers 5's video placeholder, its id unconfirmed)
+INTERNVL_ADDED_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>",
+                         "</box>", "<video>")
+INTERNVL_CHAT_TEMPLATE_PATH = os.path.join(ROOT, "configs", "internvl3_5_chat_template.jinja")
+
+
+def write_internvl_tokenizer(out_dir):
+    """tiny-qwen's tokenizer with InternVL's added tokens after Qwen3's (special, at their real ids), the named
+    image tokens transformers 5's InternVLProcessor reads, and the -HF ChatML template."""
+    ids = write_qwen_tokenizer(out_dir, INTERNVL_CHAT_TEMPLATE_PATH)
+    first = max(ids.values()) + 1
+    tok_path, cfg_path = os.path.join(out_dir, "tokenizer.json"), os.path.join(out_dir, "tokenizer_config.json")
+    with open(tok_path, encoding="utf-8") as f:
+        spec = json.load(f)
+    with open(cfg_path, encoding="utf-8") as f:
+        tok_config = json.load(f)
+    for i, content in enumerate(INTERNVL_ADDED_TOKENS):
+        entry = {"content": content, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+                 "special": True}
+        spec["model"]["vocab"][content] = first + i  # in the vocabulary too, or tokenizers renumbers it
+        spec["added_tokens"].append({"id": first + i, **entry})
+        tok_config["added_tokens_decoder"][str(first + i)] = entry
+    tok_config["extra_special_tokens"] = {"start_image_token": "<img>", "end_image_token": "</img>",
+                                          "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
+    write_atomic(tok_path, json.dumps(spec, ensure_ascii=False, indent=1).encode())
+    write_atomic(cfg_path, json.dumps(tok_config, ensure_ascii=False, indent=2).encode())
 
 
 KIMI_SPECIAL_TOKENS = {
@@ -335,7 +396,8 @@ def vocabulary(folder):
 
 
 RANDOM = {"tiny-qwen": ("tiny-qwen3-vl-moe-v3", qwen_config, QWEN_PREPROCESSOR, write_qwen_tokenizer),
-          "tiny-kimi": ("tiny-kimi-vl-v3", kimi_config, KIMI_PREPROCESSOR, write_kimi_tokenizer)}
+          "tiny-kimi": ("tiny-kimi-vl-v3", kimi_config, KIMI_PREPROCESSOR, write_kimi_tokenizer),
+          "tiny-internvl": ("tiny-internvl-v1", internvl_config, INTERNVL_PREPROCESSOR, write_internvl_tokenizer)}
 CHECKPOINTS = tuple(RANDOM) + tuple(SHIPPED)
 
 
