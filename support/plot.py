@@ -372,7 +372,8 @@ def plot_bench(doc, path):
             if floor is not None:
                 ax_dec.hlines(floor, i - 0.4, i + 0.4, color="black", lw=2.5,
                               label="floor: bytes a step reads / copy bandwidth")
-                ax_dec.text(i, floor, f"floor {floor:.2f} ms\n= {100 * floor / decode:.0f}% of measured",
+                share = f"{100 * floor / decode:.0f}%" if decode > 0 else "-"  # a zero time: nothing to compare
+                ax_dec.text(i, floor, f"floor {floor:.2f} ms\n= {share} of measured",
                             ha="center", va="bottom", fontsize=8,
                             bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=1))
             decode_skip = "-" if skip_decode is None else f"{skip_decode:.2f}"
@@ -469,14 +470,38 @@ def png_name(source, kind, out_dir=None):
     return os.path.join(out_dir if out_dir is not None else os.path.dirname(source), f"{stem}.{kind}.png")
 
 
-def draw(path, doc, found, out_dir, alpha_scale="auto"):
-    """The plots of the given kinds of the document read from path; errors name the file."""
+def draw(path, doc, found, out_dir, alpha_scale="auto", names=None):
+    """The plots of the given kinds of the document read from path (to names[kind] where given); errors name the
+    file. Numbers no plot can show (a zero time on a log axis, a table without rows) are one line, not a traceback."""
     plots = {"alpha": lambda d, out: plot_alpha(d, out, alpha_scale), "search": plot_search, "skip": plot_skip,
              "bench": plot_bench, "fidelity": lambda d, out: plot_fidelity([d], out)}
+    names = names or {}
     try:
-        return [plots[kind](doc, png_name(path, kind, out_dir)) for kind in found]
+        return [plots[kind](doc, names.get(kind) or png_name(path, kind, out_dir)) for kind in found]
     except ArtifactError as e:
         raise ArtifactError(f"{path}: {e}") from None
+    except (ValueError, TypeError, KeyError, IndexError, ZeroDivisionError, OverflowError) as e:
+        raise ArtifactError(f"{path}: cannot be drawn ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+def unique_names(planned):
+    """planned [(source, kind, png)] -> the same with every png distinct: where two sources would write one PNG
+    (two alpha.json of different runs into one --out), each is named after its path below their common folder
+    (runs/a/alpha.json -> a_alpha.alpha.png)."""
+    by_png = {}
+    for i, (_, _, png) in enumerate(planned):
+        by_png.setdefault(os.path.abspath(png), []).append(i)
+    out = list(planned)
+    for clash in (ids for ids in by_png.values() if len(ids) > 1):
+        sources = [os.path.abspath(planned[i][0]) for i in clash]
+        root = os.path.commonpath([os.path.dirname(p) for p in sources])
+        for i, src in zip(clash, sources):
+            source, kind, png = planned[i]
+            stem = os.path.splitext(os.path.relpath(src, root))[0].replace(os.sep, "_")
+            out[i] = (source, kind, os.path.join(os.path.dirname(png), f"{stem}.{kind}.png"))
+            print(f"note: {source} and {len(clash) - 1} other file(s) would write {png}; writing "
+                  f"{out[i][2]} instead", file=sys.stderr)
+    return out
 
 
 def plot_artifact(path, out_dir, alpha_scale="auto"):
@@ -493,18 +518,28 @@ def plot_artifact(path, out_dir, alpha_scale="auto"):
 
 
 def json_files(paths):
-    """(file, named directly) for each path, a folder giving its *.json files in name order."""
-    out = []
+    """(file, named directly) for each path, a folder giving the *.json files in it and in its sub-folders (not
+    hidden ones), in name order; a file named twice is read once."""
+    out, seen = [], set()
     for p in paths:
+        if not p:
+            raise ArtifactError("an empty path; give JSON files or folders")
         if os.path.isdir(p):
-            found = sorted(os.path.join(p, f) for f in os.listdir(p) if f.endswith(".json"))
+            found = []
+            for top, dirs, names in os.walk(p):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                found += [os.path.join(top, f) for f in sorted(names) if f.endswith(".json")]
             if not found:
-                raise ArtifactError(f"{p}: no .json files")
-            out += [(f, False) for f in found]
+                raise ArtifactError(f"{p}: no .json files in it or its sub-folders")
+            found = [(f, False) for f in found]
         elif os.path.isfile(p):
-            out.append((p, True))
+            found = [(p, True)]
         else:
             raise ArtifactError(f"{p}: no such file or folder")
+        for f, direct in found:
+            if os.path.realpath(f) not in seen:
+                seen.add(os.path.realpath(f))
+                out.append((f, direct))
     return out
 
 
@@ -512,7 +547,7 @@ def main(args):
     require_matplotlib()  # first, so that a missing install is the only line printed
     if args.out is not None:
         check_out_dir(args.out)
-    drawn, fidelity = 0, []
+    planned, docs, fidelity = [], {}, []
     for path, direct in json_files(args.paths):
         doc = read_artifact(path)
         found, why = kinds(doc)
@@ -526,23 +561,46 @@ def main(args):
             except ArtifactError as e:
                 raise ArtifactError(f"{path}: {e}") from None
             fidelity.append((path, doc))
-        for out in draw(path, doc, [k for k in found if k != "fidelity"], args.out, args.alpha_scale):
-            print(f"wrote {out}")
-            drawn += 1
-    if not drawn and not fidelity:
+        docs[path] = doc
+        planned += [(path, kind, png_name(path, kind, args.out)) for kind in found if kind != "fidelity"]
+    if not planned and not fidelity:
         raise ArtifactError(f"{', '.join(args.paths)}: no MoDES artifacts to plot")
     if fidelity:  # named after its file, or after none of them when several make the plot
         single = png_name(fidelity[0][0], "fidelity", args.out)
-        out = single if len(fidelity) == 1 else os.path.join(os.path.dirname(single), "fidelity.png")
+        together = single if len(fidelity) == 1 else os.path.join(os.path.dirname(single), "fidelity.png")
+        planned.append((fidelity[0][0] if len(fidelity) == 1 else "fidelity", "fidelity", together))
+    planned = unique_names(planned)
+    for path, kind, png in planned:
+        if kind != "fidelity":
+            for out in draw(path, docs[path], [kind], args.out, args.alpha_scale, {kind: png}):
+                print(f"wrote {out}")
+    if fidelity:
         if len({doc.get("source") for _, doc in fidelity}) > 1:
             print("note: the fidelity files come from different models; drawn together anyway", file=sys.stderr)
-        print(f"wrote {plot_fidelity([doc for _, doc in fidelity], out)}")
+        try:
+            print(f"wrote {plot_fidelity([doc for _, doc in fidelity], planned[-1][2])}")
+        except (ValueError, TypeError, KeyError, IndexError, ZeroDivisionError, OverflowError) as e:
+            if isinstance(e, ArtifactError):
+                raise
+            raise ArtifactError(f"{', '.join(p for p, _ in fidelity)}: cannot be drawn ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:200]})") from None
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """--help names every option's default (cli.py's formatter; not imported: cli.py imports torch)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def parser():
-    p = argparse.ArgumentParser(description="PNG plots of calibrate.py, search.py, bench.py and generate.py JSON files.")
-    p.add_argument("paths", nargs="+", help="artifact folders (their *.json files) or JSON files")
-    p.add_argument("--out", help="folder for the PNGs (default: next to each JSON file)")
+    p = argparse.ArgumentParser(description="PNG plots of calibrate.py, search.py, bench.py and generate.py JSON files.",
+                                formatter_class=HelpFormatter)
+    p.add_argument("paths", nargs="+", help="artifact folders (their *.json files and their sub-folders') or JSON files")
+    p.add_argument("--out", help="folder for the PNGs; made if missing (default: next to each JSON file)")
     p.add_argument("--alpha-scale", default="auto", choices=["auto", "linear", "log"],
                    help="alpha axis; auto is log when the values span more than two decades")
     return p

@@ -198,4 +198,80 @@ def test_bad_input_exits_2_without_traceback(tmp_path, capsys):
     assert capsys.readouterr().err == f"error: {tmp_path / 'nowhere'}: no such file or folder\n"
     (tmp_path / "empty").mkdir()
     assert plot.cli([str(tmp_path / "empty")]) == 2
-    assert capsys.readouterr().err == f"error: {tmp_path / 'empty'}: no .json files\n"
+    assert capsys.readouterr().err == f"error: {tmp_path / 'empty'}: no .json files in it or its sub-folders\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Several inputs, sub-folders, degenerate numbers (issue 21)
+
+
+@needs_matplotlib
+def test_inputs_with_one_output_name_get_distinct_pngs(tmp_path, capsys):
+    """Two alpha.json of different runs into one --out: two PNGs, each named after its run, and a note."""
+    for run in ("a", "b", "c/deep"):
+        os.makedirs(tmp_path / "runs" / run)
+        shutil.copy(os.path.join(FIXTURES, "alpha.json"), tmp_path / "runs" / run / "alpha.json")
+    assert plot.cli([str(tmp_path / "runs"), "--out", str(tmp_path / "png")]) == 0
+    out = capsys.readouterr()
+    written = [line.split(" ", 1)[1] for line in out.out.splitlines() if line.startswith("wrote ")]
+    assert len(written) == len(set(written)) == 3 and sorted(os.listdir(tmp_path / "png")) == [
+        "a_alpha.alpha.png", "b_alpha.alpha.png", "c_deep_alpha.alpha.png"]
+    assert out.err.count("would write") == 3
+
+
+@needs_matplotlib
+def test_the_same_file_twice_is_drawn_once(tmp_path, capsys):
+    shutil.copy(os.path.join(FIXTURES, "alpha.json"), tmp_path / "alpha.json")
+    assert plot.cli([str(tmp_path / "alpha.json"), str(tmp_path), "--out", str(tmp_path / "png")]) == 0
+    assert capsys.readouterr().out.count("wrote ") == 1
+
+
+@needs_matplotlib
+def test_folder_command_descends_into_sub_folders(tmp_path, capsys):
+    os.makedirs(tmp_path / "runs" / "vqa" / "t0.5")
+    os.makedirs(tmp_path / "runs" / ".hidden")
+    shutil.copy(os.path.join(FIXTURES, "alpha.json"), tmp_path / "runs" / "vqa" / "alpha.json")
+    shutil.copy(os.path.join(FIXTURES, "bench.json"), tmp_path / "runs" / "vqa" / "t0.5" / "bench.json")
+    shutil.copy(os.path.join(FIXTURES, "alpha.json"), tmp_path / "runs" / ".hidden" / "alpha.json")
+    assert plot.cli([str(tmp_path / "runs")]) == 0  # PNGs next to each JSON file
+    assert os.path.isfile(tmp_path / "runs" / "vqa" / "alpha.alpha.png")
+    assert os.path.isfile(tmp_path / "runs" / "vqa" / "t0.5" / "bench.bench.png")
+    assert not os.path.exists(tmp_path / "runs" / ".hidden" / "alpha.alpha.png")
+    os.makedirs(tmp_path / "empty" / "sub")
+    assert plot.cli([str(tmp_path / "empty")]) == 2
+    assert "no .json files in it or its sub-folders" in capsys.readouterr().err
+    assert plot.cli([""]) == 2
+
+
+def mapped(x, f):
+    """x with every number replaced by f(number)."""
+    if isinstance(x, dict):
+        return {k: mapped(v, f) for k, v in x.items()}
+    if isinstance(x, list):
+        return [mapped(v, f) for v in x]
+    return f(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else x
+
+
+def emptied(x):
+    if isinstance(x, dict):
+        return {k: emptied(v) for k, v in x.items()}
+    return [] if isinstance(x, list) else x
+
+
+DEGENERATE = {"zero": lambda d: mapped(d, lambda v: 0), "negative": lambda d: mapped(d, lambda v: -1),
+              "null": lambda d: mapped(d, lambda v: None), "huge": lambda d: mapped(d, lambda v: 1e308),
+              "empty tables": emptied}
+
+
+@needs_matplotlib
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("name", ["alpha.json", "bench.json", "generate-kimi.json", "thresholds-0.5.json",
+                                  "fidelity-0.5.json"])
+@pytest.mark.parametrize("how", DEGENERATE)
+def test_degenerate_numbers_are_drawn_or_one_line(tmp_path, capsys, name, how):
+    """A zero time, a negative or null value, a number past every axis, a table without rows: a plot, or one
+    `error:` line naming the file, never a traceback."""
+    (tmp_path / name).write_text(json.dumps(DEGENERATE[how](load(name))))
+    status = plot.cli([str(tmp_path / name), "--out", str(tmp_path / "png")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert (status, errors) == (0, []) or (status == 2 and len(errors) == 1 and str(tmp_path / name) in errors[0])
