@@ -145,3 +145,25 @@ def test_samples_and_jsonl_read_back(tmp_path):
     assert [(s.question, s.answer) for s in read] == [(s.question, s.answer) for s in direct]
     row = json.loads((tmp_path / "questions.jsonl").read_text().splitlines()[0])
     assert {"image", "question", "answer", "type", "key", "scene"} <= set(row)
+
+
+def test_train_scenes_resumes_bit_for_bit(tmp_path):
+    """A tiny run stopped after every step (--max-minutes 0) and resumed writes the same weights as one run
+    straight through; the folder appears only when the last step is done, with its README."""
+    from support import train_scenes
+    tiny = ["--steps", "3", "--batch-size", "2", "--layers", "1", "--experts", "4", "--top-k", "2", "--hidden", "64",
+            "--vision-depth", "1", "--vision-width", "32", "--train-scenes", "4", "--val-scenes", "1", "--val-every",
+            "2", "--eval-scenes", "0", "--vocab", "300"]
+    straight, chunked = tmp_path / "a", tmp_path / "b"
+    train_scenes.main(train_scenes.parse_args(tiny + ["--work-dir", str(straight), "--out", str(straight / "ckpt")]))
+    args = tiny + ["--work-dir", str(chunked), "--out", str(chunked / "ckpt"), "--max-minutes", "0"]
+    train_scenes.main(train_scenes.parse_args(args))
+    for _ in range(2):
+        assert not (chunked / "ckpt").exists()
+        train_scenes.main(train_scenes.parse_args(args + ["--resume"]))
+    weights = [(d / "ckpt" / "model.safetensors").read_bytes() for d in (straight, chunked)]
+    assert weights[0] == weights[1]
+    readme = (chunked / "ckpt" / "README.md").read_text()  # one command line here (pytest's), so one group
+    assert "steps 0-3 in 3 chunk(s)" in readme and "seed 0, 3 steps of 2 questions" in readme
+    with pytest.raises(ValueError, match="exists"):
+        train_scenes.main(train_scenes.parse_args(args + ["--resume"]))
