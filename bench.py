@@ -207,7 +207,8 @@ def shared_policy(name, model, args, shared, modes):
 
 def medians(run, args):
     """run() times one repetition -> {name: seconds}. -> ({name}_ms: its median over --repeats runs, the seconds of
-    the --warmup runs before them: compilation, autotuning, graph capture, first-touch allocations)."""
+    the --warmup runs before them: autotuning, first-touch allocations; the decode step's compilation and graph
+    capture are its first call, before, timed apart: step_first_call_s)."""
     warmup_s = sum(timed(run, args.device)[1] for _ in range(args.warmup))
     runs = [run() for _ in range(args.repeats)]
     return {f"{k}_ms": 1e3 * statistics.median(r[k] for r in runs) for k in runs[0]}, warmup_s
@@ -276,23 +277,25 @@ def teacher_forced_check(model, step, cache, ids, pixels, n, rtol, exact=False, 
 def step_memories(model, step, cache, ids, pixels, device, first_calls):
     """Memory of one timed decode step (compiled and/or graphed) next to one eager model.decode_step, from the same
     prefilled cache, each on a call after its first: peak bytes above what was allocated before. A step object's
-    first call (compilation, CUDA graph capture) is measured once, in the row that makes it (first_calls keeps
-    it): on CUDA, what it leaves allocated is the graph's memory pool, where expert weights copied per step would
-    live. The cache must hold 4 tokens past the prompt."""
+    first call (compilation, CUDA graph capture) is timed and measured in the row that makes it (first_calls: the
+    steps called so far): on CUDA, what it leaves allocated is the graph's memory pool, where expert weights copied
+    per step would live. The cache must hold 4 tokens past the prompt."""
     cuda = device.startswith("cuda")
     cache.reset()
     token = model(ids, cache=cache, last_only=True, **pixels)[:, -1:].argmax(-1)
     eager = lambda t: model.decode_step(t, cache)  # noqa: E731
-    if step not in first_calls:  # compilation and graph capture happen here
+    first = {}
+    if step not in first_calls:  # compilation and graph capture happen here, timed and measured apart
+        first_calls.add(step)
         if cuda:
-            first_calls[step] = step_memory(step, token, device)
-        else:  # no graph pool on a CPU, and compilation's own allocations would blur the number
-            step(token)
-            first_calls[step] = (None, None)
+            (peak, retained), seconds = timed(lambda: step_memory(step, token, device), device)
+        else:  # no graph pool on a CPU, and compilation's own allocations would blur the numbers
+            peak, retained, seconds = None, None, timed(lambda: step(token), device)[1]
+        first = dict(step_first_call_s=seconds, step_first_call_peak_bytes=peak,
+                     step_first_call_retained_bytes=retained)
     eager(token)  # its first call may allocate workspaces that stay
-    out = dict(step_first_call_peak_bytes=first_calls[step][0], step_first_call_retained_bytes=first_calls[step][1],
-               step_peak_bytes=step_memory(step, token, device)[0], eager_step_peak_bytes=step_memory(eager, token,
-                                                                                                       device)[0])
+    out = dict(first, step_peak_bytes=step_memory(step, token, device)[0],
+               eager_step_peak_bytes=step_memory(eager, token, device)[0])
     cache.reset()
     return out
 
@@ -412,7 +415,7 @@ def speed(model, source, load_s, host_load, args, modes):
     shared, reduce = router.MoDES(0.0, 0.0, torch.ones(len(model.layers), 2)), baselines.ReduceK(args.keep)
     steps = {policy: moe_kernels.DecodeStep(model, cache, compile=args.compile, cuda_graph=args.cuda_graph)
              for policy in (shared, reduce)}  # compiled (and captured) on first use: the shared rows reuse one graph
-    first_calls = {}  # step -> memory of its first call
+    first_calls = set()  # the steps called so far
 
     def policy_row(name):
         policy = reduce if name == "reduce-k" else shared_policy(name, model, args, shared, modes)
