@@ -69,6 +69,7 @@ QUESTION_TYPES = ("count_all", "count_colour", "count_kind", "colour_of", "kind_
                   "digit_sum", "digit_add")
 SPLITS = {"test": 0, "val": 100_000, "train": 1_000_000}  # the first scene seed of each split
 SPLIT_SIZE = {"test": 500, "val": 500, "train": 50_000}  # default number of scenes
+SAMPLE_SCENES = {"test": 500, "val": 500, "train": 2_000}  # scenes that samples() renders into memory by default
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -275,11 +276,12 @@ def split_questions(split, n_scenes=None):
 
 
 def samples(split, n_scenes=None):
-    """data.py Samples of a split, one per question, with the rendered scene as a PIL image (one image object per
-    scene); `where` names the scene and question type."""
+    """data.py Samples of a split's first n_scenes scenes (default SAMPLE_SCENES[split]: all of test and val, the
+    first 2,000 train scenes, 124 MB of images), one per question, with the rendered scene as a PIL image (one
+    image object per scene); `where` names the scene and question type."""
     from data import Sample
     out, image, seed = [], None, None
-    for d, q in split_questions(split, n_scenes):
+    for d, q in split_questions(split, SAMPLE_SCENES[split] if n_scenes is None else n_scenes):
         if d["seed"] != seed:
             image, seed = render(d)[0], d["seed"]
         out.append(Sample(q["question"], q["answer"], [image], None, f"scenes {split} {seed} {q['type']}"))
