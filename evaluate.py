@@ -13,13 +13,20 @@ each policy is scored on the evaluation set (--data, else built-in synthetic sam
     accuracy   share of greedy answers equal to the reference, case and punctuation ignored (--no-accuracy: skipped,
                it is one generation per sample and policy); retention = accuracy / unskipped accuracy, in %
 
+Fast where it can be: questions go --batch-size at a time through the scoring passes and the greedy generation
+(generate.py's batched generate, every row as alone); the unskipped answer logits are computed once per data set, in
+the pass that prepares its batches, and every policy is scored against them (the unskipped row needs no pass of
+its own); --fits FILE keeps the fitted settings, so a second run (a new --eval-n or --data) fits nothing. The
+progress lines count calibration passes while fitting and questions while evaluating.
+
 Every argument and file is checked before the weights load. The last stdout line is one JSON object (support/plot.py
 draws the fidelity curves from these files, one per --target of the search). Under torchrun the ranks run one model
 together (parallel.py's Shard) and rank 0 reports.
 
 Examples
     python evaluate.py --thresholds runs/thresholds.json                  # tiny-qwen, built-in synthetic samples
-    python evaluate.py --model tiny-vqa --thresholds runs/thresholds.json --data easy-vqa-test --eval-n 200
+    python evaluate.py --model tiny-vqa --thresholds runs/thresholds.json --data easy-vqa-test --eval-n 200 \
+        --fits runs/fits.json                                             # fits once, kept for the next run
     python evaluate.py --model tiny-vqa --thresholds runs/thresholds.json --data easy-vqa-test --eval-n 200 \
         --baselines threshold,naee --no-accuracy --json runs/fid.json --plot runs/plots
     python evaluate.py --model ~/Qwen3-VL-30B-A3B-Instruct --thresholds thresholds-qwen3-0.85.json \
@@ -27,6 +34,7 @@ Examples
 """
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 
@@ -35,8 +43,8 @@ import cli
 import processor
 import router
 import search
-from data import data_hash, make_batch, read_samples, select, synthetic_samples
-from generate import generate
+from data import make_batch, read_samples, same_data, select, synthetic_samples
+from generate import generate, until_stop
 from model import EXPERT_IMPLS, build, load, read_config, set_expert_impl
 from parallel import Shard
 from support import plot, tiny
@@ -50,10 +58,10 @@ def normalise_answer(text):
     return " ".join("".join(c for c in text.lower() if c.isalnum() or c.isspace()).split())
 
 
-def exact_match(model, proc, samples, policy, device, batch_size=16):
+def exact_match(model, proc, samples, policy, device, batch_size=64, on_batch=None):
     """Share of samples whose greedy answer equals the reference answer (case and punctuation ignored), generated
-    in left-padded batches (generate runs without gradients). The policy stays installed: every later pass
-    installs its own."""
+    in left-padded batches (generate.py's generate: every row as alone). The policy stays installed: every later
+    pass installs its own. on_batch(n) is called after each batch of n samples."""
     router.install(model, policy)
     hits = 0
     for start in range(0, len(samples), batch_size):
@@ -61,19 +69,98 @@ def exact_match(model, proc, samples, policy, device, batch_size=16):
         batch = make_batch(chunk, proc, device, answers=False)
         tokens = generate(model, batch.input_ids, batch.attention_mask, stop_ids=proc.stop_token_ids,
                           max_new_tokens=max(len(proc.encode(s.answer)) for s in chunk) + 4, **batch.pixels)
-        for s, row in zip(chunk, tokens.tolist()):
-            end = next((k for k, t in enumerate(row) if t in proc.stop_token_ids), len(row))
-            hits += normalise_answer(proc.decode(row[:end])) == normalise_answer(s.answer)
+        for s, row in zip(chunk, tokens):
+            hits += normalise_answer(proc.decode(until_stop(row, proc.stop_token_ids))) == normalise_answer(s.answer)
+        if on_batch is not None:
+            on_batch(len(chunk))
     return hits / len(samples)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# MoDES and the baselines at the skip ratio MoDES reaches on its calibration data
+# The baselines fitted to the skip ratio MoDES reaches on its calibration data, and the file that keeps the fits
+
+FITS_FORMAT = "modes-fits/1"
+# calibration passes a fit takes, for the progress line's estimate: a bisection over a threshold grid 1 + 7 + 1,
+# over a scalar 1 + 16 + 1 (more if its range doubles), reduce-k one per k' (K + 1), DMT's frontier walk over
+# 100 x 100 points about 150 (at most 300)
+FIT_PASSES = {"threshold": 9, "threshold+gmlg": 9, "dmt": 150, "naee": 18, "mc-moe": 18, "diep": 18}
+
+
+def fits_key(doc):
+    """What a fit depends on: the thresholds document (MoDES's taus, alpha and skip ratio, the calibration data
+    and the model) and the tolerance."""
+    blob = json.dumps(doc, sort_keys=True).encode()
+    return dict(thresholds_sha256=hashlib.sha256(blob).hexdigest(), tolerance=baselines.TOLERANCE)
+
+
+def read_fits(path, key):
+    """The fits kept in path ({} when it does not exist yet), refused when they were made for other thresholds
+    (or calibration data, or model) or another tolerance."""
+    if not path or not os.path.exists(path):
+        return {}
+    doc = cli.read_json(path, "fits")
+    cli.check(isinstance(doc, dict) and doc.get("format") == FITS_FORMAT and isinstance(doc.get("fits"), dict),
+              f"--fits {path}: not a fits file (format {FITS_FORMAT}, made by evaluate.py --fits)")
+    differ = [k for k in key if doc.get("key", {}).get(k) != key[k]]
+    cli.check(not differ, f"--fits {path}: fitted for another thresholds file or tolerance ({', '.join(differ)} "
+              f"differ); give another --fits file, or delete this one to refit")
+    for name, fit in doc["fits"].items():
+        cli.check(name in baselines.BASELINES and isinstance(fit, dict)
+                  and {"hyper", "calib_skip", "reached", "note"} <= set(fit),
+                  f"--fits {path}: entry {name!r} is not a fitted baseline")
+    return doc["fits"]
+
+
+def make_policy(name, hyper, alpha, gamma):
+    """The policy of a fitted baseline from its saved setting, as baselines.fit_baseline builds it."""
+    if hyper is None:
+        return None
+    rules = {"reduce-k": baselines.ReduceK, "threshold": baselines.Threshold,
+             "threshold+gmlg": lambda t: baselines.Threshold(t, alpha), "dmt": lambda tau: baselines.DMT(*tau),
+             "naee": baselines.NAEE, "mc-moe": baselines.MCMoE, "diep": lambda b: baselines.DiEP(b, gamma)}
+    return rules[name](hyper)
+
+
+class CountedPasses:
+    """The calibration Evaluator as fit_baseline sees it (score only), counting its passes on a progress line."""
+
+    def __init__(self, evaluator, progress):
+        self.evaluator, self.progress, self.passes = evaluator, progress, 0
+
+    def score(self, policy):
+        result = self.evaluator.score(policy)
+        self.passes += 1
+        self.progress.update(self.passes, f"calibration passes ({type(policy).__name__})")
+        return result
+
+
+def fit_baselines(model, proc, args, modes, target, calib, fits, gamma):
+    """Every baseline of --baselines not in fits, fitted on the calibration samples (one Evaluator: their
+    unskipped logits computed once) -> fits with them added."""
+    todo = [name for name in args.baselines if name not in fits]
+    if not todo:
+        return fits
+    calib_eval = search.Evaluator(model, proc, calib, batch_size=args.batch_size, quiet=args.quiet)
+    estimate = {name: FIT_PASSES.get(name, model.cfg.num_experts_per_tok + 1) for name in todo}
+    progress = cli.Progress(f"fit {len(todo)} baselines on {len(calib)} questions", sum(estimate.values()),
+                            args.quiet)
+    counted = CountedPasses(calib_eval, progress)
+    for i, name in enumerate(todo):
+        fit = baselines.fit_baseline(name, model, counted, modes.alpha, gamma, target)
+        fits[name] = {k: v for k, v in fit.items() if k != "policy"}
+        progress.total = counted.passes + sum(estimate[n] for n in todo[i + 1:])  # the estimate, corrected
+    progress.update(counted.passes, "calibration passes", finished=True)
+    return fits
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MoDES and the baselines on the evaluation set
 
 
 def fidelity_inputs(args):
-    """(thresholds document, calibration samples, evaluation samples), read and checked before the model loads:
-    the calibration samples are those the thresholds file was searched on, re-read and checked by their hash."""
+    """(thresholds document, calibration samples, evaluation samples, fits kept in --fits), read and checked before
+    the model loads: the calibration samples are those the thresholds file was searched on, re-read and checked by
+    their hash."""
     path = args.thresholds
     doc = cli.read_json(path, "thresholds")
     ratio = doc["skip_ratio"].get("all") if isinstance(doc.get("skip_ratio"), dict) else None
@@ -89,38 +176,50 @@ def fidelity_inputs(args):
     cli.check(source in ("synthetic", "easy-vqa-train", "easy-vqa-test") or source.endswith(".jsonl"),
               f"{path}: calibration data {source} cannot be re-read here (only JSONL, easy-vqa or synthetic)")
     calib = select(read_samples(source), n, start, seed)
-    cli.check(data_hash(calib) == info["sha256"], f"{path}: the calibration data {source} changed since the "
+    cli.check(same_data(calib, info["sha256"]), f"{path}: the calibration data {source} changed since the "
               f"search (its sha256 differs)")
     evals = read_samples(args.data)[:args.eval_n] if args.data else synthetic_samples(args.eval_n, seed=1)
-    return doc, calib, evals
+    fits = read_fits(args.fits, fits_key(doc))
+    return doc, calib, evals, fits
 
 
-def fidelity(model, source, args, modes, doc, calib, evals):
+def fidelity(model, source, args, modes, doc, calib, evals, fits):
     """Rows of skip ratios, mean answer-token KL and top-1 agreement against the unskipped model, and exact-match
-    accuracy with retention, on the evaluation set (--data, or built-in synthetic samples unseen in calibration)."""
+    accuracy with retention, on the evaluation set (--data, or built-in synthetic samples unseen in calibration).
+    The baselines' fits come from --fits where it has them; the new ones are written back to it."""
     target = doc["skip_ratio"]["all"]
     proc = processor.for_model(source, model.cfg.model_type)
-    calib_eval = search.Evaluator(model, proc, calib, quiet=True)
-    test_eval = search.Evaluator(model, proc, evals, quiet=True)
     gamma = baselines.diep_gamma(baselines.expert_similarity(model, proc, calib)) if "diep" in args.baselines else None
-    rows = [dict(policy="full", hyper=None, calib_skip=0.0, reached=True, note="", obj=None),
+    known = set(fits)
+    fits = fit_baselines(model, proc, args, modes, target, calib, dict(fits), gamma)
+    if args.fits and set(fits) != known and cli.is_main():
+        cli.write_json(args.fits, dict(format=FITS_FORMAT, key=fits_key(doc), fits=fits))
+    rows = [dict(policy="full", hyper=None, calib_skip=0.0, reached=True, note=""),
             dict(policy="modes", hyper=[doc["tau"]["text"], doc["tau"]["vision"]], calib_skip=target, reached=True,
-                 note="", obj=modes)]
-    # steps: fit each baseline, then score and generate with the policy of each row (full, modes, the baselines)
-    progress = cli.Progress("fidelity", len(args.baselines) + 2 * (len(args.baselines) + 2), args.quiet)
-    for done, name in enumerate(args.baselines, 1):
-        fit = baselines.fit_baseline(name, model, calib_eval, modes.alpha, gamma, target)
-        rows.append(dict(policy=name, **{k: v for k, v in fit.items() if k != "policy"}, obj=fit["policy"]))
-        progress.update(done, f"fitted {name}")
-    for i, r in enumerate(rows):
-        policy, done = r.pop("obj"), len(args.baselines) + 2 * i
-        if r["policy"] != "full" and policy is None:  # not fitted: the row says why
+                 note="")]
+    rows += [dict(policy=name, **fits[name]) for name in args.baselines]
+    policies = [None, modes] + [make_policy(name, fits[name]["hyper"], modes.alpha, gamma) for name in args.baselines]
+    # the unskipped answer logits: computed once, in the evaluation set's preparation pass, and reused by every row
+    test_eval = search.Evaluator(model, proc, evals, batch_size=args.batch_size, quiet=True)
+    fitted = [r["policy"] == "full" or p is not None for r, p in zip(rows, policies)]
+    progress = cli.Progress(f"evaluate {sum(fitted)} policies on {len(evals)} questions",
+                            sum(fitted) * len(evals) * (2 if args.accuracy else 1), args.quiet)
+    done = [0]
+
+    def advance(n):
+        done[0] += n
+        progress.update(done[0], f"questions ({r['policy']})")
+    for r, policy, ok in zip(rows, policies, fitted):
+        if not ok:  # not fitted: the row says why
             r.update(kl=None, top1=None, skip=dict(all=None, text=None, vision=None), accuracy=None)
             continue
-        r.update(test_eval.score(policy))
-        progress.update(done + 1, f"scored {r['policy']}")
-        r["accuracy"] = exact_match(model, proc, evals, policy, args.device) if args.accuracy else None
-        progress.update(done + 2, f"generated with {r['policy']}")
+        if r["policy"] == "full":
+            r.update(test_eval.unskipped)
+            advance(len(evals))
+        else:
+            r.update(test_eval.score(policy, on_batch=advance))
+        r["accuracy"] = (exact_match(model, proc, evals, policy, args.device, args.batch_size, advance)
+                         if args.accuracy else None)
     progress.update(progress.total, finished=True)
     full_acc = rows[0]["accuracy"]
     print(f"# fidelity on {args.data or 'built-in synthetic samples (seed 1)'} ({len(evals)} samples); every policy "
@@ -156,10 +255,14 @@ def check_args(args):
     args.baselines = [b for b in args.baselines.split(",") if b]
     unknown = [b for b in args.baselines if b not in baselines.BASELINES]
     cli.check(not unknown, f"--baselines: unknown {', '.join(unknown)} (choose from {', '.join(baselines.BASELINES)})")
+    cli.check(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
     args.device = cli.check_device(args.device)
     cli.check(not args.plot or args.json, "--plot DIR draws from the --json FILE: give both")
-    if args.json:
-        cli.check_output(args.json, "--json", inputs=[(args.thresholds, "--thresholds"), (args.data, "--data")])
+    for path, what in ((args.json, "--json"), (args.fits, "--fits")):
+        if path:
+            cli.check_output(path, what, inputs=[(args.thresholds, "--thresholds"), (args.data, "--data")])
+    cli.check(not args.json or not args.fits or os.path.realpath(args.json) != os.path.realpath(args.fits),
+              "--json and --fits name the same file; give two files")
     if args.plot:  # now, not after a long run
         plot.require_matplotlib()
         plot.check_out_dir(args.plot, "--plot")
@@ -199,6 +302,11 @@ def parser():
     p.add_argument("--eval-n", type=int, default=16, help="evaluation samples: the first N of --data")
     p.add_argument("--baselines", default=",".join(baselines.BASELINES),
                    help="comma list of: " + ", ".join(baselines.BASELINES) + " (default: all)")
+    p.add_argument("--fits", metavar="FILE", help="the baselines' fitted settings: read from FILE when it has them "
+                   "(fitted for the same thresholds file), else fitted and written to it, so a new --eval-n or "
+                   "--data does not refit (default: fitted, not kept)")
+    p.add_argument("--batch-size", type=int, default=64, help="questions per forward in the scoring passes and the "
+                   "greedy generation (left padded; >= 1)")
     p.add_argument("--accuracy", action=argparse.BooleanOptionalAction, default=True,
                    help="greedy exact-match accuracy per policy (one generation per sample and policy)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")

@@ -4,8 +4,8 @@ around model.py, as DeepSeek-V3's and gpt-fast's generate.py are.
 
 generate() decodes a left-padded batch with the static KV cache, every row as it would be alone (its own positions,
 its own stop, its own skip counts in a RowStats); with compile=True the decode step goes through
-moe_kernels.DecodeStep (torch.compile, and a CUDA graph on a GPU). --thresholds (search.py's output) installs the MoDES policy and reports
-the skip ratios. --model takes a checkpoint folder or a built-in name (support/tiny.py).
+moe_kernels.DecodeStep (torch.compile, and a CUDA graph on a GPU). --thresholds (search.py's output) installs the
+MoDES policy and reports the skip ratios. --model takes a checkpoint folder or a built-in name (support/tiny.py).
 
 Examples
     python generate.py --prompt hi                                 # tiny built-in checkpoint (random weights)

@@ -116,6 +116,8 @@ class Evaluator:
         progress.update(len(self.batches), finished=True)
         counts = cli.all_sum(stats.counts, self.world)[0].sum(0)  # [3 modalities, (skipped, total)] of the prefill
         self.ceiling = 1 - float(counts[SPECIAL, 1]) / max(1, float(counts[:, 1].sum()))  # special slots stay
+        prefill = stats.summary()["prefill"]  # the unskipped model's score, from this pass: no second pass needed
+        self.unskipped = dict(kl=0.0, top1=1.0, skip={k: prefill[k] for k in ("all", "text", "vision")})
         self.policy = router.MoDES(0.0, 0.0, alpha) if alpha is not None else None
 
     def __call__(self, tau_text, tau_vision):
@@ -124,9 +126,10 @@ class Evaluator:
         result = self.score(self.policy)
         return result["kl"], result["skip"]
 
-    def score(self, policy):
+    def score(self, policy, on_batch=None):
         """One pass with `policy` installed (None = plain top-k) -> mean answer-token KL against the unskipped
-        model, top-1 agreement with it, and the prefill skip ratios (all, text, vision)."""
+        model, top-1 agreement with it, and the prefill skip ratios (all, text, vision). on_batch(n) is called
+        after each batch of n samples (a progress line)."""
         model = self.model
         router.install(model, policy)
         stats = router.SkipStats(len(model.layers), self.device)
@@ -140,6 +143,8 @@ class Evaluator:
                     sums[0] += kl_sum(original, logits)
                     sums[1] += (logits.argmax(-1) == original.argmax(-1)).sum()
                     sums[2] += len(batch.rows)
+                    if on_batch is not None:
+                        on_batch(batch.input_ids.shape[0])
         finally:
             router.uninstall(model)
         cli.all_sum(sums, self.world)

@@ -31,7 +31,7 @@ def test_baselines_reach_the_modes_skip_ratio(thresholds):
     folder, env = thresholds
     r = subprocess.run([sys.executable, "evaluate.py", "--thresholds", str(folder / "thr.json"),
                         "--baselines", "reduce-k,threshold,threshold+gmlg,naee,mc-moe,diep", "--eval-n", "2",
-                        "--no-accuracy", "--json", str(folder / "fid.json")],
+                        "--no-accuracy", "--json", str(folder / "fid.json"), "--fits", str(folder / "fits.json")],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout.strip().splitlines()[-1])
@@ -57,6 +57,57 @@ def test_baselines_reach_the_modes_skip_ratio(thresholds):
     committed = json.load(open(os.path.join(ROOT, "benchmarks", "tiny-vqa", "fidelity-0.75.json")))
     assert sorted(doc) == sorted(committed) and doc["eval_data"] == "synthetic" and doc["eval_n"] == 2
     assert {frozenset(row) for row in doc["fidelity"]} == {frozenset(row) for row in committed["fidelity"]}
+
+
+def test_fits_file_is_reused_without_refitting(thresholds, monkeypatch, capsys):
+    """A second run at a new --eval-n with the first run's --fits fits nothing and scores the same settings; a fit
+    is reused only for the thresholds file it was made for."""
+    folder, env = thresholds
+    assert os.path.exists(folder / "fid.json"), "needs test_baselines_reach_the_modes_skip_ratio's run first"
+    monkeypatch.setenv("MODES_CACHE", env["MODES_CACHE"])
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("a baseline was fitted again")
+    monkeypatch.setattr(baselines, "fit_baseline", no_fit)
+    args = ["--thresholds", str(folder / "thr.json"), "--baselines", "threshold,naee,mc-moe", "--eval-n", "3",
+            "--fits", str(folder / "fits.json"), "--batch-size", "2", "--quiet"]
+    cli.run(evaluate.main, evaluate.parser().parse_args(args))
+    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    first = {row["policy"]: row for row in json.load(open(folder / "fid.json"))["fidelity"]}
+    assert doc["eval_n"] == 3 and [row["policy"] for row in doc["fidelity"]] == ["full", "modes", "threshold", "naee",
+                                                                                "mc-moe"]
+    for row in doc["fidelity"][2:]:
+        assert {k: row[k] for k in ("hyper", "calib_skip", "reached")} == \
+            {k: first[row["policy"]][k] for k in ("hyper", "calib_skip", "reached")}
+    assert doc["fidelity"][0]["accuracy"] is not None and doc["fidelity"][0]["kl"] == 0.0
+    other = variant(folder / "thr.json", folder / "thr-other.json", lambda d: d["tau"].update(text=0.5))
+    with pytest.raises(SystemExit) as exit:
+        cli.run(evaluate.main, evaluate.parser().parse_args(["--thresholds", str(other), "--fits",
+                                                             str(folder / "fits.json")]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit.value.code == 2 and len(err) == 1 and "fitted for another thresholds file" in err[0], err
+
+
+def test_exact_match_is_the_same_at_any_batch_size(monkeypatch):
+    """The accuracy pass generates in batches (generate.py's generate): the same answers as one by one."""
+    pytest.importorskip("easy_vqa")
+    import processor
+    import router
+    from data import read_samples
+    from model import load
+    path = os.path.join(ROOT, "checkpoints", "tiny-vqa")
+    proc = processor.for_model(path, "qwen3_vl_moe")
+    model = load(path, dtype=torch.float32, special_ids=proc.special_ids)
+    samples = read_samples("easy-vqa-test")[:7]
+    policy = router.MoDES(0.02, 0.5, torch.rand(len(model.layers), 2, generator=torch.Generator().manual_seed(0)))
+    seen = []
+    normalise = evaluate.normalise_answer
+    monkeypatch.setattr(evaluate, "normalise_answer", lambda text: seen.append(text) or normalise(text))
+    runs = []
+    for b in (1, 3, 7):
+        seen.clear()
+        runs.append((evaluate.exact_match(model, proc, samples, policy, "cpu", batch_size=b), seen[0::2]))
+    assert runs[0] == runs[1] == runs[2] and runs[0][0] > 0.5  # generated answers first, then the reference
 
 
 def test_linear_cka_hand_example():
