@@ -6,7 +6,7 @@
 #                                      at 0 % and 88 % skip, CUDA-graphed, against transformers on the same GPU;
 #                                      then Kimi-VL-A3B the same way                                 (BUDGET 480)
 #   bash benchmarks/gpu.sh compiled    the same decode steps compiled by Inductor                    (BUDGET 420)
-#   bash benchmarks/gpu.sh checks      the GPU tests (tests/test_gpu.py and tests/test_kernels.py's CUDA one), the
+#   bash benchmarks/gpu.sh checks      the GPU-marked tests (tests/test_gpu.py and a few elsewhere), the
 #                                      expert-path and Triton-tile sweeps                           (BUDGET 345)
 #   bash benchmarks/gpu.sh             all three, one after the other (more than one 10-minute call on a GPU)
 #   bash benchmarks/gpu.sh --dry-run [GROUP...]   on a CPU: tiny models and shapes, the same steps (CI runs it)
@@ -114,8 +114,10 @@ compiled() {
 
 checks() {
   step probe 30 $RUN probe --quick
-  # the GPU-marked tests: all of tests/test_gpu.py, and tests/test_kernels.py's CUDA one
-  step gpu-tests 150 python3 -m pytest -q --durations=5 -m gpu tests/test_gpu.py tests/test_kernels.py
+  # the GPU-marked tests: all of tests/test_gpu.py, tests/test_kernels.py's CUDA one, and the Triton path's
+  # no-weight-copy check under this machine's torch and triton (tests/test_decode_compile.py)
+  step gpu-tests 150 python3 -m pytest -q --durations=5 -m gpu tests/test_gpu.py tests/test_kernels.py \
+    tests/test_decode_compile.py
   step experts 80 $RUN experts
   step tiles 80 $RUN tiles
 }

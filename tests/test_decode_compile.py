@@ -176,6 +176,7 @@ class NoTarget:
         raise RuntimeError("no target")
 
 
+@pytest.mark.gpu  # runs on a CPU too; benchmarks/gpu.sh also runs it under the GPU machine's torch and triton
 @pytest.mark.skipif(not moe_kernels.HAS_TRITON or moe_kernels._TRITON_INTERPRET,
                     reason="needs triton, with real (not interpreted) kernels")
 def test_triton_path_clones_no_weights_when_compiled():

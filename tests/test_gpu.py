@@ -1,4 +1,4 @@
-"""GPU-only checks, run by benchmarks/gpu.sh's checks command (`pytest -m gpu tests/test_gpu.py tests/test_kernels.py`);
+"""GPU-only checks, run by benchmarks/gpu.sh's checks command (`pytest -m gpu` over this file and two others);
 skipped without CUDA.
 
 - The decode step compiled and captured in a CUDA graph, or captured eagerly, fed the tokens of an eager decode,

@@ -54,7 +54,8 @@ def test_headline_first_compiled_alone_checks_last(dry):
     tests = dict((s[0], s[2]) for s in groups["checks"][1])["gpu-tests"]
     assert tests[:3] == ["python3", "-m", "pytest"]
     # two named files, not the whole suite collected for its gpu marker
-    assert [a for a in tests if a.startswith("tests/")] == ["tests/test_gpu.py", "tests/test_kernels.py"]
+    assert [a for a in tests if a.startswith("tests/")] == ["tests/test_gpu.py", "tests/test_kernels.py",
+                                                           "tests/test_decode_compile.py"]
 
 
 def test_each_command_fits_one_call():
@@ -179,7 +180,8 @@ def test_gpu_tests_step_selects_every_gpu_test_and_no_cpu_one():
     chosen = {line.split("[")[0] for line in r.stdout.splitlines() if "::" in line}
     assert chosen == {"tests/test_kernels.py::test_cuda_bf16_paths_match_loop",
                       "tests/test_gpu.py::test_graphed_decode_matches_eager_teacher_forced",
-                      "tests/test_gpu.py::test_expert_paths_at_real_shapes"}, r.stdout
+                      "tests/test_gpu.py::test_expert_paths_at_real_shapes",
+                      "tests/test_decode_compile.py::test_triton_path_clones_no_weights_when_compiled"}, r.stdout
 
 
 def test_gpu_expert_tests_only_where_memory_is_bounded():
