@@ -160,14 +160,25 @@ class SwiGLU(nn.Module):
 
 class Experts(nn.Module):
     """E routed SwiGLU experts stacked in nn.Linear orientation: gate rows then up rows in gate_up_proj. Split over
-    ranks (expert parallel), a rank holds experts first .. first + E / world - 1."""
+    ranks (expert parallel), a rank holds experts first .. first + E / world - 1.
 
-    def __init__(self, n_experts, dim, hidden, shard):
+    gpt-oss's experts: bias=True adds gate_up_proj_bias [E, 2I] (gate then up) and down_proj_bias [E, H]; clamp =
+    (alpha, limit) switches the activation to its clamped GLU (moe_kernels.glu). Without them: Qwen / Kimi."""
+
+    def __init__(self, n_experts, dim, hidden, shard, bias=False, clamp=None):
         super().__init__()
         n = shard.split(n_experts, "number of routed experts")
         self.first = shard.rank * n
+        self.clamp = clamp
         self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * hidden, dim))  # [E, 2I, H]
         self.down_proj = nn.Parameter(torch.empty(n, dim, hidden))  # [E, H, I]
+        self.gate_up_proj_bias = nn.Parameter(torch.empty(n, 2 * hidden)) if bias else None  # [E, 2I]
+        self.down_proj_bias = nn.Parameter(torch.empty(n, dim)) if bias else None  # [E, H]
+
+    @property
+    def biased(self):
+        """Biases or the clamped GLU: what moe_kernels' triton path does not implement."""
+        return self.gate_up_proj_bias is not None or self.clamp is not None
 
     def local(self, ids):
         """Expert ids [T, K] -> indices into this rank's experts; the other ranks' experts (and SKIP) become SKIP."""
@@ -179,10 +190,14 @@ def routed_experts(x, experts, ids, weights, impl="ref"):
     """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) over the kept slots (ids != SKIP) -> [T, H]: the one place
     routed experts are computed. impl "ref" is the loop below; any other is a moe_kernels.py path ("auto" takes
     this loop on an eager CPU, where it is the fastest)."""
+    # gpt-oss's biases and clamped GLU (Experts); any object with gate_up_proj and down_proj has neither
+    b_gate_up, b_down = getattr(experts, "gate_up_proj_bias", None), getattr(experts, "down_proj_bias", None)
+    clamp = getattr(experts, "clamp", None)
     if impl == "auto":
-        impl = moe_kernels.auto_path(x, ids)
+        impl = moe_kernels.auto_path(x, ids, b_gate_up is not None or clamp is not None)
     if impl != "ref":
-        return moe_kernels.run(x, experts.gate_up_proj, experts.down_proj, ids, weights, impl)
+        return moe_kernels.run(x, experts.gate_up_proj, experts.down_proj, ids, weights, impl, b_gate_up, b_down,
+                               clamp)
     # DeepSeek-V3's loop: only routed pairs are computed, but .tolist() and torch.where make it eager-only;
     # moe_kernels.py has the sync-free paths.
     T, H = x.shape
@@ -192,8 +207,14 @@ def routed_experts(x, experts, ids, weights, impl="ref"):
         if e == SKIP:
             continue
         tok, slot = torch.where(ids == e)  # [n], [n]
-        gate, up = (x[tok] @ experts.gate_up_proj[e].T).split(I, dim=-1)  # [n, I] each
-        y = (F.silu(gate) * up) @ experts.down_proj[e].T  # [n, H]
+        if b_gate_up is None and clamp is None:  # Qwen, Kimi
+            gate, up = (x[tok] @ experts.gate_up_proj[e].T).split(I, dim=-1)  # [n, I] each
+            y = (F.silu(gate) * up) @ experts.down_proj[e].T  # [n, H]
+        else:  # gpt-oss: biases inside the expert, clamped GLU
+            h = x[tok] @ experts.gate_up_proj[e].T  # [n, 2I]
+            h = h if b_gate_up is None else h + b_gate_up[e]
+            y = moe_kernels.glu(h, I, clamp) @ experts.down_proj[e].T  # [n, H]
+            y = y if b_down is None else y + b_down[e]
         out.index_add_(0, tok, y.float() * weights[tok, slot, None])
     return out.to(x.dtype)
 
@@ -446,6 +467,7 @@ class VisionLanguageModel(nn.Module):
     FP32_PARAMETERS = ()  # parameter name suffixes kept in fp32 whatever the model's dtype
     PER_EXPERT_TENSORS = False  # the checkpoint stores one tensor per expert (stacked at load), not stacked ones
     OTHER_LAYOUTS = ()  # more (CHECKPOINT_PREFIXES, PER_EXPERT_TENSORS) pairs a checkpoint may use instead
+    INTERLEAVED_GATE_UP = False  # gpt-oss: the checkpoint interleaves gate and up (gate = even columns, up = odd)
 
     def __init__(self, cfg, shard, layers, **vision):
         """vision: the vision tower (and projector) by name, registered first, as the checkpoints order them."""
@@ -655,17 +677,29 @@ def expert_layout(stored, wanted):
     return "mixes both expert layouts" if votes else "the stacked experts' layout is ambiguous"
 
 
-def copy_chunked(src, target, transpose, part, chunk_bytes=16 << 20):
+def deinterleave(t, dim=-1):
+    """gpt-oss's fused gate/up along axis dim, gate = even entries, up = odd -> gate entries, then up."""
+    n = t.shape[dim]
+    return torch.cat([t.index_select(dim, torch.arange(start, n, 2)) for start in (0, 1)], dim=dim)
+
+
+def interleave(t):
+    """The inverse of deinterleave: [gate | up] along the last axis -> gate, up, gate, up, ..."""
+    return torch.stack(t.chunk(2, dim=-1), dim=-1).flatten(-2)
+
+
+def copy_chunked(src, target, transpose, part, chunk_bytes=16 << 20, split_gate_up=None):
     """target <- src[part] (src a safetensors slice, part one slice per axis), transposed in its last two axes if
     asked, in pieces along the first axis: the host never holds more than one piece beside the parameters, and
-    nothing outside `part` is read."""
+    nothing outside `part` is read. split_gate_up: the axis (as stored) of each piece to de-interleave first."""
+    fix = (lambda t: t) if split_gate_up is None else (lambda t: deinterleave(t, split_gate_up))
     if not part:
-        target.copy_(src[...])
+        target.copy_(fix(src[...]))
         return
     rows, rest = part[0], part[1:]
     step = max(1, chunk_bytes // max(1, math.prod(target.shape[1:]) * target.element_size()))
     for a in range(rows.start, rows.stop, step):
-        piece = src[(slice(a, min(a + step, rows.stop)),) + rest]
+        piece = fix(src[(slice(a, min(a + step, rows.stop)),) + rest])
         target[a - rows.start:a - rows.start + step].copy_(piece.transpose(-2, -1) if transpose else piece)
 
 
@@ -674,6 +708,9 @@ def fill_from_checkpoint(model, path):
     checking every name and shape; all problems are reported together. A model split over ranks is checked as
     the whole model, and each rank reads only its own part of each tensor."""
     files = checkpoint_files(path)
+    packed = sorted(n for n in files if n.endswith(("_proj_blocks", "_proj_scales")))
+    check(not packed, f"{path}: MXFP4-quantised experts ({len(packed)} *_blocks / *_scales tensors, e.g. "
+                      f"{packed[0] if packed else ''}) are not supported; use a bf16 checkpoint")
     whole = build(model.cfg, "meta") if model.shard.world > 1 else model
     layout = checkpoint_layout(whole, set(files))
     wanted = checkpoint_names(whole, layout)
@@ -707,8 +744,12 @@ def fill_from_checkpoint(model, path):
                 pname, index = mine[name]
                 target = local[pname].data if index is None else local[pname].data[index]
                 part, flip = rank_part(target_shape[name], target.shape, model.shard), name in stacked and transpose
+                split = None  # gpt-oss: gate/up interleaved along the 2I axis (the last one, as the hub stores them)
+                if model.INTERLEAVED_GATE_UP and name.endswith(("experts.gate_up_proj", "experts.gate_up_proj_bias")):
+                    split = -1 if flip or name.endswith("_bias") else -2
                 try:
-                    copy_chunked(f.get_slice(name), target, flip, part[:1] + part[1:][::-1] if flip else part)
+                    copy_chunked(f.get_slice(name), target, flip, part[:1] + part[1:][::-1] if flip else part,
+                                 split_gate_up=split)
                 except Exception as e:  # a shard cut short after its header, say
                     raise ValueError(f"{file}: tensor {name} is unreadable ({e})") from None
 
@@ -734,6 +775,8 @@ def save_checkpoint(model, raw_config, path, dtype=torch.bfloat16):
         t = params[pname].data if index is None else params[pname].data[index]
         if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
             t = t.transpose(1, 2)
+        if model.INTERLEAVED_GATE_UP and name.endswith(("experts.gate_up_proj", "experts.gate_up_proj_bias")):
+            t = interleave(t)
         tensors[name] = t.to(torch.float32 if pname.endswith(model.FP32_PARAMETERS) else dtype).contiguous()
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
@@ -744,7 +787,8 @@ def set_expert_impl(model, impl):
     """Route every MoE layer's expert compute through `impl` (EXPERT_IMPLS), checked once here."""
     check(impl in EXPERT_IMPLS, f"--expert-impl {impl!r}: choose one of {', '.join(EXPERT_IMPLS)}")
     if impl not in ("auto", "ref"):
-        moe_kernels.check_path(impl, model.lm_head.weight.device)
+        biased = any(model.layers.layer(i).mlp.experts.biased for i in model.moe_layers())
+        moe_kernels.check_path(impl, model.lm_head.weight.device, biased)
     for i in model.moe_layers():
         model.layers.layer(i).mlp.set_expert_impl(impl)
     return model

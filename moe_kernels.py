@@ -43,29 +43,46 @@ _CPU_GROUPED_MM = torch.__version__ >= "2.9"  # grouped_mm has no CPU kernel bef
 _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # lets the triton path run on CPU tensors in tests
 
 
-def auto_path(x: Tensor, ids: Tensor) -> str:
+def auto_path(x: Tensor, ids: Tensor, biased: bool = False) -> str:
     """The path "auto" means for these tokens: "ref" (model.py's loop) on an eager CPU, measured there with bench.py
-    as faster than grouped (prefill) and gather (decode); else by the number of slots T * K, a static int."""
+    as faster than grouped (prefill) and gather (decode); else by the number of slots T * K, a static int. biased:
+    the experts have biases or the clamped GLU (gpt-oss), which the Triton kernel does not implement."""
     if x.device.type == "cpu" and not torch.compiler.is_compiling():
         return "ref"
     if ids.numel() <= DECODE_MAX_SLOTS:
-        return "triton" if x.is_cuda and HAS_TRITON else "gather"
+        return "triton" if x.is_cuda and HAS_TRITON and not biased else "gather"
     return "grouped"
 
 
-def check_path(path: str, device) -> None:
-    """Refuse, once when a path is chosen, what cannot run on `device`."""
+def check_path(path: str, device, biased: bool = False) -> None:
+    """Refuse, once when a path is chosen, what cannot run on `device` (or on experts with biases / the clamped GLU)."""
     if path not in PATHS:
         raise ValueError(f"expert path must be one of {PATHS}, got {path!r}")
+    if path == "triton" and biased:
+        raise ValueError("expert path triton does not implement expert biases or gpt-oss's clamped GLU; use gather")
     if path == "triton" and not (HAS_TRITON and (torch.device(device).type == "cuda" or _TRITON_INTERPRET)):
         raise ValueError("expert path triton needs a CUDA device and an importable triton (torch >= 2.6)")
 
 
-def run(x: Tensor, w_gate_up: Tensor, w_down: Tensor, ids: Tensor, weights: Tensor, path: str) -> Tensor:
+def glu(h: Tensor, I: int, clamp=None) -> Tensor:
+    """The experts' gated activation of h [..., 2I] (gate then up) -> [..., I]: silu(gate) * up, or with clamp =
+    (alpha, limit) gpt-oss's clamped GLU: gate clamped above, up on both sides,
+    (up + 1) * gate * sigmoid(alpha * gate)."""
+    if clamp is None:
+        return F.silu(h[..., :I]) * h[..., I:]
+    alpha, limit = clamp
+    gate, up = h[..., :I].clamp(max=limit), h[..., I:].clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+def run(x: Tensor, w_gate_up: Tensor, w_down: Tensor, ids: Tensor, weights: Tensor, path: str,
+        b_gate_up: Tensor = None, b_down: Tensor = None, clamp=None) -> Tensor:
     """sum_k weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)) over kept slots -> [T, H], x's dtype.
 
     x [T, H]; w_gate_up [E, 2I, H] (gate rows first), contiguous; w_down [E, H, I], contiguous; ids [T, K] int64,
     negative where skipped; weights [T, K] fp32 final mixing coefficients, ignored (may be NaN) where skipped.
+    gpt-oss: biases b_gate_up [E, 2I] (gate then up) and b_down [E, H], added inside each expert (a skipped slot
+    adds neither), and clamp = (alpha, limit) for its GLU (see glu); the triton path takes none of them.
     Shapes, dtypes and devices are the model's and were checked when it was loaded, not here on the hot path."""
     T, H = x.shape
     K = ids.shape[1]
@@ -75,9 +92,9 @@ def run(x: Tensor, w_gate_up: Tensor, w_down: Tensor, ids: Tensor, weights: Tens
         # at the price of one weight copy per slot (fine for the toy sizes that end up here)
         path = "gather"
     if path == "grouped":
-        out = _grouped_experts(x, w_gate_up, w_down, ids, weights)
+        out = _grouped_experts(x, w_gate_up, w_down, ids, weights, b_gate_up, b_down, clamp)
     elif path == "gather":
-        out = _gather_experts(x, w_gate_up, w_down, ids, weights)
+        out = _gather_experts(x, w_gate_up, w_down, ids, weights, b_gate_up, b_down, clamp)
     else:
         y = torch.ops.moe_kernels.slot_experts(x.contiguous(), w_gate_up, w_down, ids.contiguous(),
                                                weights.contiguous())  # [S, H] fp32, zero rows where skipped
@@ -91,7 +108,7 @@ def _grouped_mm_usable(x: Tensor, I: int) -> bool:
             and (H * size) % 16 == 0 and (I * size) % 16 == 0)
 
 
-def _grouped_experts(x, w_gate_up, w_down, ids, weights) -> Tensor:
+def _grouped_experts(x, w_gate_up, w_down, ids, weights, b_gate_up=None, b_down=None, clamp=None) -> Tensor:
     T, H = x.shape
     E, I, K = w_gate_up.shape[0], w_down.shape[2], ids.shape[1]
     key = torch.where(ids < 0, E, ids).flatten()  # [S], skipped pairs sort last
@@ -101,8 +118,13 @@ def _grouped_experts(x, w_gate_up, w_down, ids, weights) -> Tensor:
     xs = x.index_select(0, perm // K)  # [S, H], rows past offs[-1] are skipped
     grouped_mm = _grouped_mm if x.dtype == torch.bfloat16 else torch.ops.moe_kernels.grouped_mm
     h = grouped_mm(xs, w_gate_up.transpose(-2, -1), offs=offs)  # [S, 2I]
-    act = F.silu(h[:, :I]) * h[:, I:]  # [S, I]
+    row_expert = key_sorted.clamp(max=E - 1)  # [S]; skipped rows read some bias, and are masked below
+    if b_gate_up is not None:
+        h = h + b_gate_up.index_select(0, row_expert)
+    act = glu(h, I, clamp)  # [S, I]
     y = grouped_mm(act, w_down.transpose(-2, -1), offs=offs)  # [S, H]
+    if b_down is not None:
+        y = y + b_down.index_select(0, row_expert)
     y = _masked_combine(y, key_sorted < E, weights.flatten()[perm])  # [S, H] fp32
     y = torch.empty_like(y).index_copy_(0, perm, y)  # [S, H] back in (token, slot) order
     return y.view(T, K, H).sum(1)  # [T, H], fixed order: deterministic
@@ -135,13 +157,17 @@ def _redirect_skipped(ids: Tensor, E: int) -> Tensor:
     return torch.where(ids < 0, first, ids)  # [T, K]
 
 
-def _gather_experts(x, w_gate_up, w_down, ids, weights) -> Tensor:
+def _gather_experts(x, w_gate_up, w_down, ids, weights, b_gate_up=None, b_down=None, clamp=None) -> Tensor:
     E, I = w_gate_up.shape[0], w_down.shape[2]
     ids_r = _redirect_skipped(ids, E)  # [T, K]
     # under Inductor with coordinate_descent_tuning the gathers fuse into the M=1 reductions (gpt-fast)
     h = torch.einsum("th,tkjh->tkj", x, w_gate_up[ids_r])  # [T, K, 2I]
-    act = F.silu(h[..., :I]) * h[..., I:]  # [T, K, I]
+    if b_gate_up is not None:
+        h = h + b_gate_up[ids_r]
+    act = glu(h, I, clamp)  # [T, K, I]
     y = torch.einsum("tki,tkhi->tkh", act, w_down[ids_r])  # [T, K, H]
+    if b_down is not None:
+        y = y + b_down[ids_r]
     keep = ids >= 0  # [T, K]
     return torch.where(keep[..., None], y.float() * weights[..., None], 0.0).sum(1)  # [T, H] fp32
 

@@ -207,3 +207,72 @@ def test_cuda_bf16_paths_match_loop(path):
     torch._dynamo.reset()
     compiled = torch.compile(functools.partial(kernel, path=path), fullgraph=True)(*args).cpu()
     assert_close(compiled, moe_experts(*args, path=path).cpu(), TOL[torch.bfloat16], f"compiled {path} {case}")
+
+
+# gpt-oss's experts: biases inside each expert and the clamped GLU (alpha 1.702, limit 7), a small limit here so
+# that the clamps bind on these inputs
+CLAMP = (1.702, 0.7)
+BIASED_PATHS = ["grouped", "gather", "auto"]
+
+
+def biased_case(T, K, E, pattern, dtype=torch.float32, seed=0):
+    x, w_gate_up, w_down, ids, weights = make_case(T, K, E, pattern, dtype, seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    b_gate_up = torch.randn(E, 2 * I, generator=g).to(dtype)
+    b_down = torch.randn(E, H, generator=g).to(dtype)
+    return x, SimpleNamespace(gate_up_proj=w_gate_up, down_proj=w_down, gate_up_proj_bias=b_gate_up,
+                              down_proj_bias=b_down, clamp=CLAMP), ids, weights
+
+
+def dense_biased_reference(x, experts, ids, weights):
+    """fp64, every expert on every token, written from transformers' GptOssExperts (gate = gate.clamp(max=limit),
+    up = up.clamp(-limit, limit), (up + 1) * gate * sigmoid(alpha * gate)); shares no code with moe_kernels.py."""
+    alpha, limit = experts.clamp
+    x = x.double()
+    T, E = x.shape[0], experts.gate_up_proj.shape[0]
+    h = torch.einsum("th,ejh->tej", x, experts.gate_up_proj.double()) + experts.gate_up_proj_bias.double()
+    gate, up = h[..., :I].clamp(max=limit), h[..., I:].clamp(-limit, limit)
+    act = (up + 1) * gate * torch.sigmoid(alpha * gate)
+    y = torch.einsum("tei,ehi->teh", act, experts.down_proj.double()) + experts.down_proj_bias.double()
+    keep = ids != SKIP
+    mix = torch.zeros(T, E, dtype=torch.float64).scatter_add_(
+        1, ids.long().clamp(min=0), torch.where(keep, weights.double(), 0.0))
+    return torch.einsum("te,teh->th", mix, y)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_biased_clamped_loop_matches_dense_reference(case):
+    x, experts, ids, weights = biased_case(*case)
+    out = routed_experts(x, experts, ids.long(), weights, "ref")
+    assert_close(out, dense_biased_reference(x, experts, ids, weights), 1e-6, "biased loop")
+
+
+@pytest.mark.parametrize("path", BIASED_PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES)
+def test_biased_clamped_path_matches_loop(case, dtype, path):
+    x, experts, ids, weights = biased_case(*case, dtype)
+    ref = routed_experts(x.float(), SimpleNamespace(**{k: v.float() if torch.is_tensor(v) else v
+                                                       for k, v in vars(experts).items()}), ids.long(), weights, "ref")
+    out = routed_experts(x, experts, ids.long(), weights, path)
+    assert out.dtype == dtype
+    assert_close(out, ref, TOL[dtype], f"biased {path} {case}")
+
+
+@pytest.mark.parametrize("path", ["ref"] + BIASED_PATHS)
+def test_biased_skip_adds_no_bias(path):
+    # a skipped slot contributes nothing, its expert's biases included: all skipped -> exact zeros
+    x, experts, ids, weights = biased_case(7, 6, 16, "all")
+    assert routed_experts(x, experts, ids.long(), weights, path).abs().max() == 0
+    x, experts, ids, weights = biased_case(33, 8, 64, "none", seed=3)
+    skipped = torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) < 0.7
+    out_skip = routed_experts(x, experts, ids.long().masked_fill(skipped, SKIP), weights, path)
+    out_zero = routed_experts(x, experts, ids.long(), weights.masked_fill(skipped, 0.0), path)
+    assert_close(out_skip, out_zero, 1e-6, path)
+
+
+def test_triton_refused_for_biased_experts():
+    with pytest.raises(ValueError, match="triton does not implement expert biases"):
+        moe_kernels.check_path("triton", "cuda", biased=True)
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    assert moe_kernels.auto_path(torch.zeros(1, 8), ids, biased=True) == "ref"  # eager CPU
