@@ -9,14 +9,20 @@ MoE classes are imported from qwen3_vl_moe.py; the MoE choke point and the loade
   channels); a LayerNorm + GELU MLP projects it to the text width, into the <IMG_CONTEXT> positions.
 - Decoder: Qwen3-MoE (q/k-norm, GQA, 1-D rotary over all positions, image tokens included; softmax top-8 MoE with
   renormalisation). Only the transformers ("-HF") release is read; its weights come in two key layouts.
+- Or (InternVL3_5-GPT-OSS-20B-A4B-Preview-HF) gpt-oss-20b: attention with biases and a learned per-head sink
+  logit, a sliding window on the layers layer_types names, YaRN rotary with its attention factor on cos/sin,
+  RMSNorm with the weight applied before the cast, a biased router (top-4 on the logits, softmax over the four)
+  and experts with biases and a clamped GLU, stored fused, x @ W, gate/up interleaved (split at load).
 """
+import math
 from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import DecoderLayer, KVCache, VisionLanguageModel, check
+from model import (MoE, DecoderLayer, Experts, KVCache, RMSNorm, Routing, VisionLanguageModel, check,
+                   rotate_half)
 from parallel import Shard
 from qwen3_vl_moe import QwenAttention, QwenMoE
 
@@ -61,6 +67,19 @@ class InternVLConfig:
     rope_theta: float = 1e6
     max_position_embeddings: int = 40960
     attention_bias: bool = False
+    # gpt-oss decoder only (decoder "gpt_oss"); the Qwen3-MoE decoder reads none of these
+    decoder: str = "qwen3_moe"  # text_config.model_type
+    layer_types: tuple = ()  # per layer "sliding_attention" or "full_attention"
+    sliding_window: int = 0  # a query sees itself and the sliding_window - 1 keys before it
+    rope_type: str = "default"  # or "yarn"
+    rope_factor: float = 1.0  # YaRN: factor, beta_fast, beta_slow, original_max_position_embeddings, truncate
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_original_max: int = 4096
+    rope_truncate: bool = True
+    rope_attention_factor: float = 1.0  # multiplies cos and sin (YaRN: 0.1 ln(factor) + 1 unless given)
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
     # top level
     tie_word_embeddings: bool = False
     image_token_id: int = 151671  # <IMG_CONTEXT>
@@ -83,12 +102,23 @@ class InternVLConfig:
     def is_moe_layer(self, i):
         return i not in self.mlp_only_layers and self.num_experts > 0 and (i + 1) % self.decoder_sparse_step == 0
 
+    def is_sliding(self, i):
+        return self.decoder == "gpt_oss" and self.layer_types[i] == "sliding_attention"
+
     def architecture(self):
         """Every config.json value the model is built from, by its name in the -HF config.json: what alpha and
         thresholds files are made for (router.py: fingerprint). Fixed names, not this dataclass's fields, so a
         refactor keeps the fingerprint."""
         v = self.vision
-        return {
+        gpt_oss = {} if self.decoder != "gpt_oss" else {
+            "text_config.model_type": "gpt_oss", "text_config.layer_types": list(self.layer_types),
+            "text_config.sliding_window": self.sliding_window,
+            "text_config.swiglu_alpha": float(self.swiglu_alpha), "text_config.swiglu_limit": float(self.swiglu_limit),
+            **{f"text_config.rope_parameters.{k}": getattr(self, a) for k, a in (
+                ("rope_type", "rope_type"), ("factor", "rope_factor"), ("beta_fast", "rope_beta_fast"),
+                ("beta_slow", "rope_beta_slow"), ("original_max_position_embeddings", "rope_original_max"),
+                ("truncate", "rope_truncate"), ("attention_factor", "rope_attention_factor"))}}
+        return {**gpt_oss,
             **{f"text_config.{k}": getattr(self, k) for k in TEXT_ARCH},
             "text_config.rope_theta": float(self.rope_theta), "text_config.rms_norm_eps": float(self.rms_norm_eps),
             "text_config.mlp_only_layers": sorted(self.mlp_only_layers),
@@ -108,15 +138,26 @@ class InternVLConfig:
         t, v = raw.get("text_config"), raw.get("vision_config")
         check(isinstance(t, dict) and isinstance(v, dict),
               f"{where}: an internvl config.json needs text_config and vision_config objects")
-        check(t.get("model_type") == "qwen3_moe",
-              f"{where}: text_config.model_type {t.get('model_type')!r} is not supported (need 'qwen3_moe'; the "
-              f"GPT-OSS decoder is not implemented)")
+        check(t.get("model_type") in ("qwen3_moe", "gpt_oss"),
+              f"{where}: text_config.model_type {t.get('model_type')!r} is not supported (need 'qwen3_moe' or "
+              f"'gpt_oss')")
+        gpt_oss = t["model_type"] == "gpt_oss"
+        for d in (raw, t):
+            q = d.get("quantization_config")
+            check(q is None, f"{where}: quantization_config (quant_method {(q or {}).get('quant_method')!r}, e.g. "
+                             f"gpt-oss's MXFP4 experts) is not supported; use bf16 weights")
         rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
+        text_checks = (("text_config", t, "hidden_act", "silu", "silu"),
+                       ("text_config", t, "norm_topk_prob", False, True),  # transformers' default is False
+                       ("text_config", t, "use_sliding_window", False, False),
+                       ("text_config", rope, "rope_type", "default", "default"))
+        if gpt_oss:  # an absent rope_type is configuration_gpt_oss.py's default, yarn
+            check(rope.get("rope_type", "yarn") == "yarn",
+                  f"{where}: text_config.rope_parameters.rope_type {rope.get('rope_type')!r} is not supported for "
+                  f"text_config.model_type 'gpt_oss' (need 'yarn')")
+            text_checks = ()
         for part, d, key, default, supported in (
-                ("text_config", t, "hidden_act", "silu", "silu"),
-                ("text_config", t, "norm_topk_prob", False, True),  # transformers' default is False
-                ("text_config", t, "use_sliding_window", False, False),
-                ("text_config", rope, "rope_type", "default", "default"),
+                *text_checks,
                 ("vision_config", v, "hidden_act", "gelu", "gelu"),
                 ("vision_config", v, "norm_type", "layer_norm", "layer_norm"),
                 ("vision_config", v, "use_qk_norm", False, False),
@@ -128,6 +169,8 @@ class InternVLConfig:
                 ("the top level", raw, "vision_feature_select_strategy", "default", "default")):
             check(d.get(key, default) == supported,
                   f"{where}: {part}.{key} {d.get(key)!r} is not supported (need {supported!r})")
+        if gpt_oss:
+            t = gpt_oss_text(t, rope, where)
         for key in TEXT_KEYS:
             check(key in t, f"{where}: missing key {key!r} in text_config of an internvl config")
         sizes = {}
@@ -140,6 +183,7 @@ class InternVLConfig:
                                     attention_bias=v.get("attention_bias", False))  # transformers' default
         kw = {k: t[k] for k in {f.name for f in fields(cls)} & set(t)}
         kw.update(vision=vision, mlp_only_layers=tuple(t.get("mlp_only_layers") or ()),
+                  layer_types=tuple(t.get("layer_types") or ()),
                   num_experts=t["num_experts"] if "num_experts" in t else t["num_local_experts"],
                   head_dim=t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"],
                   rope_theta=rope.get("rope_theta", t.get("rope_theta", 10000.0)),  # transformers' default
@@ -156,6 +200,37 @@ class InternVLConfig:
         check(cfg.num_experts_per_tok <= cfg.num_experts,
               f"{where}: num_experts_per_tok {cfg.num_experts_per_tok} exceeds num_experts {cfg.num_experts}")
         return cfg
+
+
+def gpt_oss_text(t, rope, where):
+    """A gpt_oss text_config -> the same dict under the names InternVLConfig reads, absent keys taking
+    configuration_gpt_oss.py's defaults (as the oracle does): its experts' width is intermediate_size, every layer
+    is MoE, layer_types default to sliding on even layers, the rotary to YaRN factor 32 over 4096 positions."""
+    n = t["num_hidden_layers"] if "num_hidden_layers" in t else 36
+    layer_types = t.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+    check(len(layer_types) == n and set(layer_types) <= {"sliding_attention", "full_attention"},
+          f"{where}: text_config.layer_types must name sliding_attention or full_attention for each of {n} layers")
+    rope = rope or dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+                        original_max_position_embeddings=4096)
+    theta = rope.get("rope_theta", t.get("rope_theta", 150000.0))  # either dialect; gpt-oss's default
+    factor = rope.get("factor") or t.get("max_position_embeddings", 131072) / rope["original_max_position_embeddings"]
+    mscale, mscale_all = rope.get("mscale"), rope.get("mscale_all_dim")
+    scale = lambda m: 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0  # noqa: E731 (transformers' get_mscale)
+    attention_factor = rope.get("attention_factor") or (
+        scale(mscale) / scale(mscale_all) if mscale and mscale_all else scale(1))
+    out = {**{k: v for k, v in t.items() if k not in ("layer_types", "sliding_window")},
+           "num_hidden_layers": n, "decoder": "gpt_oss", "layer_types": layer_types,
+           "sliding_window": t.get("sliding_window", 128), "moe_intermediate_size": t.get("intermediate_size", 2880),
+           "num_experts_per_tok": t.get("num_experts_per_tok", 4), "attention_bias": t.get("attention_bias", True),
+           "rms_norm_eps": t.get("rms_norm_eps", 1e-5), "rope_theta": theta,
+           "rope_type": "yarn", "rope_factor": float(factor), "rope_beta_fast": float(rope.get("beta_fast") or 32),
+           "rope_beta_slow": float(rope.get("beta_slow") or 1),
+           "rope_original_max": rope["original_max_position_embeddings"],
+           "rope_truncate": bool(rope.get("truncate", True)), "rope_attention_factor": float(attention_factor),
+           "swiglu_alpha": t.get("swiglu_alpha", 1.702), "swiglu_limit": t.get("swiglu_limit", 7.0),
+           "rope_parameters": {"rope_theta": theta}}
+    check(out["attention_bias"], f"{where}: text_config.attention_bias false is not supported for gpt_oss")
+    return out
 
 
 TEXT_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -324,4 +399,142 @@ class InternVL(VisionLanguageModel):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-CONFIG, MODEL = InternVLConfig, InternVL
+# ---------------------------------------------------------------------------------------------------------------
+# The gpt-oss decoder (InternVL3_5-GPT-OSS-20B-A4B-Preview-HF)
+
+
+class GptOssRMSNorm(RMSNorm):
+    """gpt-oss's RMSNorm: the weight multiplies in fp32, then the cast (model.RMSNorm casts first)."""
+
+    def forward(self, x):
+        xf = x.float()
+        return (self.weight.float() * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps))).to(x.dtype)
+
+
+def yarn_inv_freq(cfg: InternVLConfig, device):
+    """YaRN's inverse frequencies [head_dim / 2], computed as transformers' _compute_yarn_parameters does:
+    interpolated (divided by factor) below the correction range, extrapolated (unchanged) above it, a linear ramp
+    between; truncate floors / ceils the range."""
+    d, base = cfg.head_dim, cfg.rope_theta
+
+    def correction_dim(rotations):
+        return d * math.log(cfg.rope_original_max / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(cfg.rope_beta_fast), correction_dim(cfg.rope_beta_slow)
+    if cfg.rope_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    high = high + 0.001 if low == high else high
+    ramp = ((torch.arange(d // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = base ** (torch.arange(0, d, 2, device=device).float() / d)
+    extrapolation = 1 - ramp
+    return (1.0 / (cfg.rope_factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+
+
+def sink_attention(q, k, v, mask, sinks, scale):
+    """softmax over [q k^T * scale (masked), sink_h] with the sink column dropped, times v -> [B, h, S, dv].
+    q [B, h, S, d], k, v [B, h_kv, S_kv, *], mask [B or 1, 1, S, S_kv] bool, sinks [h]. Written out (SDPA takes
+    no sink): the sink only adds probability mass that goes nowhere, so a row may attend to little. The h / h_kv
+    query heads that share a K/V head are extra query rows, as in model.attention; tensors only (graph-safe)."""
+    B, h, S, d = q.shape
+    n_kv = k.shape[1]
+    g = h // n_kv
+    q = q.reshape(B, n_kv, g * S, d)  # head n_kv * g + j is rows j*S .. j*S + S - 1
+    scores = (q @ k.transpose(-2, -1)).float() * scale  # [B, h_kv, g*S, S_kv]
+    scores = scores.masked_fill(~mask.repeat(1, 1, g, 1), float("-inf"))
+    sink = sinks.float().view(1, n_kv, g, 1, 1).expand(B, n_kv, g, S, 1).reshape(B, n_kv, g * S, 1)
+    probs = torch.cat([scores, sink], dim=-1).softmax(-1)[..., :-1]
+    return (probs.to(v.dtype) @ v).reshape(B, h, S, -1)
+
+
+class GptOssAttention(nn.Module):
+    def __init__(self, cfg: InternVLConfig, layer_idx, shard):
+        super().__init__()
+        H, d = cfg.hidden_size, cfg.head_dim
+        nh = shard.split(cfg.num_attention_heads, "num_attention_heads")  # this rank's heads
+        nkv = shard.split(cfg.num_key_value_heads, "num_key_value_heads", shared=True)
+        self.layer_idx, self.nh, self.nkv, self.d, self.shard = layer_idx, nh, nkv, d, shard
+        self.window = cfg.sliding_window if cfg.is_sliding(layer_idx) else None
+        self.q_proj = nn.Linear(H, nh * d, bias=True)
+        self.k_proj = nn.Linear(H, nkv * d, bias=True)
+        self.v_proj = nn.Linear(H, nkv * d, bias=True)
+        self.o_proj = nn.Linear(nh * d, H, bias=shard.rank == 0)  # the ranks' outputs are summed
+        self.sinks = nn.Parameter(torch.empty(nh))  # per head: the logit of a key that every query sees
+
+    def forward(self, x, ctx):
+        B, S, _ = x.shape
+        cos, sin = ctx.cos[:, :, None], ctx.sin[:, :, None]  # [B, S, 1, d]
+        q, k, v = (p(x).view(B, S, -1, self.d) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q = (q * cos + rotate_half(q) * sin).transpose(1, 2)  # [B, nh, S, d]
+        k = (k * cos + rotate_half(k) * sin).transpose(1, 2)  # [B, nkv, S, d]
+        k, v = ctx.cached(self.layer_idx, k, v.transpose(1, 2), dim=2)  # decoding: the whole cache
+        # cache indices of the queries and keys (a prefill starts at an empty cache); the window counts indices,
+        # padding included, as transformers' sliding mask does
+        query = ctx.cache_pos if ctx.cache_pos is not None else torch.arange(S, device=x.device)  # [S]
+        keys = torch.arange(k.shape[2], device=x.device)  # [S_kv]
+        mask = ctx.mask if ctx.mask is not None else (keys[None, :] <= query[:, None])[None, None]
+        if self.window is not None:
+            mask = mask & (keys[None, :] > query[:, None] - self.window)[None, None]
+        out = sink_attention(q, k, v, mask, self.sinks, self.d ** -0.5)  # [B, nh, S, d]
+        return self.shard.reduce(self.o_proj(out.transpose(1, 2).reshape(B, S, self.nh * self.d)))
+
+
+class GptOssMoE(MoE):
+    """Router x W^T + b, top-k on the logits, softmax over the k selected (= the full softmax renormalised to the
+    top-k: pi_hat; probs is the full softmax). Experts with biases and the clamped GLU. No shared expert."""
+
+    def __init__(self, cfg: InternVLConfig, layer_idx, shard):
+        experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, shard, bias=True,
+                          clamp=(cfg.swiglu_alpha, cfg.swiglu_limit))
+        super().__init__(layer_idx, experts, shard)
+        self.k = cfg.num_experts_per_tok
+        self.router = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=True)
+
+    @property
+    def gate(self):
+        """The router under the name the other families' routers have (router.py reads gate.weight's E)."""
+        return self.router
+
+    def route(self, x):
+        logits = self.router(x)  # [T, E]
+        top, ids = logits.topk(self.k, dim=-1)  # [T, K]
+        pi_hat = top.float().softmax(-1)
+        return Routing(weights=pi_hat, ids=ids, pi_hat=pi_hat, probs=logits.float().softmax(-1))
+
+    def forward(self, x, ctx):
+        B, S, H = x.shape
+        x = x.view(B * S, H)  # [T, H]
+        return self.shard.reduce(self.routed(x, self.route(x), ctx)).view(B, S, H)
+
+
+class InternVLGptOss(InternVL):
+    """InternVL with the gpt-oss decoder. Its experts are stacked on disk too (fused gate/up, interleaved: the
+    loader splits them into gate rows then up rows)."""
+    CHECKPOINT_PREFIXES, PER_EXPERT_TENSORS = ON_DISK, False
+    OTHER_LAYOUTS = ((IN_MEMORY, False),)
+    INTERLEAVED_GATE_UP = True
+
+    def __init__(self, cfg: InternVLConfig, shard=Shard()):
+        layers = [DecoderLayer(cfg, i, GptOssAttention(cfg, i, shard), GptOssMoE, shard)
+                  for i in range(cfg.num_hidden_layers)]
+        for layer in layers:
+            layer.input_layernorm = GptOssRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            layer.post_attention_layernorm = GptOssRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        VisionLanguageModel.__init__(self, cfg, shard, layers, visual=InternViT(cfg.vision),
+                                     projector=InternProjector(cfg))
+        self.norm = GptOssRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def rotary(self, positions, dtype):
+        """YaRN: cos, sin [B, S, head_dim] of positions [B, S], times the attention factor (in fp32, then cast)."""
+        angles = positions[..., None].float() * yarn_inv_freq(self.cfg, positions.device)  # [B, S, d/2]
+        f = self.cfg.rope_attention_factor
+        cos, sin = (angles.cos() * f).to(dtype), (angles.sin() * f).to(dtype)
+        return torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+
+
+def build_model(cfg: InternVLConfig, shard=Shard()):
+    """The model class of the config's decoder."""
+    return (InternVLGptOss if cfg.decoder == "gpt_oss" else InternVL)(cfg, shard)
+
+
+CONFIG, MODEL = InternVLConfig, build_model
