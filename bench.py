@@ -92,6 +92,21 @@ def copy_bandwidth(device, n_bytes=1 << 28):
     return 2 * n_bytes / statistics.median(times[1:]), "cuda events"
 
 
+@contextlib.contextmanager
+def quiet_stderr():
+    """File descriptor 2 silenced within the block: torch's CPU profiler prints start and stop lines from C++ on every
+    use, noise around the table. Python errors are raised, and printed after the block, as usual."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
 def step_memory(fn, token, device):
     """(peak bytes above what was allocated before the call, bytes still allocated after it, its output dropped) of
     fn(token): from the CUDA allocator's counters (its peak counter is reset), or on a CPU from the profiler's
@@ -103,7 +118,8 @@ def step_memory(fn, token, device):
         fn(token)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before, torch.cuda.memory_allocated() - before
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_stderr(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                profile_memory=True) as prof:
         fn(token)
     level = peak = 0
     for size in allocation_sizes(prof):
@@ -169,6 +185,13 @@ def synthetic_inputs(model, args, batch):
         row = [cfg.media_placeholder_token_id] * (side * side // (kh * kw)) + text
         pixels = dict(pixel_values=torch.randn(side * side, 3, p, p, generator=g).repeat(batch, 1, 1, 1),
                       image_grid_hws=torch.tensor([[side, side]] * batch))
+    elif cfg.model_type == "internvl":
+        v = cfg.vision
+        side = max(1, round(args.image_size / v.image_size))  # tiles per side
+        tiles = side * side + (side > 1)  # plus the thumbnail the processor adds to a tiled image
+        row = [cfg.image_token_id] * (tiles * cfg.tokens_per_tile) + text
+        pixels = dict(pixel_values=torch.randn(tiles, v.num_channels, v.image_size, v.image_size,
+                                               generator=g).repeat(batch, 1, 1, 1))
     else:
         v = cfg.vision
         side = max(1, round(args.image_size / (v.patch_size * v.spatial_merge_size))) * v.spatial_merge_size
