@@ -13,4 +13,4 @@ torch.manual_seed(0)
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs CUDA; benchmarks/gpu.sh runs these first (`pytest -m gpu`)")
+    config.addinivalue_line("markers", "gpu: needs CUDA; the gpu-tests step of `benchmarks/gpu.sh checks` runs these")
