@@ -249,6 +249,9 @@ def check_args(args):
     cli.check(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
     cli.check(args.n is None or args.n >= 1, f"--n must be >= 1, got {args.n}")
     cli.check(args.start >= 0, f"--start must be >= 0, got {args.start}")
+    for name in ("model", "data", "gqa_questions", "gqa_images", "plot", "alpha"):
+        cli.check_input_path(getattr(args, name, None), f"--{name.replace('_', '-')}")
+    cli.set_threads(args.threads)
     args.device = cli.check_device(args.device)
     if args.plot:  # now, not after a long run
         plot.require_matplotlib()
@@ -301,13 +304,15 @@ def add_model_args(p):
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (under torchrun: each rank's LOCAL_RANK GPU)")
     p.add_argument("--model-parallel", action="store_true", help="under torchrun: the ranks run one model together "
                    "(experts, heads and vocabulary split), each on every sample, instead of one copy each")
-    p.add_argument("--dtype", default="float32", choices=list(cli.DTYPES))
+    p.add_argument("--dtype", default="float32", choices=list(cli.DTYPES), help="weights and compute")
     p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
     p.add_argument("--plot", metavar="DIR", help="also draw this run's plots as PNG files into DIR (needs matplotlib)")
+    cli.add_threads_arg(p)
 
 
 def parser():
-    p = argparse.ArgumentParser(description="Calibrate MoDES's per-layer, per-modality factors alpha.")
+    p = argparse.ArgumentParser(description="Calibrate MoDES's per-layer, per-modality factors alpha.",
+                                formatter_class=cli.HelpFormatter)
     add_model_args(p)
     add_data_args(p)
     p.add_argument("--out", default=f"{cli.RUNS}/alpha.json", help=f"output JSON (default: {cli.RUNS}/alpha.json)")

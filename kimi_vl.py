@@ -6,6 +6,7 @@ vision tower and projector, model. The shared blocks, the MoE choke point and th
   group-limited routing with a selection-only bias, and always-on shared experts.
 - Vision: MoonViT (bicubic-resampled positions, 2-D rotary, per-image attention, pixel-shuffle merge, projector).
 """
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -129,10 +130,43 @@ class KimiVLConfig:
         kw.update({k: vision[k] for k in ("patch_size", "init_pos_emb_height", "init_pos_emb_width",
                                           "merge_kernel_size") if k in vision})
         kw.update({k: raw[k] for k in ("media_placeholder_token_id", "tie_word_embeddings") if k in raw})
+        check_types(kw, where)
         try:
             return cls(**kw)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{where}: {e}") from None
+
+
+def check_types(kw, where):
+    """Type and range of every value read from config.json (by its name there), before the dataclass's own
+    checks of their agreement: a number written as a string or a top-k of 0 reaches no tensor code."""
+    names = {**{k: f"text_config.{k}" for k in KIMI_TEXT_ARCH},
+             **{f"vision_{k}": f"vision_config.{k}" for k in KIMI_VISION_PREFIXED},
+             **{k: f"vision_config.{k}" for k in ("patch_size", "init_pos_emb_height", "init_pos_emb_width")}}
+    zero_ok = ("n_shared_experts", "first_k_dense_replace")
+    for key, value in kw.items():
+        name = names.get(key, key)
+        if key in ("rms_norm_eps", "rope_theta", "routed_scaling_factor", "kv_norm_eps"):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+            check(ok, f"{where}: {name} must be a number > 0, got {value!r}")
+        elif key in ("scoring_func", "topk_method"):
+            check(isinstance(value, str), f"{where}: {name} must be a string, got {value!r}")
+        elif key in ("norm_topk_prob", "tie_word_embeddings"):
+            check(isinstance(value, bool), f"{where}: {name} must be true or false, got {value!r}")
+        elif key == "merge_kernel_size":
+            check(isinstance(value, (list, tuple)) and len(value) == 2 and all(is_int(v) for v in value),
+                  f"{where}: {name} must be 2 integers >= 1, got {value!r}")
+        elif key == "q_lora_rank" and value is None:
+            continue
+        elif key in names or key == "media_placeholder_token_id":
+            low = 0 if key in zero_ok or key == "media_placeholder_token_id" else 1
+            check(is_int(value, low), f"{where}: {name} must be an integer >= {low}, got {value!r}")
+    vocab, media = kw.get("vocab_size", 163840), kw.get("media_placeholder_token_id", 163605)
+    check(media < vocab, f"{where}: media_placeholder_token_id {media} must be below vocab_size {vocab}")
+
+
+def is_int(value, low=1):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
 KIMI_TEXT_ARCH = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",

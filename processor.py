@@ -102,18 +102,33 @@ class VisionPreprocessConfig:
         for key, value in values.items():
             if value is None:
                 continue
-            try:
-                setattr(self, key, float(value) if key in ("rescale_factor", "fps") else int(value))
-            except (TypeError, ValueError):
-                raise ValueError(f"{path}: {key} must be a number, got {value!r}") from None
+            real = key in ("rescale_factor", "fps")
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+                raise ValueError(f"{path}: {key} must be a number, got {value!r}")  # "16" too: a typo in the file
+            if not (real or value == int(value)) or value <= 0:  # 0 pixels, a fraction of a patch
+                raise ValueError(f"{path}: {key} must be {'a number' if real else 'an integer'} > 0, got {value!r}")
+            setattr(self, key, float(value) if real else int(value))
         for key in ("image_mean", "image_std"):
             if d.get(key) is not None:
                 value = _as_list(d[key])
-                if len(value) != 3 or not all(isinstance(v, (int, float)) for v in value):
-                    raise ValueError(f"{path}: {key} must be 3 numbers, got {value}")
+                if len(value) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                              and math.isfinite(v) and (v > 0 or key == "image_mean") for v in value):
+                    raise ValueError(f"{path}: {key} must be 3 finite numbers{' > 0' if key == 'image_std' else ''}, "
+                                     f"got {value}")
                 setattr(self, key, tuple(float(v) for v in value))
         if self.min_pixels > self.max_pixels:
             raise ValueError(f"{path}: size.shortest_edge {self.min_pixels} > size.longest_edge {self.max_pixels}")
+        if self.min_frames > self.max_frames:
+            raise ValueError(f"{path}: min_frames {self.min_frames} > max_frames {self.max_frames}")
+
+    def check_agrees(self, vision, path, cfg_path):
+        """The preprocessor cuts the patches the vision tower embeds: its patch, temporal patch and merge sizes
+        must be config.json's, or the tower would read pixels of the wrong shape (or run on wrong ones)."""
+        for key, vkey in (("patch_size", "patch_size"), ("temporal_patch_size", "temporal_patch_size"),
+                          ("merge_size", "spatial_merge_size")):
+            if vision.get(vkey) is not None and getattr(self, key) != vision[vkey]:
+                raise ValueError(f"{path}: {key} {getattr(self, key)} disagrees with {cfg_path}'s "
+                                 f"vision_config.{vkey} {vision[vkey]}")
 
 
 def smart_resize(height, width, factor=32, min_pixels=65536, max_pixels=16777216):
@@ -430,6 +445,7 @@ class QwenProcessor:
             path = os.path.join(model_dir, name)
             if os.path.isfile(path):
                 c.update_from_json(_read_json(path), path)
+                c.check_agrees(vision, path, cfg_path)
 
         template_path, template = _find_chat_template(model_dir)
         if template is not None and hashlib.sha256(template.encode()).hexdigest() != QWEN3_VL_INSTRUCT_TEMPLATE_SHA256:
@@ -716,7 +732,10 @@ def load_kimi_tokenizer(model_dir) -> KimiTokenizer:
     name = f"tokenizer.modes-{key.hexdigest()[:16]}.json"
     for path in (model_dir / name, cache_dir() / name):
         if path.is_file():
-            return KimiTokenizer(Tokenizer.from_file(str(path)), special_tokens)
+            try:
+                return KimiTokenizer(Tokenizer.from_file(str(path)), special_tokens)
+            except Exception:  # a damaged cache entry (cut short by a full disk): converted again below
+                warnings.warn(f"{path}: damaged converted tokenizer; converting {vocab_path} again", stacklevel=2)
     tok = convert_tiktoken(read_tiktoken_model(vocab_path), special_tokens)
     data = tok.to_str().encode()
     try:
@@ -747,9 +766,31 @@ class KimiImageConfig:
             raw = json.loads(path.read_text())
             known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
             cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in known.items()})
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, AttributeError) as e:
             raise ValueError(f"{path}: cannot read preprocessor config ({e})") from None
+
+        def integer(v):
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+        for key in ("in_token_limit", "patch_size"):
+            if not integer(getattr(cfg, key)):
+                raise ValueError(f"{path}: {key} must be an integer >= 1, got {getattr(cfg, key)!r}")
+        if len(cfg.merge_kernel_size) != 2 or not all(integer(v) for v in cfg.merge_kernel_size):
+            raise ValueError(f"{path}: merge_kernel_size must be 2 integers >= 1, got {list(cfg.merge_kernel_size)}")
+        for key in ("image_mean", "image_std"):
+            v = getattr(cfg, key)
+            if len(v) != 3 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                                      and (x > 0 or key == "image_mean") for x in v):
+                raise ValueError(f"{path}: {key} must be 3 finite numbers{' > 0' if key == 'image_std' else ''}, "
+                                 f"got {list(v)}")
         return cfg
+
+    def check_agrees(self, vision, path, cfg_path):
+        """Patches and merge windows are config.json's vision tower's (see VisionPreprocessConfig.check_agrees)."""
+        for key in ("patch_size", "merge_kernel_size"):
+            want = vision.get(key)
+            if want is not None and getattr(self, key) != (tuple(want) if isinstance(want, list) else want):
+                raise ValueError(f"{path}: {key} {getattr(self, key)} disagrees with {cfg_path}'s "
+                                 f"vision_config.{key} {want}")
 
 
 def kimi_image_size(width: int, height: int, cfg: KimiImageConfig):
@@ -941,6 +982,8 @@ class KimiProcessor:
                 stop += e if isinstance(e, list) else [e]
         pre_path = model_dir / "preprocessor_config.json"
         image_cfg = KimiImageConfig.from_file(pre_path) if pre_path.is_file() else KimiImageConfig()
+        if pre_path.is_file():
+            image_cfg.check_agrees(config.get("vision_config") or {}, pre_path, model_dir / "config.json")
         return cls(tokenizer, image_token_id=image_token_id, pad_token_id=tokenizer.token_to_id(pad),
                    stop_token_ids=list(dict.fromkeys(int(i) for i in stop)), image_cfg=image_cfg)
 

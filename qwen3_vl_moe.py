@@ -119,9 +119,52 @@ class QwenConfig:
                   tie_word_embeddings=raw.get("tie_word_embeddings", False))
         cfg = cls(**kw)
         check(len(cfg.mrope_section) == 3, f"{where}: mrope_section {list(cfg.mrope_section)} must be 3 numbers")
+        check_values(cfg, where)
         check(cfg.num_experts_per_tok <= cfg.num_experts,
                   f"{where}: num_experts_per_tok {cfg.num_experts_per_tok} exceeds num_experts {cfg.num_experts}")
         return cfg
+
+
+def is_int(value, low=1):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def check_values(cfg, where):
+    """Type and range of every value the model is built from, and their agreement, so that a number written as a
+    string, a top-k of 0 or a head count that does not divide reaches no tensor code (config.json names)."""
+    v = cfg.vision
+    ints = [(f"text_config.{k}", getattr(cfg, k), 1) for k in QWEN_TEXT_ARCH if k != "attention_bias"]
+    ints += [("text_config.intermediate_size", cfg.intermediate_size, 0)]
+    ints += [(f"vision_config.{k}", getattr(v, k), 1) for k in QWEN_VISION_ARCH]
+    ints += [(k, getattr(cfg, k), 0) for k in QWEN_TOKEN_KEYS]
+    for name, value, low in ints:
+        check(is_int(value, low), f"{where}: {name} must be an integer >= {low}, got {value!r}")
+    for name, value in (("text_config.rms_norm_eps", cfg.rms_norm_eps), ("text_config.rope_theta", cfg.rope_theta)):
+        check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0,
+              f"{where}: {name} must be a number > 0, got {value!r}")
+    for name in ("attention_bias", "tie_word_embeddings"):
+        check(isinstance(getattr(cfg, name), bool), f"{where}: {name} must be true or false, got "
+                                                    f"{getattr(cfg, name)!r}")
+    L = cfg.num_hidden_layers
+    check(all(is_int(i, 0) and i < L for i in cfg.mlp_only_layers),
+          f"{where}: mlp_only_layers {list(cfg.mlp_only_layers)} must be layer indices below {L}")
+    check(all(is_int(n, 0) for n in cfg.mrope_section), f"{where}: mrope_section {list(cfg.mrope_section)} must "
+          f"be integers >= 0")  # any sum: the reference slices whatever it is given
+    check(cfg.num_attention_heads % cfg.num_key_value_heads == 0, f"{where}: num_attention_heads "
+          f"{cfg.num_attention_heads} is not a multiple of num_key_value_heads {cfg.num_key_value_heads}")
+    check(all(t < cfg.vocab_size for t in cfg.media_token_ids + (cfg.vision_start_token_id, cfg.vision_end_token_id)),
+          f"{where}: the vision token ids must be below vocab_size {cfg.vocab_size}")
+    check(v.hidden_size % v.num_heads == 0 and (v.hidden_size // v.num_heads) % 4 == 0,
+          f"{where}: vision_config.hidden_size {v.hidden_size} must split into num_heads {v.num_heads} heads of a "
+          f"multiple of 4 dims (2-D rotary)")
+    check(math.isqrt(v.num_position_embeddings) ** 2 == v.num_position_embeddings,
+          f"{where}: vision_config.num_position_embeddings {v.num_position_embeddings} must be a square (a grid)")
+    check(v.out_hidden_size == cfg.hidden_size, f"{where}: vision_config.out_hidden_size {v.out_hidden_size} must "
+          f"be text_config.hidden_size {cfg.hidden_size} (the merger feeds the decoder)")
+    idx = v.deepstack_visual_indexes
+    check(all(is_int(i, 0) and i < v.depth for i in idx) and len(set(idx)) == len(idx) and len(idx) <= L,
+          f"{where}: deepstack_visual_indexes {list(idx)} must be distinct vision block indices below depth "
+          f"{v.depth}, at most num_hidden_layers {L} of them")
 
 
 QWEN_TEXT_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",

@@ -313,7 +313,8 @@ def main(args):
 
 
 def parser():
-    p = argparse.ArgumentParser(description="Search MoDES's text and vision thresholds for a target skip ratio.")
+    p = argparse.ArgumentParser(description="Search MoDES's text and vision thresholds for a target skip ratio.",
+                                formatter_class=cli.HelpFormatter)
     add_model_args(p)
     add_data_args(p)
     p.add_argument("--alpha", default=f"{cli.RUNS}/alpha.json",

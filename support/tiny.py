@@ -411,7 +411,8 @@ def random_weights_note(name):
 
 
 DEFAULT = "tiny-qwen"  # --model when none is given
-FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json")
+FILES = ("config.json", "model.safetensors", "tokenizer_config.json", "preprocessor_config.json")
+TOKENIZERS = ("tokenizer.json", "tiktoken.model")  # Qwen's and InternVL's, Kimi's: one of them
 
 
 def resolve(name):
@@ -436,12 +437,14 @@ def resolve(name):
 def damaged(path):
     """Why the checkpoint folder at path is not whole (a missing file, a truncated model.safetensors), or None."""
     missing = [f for f in FILES if not os.path.isfile(os.path.join(path, f))]
-    if missing:
-        return f"missing {', '.join(missing)}"
+    tokenizer = next((f for f in TOKENIZERS if os.path.isfile(os.path.join(path, f))), None)
+    if missing or tokenizer is None:
+        return f"missing {', '.join(missing + ([] if tokenizer else [' or '.join(TOKENIZERS)]))}"
     try:
         model.safetensors_header(os.path.join(path, "model.safetensors"))
-        for f in FILES[:1] + FILES[2:]:
-            model.read_json(os.path.join(path, f), f)
+        for f in ("config.json", "tokenizer_config.json", "preprocessor_config.json") + TOKENIZERS[:1]:
+            if os.path.isfile(os.path.join(path, f)):
+                model.read_json(os.path.join(path, f), f)
     except (OSError, ValueError) as e:
         return str(e)
     return None

@@ -26,7 +26,7 @@ Touches of model.py internals are marked `# model.py API:` (building from a conf
 with media, the MoE routers' gate modules, save_checkpoint, load; and generate.py's generate).
 
 Examples
-    python support/train_vqa.py                                      # full run -> checkpoints/tiny-vqa (~26 min, 2 cores)
+    python support/train_vqa.py --overwrite                          # full run -> checkpoints/tiny-vqa (~26 min, 2 cores)
     python support/train_vqa.py --resume                             # continue an interrupted run from its last state
     python support/train_vqa.py --eval-only                          # held-out accuracy of checkpoints/tiny-vqa (all 9,673)
     python support/train_vqa.py --eval-only --model DIR --eval-n 2000 --eval-seed 0      # a random sample instead
@@ -40,7 +40,9 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
+import tempfile
 import time
 
 import torch
@@ -334,11 +336,67 @@ def lr_at(step, args):
 
 
 def train(args):
+    """Train into a temporary folder beside --out, moved into place only once the checkpoint is complete and reads
+    back: a refused, failed or interrupted run leaves --out as it was."""
+    questions, answers, image_ids, _ = easy_vqa_split("train")
+    all_images = sorted(set(image_ids))
+    cli.check(args.val_images < len(all_images), f"--val-images {args.val_images}: the training split has "
+              f"{len(all_images)} images, and at least one must be left to train on")
+    state = read_train_state(args)
+    build = new_folder_beside(args.out)
+    try:
+        train_into(build, args, questions, answers, all_images, state)
+        publish(build, args.out)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+def new_folder_beside(out):
+    """An empty folder next to `out`, so the final rename stays on one file system."""
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(out))}.building-")
+
+
+def publish(build, out):
+    """Put the finished folder `build` at `out`, replacing an earlier checkpoint there (--overwrite) only now."""
+    cli.follow_umask(build)
+    old = None
+    if os.path.exists(out):
+        old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out)), prefix=".replaced-")
+        os.rename(out, os.path.join(old, "checkpoint"))
+    os.rename(build, out)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_train_state(args):
+    """The state an interrupted run left in --work-dir (with --resume), checked to be one before anything is made;
+    whether it was made with these settings is checked once the config is known."""
+    path = os.path.join(args.work_dir, "train_state.pt")
+    if not (args.resume and os.path.exists(path)):
+        if args.resume:
+            print(f"note: --resume: no {path} yet, starting from step 0", file=sys.stderr)
+        return None
+    try:
+        state = torch.load(path, weights_only=False, map_location="cpu")
+    except Exception as e:  # torch raises pickle, zip and runtime errors for a file that is not a state
+        raise ValueError(f"{path}: not a training state ({type(e).__name__}); delete it or drop --resume") from None
+    keys = ("model", "aux_head", "opt", "step", "elapsed_s", "torch_rng", "args", "raw_config")
+    cli.check(isinstance(state, dict) and all(k in state for k in keys) and isinstance(state["step"], int)
+              and isinstance(state["args"], dict),
+              f"{path}: not a training state of this script; delete it or drop --resume")
+    cli.check(0 <= state["step"] <= args.steps and state["args"].get("steps") == args.steps,
+              f"{path}: made for --steps {state['args'].get('steps')} (at step {state['step']}), not {args.steps}; "
+              f"delete it or drop --resume")
+    return state
+
+
+def train_into(out, args, questions, answers, all_images, st):
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     t_start = time.perf_counter()
-    questions, answers, image_ids, _ = easy_vqa_split("train")
-    all_images = sorted(set(image_ids))
     rng = random.Random(args.seed)
     val_images = set(rng.sample(all_images, args.val_images)) if args.val_images else set()
     train_images = [i for i in all_images if i not in val_images]
@@ -350,17 +408,20 @@ def train(args):
     # the chat roles and tiny.py's small general corpus; the added tokens follow it at small ids (the real
     # 151,936-row embeddings alone would be 78 MB)
     texts = list(questions) + list(answers) + ["user", "assistant", "system"] * 100 + [tiny.TINY_CORPUS]
-    ids = tiny.write_qwen_tokenizer(args.out, vocab_size=384, texts=texts, first_added_id=None, model_max_length=4096)
+    ids = tiny.write_qwen_tokenizer(out, vocab_size=384, texts=texts, first_added_id=None, model_max_length=4096)
     n_tokens = max(ids.values()) + 1
     vocab_size = -(-n_tokens // 64) * 64  # rows past the tokenizer are padding, as in the real checkpoint
     raw = vqa_config(ids, vocab_size, args)
-    write_folder(args.out, raw, ids, args)
-    proc = QwenProcessor.from_dir(args.out)
+    write_folder(out, raw, ids, args)
+    state_path = os.path.join(args.work_dir, "train_state.pt")
+    cli.check(st is None or st["raw_config"] == raw, f"{state_path}: made with other model settings; delete it or "
+              f"drop --resume")
+    proc = QwenProcessor.from_dir(out)
     data = VQAData(proc, "train", set(train_images))
     val = VQAData(proc, "train", val_images) if val_images else None
 
     # model.py API: the config dict parsed by model.py's reader, the model built from it
-    cfg = read_config(os.path.join(args.out, "config.json"))
+    cfg = read_config(os.path.join(out, "config.json"))
     net = qwen3_vl_moe.Qwen3VLMoe(cfg)
     init_weights(net, cfg.num_hidden_layers, args.seed)
     aux_head = nn.Linear(cfg.hidden_size, len(COLORS) + len(SHAPES))
@@ -374,15 +435,15 @@ def train(args):
                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95))
 
-    state_path = os.path.join(args.work_dir, "train_state.pt")
     step, elapsed_before = 0, 0.0
-    if args.resume and os.path.isfile(state_path):
-        st = torch.load(state_path, weights_only=False)
-        if st["args"]["steps"] != args.steps or st["raw_config"] != raw:
-            raise ValueError(f"{state_path}: made with other settings; delete it or drop --resume")
-        net.load_state_dict(st["model"])
-        aux_head.load_state_dict(st["aux_head"])
-        opt.load_state_dict(st["opt"])
+    if st is not None:
+        try:
+            net.load_state_dict(st["model"])
+            aux_head.load_state_dict(st["aux_head"])
+            opt.load_state_dict(st["opt"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ValueError(f"{state_path}: does not fit this model ({str(e).splitlines()[0][:160]}); delete it "
+                             f"or drop --resume") from None
         step, elapsed_before = st["step"], st["elapsed_s"]
         torch.set_rng_state(st["torch_rng"])
         print(f"resumed from {state_path} at step {step}", file=sys.stderr)
@@ -434,11 +495,11 @@ def train(args):
               f"(1 = uniform), unused experts {int((share == 0).sum())}", file=sys.stderr)
 
     # model.py API: save_checkpoint writes model.safetensors (bf16, hub expert layout) and config.json
-    save_checkpoint(net, raw, args.out)
-    check_reload(net, args.out, data)
+    save_checkpoint(net, raw, out)
+    check_reload(net, out, data)
     summary = dict(steps=args.steps, batch_size=args.batch_size, train_s=round(train_s, 1),
                    total_s=round(time.perf_counter() - t_start, 1), parameters=n_params,
-                   safetensors_bytes=os.path.getsize(os.path.join(args.out, "model.safetensors")),
+                   safetensors_bytes=os.path.getsize(os.path.join(out, "model.safetensors")),
                    expert_load_max_x_E=[round(float(l.max() * E), 2) for l in loads],
                    expert_load_min_x_E=[round(float(l.min() * E), 2) for l in loads])
     print(json.dumps(summary))
@@ -517,9 +578,41 @@ def evaluate(path, n=None, seed=0, batch_size=64, dtype="float32"):
     return result
 
 
+def check_args(args):
+    """Every argument, before anything is read or written: a refused run leaves no trace."""
+    positive = ("steps", "batch_size", "hidden", "layers", "experts", "expert_width", "top_k", "image_size",
+                "patch_size", "val_every", "log_every", "eval_batch_size")
+    for name in positive:
+        cli.check(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("save_every", "warmup", "train_images", "val_images"):
+        cli.check(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ("lr", "weight_decay", "aux_weight", "balance_weight"):
+        v = getattr(args, name)
+        cli.check(math.isfinite(v) and v >= 0 and (v > 0 or name != "lr"),
+                  f"--{name.replace('_', '-')} must be finite and {'> 0' if name == 'lr' else '>= 0'}, got {v}")
+    cli.check(args.top_k <= args.experts, f"--top-k {args.top_k} exceeds --experts {args.experts}")
+    cli.check(args.image_size % (2 * args.patch_size) == 0, f"--image-size {args.image_size} must be a multiple of "
+              f"2 x --patch-size ({2 * args.patch_size}): the vision tower merges 2 x 2 patches")
+    cli.check(args.eval_n is None or args.eval_n >= 1 or (args.eval_n == 0 and not args.eval_only),
+              f"--eval-n {args.eval_n}: must be >= 1{'' if args.eval_only else ' (0: no evaluation after training)'}")
+    cli.set_threads(args.threads)
+    for name in ("out", "work_dir", "model"):
+        cli.check_input_path(getattr(args, name), f"--{name.replace('_', '-')}")
+    if args.eval_only:
+        path = args.model or args.out
+        cli.check(os.path.isdir(path), f"--eval-only: {path} is not a checkpoint folder")
+        return
+    cli.check(args.model is None, "--model is the folder --eval-only evaluates; training writes --out")
+    cli.check(not os.path.exists(args.out) or os.path.isdir(args.out), f"--out {args.out}: is a file, not a folder")
+    cli.check(args.overwrite or not os.path.exists(args.out) or not os.listdir(args.out),
+              f"--out {args.out}: holds a checkpoint already{' (the shipped tiny-vqa)' if os.path.abspath(args.out) == DEFAULT_OUT else ''}; "
+              f"add --overwrite to replace it when the new one is complete, or give another --out")
+    cli.check_output(os.path.join(args.out, "config.json"), "--out")
+    cli.check_output(os.path.join(args.work_dir, "train_state.pt"), "--work-dir")
+
+
 def main(args):
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    check_args(args)
     if not args.eval_only:
         train(args)
         if args.eval_n == 0:
@@ -533,9 +626,12 @@ def main(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train a tiny Qwen3-VL-MoE on easy-VQA (CPU) and/or measure its held-out "
-                                "accuracy through load() + generate.")
-    p.add_argument("--out", default=DEFAULT_OUT, help="checkpoint folder to write (default checkpoints/tiny-vqa)")
-    p.add_argument("--work-dir", default=os.path.join(ROOT, "out", "tiny-vqa-train"),
+                                "accuracy through load() + generate.", formatter_class=cli.HelpFormatter)
+    p.add_argument("--out", default=os.path.relpath(DEFAULT_OUT), help="checkpoint folder to write; an existing "
+                   "checkpoint is replaced only with --overwrite, once the new one is complete")
+    p.add_argument("--overwrite", action="store_true", help="replace the checkpoint in --out (the shipped tiny-vqa by "
+                   "default) when training has finished")
+    p.add_argument("--work-dir", default=os.path.relpath(os.path.join(ROOT, "out", "tiny-vqa-train")),
                    help="where the resumable training state goes")
     p.add_argument("--resume", action="store_true", help="continue from WORK_DIR/train_state.pt if present")
     p.add_argument("--save-every", type=int, default=500, help="steps between training states (0 = never)")

@@ -177,6 +177,6 @@ def test_shipped_thresholds_calibration_data_is_checkable_here():
     import evaluate
     for path, doc in artifacts():
         if doc["format"] == router.THRESHOLDS_FORMAT:
-            args = types.SimpleNamespace(thresholds=path, data=None, eval_n=2)
-            _, calib, _ = evaluate.fidelity_inputs(args)
+            args = types.SimpleNamespace(thresholds=path, data=None, eval_n=2, fits=None)
+            calib = evaluate.fidelity_inputs(args)[1]
             assert len(calib) == doc["data"]["n"]

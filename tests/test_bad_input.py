@@ -127,7 +127,7 @@ def test_bad_argument_is_one_line_naming_it(capsys, no_loading, tmp_path, monkey
 
 @pytest.mark.parametrize("script, argv, message", [
     ("calibrate", "--out {made}", "--out {made}: is a folder, expected a file path"),
-    ("calibrate", "--out {made}/nope/a.json", "--out {made}/nope/a.json: folder {made}/nope does not exist"),
+    ("calibrate", "--out {made}/afile/x/a.json", "--out {made}/afile/x/a.json: {made}/afile is a file, not a folder"),
     ("calibrate", "--out {made}/afile/a.json", "--out {made}/afile/a.json: {made}/afile is a file, not a folder"),
     ("calibrate", "--out=", "--out: empty path, expected a file path"),
     ("calibrate", "--out {made}/d.jsonl --data {made}/d.jsonl",
@@ -136,7 +136,8 @@ def test_bad_argument_is_one_line_naming_it(capsys, no_loading, tmp_path, monkey
     ("search", "--out {made}/afile/t.json", "--out {made}/afile/t.json: {made}/afile is a file, not a folder"),
     ("search", "--out {made}/alpha.json --alpha {made}/alpha.json",
      "--out {made}/alpha.json: is also --alpha, an input of this run; write the output elsewhere"),
-    ("search", "--alpha {made}/nope/a.json", "--alpha {made}/nope/a.json: folder {made}/nope does not exist"),
+    ("search", "--alpha {made}/afile/x/a.json", "--alpha {made}/afile/x/a.json: {made}/afile is a file, not a "
+     "folder"),
     ("bench", "--json {made}", "--json {made}: is a folder, expected a file path"),
     ("bench", "--json {made}/afile/b.json", "--json {made}/afile/b.json: {made}/afile is a file, not a folder"),
     ("bench", "--json {made}/thresholds.json --policy modes --thresholds {made}/thresholds.json",
