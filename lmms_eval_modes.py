@@ -164,7 +164,9 @@ class Modes(lmms):
 
     def loglikelihood(self, requests):
         """(log P(continuation | prompt), whether greedy decoding would give it) per request: the task's context
-        as the user turn (with its images and videos), the continuation as the start of the answer."""
+        as the user turn (with its images and videos), the continuation as the start of the answer. (lmms-eval
+        0.7.3 itself turns these pairs into strings before its multiple_choice metrics read them, which then fail
+        for every model: api/instance.py, unwrap_generation_output.)"""
         out = []
         for start in range(0, len(requests), self.batch_size):
             chunk = requests[start:start + self.batch_size]
@@ -173,6 +175,7 @@ class Modes(lmms):
                 context, continuation, doc_to_visual, doc_id, task, split = r.args
                 doc = self.task_dict[task][split][doc_id]
                 continuation = continuation(doc) if callable(continuation) else continuation
+                continuation = continuation.lstrip()  # the task's " " delimiter: the answer starts the turn
                 prompt = self.proc(self.messages(context, self.doc_visuals(doc_to_visual, doc_id, task, split)))
                 answer = self.proc.encode(continuation)
                 cli.check(answer, f"{task} document {doc_id}: empty continuation")

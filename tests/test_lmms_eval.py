@@ -61,11 +61,11 @@ def task(tmp_path_factory):
     return folder, env
 
 
-def run_lmms(task, name, model_args):
+def run_lmms(task, name, model_args, tasks="evqa_local"):
     folder, env = task
     out = folder / name
     r = subprocess.run([sys.executable, "lmms_eval_modes.py", "--model", "modes", "--model_args", model_args,
-                        "--tasks", "evqa_local", "--include_path", str(folder), "--batch_size", "5",
+                        "--tasks", tasks, "--include_path", str(folder), "--batch_size", "5",
                         "--output_path", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     files = glob.glob(str(out / "**" / "*_results.json"), recursive=True)
     # lmms-eval exits 0 even when the evaluation failed: the results file is the proof
@@ -108,3 +108,27 @@ def test_with_thresholds(task):
     skip = doc["throughput"]
     assert 0.3 < skip["avg_skip_ratio"] < 1 and skip["avg_skip_ratio/evqa_local"] == skip["avg_skip_ratio"]
     assert 0.3 < skip["avg_skip_ratio_prefill"] < 1
+
+
+def test_loglikelihood_prefers_the_answer(task):
+    """loglikelihood (multiple-choice tasks), called as lmms-eval calls it: of the 13 easy-VQA answers, tiny-vqa's
+    most likely one is the reference. (lmms-eval 0.7.3 cannot score a multiple_choice task end to end: it turns
+    every model's (loglikelihood, greedy) pairs into strings before its metrics read them.)"""
+    from lmms_eval.api.instance import Instance
+    from lmms_eval_modes import Modes
+    from PIL import Image
+    folder, _ = task
+    docs = [json.loads(line) for line in open(folder / "test.jsonl")][:6]
+    lm = Modes(pretrained="tiny-vqa", device="cpu", batch_size=7)
+    lm.task_dict = {"evqa": {"test": docs}}
+    choices = sorted(set(easy_vqa.get_test_questions()[1]))
+    visual = lambda doc: [Image.open(doc["image"]).convert("RGB")]  # noqa: E731
+    requests = [Instance("loglikelihood", (doc["question"], " " + c, visual, i, "evqa", "test"), idx=k,
+                         metadata=dict(task="evqa", doc_id=i, repeats=1))
+                for i, doc in enumerate(docs) for k, c in enumerate(choices)]
+    out = lm.loglikelihood(requests)
+    assert len(out) == len(requests) and all(isinstance(ll, float) and isinstance(g, bool) for ll, g in out)
+    for i, doc in enumerate(docs):
+        lls = [ll for ll, _ in out[i * len(choices):(i + 1) * len(choices)]]
+        assert choices[lls.index(max(lls))] == doc["answer"]
+        assert out[i * len(choices) + choices.index(doc["answer"])][1]  # greedy decoding gives it too
