@@ -110,8 +110,10 @@ def repeat_context(ctx, copies):
 
 
 @torch.inference_mode()
-def ablate_batch(model, batch, layers, removal="zero", naive=False, pair=True):
-    """KL sums [len(layers), 2] (float64) of one batch, its answer-token count and the layer passes it took."""
+def ablate_batch(model, batch, layers, removal="zero", naive=False, pair=True, per_layer=False):
+    """KL sums [len(layers), 2] (float64) of one batch, its answer-token count and the layer passes it took.
+    per_layer: a layer's experts are removed for text and vision tokens together (the paper's Eq. 4), and its one
+    KL goes to both columns; else each modality is removed on its own (the official code)."""
     n_layers = len(model.layers)
     media = model.encode_vision(batch.input_ids, **batch.pixels) if batch.pixels else None
     h, ctx = model.embed(batch.input_ids, batch.attention_mask, media=media, **batch.pixels)
@@ -122,11 +124,12 @@ def ablate_batch(model, batch, layers, removal="zero", naive=False, pair=True):
     logits = answer_logits(model, model.layers(h, ctx, start), batch)[0]  # [N, V]
     passes = n_layers
     present = [m for m in (TEXT, VISION) if bool(((ctx.modality == m) & ctx.valid).any())]  # an absent one has KL 0
-    groups = [present] if pair and not naive and present else [[m] for m in present]
+    removals = ([tuple(present)] if present else []) if per_layer else [(m,) for m in present]  # removed together
+    groups = [removals] if pair and not naive and removals else [[r] for r in removals]  # stacked in one pass
     kl = torch.zeros(len(layers), 2, dtype=torch.float64)
     for j, layer in enumerate(layers):
         for group in groups:
-            remove = torch.cat([ctx.modality == m for m in group])  # [G * B, S]
+            remove = torch.cat([sum(ctx.modality == m for m in r) > 0 for r in group])  # [G * B, S]
             with removed(model, layer, remove, removal):
                 if naive:
                     h = model.layers(*model.embed(batch.input_ids, batch.attention_mask, media=media, **batch.pixels))
@@ -134,8 +137,8 @@ def ablate_batch(model, batch, layers, removal="zero", naive=False, pair=True):
                     h = model.layers(cached[layer].repeat(len(group), 1, 1), repeat_context(ctx, len(group)), layer)
             passes += n_layers if naive else (n_layers - layer) * len(group)
             ablated = answer_logits(model, h, batch, copies=len(group))  # [G, N, V]
-            for g, m in enumerate(group):
-                kl[j, m] = kl_sum(logits, ablated[g])
+            for g, r in enumerate(group):
+                kl[j, [TEXT, VISION] if per_layer else list(r)] = kl_sum(logits, ablated[g])
     return kl, len(batch.rows), passes
 
 
@@ -179,9 +182,11 @@ def read_partial(path, settings, samples, steps):
     return (kl, *counts)
 
 
-def calibrate(model, proc, samples, *, batch_size=4, removal="zero", naive=False, pair=True, partial=None,
-              resume=False, max_batches=None, data_info=None, quiet=False):
+def calibrate(model, proc, samples, *, batch_size=4, removal="zero", naive=False, pair=True, per_layer=False,
+              partial=None, resume=False, max_batches=None, data_info=None, quiet=False):
     """The alpha document (a dict, the same on every rank) of `model` on `samples`; None if max_batches stopped it.
+    per_layer: one alpha per layer (text and vision removed together, the paper's Eq. 4), written to both columns;
+    else one per layer and modality (the official code).
 
     Samples are sharded over the data-parallel ranks (cli.data_parallel); one step = one batch on every rank,
     all-reduced. With `partial` (a path), the running sums are written there atomically after each step, and
@@ -199,7 +204,8 @@ def calibrate(model, proc, samples, *, batch_size=4, removal="zero", naive=False
     # the data's hash is not a setting: a resumed run must see the samples of the finished batches again (done_sha256),
     # while a later sample may be fixed between runs (an image that only the processor refused when its batch came)
     settings = dict(fingerprint=router.fingerprint(model), data={k: v for k, v in data.items() if k != "sha256"},
-                    batch_size=batch_size, world_size=world, removal=removal, naive=naive, layers=layers)
+                    batch_size=batch_size, world_size=world, removal=removal, naive=naive, layers=layers,
+                    **({"per_layer": True} if per_layer else {}))
     kl = torch.zeros(len(layers), 2, dtype=torch.float64)
     tokens, passes, naive_passes, done = 0, 0, 0, 0
     if resume and partial and os.path.isfile(partial):
@@ -211,7 +217,7 @@ def calibrate(model, proc, samples, *, batch_size=4, removal="zero", naive=False
         chunk = mine[step * batch_size:(step + 1) * batch_size]
         if chunk:
             batch = make_batch(chunk, proc, dev, max_positions=model.cfg.max_position_embeddings)
-            batch_kl, n, p = ablate_batch(model, batch, layers, removal, naive, pair)
+            batch_kl, n, p = ablate_batch(model, batch, layers, removal, naive, pair, per_layer)
             delta[:-3] = batch_kl.flatten().to(dev)
             delta[-3:] = torch.tensor([n, p, (1 + 2 * len(layers)) * len(model.layers)], dtype=torch.float64)
         cli.all_sum(delta, world)
@@ -234,6 +240,7 @@ def calibrate(model, proc, samples, *, batch_size=4, removal="zero", naive=False
                    num_layers=len(model.layers), moe_layers=layers),
         data=data,
         calibration=dict(loss="kl", temperature=1.0, removal=removal, naive=naive, world_size=world,
+                         form="per-layer" if per_layer else "per-modality",
                          answer_tokens=tokens, layer_passes=passes, naive_layer_passes=naive_passes),
         layers=[dict(layer=l, text=a[0], vision=a[1]) for l, a in zip(layers, alpha.tolist())],
         kl_sum=[dict(layer=l, text=s[0], vision=s[1]) for l, s in zip(layers, kl.tolist())],
@@ -279,7 +286,7 @@ def main(args):
         print(f"note: --resume: no {out.partial} yet, starting from the first batch", file=sys.stderr)
     t0 = time.perf_counter()
     doc = calibrate(model, proc, samples, batch_size=args.batch_size, removal=args.removal, naive=args.naive,
-                    pair=not args.separate_modalities, partial=out.partial, resume=args.resume,
+                    pair=not args.separate_modalities, per_layer=args.per_layer, partial=out.partial, resume=args.resume,
                     max_batches=args.max_batches, data_info=info, quiet=args.quiet)
     if not cli.is_main():
         return
@@ -319,6 +326,8 @@ def parser():
     p.add_argument("--removal", default="zero", choices=["zero", "input"],
                    help="removed tokens' routed output: zero (the paper) or the MoE input (the official code)")
     p.add_argument("--naive", action="store_true", help="full forward passes per ablation (for checking)")
+    p.add_argument("--per-layer", action="store_true", help="one alpha per layer, its experts removed for text and "
+                   "vision tokens together (the paper's Eq. 4); default: one per layer and modality (the official code)")
     p.add_argument("--separate-modalities", action="store_true",
                    help="ablate text and vision in separate passes (half the activation memory)")
     p.add_argument("--resume", action="store_true", help="continue from OUT.partial after an interruption")

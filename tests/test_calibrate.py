@@ -303,3 +303,36 @@ def test_kimi_cached_prefix_equals_naive_and_search_starts_at_zero(removal):
     assert kl == 0.0 and skip["all"] == 0.0
     kl, skip = evaluator(0.05, 0.05)
     assert kl > 0 and skip["all"] > 0
+
+
+def test_per_layer_alpha_removes_both_modalities_together(tiny):
+    """The paper's Eq. 4: one KL per layer with its experts removed for text and vision tokens at once, in both
+    columns; the cached prefix still equals full passes; on text alone it is the per-modality text column."""
+    model, proc, _ = tiny
+    layers = model.moe_layers()
+    batch = make_batch(synthetic_samples(2), proc, "cpu")
+    both, _, passes = ablate_batch(model, batch, layers, per_layer=True)
+    naive, _, _ = ablate_batch(model, batch, layers, naive=True, per_layer=True)
+    torch.testing.assert_close(both, naive, rtol=1e-5, atol=1e-9)
+    assert torch.equal(both[:, 0], both[:, 1]) and (both[:, 0] > 0).all()
+    assert passes == len(model.layers) + sum(len(model.layers) - l for l in layers)  # one removal per layer
+    # independent of the stacking: removing both modalities moves the answer at least as far as text alone on
+    # the layers where vision still reaches the answer, and differs from either single removal
+    separate, _, _ = ablate_batch(model, batch, layers)
+    assert not torch.allclose(both[:, 0], separate[:, 0]) and not torch.allclose(both[:, 0], separate[:, 1])
+    text_only = make_batch([s for s in synthetic_samples(2)], proc, "cpu")
+    text_only.pixels = {}
+    text_only.input_ids = torch.where(text_only.input_ids == model.cfg.image_token_id, 0, text_only.input_ids)
+    per_layer, _, _ = ablate_batch(model, text_only, layers, per_layer=True)
+    per_modality, _, _ = ablate_batch(model, text_only, layers)
+    torch.testing.assert_close(per_layer[:, 0], per_modality[:, 0], rtol=1e-6, atol=1e-12)
+
+
+def test_per_layer_alpha_document(tiny):
+    model, proc, _ = tiny
+    doc = calibrate(model, proc, synthetic_samples(2), batch_size=2, per_layer=True, quiet=True)
+    assert doc["calibration"]["form"] == "per-layer"
+    table = router.alpha_table(doc, model, "alpha")
+    assert torch.equal(table[:, 0], table[:, 1]) and torch.allclose(table.sum(0), torch.ones(2))
+    assert calibrate(model, proc, synthetic_samples(2), batch_size=2, quiet=True)["calibration"]["form"] == \
+        "per-modality"
