@@ -186,7 +186,9 @@ class SkipStats:
         self.counts.zero_()
 
     def summary(self) -> dict:
-        """Plain-Python skip ratios (None where nothing was counted) for prefill, decode and both together."""
+        """Plain-Python skip ratios (None where nothing was counted) for prefill, decode and both together. Two
+        denominators: "all" counts every routed slot, special tokens' (never skipped) included, as the official code
+        does; "text_vision" counts only the text and vision slots a policy may skip."""
         counts = self.counts.cpu()
         out = {}
         for name, part in (("prefill", counts[0]), ("decode", counts[1]), ("total", counts.sum(0))):
@@ -194,6 +196,7 @@ class SkipStats:
             by_layer, by_kind = kinds.tolist(), kinds.sum(0).tolist()
             out[name] = {
                 **{kind: _ratio(*by_kind[i]) for i, kind in enumerate(("text", "vision", "all"))},
+                "text_vision": _ratio(by_kind[0][0] + by_kind[1][0], by_kind[0][1] + by_kind[1][1]),
                 "skipped": by_kind[2][0],
                 "slots": by_kind[2][1],
                 "per_layer": {kind: [_ratio(*row[i]) for row in by_layer]

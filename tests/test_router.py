@@ -323,6 +323,8 @@ def test_skip_stats_hand_count():
     assert (s["prefill"]["skipped"], s["prefill"]["slots"]) == (7, 16)
     assert (s["decode"]["text"], s["decode"]["vision"], s["decode"]["all"]) == (1 / 4, None, 1 / 8)
     assert (s["total"]["all"], s["total"]["text"]) == (8 / 24, 3 / 8)
+    # the second denominator leaves out the special slots: (2 + 5) skipped of 4 + 8 text and vision slots
+    assert (s["prefill"]["text_vision"], s["decode"]["text_vision"]) == (7 / 12, 1 / 4)
     assert s["prefill"]["per_layer"]["all"] == [7 / 16, None, None]
     assert s["decode"]["per_layer"]["text"] == [None, None, 1 / 4]
 
