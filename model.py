@@ -31,6 +31,7 @@ import importlib
 import json
 import math
 import os
+import tempfile
 from dataclasses import dataclass, field
 
 import torch
@@ -778,9 +779,31 @@ def save_checkpoint(model, raw_config, path, dtype=torch.bfloat16):
         if model.INTERLEAVED_GATE_UP and name.endswith(("experts.gate_up_proj", "experts.gate_up_proj_bias")):
             t = interleave(t)
         tensors[name] = t.to(torch.float32 if pname.endswith(model.FP32_PARAMETERS) else dtype).contiguous()
-    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(raw_config, f, indent=2)
+
+    def write_config(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(raw_config, f, indent=2)
+    write_replacing(os.path.join(path, "model.safetensors"),
+                    lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_replacing(os.path.join(path, "config.json"), write_config)
+
+
+def write_replacing(path, write):
+    """write(tmp) into a temporary file beside `path`, give it the mode the user's umask gives new files (mkstemp
+    makes 0600, as does safetensors' save_file), then rename it over `path`: a reader never sees half a file, and
+    an interrupted write leaves the earlier file as it was and nothing behind."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.",
+                               suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def set_expert_impl(model, impl):
