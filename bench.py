@@ -148,7 +148,7 @@ def machine(device):
         props = torch.cuda.get_device_properties(device)
         info.update(device=props.name, memory_bytes=props.total_memory, cuda=torch.version.cuda,
                     capability=f"{props.major}.{props.minor}",
-                    triton=getattr(moe_kernels.triton, "__version__", None) if moe_kernels.HAS_TRITON else None)
+                    triton=moe_kernels.triton_kernels()["triton"].__version__ if moe_kernels.HAS_TRITON else None)
     elif os.path.isfile("/proc/cpuinfo"):  # Linux names the processor there
         with open("/proc/cpuinfo") as f:
             info["device"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)

@@ -19,18 +19,17 @@ Legend: T tokens, K slots per token, E experts, H hidden size, I expert intermed
 Named moe_kernels, not kernels: Hugging Face's `kernels` package (which transformers >= 5.25 imports) owns that
 import name, and a kernels.py beside a script would shadow it. Nothing here imports the model; model.py calls in.
 """
+import importlib.util
 import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-    HAS_TRITON = hasattr(torch.library, "triton_op")  # torch >= 2.6 keeps a Triton kernel inside a compiled graph
-except ImportError:
-    HAS_TRITON = False
+# torch >= 2.6 keeps a Triton kernel inside a compiled graph. Triton is looked for here but imported by
+# triton_kernels() on first use: importing it and registering the op pulls in torch._inductor, seconds that
+# --help, argument errors and CPU runs never need.
+HAS_TRITON = importlib.util.find_spec("triton") is not None and hasattr(torch.library, "triton_op")
 
 PATHS = ("grouped", "gather", "triton")
 DECODE_MAX_SLOTS = 64  # auto: T * K at or below this takes the decode path (tune per GPU; transformers saw 2^6-2^9)
@@ -50,7 +49,11 @@ def auto_path(x: Tensor, ids: Tensor, biased: bool = False) -> str:
     if x.device.type == "cpu" and not torch.compiler.is_compiling():
         return "ref"
     if ids.numel() <= DECODE_MAX_SLOTS:
-        return "triton" if x.is_cuda and HAS_TRITON and not biased else "gather"
+        if x.is_cuda and HAS_TRITON and not biased:
+            if not torch.compiler.is_compiling():  # a compiled caller built them before tracing (DecodeStep)
+                triton_kernels()
+            return "triton"
+        return "gather"
     return "grouped"
 
 
@@ -62,6 +65,8 @@ def check_path(path: str, device, biased: bool = False) -> None:
         raise ValueError("expert path triton does not implement expert biases or gpt-oss's clamped GLU; use gather")
     if path == "triton" and not (HAS_TRITON and (torch.device(device).type == "cuda" or _TRITON_INTERPRET)):
         raise ValueError("expert path triton needs a CUDA device and an importable triton (torch >= 2.6)")
+    if path == "triton":
+        triton_kernels()
 
 
 def glu(h: Tensor, I: int, clamp=None) -> Tensor:
@@ -96,6 +101,8 @@ def run(x: Tensor, w_gate_up: Tensor, w_down: Tensor, ids: Tensor, weights: Tens
     elif path == "gather":
         out = _gather_experts(x, w_gate_up, w_down, ids, weights, b_gate_up, b_down, clamp)
     else:
+        if not torch.compiler.is_compiling():  # under torch.compile they were built before tracing
+            triton_kernels()
         y = torch.ops.moe_kernels.slot_experts(x.contiguous(), w_gate_up, w_down, ids.contiguous(),
                                                weights.contiguous())  # [S, H] fp32, zero rows where skipped
         out = y.view(T, K, H).sum(1)
@@ -172,7 +179,20 @@ def _gather_experts(x, w_gate_up, w_down, ids, weights, b_gate_up=None, b_down=N
     return torch.where(keep[..., None], y.float() * weights[..., None], 0.0).sum(1)  # [T, H] fp32
 
 
-if HAS_TRITON:
+_TRITON = {}  # triton_kernels()'s result, built once
+
+
+def triton_kernels():
+    """The Triton decode kernels, and the op moe_kernels::slot_experts that launches them, defined and registered
+    on the first call (importing triton and torch._inductor takes seconds): by check_path and auto_path when they
+    choose the triton path, by DecodeStep before it compiles, and by run() on an eager call. -> {name: kernel}."""
+    if _TRITON:
+        return _TRITON
+    if not HAS_TRITON:
+        raise ValueError("expert path triton needs an importable triton (torch >= 2.6)")
+    import triton
+    import triton.language as tl
+
     @triton.jit
     def _slot_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, K, H, I,
                              BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
@@ -226,6 +246,9 @@ if HAS_TRITON:
             act, w_down, ids, weights, y, H, I, BLOCK_N=n_d, BLOCK_I=k_d, **launch)
         return y
 
+    _TRITON.update(triton=triton, gate_up=_slot_gate_up_kernel, down=_slot_down_kernel, op=_slot_experts)
+    return _TRITON
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # The decode step: compiled, and on CUDA captured once in a CUDA graph
@@ -243,6 +266,8 @@ class DecodeStep:
 
     def __init__(self, model, cache, stats=None, compile=True, cuda_graph=None):
         self.cache, self.stats = cache, stats
+        if compile and HAS_TRITON and (cache.pos.is_cuda or _TRITON_INTERPRET):
+            triton_kernels()  # the compiled step may choose the triton path: its op must exist before tracing
         step = lambda token: model.decode_step(token, cache, stats)  # noqa: E731
         self.fn = torch.compile(step, fullgraph=True, dynamic=False) if compile else step
         self.cuda_graph = cache.pos.is_cuda if cuda_graph is None else cuda_graph
