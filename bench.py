@@ -20,11 +20,17 @@ Output, so that a run cut short keeps what it measured: each JSON object is one 
                                                     traceback goes to stderr) and the next row runs
     {...header fields, "rows": [...]}               last: the whole result, as --json writes it
 A human-readable table line follows each row line. A run with an error row exits with status 1 after the last line.
+Without --model, --config and --policy, bench.py runs the demo, MoDES against the full model on tiny-vqa: the same
+lines, then an aligned table of skip ratios and speed-ups before the last line; on a terminal it leaves out the
+header and row JSON lines (the whole result stays the last line, and --json FILE keeps it). A run that cannot fit
+(weights + KV cache + activations against the free memory) or passes the position limit is refused before
+anything is allocated.
 Under torchrun the ranks run one model together (parallel.py's Shard) and rank 0 reports: weights,
 memory and the decode roofline are then per rank (assuming the kept slots spread evenly over the experts).
 
 Examples
-    python bench.py                                                  # tiny built-in checkpoint, CPU
+    python bench.py                                                  # demo: MoDES against full on tiny-vqa, CPU
+    python bench.py --policy full                                    # tiny built-in checkpoint, CPU
     python bench.py --model tiny-kimi                                # the tiny Kimi-VL one
     python bench.py --model ~/Qwen3-VL-30B-A3B-Instruct --device cuda --dtype bfloat16 --thresholds thr.json \
         --policy full,modes
@@ -173,9 +179,11 @@ def build_model(args, source, shard):
     return set_expert_impl(model.requires_grad_(False), args.expert_impl), seconds, host_peak_bytes() - before
 
 
-def synthetic_inputs(model, args, batch):
+def synthetic_inputs(model, args, batch, device=None, length_only=False):
     """`batch` identical rows <image placeholders><text>: a square random image of --image-size pixels (rounded
-    to the merge grid) and --text-tokens random text ids, in the model's own input format."""
+    to the merge grid) and --text-tokens random text ids, in the model's own input format, on `device` (default
+    --device); length_only: just the prompt's length, nothing allocated."""
+    device = device or args.device
     cfg = model.cfg
     g = torch.Generator().manual_seed(0)
     text = torch.randint(0, min(cfg.vocab_size, 1000), (args.text_tokens,), generator=g).tolist()
@@ -183,24 +191,64 @@ def synthetic_inputs(model, args, batch):
         p, (kh, kw) = cfg.patch_size, cfg.merge_kernel_size
         side = max(1, round(args.image_size / (p * kh))) * kh  # patches per side
         row = [cfg.media_placeholder_token_id] * (side * side // (kh * kw)) + text
-        pixels = dict(pixel_values=torch.randn(side * side, 3, p, p, generator=g).repeat(batch, 1, 1, 1),
-                      image_grid_hws=torch.tensor([[side, side]] * batch))
+        def pixels():
+            return dict(pixel_values=torch.randn(side * side, 3, p, p, generator=g).repeat(batch, 1, 1, 1),
+                        image_grid_hws=torch.tensor([[side, side]] * batch))
     elif cfg.model_type == "internvl":
         v = cfg.vision
         side = max(1, round(args.image_size / v.image_size))  # tiles per side
         tiles = side * side + (side > 1)  # plus the thumbnail the processor adds to a tiled image
         row = [cfg.image_token_id] * (tiles * cfg.tokens_per_tile) + text
-        pixels = dict(pixel_values=torch.randn(tiles, v.num_channels, v.image_size, v.image_size,
-                                               generator=g).repeat(batch, 1, 1, 1))
+        def pixels():
+            return dict(pixel_values=torch.randn(tiles, v.num_channels, v.image_size, v.image_size,
+                                                 generator=g).repeat(batch, 1, 1, 1))
     else:
         v = cfg.vision
         side = max(1, round(args.image_size / (v.patch_size * v.spatial_merge_size))) * v.spatial_merge_size
         pads = [cfg.image_token_id] * (side * side // v.spatial_merge_size ** 2)
         row = [cfg.vision_start_token_id] + pads + [cfg.vision_end_token_id] + text
-        pixels = dict(pixel_values=torch.randn(side * side, v.in_channels * v.temporal_patch_size
-                                               * v.patch_size ** 2, generator=g).repeat(batch, 1),
-                      image_grid_thw=torch.tensor([[1, side, side]] * batch))
-    return torch.tensor([row] * batch, device=args.device), {k: t.to(args.device) for k, t in pixels.items()}
+        def pixels():
+            return dict(pixel_values=torch.randn(side * side, v.in_channels * v.temporal_patch_size
+                                                 * v.patch_size ** 2, generator=g).repeat(batch, 1),
+                        image_grid_thw=torch.tensor([[1, side, side]] * batch))
+    if length_only:
+        return len(row)
+    return torch.tensor([row] * batch, device=device), {k: t.to(device) for k, t in pixels().items()}
+
+
+def free_bytes(device):
+    """Memory free for this run on `device`: the CUDA driver's count, or the host's available memory (what the
+    kernel can give without swapping: MemAvailable, else free pages)."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_fits(skeleton, what, args):
+    """Refuse, before anything is allocated, a run past the model's position limit or one whose weights (this
+    rank's, from the meta-device build `skeleton`), KV cache (the model's own new_cache on the meta device) and
+    activations (a rough term: a few dozen hidden-size rows per prompt token, and the logits) cannot fit in the
+    memory free on --device."""
+    cfg = skeleton.cfg
+    S = synthetic_inputs(skeleton, args, args.batch, length_only=True)
+    limit = cfg.max_position_embeddings
+    cli.check(S + args.decode_steps <= limit, f"{what}: {S} prompt tokens (--image-size {args.image_size}, "
+              f"--text-tokens {args.text_tokens}) + --decode-steps {args.decode_steps} exceed the model's "
+              f"max_position_embeddings {limit}")
+    elem = torch.finfo(cli.DTYPES[args.dtype]).bits // 8
+    weights = sum(p.numel() for p in skeleton.parameters()) * elem
+    kv_cache = skeleton.new_cache(args.batch, S + max(args.decode_steps, 4) + 1, device="meta",
+                                  dtype=cli.DTYPES[args.dtype])
+    kv = sum(t.nbytes for t in kv_cache.k + kv_cache.v)
+    activations = args.batch * (S * 32 * cfg.hidden_size * elem + 4 * cfg.vocab_size)
+    need, free = weights + kv + activations, free_bytes(args.device)
+    gib = lambda n: f"{n / 2**30:.1f} GiB" if n >= 2**30 / 10 else f"{n / 2**20:.0f} MiB"  # noqa: E731
+    cli.check(need <= free, f"{what}: needs about {gib(need)} ({gib(weights)} weights + {gib(kv)} KV cache + "
+              f"{gib(activations)} activations), {gib(free)} free on {args.device}")
 
 
 def prefill_ratio(model, ids, pixels, policy):
@@ -432,7 +480,8 @@ def speed(model, source, load_s, host_load, args, modes):
     print(f"# {source}: loaded in {load_s:.2f} s, host peak +{host_load / 2**20:.0f} MiB for "
           f"{header['weight_bytes'] / 2**20:.0f} MiB of weights; copy bandwidth {bandwidth / 1e9:.1f} GB/s "
           f"({bandwidth_timer})")
-    print(json.dumps(dict(record="header", **header)), flush=True)
+    if args.json_lines:
+        print(json.dumps(dict(record="header", **header)), flush=True)
     # room for the prompt, the decode steps, step_memories' 4 steps, and the last index DecodeStep's capture writes
     cache = model.new_cache(args.batch, ids.shape[1] + max(args.decode_steps, 4) + 1)
     shared, reduce = router.MoDES(0.0, 0.0, torch.ones(len(model.layers), 2)), baselines.ReduceK(args.keep)
@@ -454,7 +503,8 @@ def speed(model, source, load_s, host_load, args, modes):
     if args.compare_transformers:
         makers.append(("transformers", lambda: dict(policy="transformers",
                                                      **transformers_row(model, source, ids, pixels, args))))
-    print(" | ".join(COLUMNS))
+    if args.json_lines:
+        print(" | ".join(COLUMNS))
     rows = []
     for name, make in makers:
         try:
@@ -466,8 +516,11 @@ def speed(model, source, load_s, host_load, args, modes):
                 torch.cuda.empty_cache()
         rows.append(row)
         add_speedups(rows)
-        print(json.dumps(dict(record="row", **row)), flush=True)
-        print(table_line(row, args), flush=True)
+        if args.json_lines:
+            print(json.dumps(dict(record="row", **row)), flush=True)
+            print(table_line(row, args), flush=True)
+        else:  # the demo on a terminal: one short line per row as it is measured, the table at the end
+            print(f"# {row['policy']}: " + (f"error: {row['error']}" if "error" in row else "measured"), flush=True)
     if args.compare_transformers:
         print("# the transformers row's x prefill compares time to first token (vision tower included)")
     return dict(header, rows=rows)
@@ -504,11 +557,51 @@ def fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
+METHOD_COLUMNS = (("policy", ""), ("skip prefill", "text"), ("", "vision"), ("", "all"), ("skip decode", "all"),
+                  ("TTFT", "ms"), ("decode", "ms/token"), ("speed-up", "TTFT"), ("", "decode"))
+
+
+def method_table(rows):
+    """The skip ratios and speed-ups of each row against the full one, as aligned text lines: what MoDES buys."""
+    full = next((r for r in rows if r["policy"] == "full" and "error" not in r), None)
+    body = []
+    for r in rows:
+        if "error" in r:
+            body.append([r["policy"], f"error: {r['error']}"])
+            continue
+        pct = lambda key: fmt(None if r.get(key) is None else 100 * r[key], ".1f") + "%"  # noqa: E731
+        body.append([r["policy"], pct("skip_prefill_text"), pct("skip_prefill_vision"), pct("skip_prefill_all"),
+                     pct("skip_decode_all"), fmt(r["ttft_ms"], ".1f"), fmt(r["decode_ms"], ".2f"),
+                     fmt(full["ttft_ms"] / r["ttft_ms"] if full else None, ".2f") + "x",
+                     fmt(r.get("speedup_decode"), ".2f") + "x"])
+    head = [[a for a, _ in METHOD_COLUMNS], [b for _, b in METHOD_COLUMNS]]
+    widths = [max(len(line[i]) for line in head + body if i < len(line) and len(line) == len(METHOD_COLUMNS))
+              for i in range(len(METHOD_COLUMNS))]
+    def align(line):
+        if len(line) != len(METHOD_COLUMNS):  # an error row
+            return "  ".join([line[0].ljust(widths[0])] + line[1:])
+        return "  ".join([line[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:], widths[1:])]).rstrip()
+    return [align(line) for line in head + body]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Command line
 
 
+DEMO = dict(model="tiny-vqa", policy="full,modes", thresholds="benchmarks/tiny-vqa/thresholds-0.75.json")
+
+
 def check_args(args):
+    # no --model, --config or --policy: the demo, MoDES against the full model on the shipped tiny-vqa checkpoint
+    args.demo = args.model is None and args.config is None and args.policy is None
+    if args.demo:
+        args.model, args.policy = DEMO["model"], DEMO["policy"]
+        args.thresholds = args.thresholds or os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                          DEMO["thresholds"])
+    args.model = "tiny-qwen" if args.model is None and args.config is None else args.model
+    args.policy = "full" if args.policy is None else args.policy
+    # the header and row JSON lines: always, but for the demo on a terminal (its table comes at the end)
+    args.json_lines = not (args.demo and sys.stdout.isatty())
     cli.check(args.random_weights == bool(args.config),
               "--config FILE and --random-weights go together (real-size architecture, random weights)")
     for name in ("batch", "decode_steps", "repeats", "image_size"):
@@ -526,6 +619,7 @@ def check_args(args):
     args.cuda_graph = args.device.startswith("cuda") if args.cuda_graph is None else args.cuda_graph
     cli.check(not args.cuda_graph or args.device.startswith("cuda"), "--cuda-graph needs a CUDA --device")
     cli.check(not args.plot or args.json, "--plot DIR draws from the --json FILE: give both")
+    cli.set_threads(args.threads)
     if args.json:
         cli.check_output(args.json, "--json", inputs=[(args.thresholds, "--thresholds"), (args.config, "--config")])
     if args.plot:  # now, not after a long run
@@ -540,6 +634,8 @@ def main(args):
     # meta device holds no weights)
     source = args.config or tiny.resolve(args.model)
     skeleton = build(read_config(source), "meta")
+    what = f"--config {args.config}" if args.config else f"--model {args.model}"
+    check_fits(skeleton if world == 1 else build(read_config(source), "meta", shard=Shard(rank, world)), what, args)
     top_k = skeleton.cfg.num_experts_per_tok
     cli.check(args.keep <= top_k, f"--keep {args.keep}: the model routes each token to {top_k} experts")
     modes = router.load_thresholds(args.thresholds, skeleton) if args.thresholds else None
@@ -556,6 +652,11 @@ def main(args):
             print("plots:", ", ".join(plot.plot_artifact(args.json, args.plot)))
         elif args.plot:
             print("plots: not drawn, the result has error rows", file=sys.stderr)
+    if args.demo:
+        print("\n".join(["", f"# MoDES (--thresholds {DEMO['thresholds']}) against the full model, "
+                              f"{result['threads']} threads:"] + method_table(result["rows"])), flush=True)
+        if args.json:
+            print(f"# the whole result: {args.json}; the last line too")
     print(json.dumps(result), flush=True)
     if failed:
         print(f"error: {len(failed)} of {len(result['rows'])} rows failed: "
@@ -565,15 +666,19 @@ def main(args):
 
 def parser():
     p = argparse.ArgumentParser(description="Time vision, prefill and decode per skip policy (evaluate.py compares "
-                                "their answers).")
+                                "their answers). Without --model, --config and --policy: MoDES against the full "
+                                f"model on {DEMO['model']} (--policy {DEMO['policy']} --thresholds "
+                                f"{DEMO['thresholds']}), with a table of skip ratios and speed-ups.",
+                                formatter_class=cli.HelpFormatter)
     p.add_argument("--model", help=f"checkpoint folder, or a built-in one: {', '.join(tiny.CHECKPOINTS)} "
-                   "(default tiny-qwen)")
+                   f"(default tiny-qwen; {DEMO['model']} without --policy)")
     p.add_argument("--config", help="a config.json: benchmark that architecture (with --random-weights)")
     p.add_argument("--random-weights", action="store_true", help="random weights, no checkpoint needed")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="float32", choices=list(cli.DTYPES))
-    p.add_argument("--policy", default="full", help="comma list of: full, modes (needs --thresholds), threshold "
-                   "(single tau fitted to --target on the prompt), reduce-k (keeps --keep slots)")
+    p.add_argument("--dtype", default="float32", choices=list(cli.DTYPES), help="weights and activations")
+    p.add_argument("--policy", help="comma list of: full, modes (needs --thresholds), threshold "
+                   "(single tau fitted to --target on the prompt), reduce-k (keeps --keep slots) (default full; "
+                   f"{DEMO['policy']} without --model and --config)")
     p.add_argument("--thresholds", help="thresholds file from search.py, for --policy modes")
     p.add_argument("--target", type=float, default=0.88, help="skip ratio for --policy threshold")
     p.add_argument("--keep", type=int, default=1, help="slots kept by --policy reduce-k")
@@ -594,6 +699,7 @@ def parser():
     p.add_argument("--compare-transformers", action="store_true", help="also time transformers' implementation")
     p.add_argument("--json", help="also write the result to this file")
     p.add_argument("--plot", metavar="DIR", help="with --json: also draw the result's plots into DIR (matplotlib)")
+    cli.add_threads_arg(p)
     return p
 
 
