@@ -38,11 +38,14 @@ import hashlib
 import json
 import os
 
+import torch
+
 import baselines
 import cli
 import processor
 import router
 import search
+from calibrate import calibrate
 from data import make_batch, read_samples, same_data, select, synthetic_samples
 from generate import generate, until_stop
 from model import EXPERT_IMPLS, build, load, read_config, set_expert_impl
@@ -86,11 +89,14 @@ FITS_FORMAT = "modes-fits/1"
 FIT_PASSES = {"threshold": 9, "threshold+gmlg": 9, "dmt": 150, "naee": 18, "mc-moe": 18, "diep": 18}
 
 
+FIT_RULES = 2  # 2: threshold rules on MoDES's grid, threshold+gmlg with the per-layer alpha, per-sequence MC-MoE
+
+
 def fits_key(doc):
     """What a fit depends on: the thresholds document (MoDES's taus, alpha and skip ratio, the calibration data
-    and the model) and the tolerance."""
+    and the model), the tolerance and the fitting rules."""
     blob = json.dumps(doc, sort_keys=True).encode()
-    return dict(thresholds_sha256=hashlib.sha256(blob).hexdigest(), tolerance=baselines.TOLERANCE)
+    return dict(thresholds_sha256=hashlib.sha256(blob).hexdigest(), tolerance=baselines.TOLERANCE, rules=FIT_RULES)
 
 
 def read_fits(path, key):
@@ -111,12 +117,14 @@ def read_fits(path, key):
     return doc["fits"]
 
 
-def make_policy(name, hyper, alpha, gamma):
+def make_policy(name, fit, gamma):
     """The policy of a fitted baseline from its saved setting, as baselines.fit_baseline builds it."""
+    hyper = fit["hyper"]
     if hyper is None:
         return None
     rules = {"reduce-k": baselines.ReduceK, "threshold": baselines.Threshold,
-             "threshold+gmlg": lambda t: baselines.Threshold(t, alpha), "dmt": lambda tau: baselines.DMT(*tau),
+             "threshold+gmlg": lambda t: baselines.Threshold(t, torch.tensor(fit["alpha"])),
+             "dmt": lambda tau: baselines.DMT(*tau),
              "naee": baselines.NAEE, "mc-moe": baselines.MCMoE, "diep": lambda b: baselines.DiEP(b, gamma)}
     return rules[name](hyper)
 
@@ -134,20 +142,31 @@ class CountedPasses:
         return result
 
 
-def fit_baselines(model, proc, args, modes, target, calib, fits, gamma):
+def per_layer_alpha(model, proc, calib, args):
+    """The paper's per-layer alpha [L] (Eq. 4: a layer's experts removed for every token) on the calibration
+    samples, which Threshold + GMLG uses in the paper's ablation (MoDES's own alpha is per layer and modality)."""
+    doc = calibrate(model, proc, calib, batch_size=args.batch_size, per_layer=True, quiet=args.quiet)
+    return router.alpha_table(doc, model, "per-layer alpha")[:, 0]
+
+
+def fit_baselines(model, proc, args, doc, target, calib, fits, gamma):
     """Every baseline of --baselines not in fits, fitted on the calibration samples (one Evaluator: their
-    unskipped logits computed once) -> fits with them added."""
+    unskipped logits computed once) on MoDES's grid size -> fits with them added."""
     todo = [name for name in args.baselines if name not in fits]
     if not todo:
         return fits
+    layer_alpha = per_layer_alpha(model, proc, calib, args) if "threshold+gmlg" in todo else None
+    grid_n = doc.get("search", {}).get("grid", {}).get("n", 100)
     calib_eval = search.Evaluator(model, proc, calib, batch_size=args.batch_size, quiet=args.quiet)
     estimate = {name: FIT_PASSES.get(name, model.cfg.num_experts_per_tok + 1) for name in todo}
     progress = cli.Progress(f"fit {len(todo)} baselines on {len(calib)} questions", sum(estimate.values()),
                             args.quiet)
     counted = CountedPasses(calib_eval, progress)
     for i, name in enumerate(todo):
-        fit = baselines.fit_baseline(name, model, counted, modes.alpha, gamma, target)
+        fit = baselines.fit_baseline(name, model, counted, layer_alpha, gamma, target, grid_n)
         fits[name] = {k: v for k, v in fit.items() if k != "policy"}
+        if name == "threshold+gmlg":
+            fits[name]["alpha"] = layer_alpha.tolist()
         progress.total = counted.passes + sum(estimate[n] for n in todo[i + 1:])  # the estimate, corrected
     progress.update(counted.passes, "calibration passes", finished=True)
     return fits
@@ -191,14 +210,14 @@ def fidelity(model, source, args, modes, doc, calib, evals, fits):
     proc = processor.for_model(source, model.cfg.model_type)
     gamma = baselines.diep_gamma(baselines.expert_similarity(model, proc, calib)) if "diep" in args.baselines else None
     known = set(fits)
-    fits = fit_baselines(model, proc, args, modes, target, calib, dict(fits), gamma)
+    fits = fit_baselines(model, proc, args, doc, target, calib, dict(fits), gamma)
     if args.fits and set(fits) != known and cli.is_main():
         cli.write_json(args.fits, dict(format=FITS_FORMAT, key=fits_key(doc), fits=fits))
     rows = [dict(policy="full", hyper=None, calib_skip=0.0, reached=True, note=""),
             dict(policy="modes", hyper=[doc["tau"]["text"], doc["tau"]["vision"]], calib_skip=target, reached=True,
                  note="")]
-    rows += [dict(policy=name, **fits[name]) for name in args.baselines]
-    policies = [None, modes] + [make_policy(name, fits[name]["hyper"], modes.alpha, gamma) for name in args.baselines]
+    rows += [dict(policy=name, **{k: v for k, v in fits[name].items() if k != "alpha"}) for name in args.baselines]
+    policies = [None, modes] + [make_policy(name, fits[name], gamma) for name in args.baselines]
     # the unskipped answer logits: computed once, in the evaluation set's preparation pass, and reused by every row
     test_eval = search.Evaluator(model, proc, evals, batch_size=args.batch_size, quiet=True)
     fitted = [r["policy"] == "full" or p is not None for r, p in zip(rows, policies)]
@@ -211,7 +230,7 @@ def fidelity(model, source, args, modes, doc, calib, evals, fits):
         progress.update(done[0], f"questions ({r['policy']})")
     for r, policy, ok in zip(rows, policies, fitted):
         if not ok:  # not fitted: the row says why
-            r.update(kl=None, top1=None, skip=dict(all=None, text=None, vision=None), accuracy=None)
+            r.update(kl=None, top1=None, skip=dict(all=None, text=None, vision=None, text_vision=None), accuracy=None)
             continue
         if r["policy"] == "full":
             r.update(test_eval.unskipped)
