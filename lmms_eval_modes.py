@@ -37,7 +37,13 @@ import tempfile
 import time
 
 import torch
-from lmms_eval.api.model import lmms
+
+try:
+    from lmms_eval.api.model import lmms
+except ImportError:  # the optional dependency: one line saying how to get it, not a traceback
+    print('error: lmms_eval_modes.py needs the optional lmms-eval package: pip install lmms-eval==0.7.3 "filelock<4" '
+          "(README, \"The paper's benchmarks through lmms-eval\")", file=sys.stderr)
+    sys.exit(2)
 
 import cli
 import model as modelling
