@@ -259,6 +259,7 @@ def check_args(args):
     for name in ("model", "data", "gqa_questions", "gqa_images", "plot", "alpha"):
         cli.check_input_path(getattr(args, name, None), f"--{name.replace('_', '-')}")
     cli.set_threads(args.threads)
+    cli.check_max_tiles(args.max_tiles)
     args.device = cli.check_device(args.device)
     if args.plot:  # now, not after a long run
         plot.require_matplotlib()
@@ -273,7 +274,7 @@ def load_model(args):
     shard = Shard(rank, world) if args.model_parallel else Shard()
     model = set_expert_impl(load(path, device, cli.DTYPES[args.dtype], shard, processor.special_token_ids(path)),
                             "auto")
-    return model, processor.for_model(path, model.cfg.model_type), path
+    return model, processor.for_model(path, model.cfg.model_type, args.max_tiles), path
 
 
 def main(args):
@@ -314,6 +315,7 @@ def add_model_args(p):
     p.add_argument("--dtype", default="float32", choices=list(cli.DTYPES), help="weights and compute")
     p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
     p.add_argument("--plot", metavar="DIR", help="also draw this run's plots as PNG files into DIR (needs matplotlib)")
+    cli.add_max_tiles_arg(p)
     cli.add_threads_arg(p)
 
 

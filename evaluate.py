@@ -207,7 +207,7 @@ def fidelity(model, source, args, modes, doc, calib, evals, fits):
     accuracy with retention, on the evaluation set (--data, or built-in synthetic samples unseen in calibration).
     The baselines' fits come from --fits where it has them; the new ones are written back to it."""
     target = doc["skip_ratio"]["all"]
-    proc = processor.for_model(source, model.cfg.model_type)
+    proc = processor.for_model(source, model.cfg.model_type, args.max_tiles)
     gamma = baselines.diep_gamma(baselines.expert_similarity(model, proc, calib)) if "diep" in args.baselines else None
     known = set(fits)
     fits = fit_baselines(model, proc, args, doc, target, calib, dict(fits), gamma)
@@ -275,6 +275,8 @@ def check_args(args):
     unknown = [b for b in args.baselines if b not in baselines.BASELINES]
     cli.check(not unknown, f"--baselines: unknown {', '.join(unknown)} (choose from {', '.join(baselines.BASELINES)})")
     cli.check(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
+    cli.check_max_tiles(args.max_tiles)
+    cli.set_threads(args.threads)
     args.device = cli.check_device(args.device)
     cli.check(not args.plot or args.json, "--plot DIR draws from the --json FILE: give both")
     for path, what in ((args.json, "--json"), (args.fits, "--fits")):
@@ -312,7 +314,7 @@ def main(args):
 def parser():
     p = argparse.ArgumentParser(description="Compare MoDES (--thresholds) with the unskipped model and the "
                                 "baselines at equal skip ratio: skip ratios, answer KL, top-1 agreement and "
-                                "exact-match accuracy on an evaluation set.")
+                                "exact-match accuracy on an evaluation set.", formatter_class=cli.HelpFormatter)
     p.add_argument("--model", help=f"checkpoint folder, or a built-in one: {', '.join(tiny.CHECKPOINTS)} "
                    "(default tiny-qwen)")
     p.add_argument("--thresholds", help="thresholds file from search.py (needed): MoDES's policy, and the "
@@ -333,6 +335,8 @@ def parser():
     p.add_argument("--expert-impl", default="auto", choices=EXPERT_IMPLS,
                    help="routed-expert compute: ref (the readable loop) or a moe_kernels.py path (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+    cli.add_max_tiles_arg(p)
+    cli.add_threads_arg(p)
     p.add_argument("--json", help="also write the result to this file")
     p.add_argument("--plot", metavar="DIR", help="with --json: also draw the result's plots into DIR (matplotlib)")
     return p

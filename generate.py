@@ -122,13 +122,14 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=32, stop_i
 
 def main(args):
     cli.check(args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    cli.set_threads(args.threads)
     rank, world, device = cli.init_distributed(cli.check_device(args.device))  # torchrun: the ranks run one model
     compile = device.startswith("cuda") if args.compile is None else args.compile
     path = tiny.resolve(args.model)
     # the inputs and the thresholds are read and checked before the weights load; the thresholds against the
     # architecture alone (a model on the meta device holds no weights)
     cfg = model.read_config(path)
-    proc = processor.for_model(path, cfg.model_type)
+    proc = processor.for_model(path, cfg.model_type, cli.check_max_tiles(args.max_tiles))
     # several --prompt: one batch, every prompt with the same images and video
     batches = [proc.from_cli(p, images=args.image, video=args.video, system=args.system) for p in args.prompt]
     prompt_tokens = max(len(b["input_ids"]) for b in batches)
@@ -176,8 +177,8 @@ def skip_report(stats, label):
 
 
 def parser():
-    p = argparse.ArgumentParser(description="Greedy generation with Qwen3-VL-MoE or Kimi-VL from a Hugging Face "
-                                "checkpoint folder.")
+    p = argparse.ArgumentParser(description="Greedy generation with Qwen3-VL-MoE, Kimi-VL or InternVL-3.5 from a "
+                                "Hugging Face checkpoint folder.", formatter_class=cli.HelpFormatter)
     p.add_argument("--model", help=f"checkpoint folder, or a built-in one: {', '.join(tiny.CHECKPOINTS)} "
                    "(default tiny-qwen)")
     p.add_argument("--prompt", action="append", required=True,
@@ -189,6 +190,8 @@ def parser():
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (under torchrun: each rank's LOCAL_RANK GPU)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--thresholds", help="MoDES thresholds file from search.py: skip experts while generating")
+    cli.add_max_tiles_arg(p)
+    cli.add_threads_arg(p)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compile the decode step and capture it in a CUDA graph (default: on for cuda)")
     p.add_argument("--expert-impl", default="auto", choices=model.EXPERT_IMPLS,
