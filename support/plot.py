@@ -355,6 +355,9 @@ def plot_bench(doc, path):
         ticks = []
         for i, (r, where) in enumerate(entries(doc, "rows")):
             policy, _ = field(r, "policy", where)
+            if isinstance(r, dict) and "error" in r:  # bench.py's row for a policy that failed: named, not drawn
+                ticks.append(f"{policy}\nfailed")
+                continue
             decode = number(r, "decode_ms", where)
             vision, prefill, floor, skip_prefill, skip_decode = (number(r, k, where, optional=True) for k in (
                 "vision_ms", "prefill_ms", "decode_floor_ms", "skip_prefill_all", "skip_decode_all"))

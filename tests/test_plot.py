@@ -275,3 +275,13 @@ def test_degenerate_numbers_are_drawn_or_one_line(tmp_path, capsys, name, how):
     status = plot.cli([str(tmp_path / name), "--out", str(tmp_path / "png")])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert (status, errors) == (0, []) or (status == 2 and len(errors) == 1 and str(tmp_path / name) in errors[0])
+
+
+@needs_matplotlib
+def test_bench_error_rows_are_named_not_drawn(tmp_path):
+    """bench.py writes a failed policy as {"policy", "error"}: the plot still draws the other rows."""
+    doc = load("bench-skip.json")
+    doc["rows"].insert(1, {"policy": "broken", "error": "RuntimeError: out of memory"})
+    out = str(tmp_path / "bench.png")
+    assert png_size(plot.plot_bench(doc, out)) == expected_size("bench")
+    assert png_size(plot.plot_skip(doc, str(tmp_path / "skip.png"))) == expected_size("skip")
