@@ -49,6 +49,7 @@ from model import SPECIAL
 from support import plot, tiny
 
 PARTIAL_FORMAT = "modes-thresholds-partial/1"
+SKIP_RATIOS = ("all", "text", "vision", "text_vision")  # router.SkipStats.summary's, "all" being the search's g
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -117,7 +118,7 @@ class Evaluator:
         counts = cli.all_sum(stats.counts, self.world)[0].sum(0)  # [3 modalities, (skipped, total)] of the prefill
         self.ceiling = 1 - float(counts[SPECIAL, 1]) / max(1, float(counts[:, 1].sum()))  # special slots stay
         prefill = stats.summary()["prefill"]  # the unskipped model's score, from this pass: no second pass needed
-        self.unskipped = dict(kl=0.0, top1=1.0, skip={k: prefill[k] for k in ("all", "text", "vision")})
+        self.unskipped = dict(kl=0.0, top1=1.0, skip={k: prefill[k] for k in SKIP_RATIOS})
         self.policy = router.MoDES(0.0, 0.0, alpha) if alpha is not None else None
 
     def __call__(self, tau_text, tau_vision):
@@ -151,7 +152,7 @@ class Evaluator:
         cli.all_sum(stats.counts, self.world)
         prefill = stats.summary()["prefill"]
         return dict(kl=float(sums[0] / sums[2]), top1=float(sums[1] / sums[2]),
-                    skip={k: prefill[k] for k in ("all", "text", "vision")})
+                    skip={k: prefill[k] for k in SKIP_RATIOS})
 
 
 def move(obj, device):
