@@ -90,14 +90,14 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=32, stop_i
     token ids [B, n]; a row that hit a stop id keeps emitting it until every row has stopped. Each row gets the
     tokens it gets alone: its own positions (the cache's next_pos per row), its padding masked out.
     stats: a router.SkipStats (the rows' counts summed) or a RowStats (per row); neither counts padding nor the
-    decode steps of a row that has stopped. compile: decode steps through moe_kernels.DecodeStep (torch.compile,
+    decode steps of a row that has stopped. Any other collector (anything with SkipStats.record) gets every call. compile: decode steps through moe_kernels.DecodeStep (torch.compile,
     and a CUDA graph on a GPU, one per batch size) instead of eagerly."""
     B, S = input_ids.shape
     check(max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {max_new_tokens}")
     check(S + max_new_tokens <= model.cfg.max_position_embeddings, f"{S} prompt tokens + {max_new_tokens} new "
               f"tokens exceed the model's max_position_embeddings {model.cfg.max_position_embeddings}")
-    rows = stats if stats is None or isinstance(stats, RowStats) else RowStats(B, len(model.layers),
-                                                                                input_ids.device)
+    summed = isinstance(stats, router.SkipStats)  # counted per row here, the rows' sum added at the end
+    rows = RowStats(B, len(model.layers), input_ids.device) if summed else stats
     cache = model.new_cache(B, S + max_new_tokens)
     logits = model(input_ids, attention_mask, cache=cache, stats=rows, last_only=True, **pixels)[:, -1]
     step = moe_kernels.DecodeStep(model, cache, rows) if compile else (lambda t: model.decode_step(t, cache, rows))
@@ -111,11 +111,11 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=32, stop_i
         done |= is_any(token, stop)
         if bool(done.all()) or i == max_new_tokens - 1:
             break
-        if rows is not None:
+        if isinstance(rows, RowStats):
             rows.alive.copy_(~done)  # in place: a captured decode graph reads it
         logits = step(token[:, None])
         cache.length += 1
-    if rows is not stats:
+    if summed:
         stats.counts += rows.counts.sum(2)
     return torch.stack(out, 1)
 
