@@ -1,6 +1,7 @@
 """Calibration and evaluation data: image-question-answer samples, teacher-forced batches, answer logits and KL.
 
-- Samples from a JSONL file, GQA's question JSON + image folder, the easy-vqa package's test or train split, or a
+- Samples from a JSONL file, GQA's question JSON + image folder, the easy-vqa package's test or train split, the
+  generated scenes task (support/scenes.py: scenes-train / scenes-val / scenes-test), or a
   built-in synthetic set of rendered shapes; every file is checked when it is read, so a bad line or image is
   found before any model work and named by file and line.
 - A batch is each sample's prompt (the chat template with its images and question, as at inference) followed by
@@ -176,12 +177,24 @@ def synthetic_samples(n=32, size=256, seed=0):
     return samples
 
 
+BUILT_IN = ("easy-vqa-train", "easy-vqa-test", "scenes-train", "scenes-val", "scenes-test")  # --data names
+
+
 def read_samples(source):
-    """All samples of --data: a JSONL file, "easy-vqa-train" / "easy-vqa-test", or None for the synthetic set."""
+    """All samples of --data: a JSONL file, "easy-vqa-train" / "easy-vqa-test", "scenes-train" / "scenes-val" /
+    "scenes-test" (support/scenes.py, rendered in memory: 2,500 questions on 500 scenes each for val and test,
+    the first 2,000 training scenes for train), or None for the synthetic set."""
     if source is None or source == "synthetic":
         return synthetic_samples()
     if source in ("easy-vqa-train", "easy-vqa-test"):
         return read_easy_vqa(source.rsplit("-", 1)[1])
+    if source in ("scenes-train", "scenes-val", "scenes-test"):
+        from support import scenes
+        try:
+            return scenes.samples(source.split("-", 1)[1])
+        except ModuleNotFoundError as e:
+            raise ValueError(f"--data {source}: the scenes' handwritten digits come from the scikit-learn "
+                             f"package (pip install scikit-learn)") from e
     return read_jsonl(source)
 
 
@@ -260,7 +273,8 @@ def load_samples(args):
 def add_data_args(p):
     g = p.add_argument_group("calibration data (default: the built-in synthetic set)")
     g.add_argument("--data", help="JSONL file ({\"image\": path or [paths], \"video\": path, \"question\", "
-                   "\"answer\"} per line), or easy-vqa-train / easy-vqa-test (needs pip install easy-vqa)")
+                   "\"answer\"} per line), easy-vqa-train / easy-vqa-test (needs pip install easy-vqa), or "
+                   "scenes-train / scenes-val / scenes-test (support/scenes.py; needs pip install scikit-learn)")
     g.add_argument("--gqa-questions", help="GQA question JSON (e.g. testdev_balanced_questions.json)")
     g.add_argument("--gqa-images", help="folder of GQA <imageId>.jpg images")
     # torchrun's own parser claims any prefix of its options (--nnodes, --start-method) anywhere on the line, so

@@ -46,7 +46,7 @@ import processor
 import router
 import search
 from calibrate import calibrate
-from data import make_batch, read_samples, same_data, select, synthetic_samples
+from data import BUILT_IN, make_batch, read_samples, same_data, select, synthetic_samples
 from generate import generate, until_stop
 from model import EXPERT_IMPLS, build, load, read_config, set_expert_impl
 from parallel import Shard
@@ -192,8 +192,8 @@ def fidelity_inputs(args):
     cli.check(isinstance(source, str) and isinstance(n, int) and n >= 1 and isinstance(start, int) and start >= 0
               and (seed is None or isinstance(seed, int)), f"{path}: data needs a source string, n >= 1, start >= 0 "
               f"and a seed that is an integer or null, got {dict(source=source, n=n, start=start, seed=seed)}")
-    cli.check(source in ("synthetic", "easy-vqa-train", "easy-vqa-test") or source.endswith(".jsonl"),
-              f"{path}: calibration data {source} cannot be re-read here (only JSONL, easy-vqa or synthetic)")
+    cli.check(source == "synthetic" or source in BUILT_IN or source.endswith(".jsonl"),
+              f"{path}: calibration data {source} cannot be re-read here (only JSONL, easy-vqa, scenes or synthetic)")
     calib = select(read_samples(source), n, start, seed)
     cli.check(same_data(calib, info["sha256"]), f"{path}: the calibration data {source} changed since the "
               f"search (its sha256 differs)")

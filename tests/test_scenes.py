@@ -167,3 +167,10 @@ def test_train_scenes_resumes_bit_for_bit(tmp_path):
     assert "steps 0-3 in 3 chunk(s)" in readme and "seed 0, 3 steps of 2 questions" in readme
     with pytest.raises(ValueError, match="exists"):
         train_scenes.main(train_scenes.parse_args(args + ["--resume"]))
+
+
+def test_scenes_are_a_data_source_of_the_scripts():
+    import data
+    test = data.read_samples("scenes-test")
+    assert len(test) >= 2000 and data.data_hash(test) == data.data_hash(data.read_samples("scenes-test"))
+    assert all(s.images and s.answer.endswith(".") for s in test[:50])
