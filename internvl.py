@@ -461,13 +461,20 @@ class GptOssAttention(nn.Module):
         self.o_proj = nn.Linear(nh * d, H, bias=shard.rank == 0)  # the ranks' outputs are summed
         self.sinks = nn.Parameter(torch.empty(nh))  # per head: the logit of a key that every query sees
 
-    def forward(self, x, ctx):
+    def project(self, x, ctx):
+        """q [B, nh, S, d], k, v [B, nkv, S, d] of the call's tokens, rotary applied (the interface
+        qwen3_vl_moe.QwenAttention has, which baselines.py's MC-MoE token importance calls)."""
         B, S, _ = x.shape
         cos, sin = ctx.cos[:, :, None], ctx.sin[:, :, None]  # [B, S, 1, d]
         q, k, v = (p(x).view(B, S, -1, self.d) for p in (self.q_proj, self.k_proj, self.v_proj))
         q = (q * cos + rotate_half(q) * sin).transpose(1, 2)  # [B, nh, S, d]
         k = (k * cos + rotate_half(k) * sin).transpose(1, 2)  # [B, nkv, S, d]
-        k, v = ctx.cached(self.layer_idx, k, v.transpose(1, 2), dim=2)  # decoding: the whole cache
+        return q, k, v.transpose(1, 2)
+
+    def forward(self, x, ctx):
+        B, S, _ = x.shape
+        q, k, v = self.project(x, ctx)
+        k, v = ctx.cached(self.layer_idx, k, v, dim=2)  # decoding: the whole cache
         # cache indices of the queries and keys (a prefill starts at an empty cache); the window counts indices,
         # padding included, as transformers' sliding mask does
         query = ctx.cache_pos if ctx.cache_pos is not None else torch.arange(S, device=x.device)  # [S]

@@ -1148,15 +1148,73 @@ def video_frame_indices(total, num_frames):
     return torch.arange(total / num_frames / 2, total, total / num_frames).int().tolist()
 
 
-class InternVLProcessor:
-    """Chat messages (+ images, video) -> input_ids and tiles for InternVL-3.5 with its Qwen3 decoder.
+# chat style -> (answer prefix, end of turn) of a teacher-forced answer after the generation prompt
+CHAT_STYLES = {"chatml": ("", "<|im_end|>"), "harmony": ("<|channel|>final<|message|>", "<|return|>")}
 
-    The prompt is the -HF chat template written out: ChatML (`render_qwen_chat`, no default system prompt), each
-    image part `<img>` + 256 `<IMG_CONTEXT>` per tile + `</img>` and a newline, each video part
-    `Frame1: <img>...</img>\\nFrame2: ...` (one 448 px tile per frame) and a newline."""
+# the system message of InternVL's `internvl3_5_gpt_oss` conversation template (the GPT-OSS variant's default)
+INTERNVL_GPT_OSS_SYSTEM = ("You are InternVL, a large language model trained by Shanghai AI Laboratory.\n"
+                           "Knowledge cutoff: 2024-06\nCurrent date: 2025-08-06\n\nReasoning: low\n\n"
+                           "# Valid channels: final. Channel must be included for every message.")
+
+
+def chat_style(template):
+    """'chatml', 'harmony' or None (no template, or one of neither kind) from a chat template's text."""
+    if template is None:
+        return None
+    if "<|im_start|>" in template:
+        return "chatml"
+    if "<|start|>" in template and "<|message|>" in template:
+        return "harmony"
+    return None
+
+
+def render_harmony_chat(messages, add_generation_prompt=True, expand=None):
+    """The GPT-OSS variant's harmony-style template (configs/internvl3_5_gpt_oss_chat_template.jinja) written out:
+    `<|start|>system<|message|>{system}<|end|>` (the first message's text, else InternVL's default system
+    message), then `<|start|>user<|message|>...<|end|>` per user turn and
+    `<|start|>assistant<|channel|>final<|message|>...<|end|>` per earlier answer; the generation prompt is
+    `<|start|>assistant`. Image / video parts as in render_qwen_chat (`expand(part, i, j)` or the
+    `<IMG_CONTEXT>\\n` / `<video>\\n` placeholders)."""
+    render_qwen_chat(messages, add_generation_prompt)  # the same validation
+    system, first = INTERNVL_GPT_OSS_SYSTEM, 0
+    if messages[0]["role"] == "system":
+        system, first = "".join(p["text"] for p in _content_parts(messages[0], 0)), 1
+    out = [f"<|start|>system<|message|>{system}<|end|>"]
+    for i in range(first, len(messages)):
+        role = messages[i]["role"]
+        out.append("<|start|>assistant<|channel|>final<|message|>" if role == "assistant"
+                   else f"<|start|>{role}<|message|>")
+        for j, part in enumerate(_content_parts(messages[i], i)):
+            if part["type"] == "text":
+                out.append(part["text"])
+            elif expand is not None:
+                out.append(expand(part, i, j))
+            else:
+                out.append("<IMG_CONTEXT>\n" if part["type"] == "image" else "<video>\n")
+        out.append("<|end|>")
+    if add_generation_prompt:
+        out.append("<|start|>assistant")
+    return "".join(out)
+
+
+class InternVLProcessor:
+    """Chat messages (+ images, video) -> input_ids and tiles for InternVL-3.5 (Qwen3 or GPT-OSS decoder).
+
+    The prompt is the folder's chat template written out, in the style the template has: ChatML
+    (`render_qwen_chat`, no default system prompt; the Qwen3 variant) or harmony (`render_harmony_chat`, when the
+    template has `<|start|>` / `<|message|>` and no `<|im_start|>`; the GPT-OSS variant). Each image part is
+    `<img>` + 256 `<IMG_CONTEXT>` per tile + `</img>` and a newline, each video part
+    `Frame1: <img>...</img>\\nFrame2: ...` (one 448 px tile per frame) and a newline.
+
+    answer_prefix / end_of_turn: what a teacher-forced answer is wrapped in after the generation prompt (ChatML:
+    nothing / `<|im_end|>`; harmony: `<|channel|>final<|message|>` / `<|return|>`)."""
 
     def __init__(self, tokenizer, *, image_token_id, pad_token_id, stop_token_ids, special_ids, tokens_per_tile,
-                 image_cfg=None, max_tiles=None):
+                 image_cfg=None, max_tiles=None, style="chatml"):
+        if style not in CHAT_STYLES:
+            raise ValueError(f"chat style must be one of {', '.join(CHAT_STYLES)}, got {style!r}")
+        self.style = style
+        self.answer_prefix, self.end_of_turn = CHAT_STYLES[style]
         self.tokenizer = tokenizer
         self.image_token_id, self.pad_token_id = image_token_id, pad_token_id
         self.stop_token_ids = list(stop_token_ids)
@@ -1205,23 +1263,42 @@ class InternVLProcessor:
         text_cfg = config.get("text_config") or {}
         stop = _as_list(text_cfg.get("eos_token_id", config.get("eos_token_id")))
         stop += _as_list(gen_cfg.get("eos_token_id"))
-        stop += [token_id("<|im_end|>", "stop ids"), token_id("<|endoftext|>", "stop ids")]
+        template_path, template = _find_chat_template(model_dir)
+        style = chat_style(template)
+        if template is not None and style is None:
+            warnings.warn(f"{template_path}: neither a ChatML nor a harmony chat template; prompts are built in "
+                          f"ChatML, the template of InternVL-3.5's Qwen3 decoder", stacklevel=2)
+        style = style or "chatml"
+        if style == "harmony":  # gpt-oss's generation_config stops: <|return|>, <|endoftext|>, <|call|>
+            stop += [token_id(t, "stop ids") for t in ("<|return|>", "<|endoftext|>", "<|call|>")]
+            for t in ("<|start|>", "<|message|>", "<|end|>", "<|channel|>"):
+                token_id(t, "the harmony chat template")
+        else:
+            stop += [token_id("<|im_end|>", "stop ids"), token_id("<|endoftext|>", "stop ids")]
         pre_path = os.path.join(model_dir, "preprocessor_config.json")
         image_cfg = InternVLImageConfig.from_file(pre_path) if os.path.isfile(pre_path) else InternVLImageConfig()
-        template_path, template = _find_chat_template(model_dir)
-        if template is not None and "<|im_start|>" not in template:
-            warnings.warn(f"{template_path}: not a ChatML chat template; prompts are still built in ChatML, the "
-                          f"template of InternVL-3.5's Qwen3 decoder", stacklevel=2)
         return cls(tokenizer, image_token_id=image_token_id, pad_token_id=token_id(pad, "pad_token"),
                    stop_token_ids=list(dict.fromkeys(int(s) for s in stop)), special_ids=special_ids,
-                   tokens_per_tile=config.get("image_seq_length", 256), image_cfg=image_cfg, max_tiles=max_tiles)
+                   tokens_per_tile=config.get("image_seq_length", 256), image_cfg=image_cfg, max_tiles=max_tiles,
+                   style=style)
 
     def encode(self, text):
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids, skip_special_tokens=True):
+        """Text of ids; with skip_special_tokens a harmony reply keeps only its last message (what follows the
+        last `<|message|>`: the channel name and any earlier analysis message are headers, not the answer)."""
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        if skip_special_tokens and self.style == "harmony":
+            message = self.tokenizer.token_to_id("<|message|>")
+            if message in ids:
+                ids = ids[len(ids) - ids[::-1].index(message):]
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def render(self, messages, add_generation_prompt, expand):
+        if self.style == "harmony":
+            return render_harmony_chat(messages, add_generation_prompt, expand=expand)
+        return render_qwen_chat(messages, add_generation_prompt, expand=expand)
 
     def image_block(self, n_tiles):
         return "<img>" + "<IMG_CONTEXT>" * (self.tokens_per_tile * n_tiles) + "</img>"
@@ -1256,14 +1333,14 @@ class InternVLProcessor:
             tiles.append(torch.from_numpy(np.stack([normalize_image(f, self.image_cfg) for f in kept])))
             return "\n".join(f"Frame{k + 1}: " + self.image_block(1) for k in range(len(kept))) + "\n"
 
-        prompt = render_qwen_chat(messages, add_generation_prompt, expand=placeholder)  # also validates them
+        prompt = self.render(messages, add_generation_prompt, expand=placeholder)  # also validates them
         for i, message in enumerate(messages):
             for j, part in enumerate(_content_parts(message, i)):
                 # a context token typed as text would get no pixels and break the token/feature count
                 if part["type"] == "text" and "<IMG_CONTEXT>" in part["text"]:
                     raise ValueError(f"messages[{i}].content[{j}]: text contains a literal <IMG_CONTEXT>; pass "
                                      f"images and videos as parts instead")
-        text = render_qwen_chat(messages, add_generation_prompt, expand=expand)
+        text = self.render(messages, add_generation_prompt, expand=expand)
         return {"input_ids": torch.tensor(self.encode(text), dtype=torch.long),
                 "pixel_values": torch.cat(tiles) if tiles else None, "prompt": prompt, "text": text}
 

@@ -1,7 +1,7 @@
 """The built-in checkpoints, in the exact Hugging Face layout, so everything runs without downloading anything.
 
-- tiny-qwen, tiny-kimi, tiny-internvl: tiny Qwen3-VL-MoE, Kimi-VL and InternVL-3.5 (Qwen3-MoE decoder) with
-  deterministic RANDOM weights (their text is noise), the real vocabulary size and special-token ids, and small
+- tiny-qwen, tiny-kimi, tiny-internvl, tiny-internvl-gpt-oss: tiny Qwen3-VL-MoE, Kimi-VL and InternVL-3.5 (Qwen3-MoE
+  decoder; GPT-OSS decoder with its harmony-style chat template) with deterministic RANDOM weights (their text is noise), the real vocabulary size and special-token ids, and small
   real-format tokenizers. Written on first use into the cache folder ($MODES_CACHE, else ~/.cache/modes), safely
   when several processes start at once.
 - tiny-vqa: a tiny Qwen3-VL-MoE trained on the easy-vqa data set (train_vqa.py), shipped in checkpoints/tiny-vqa.
@@ -113,6 +113,26 @@ def internvl_config():
             "use_qk_norm": False, "use_mean_pooling": True, "use_absolute_position_embeddings": True,
             "use_mask_token": False},
     }
+
+
+def internvl_gpt_oss_config():
+    """config.json of tiny-internvl-gpt-oss (InternVL-3.5 with a gpt-oss decoder): tiny-internvl's vision side and
+    tile geometry, a gpt-oss text_config with both layer types, a 4-token sliding window, attention and expert
+    biases, sinks and YaRN as in gpt-oss-20b, the real vocabulary size and token ids (image_token_id is
+    configs/internvl3_5_gpt_oss_20b_a4b.json's placeholder 200021: the real id is not confirmed)."""
+    raw = internvl_config()
+    raw["image_token_id"] = GPT_OSS_INTERNVL_FIRST_ID + INTERNVL_ADDED_TOKENS.index("<IMG_CONTEXT>")
+    raw["text_config"] = {
+        "model_type": "gpt_oss", "vocab_size": 201088, "hidden_size": 128, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "intermediate_size": 64,
+        "num_local_experts": 32, "num_experts_per_tok": 4, "layer_types": ["sliding_attention", "full_attention"] * 2,
+        "sliding_window": 4, "attention_bias": True, "hidden_act": "silu", "rms_norm_eps": 1e-5,
+        "rope_theta": 150000, "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+                                               "beta_slow": 1.0, "truncate": False,
+                                               "original_max_position_embeddings": 4096},
+        "max_position_embeddings": 131072, "swiglu_limit": 7.0, "tie_word_embeddings": False,
+        "eos_token_id": 200002, "pad_token_id": 199999}
+    return raw
 
 
 # InternVL-3.5's GotOcr2ImageProcessor values: 448 px tiles, 1..12 of them, ImageNet statistics
@@ -240,6 +260,67 @@ def write_internvl_tokenizer(out_dir):
                                           "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
     write_atomic(tok_path, json.dumps(spec, ensure_ascii=False, indent=1).encode())
     write_atomic(cfg_path, json.dumps(tok_config, ensure_ascii=False, indent=2).encode())
+
+
+# gpt-oss's o200k_harmony specials at their real ids (openai/gpt-oss-20b tokenizer_config.json), every one "special"
+# (the 1,075 <|reserved_200013..201087|> tokens after them are left out of the tiny tokenizer)
+GPT_OSS_SPECIAL_TOKENS = {
+    199998: "<|startoftext|>", 199999: "<|endoftext|>", 200000: "<|reserved_200000|>", 200001: "<|reserved_200001|>",
+    200002: "<|return|>", 200003: "<|constrain|>", 200004: "<|reserved_200004|>", 200005: "<|channel|>",
+    200006: "<|start|>", 200007: "<|end|>", 200008: "<|message|>", 200009: "<|reserved_200009|>",
+    200010: "<|reserved_200010|>", 200011: "<|reserved_200011|>", 200012: "<|call|>", 200013: "<|reserved_200013|>",
+    200014: "<|reserved_200014|>", 200015: "<|reserved_200015|>", 200016: "<|reserved_200016|>",
+    200017: "<|reserved_200017|>", 200018: "<|endofprompt|>"}
+# InternVL's added tokens in the GPT-OSS release: their ids are NOT confirmed; they follow the harmony specials so that
+# <IMG_CONTEXT> lands on the config file's placeholder image_token_id 200021
+GPT_OSS_INTERNVL_FIRST_ID = 200019
+# o200k's pre-tokenizer split (tiktoken's o200k_base pat_str, which gpt-oss's tokenizer.json carries)
+O200K_SPLIT_PATTERN = "|".join([
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"\p{N}{1,3}", r" ?[^\s\p{L}\p{N}]+[\r\n/]*", r"\s*[\r\n]+", r"\s+(?!\S)", r"\s+"])
+INTERNVL_GPT_OSS_CHAT_TEMPLATE_PATH = os.path.join(ROOT, "configs", "internvl3_5_gpt_oss_chat_template.jinja")
+
+
+def write_internvl_gpt_oss_tokenizer(out_dir, vocab_size=512):
+    """tokenizer.json + tokenizer_config.json in gpt-oss's format: a deterministic byte-level BPE on the o200k split
+    (ids 0..~vocab_size), the harmony specials at their real ids, InternVL's added tokens after them (special), the
+    named image tokens transformers 5's InternVLProcessor reads, and the harmony-style chat template."""
+    with open(INTERNVL_GPT_OSS_CHAT_TEMPLATE_PATH, encoding="utf-8") as f:
+        chat_template = f.read()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(O200K_SPLIT_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator([TINY_CORPUS], trainer)
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    tokens = dict(GPT_OSS_SPECIAL_TOKENS)
+    tokens.update({GPT_OSS_INTERNVL_FIRST_ID + i: t for i, t in enumerate(INTERNVL_ADDED_TOKENS)})
+    entry = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+    added = []
+    for i, content in sorted(tokens.items()):
+        vocab[content] = i  # in the vocabulary too, or tokenizers renumbers it
+        added.append({"id": i, "content": content, **entry})
+    spec["added_tokens"] = added
+    tok_config = {
+        "added_tokens_decoder": {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in added},
+        "bos_token": "<|startoftext|>", "eos_token": "<|return|>", "pad_token": "<|endoftext|>",
+        "chat_template": chat_template, "clean_up_tokenization_spaces": False, "model_max_length": 131072,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "extra_special_tokens": {"start_image_token": "<img>", "end_image_token": "</img>",
+                                 "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"},
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    write_atomic(os.path.join(out_dir, "tokenizer.json"), json.dumps(spec, ensure_ascii=False, indent=1).encode())
+    write_atomic(os.path.join(out_dir, "tokenizer_config.json"),
+                 json.dumps(tok_config, ensure_ascii=False, indent=2).encode())
+    write_atomic(os.path.join(out_dir, "chat_template.jinja"), chat_template.encode())
 
 
 KIMI_SPECIAL_TOKENS = {
@@ -373,7 +454,7 @@ def random_weights(net, seed=0):
             g = torch.Generator(device=p.device).manual_seed(seed * 100003 + zlib.crc32(name.encode()))
             if p.ndim == 1:
                 p.normal_(generator=g).mul_(0.05).add_(1.0 if "norm" in name else 0.0)
-            elif name.endswith("mlp.gate.weight"):
+            elif name.endswith(("mlp.gate.weight", "mlp.router.weight")):
                 E, H = p.shape
                 popular = torch.randn(E, 1, generator=g, device=p.device) @ torch.randn(1, H, generator=g,
                                                                                       device=p.device)
@@ -397,7 +478,9 @@ def vocabulary(folder):
 
 RANDOM = {"tiny-qwen": ("tiny-qwen3-vl-moe-v3", qwen_config, QWEN_PREPROCESSOR, write_qwen_tokenizer),
           "tiny-kimi": ("tiny-kimi-vl-v3", kimi_config, KIMI_PREPROCESSOR, write_kimi_tokenizer),
-          "tiny-internvl": ("tiny-internvl-v1", internvl_config, INTERNVL_PREPROCESSOR, write_internvl_tokenizer)}
+          "tiny-internvl": ("tiny-internvl-v1", internvl_config, INTERNVL_PREPROCESSOR, write_internvl_tokenizer),
+          "tiny-internvl-gpt-oss": ("tiny-internvl-gpt-oss-v1", internvl_gpt_oss_config, INTERNVL_PREPROCESSOR,
+                                    write_internvl_gpt_oss_tokenizer)}
 CHECKPOINTS = tuple(RANDOM) + tuple(SHIPPED)
 
 
@@ -412,7 +495,7 @@ def random_weights_note(name):
 
 DEFAULT = "tiny-qwen"  # --model when none is given
 FILES = ("config.json", "model.safetensors", "tokenizer_config.json", "preprocessor_config.json")
-TOKENIZERS = ("tokenizer.json", "tiktoken.model")  # Qwen's and InternVL's, Kimi's: one of them
+TOKENIZERS = ("tokenizer.json", "tiktoken.model")  # Qwen's and InternVL's (both decoders), Kimi's: one of them
 
 
 def resolve(name):
