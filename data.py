@@ -21,7 +21,7 @@ import torch
 
 from cli import check, read_json
 from processor import IMAGE_SUFFIXES, PIXEL_KEYS
-END_OF_TURN = "<|im_end|>"  # the turn end of both Qwen3-VL and Kimi-VL
+END_OF_TURN = "<|im_end|>"  # the turn end of ChatML (Qwen3-VL, Kimi-VL, InternVL-Qwen3); a processor may say otherwise
 
 # B batch rows, S sequence, V vocabulary, N answer positions
 
@@ -309,9 +309,12 @@ def prompt(sample, proc):
 def make_batch(samples, proc, device, answers=True, max_positions=None):
     """Prompt (user turn + generation prompt) followed by the answer and the end-of-turn marker, per sample (only
     the prompts with answers=False, for generation); a sample longer than max_positions (the model's
-    max_position_embeddings) is refused by name."""
-    end = proc.tokenizer.token_to_id(END_OF_TURN)
-    check(end is not None, f"the tokenizer has no {END_OF_TURN} token to end the answer with")
+    max_position_embeddings) is refused by name. A processor with an answer_prefix (GPT-OSS's final-channel
+    header) and its own end_of_turn gets them: the prefix joins the prompt, so only the answer and its end are
+    scored."""
+    end_of_turn, prefix = getattr(proc, "end_of_turn", END_OF_TURN), getattr(proc, "answer_prefix", "")
+    end = proc.tokenizer.token_to_id(end_of_turn)
+    check(end is not None, f"the tokenizer has no {end_of_turn} token to end the answer with")
     seqs, n_answer, pixels = [], [], {}
     for s in samples:
         try:
@@ -319,7 +322,7 @@ def make_batch(samples, proc, device, answers=True, max_positions=None):
         except (OSError, ValueError) as e:  # what only the model's processor refuses (an image's aspect ratio)
             raise ValueError(f"{s.where}: {e}") from None
         answer = proc.encode(s.answer) + [end] if answers else []
-        seqs.append(out["input_ids"].tolist() + answer)
+        seqs.append(out["input_ids"].tolist() + (proc.encode(prefix) if answers and prefix else []) + answer)
         check(max_positions is None or len(seqs[-1]) <= max_positions,
               f"{s.where}: {len(seqs[-1])} tokens, more than the model's max_position_embeddings {max_positions}")
         n_answer.append(len(answer))

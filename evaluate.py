@@ -255,7 +255,7 @@ def fidelity(model, source, args, modes, doc, calib, evals, fits):
     for r in rows:
         if r["note"]:
             print(f"# {r['policy']}: {r['note']}")
-    return dict(source=source, thresholds=args.thresholds, target=target, tolerance=baselines.TOLERANCE,
+    return dict(source=args.model or tiny.DEFAULT, thresholds=args.thresholds, target=target, tolerance=baselines.TOLERANCE,
                 eval_data=args.data or "synthetic", eval_n=len(evals), fidelity=rows)
 
 

@@ -161,7 +161,7 @@ def main(args):
         print(cli.printable(rows[-1]["text"]))
         if stats is not None:
             rows[-1].update(skip_report(stats.row(b), "" if len(batches) == 1 else f"prompt {b + 1}: "))
-    report = dict(rows[0] if len(rows) == 1 else dict(rows=rows), model=path, load_s=round(load_s, 3),
+    report = dict(rows[0] if len(rows) == 1 else dict(rows=rows), model=args.model or tiny.DEFAULT, load_s=round(load_s, 3),
                   generate_s=round(generate_s, 3))
     if args.json:
         print(json.dumps(report))

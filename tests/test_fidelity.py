@@ -12,6 +12,7 @@ import baselines
 import cli
 import evaluate
 from model import read_config
+from support import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,7 +50,7 @@ def test_baselines_reach_the_modes_skip_ratio(thresholds):
             assert row["note"] and (row["calib_skip"] is None or row["calib_skip"] >= target), name
     # searched on MoDES's grid, as MoDES is: the first grid point at or above the target
     assert rows["threshold"]["calib_skip"] >= target and rows["threshold+gmlg"]["calib_skip"] >= target
-    K = read_config(doc["source"]).num_experts_per_tok
+    K = read_config(tiny.resolve(doc["source"])).num_experts_per_tok
     assert rows["reduce-k"]["calib_skip"] >= target and 0 <= rows["reduce-k"]["hyper"] < K
     # --no-accuracy: no accuracy and no retention, and the document has the fields of the committed fidelity files
     # (what support/plot.py reads)

@@ -91,10 +91,7 @@ def test_python_render_equals_the_folders_jinja_template(folder, proc):
 
 
 def test_calibrate_search_generate_skips(folder, proc, tmp_path, monkeypatch):
-    if proc.tokenizer.token_to_id(data.END_OF_TURN) is None:
-        # data.py ends every teacher-forced answer with ChatML's <|im_end|>, which a harmony tokenizer lacks: until
-        # it takes the processor's end_of_turn (and answer_prefix), use the harmony answer end here
-        monkeypatch.setattr(data, "END_OF_TURN", proc.end_of_turn)
+    assert proc.tokenizer.token_to_id(data.END_OF_TURN) is None  # data.py takes the processor's end of turn
     alpha, thresholds = tmp_path / "alpha.json", tmp_path / "thresholds.json"
     common = ["--model", "tiny-internvl-gpt-oss", "--n", "2", "--batch-size", "2", "--quiet", "--threads", "1"]
     calibrate.main(calibrate.parser().parse_args(common + ["--out", str(alpha)]))
