@@ -308,7 +308,8 @@ def main(args):
 
 
 def add_model_args(p):
-    p.add_argument("--model", help="checkpoint folder, or a built-in one: tiny-qwen (default), tiny-kimi, tiny-vqa")
+    p.add_argument("--model", help=f"checkpoint folder, or a built-in one: {', '.join(tiny.CHECKPOINTS)} "
+                   f"(default {tiny.DEFAULT})")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (under torchrun: each rank's LOCAL_RANK GPU)")
     p.add_argument("--model-parallel", action="store_true", help="under torchrun: the ranks run one model together "
                    "(experts, heads and vocabulary split), each on every sample, instead of one copy each")
