@@ -463,7 +463,8 @@ def speed(model, source, load_s, host_load, args, modes):
     ids, pixels = synthetic_inputs(model, args, args.batch)
     bandwidth, bandwidth_timer = copy_bandwidth(args.device)
     cuda = args.device.startswith("cuda")
-    header = dict(source=source, **machine(args.device), processes=model.shard.world, dtype=args.dtype,
+    given = args.config or args.model or tiny.DEFAULT  # as the user gave it: no machine's absolute path
+    header = dict(source=given, **machine(args.device), processes=model.shard.world, dtype=args.dtype,
                   batch=args.batch, prompt_tokens=ids.shape[1], model_type=model.cfg.model_type,
                   visual_tokens=sum(int((ids[0] == t).sum()) for t in model.cfg.media_token_ids),
                   decode_steps=args.decode_steps, repeats=args.repeats, warmup=args.warmup, compile=args.compile,
@@ -654,7 +655,7 @@ def main(args):
             print("plots: not drawn, the result has error rows", file=sys.stderr)
     if args.demo:
         print("\n".join(["", f"# MoDES (--thresholds {DEMO['thresholds']}) against the full model, "
-                              f"{result['threads']} threads:"] + method_table(result["rows"])), flush=True)
+                              f"{result['threads']} thread{'s' if result['threads'] != 1 else ''}:"] + method_table(result["rows"])), flush=True)
         if args.json:
             print(f"# the whole result: {args.json}; the last line too")
     print(json.dumps(result), flush=True)

@@ -376,6 +376,21 @@ def _find_chat_template(model_dir):
     return None, None
 
 
+def read_tokenizer_json(model_dir):
+    """(tokenizer, path of tokenizer.json, ids of its special tokens) of a checkpoint folder, or one line naming
+    what is missing or malformed."""
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"model folder not found: {model_dir}")
+    tok_path = os.path.join(model_dir, "tokenizer.json")
+    if not os.path.isfile(tok_path):
+        raise FileNotFoundError(f"tokenizer.json not found in {model_dir}")
+    try:
+        tokenizer = Tokenizer.from_file(tok_path)
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        raise ValueError(f"cannot load {tok_path}: {e}") from None
+    return tokenizer, tok_path, {t["id"] for t in _read_json(tok_path).get("added_tokens") or [] if t.get("special")}
+
+
 class QwenProcessor:
     """Chat messages (+ images, video) -> input_ids and pixel tensors for Qwen3-VL-MoE."""
 
@@ -393,17 +408,7 @@ class QwenProcessor:
     def from_dir(cls, model_dir):
         """Reads tokenizer.json, tokenizer_config.json, config.json and, when present, generation_config.json,
         preprocessor_config.json, video_preprocessor_config.json and the chat template of a checkpoint folder."""
-        if not os.path.isdir(model_dir):
-            raise FileNotFoundError(f"model folder not found: {model_dir}")
-        tok_path = os.path.join(model_dir, "tokenizer.json")
-        if not os.path.isfile(tok_path):
-            raise FileNotFoundError(f"tokenizer.json not found in {model_dir}")
-        try:
-            tokenizer = Tokenizer.from_file(tok_path)
-        except Exception as e:  # tokenizers raises a bare Exception on malformed files
-            raise ValueError(f"cannot load {tok_path}: {e}") from None
-        added = _read_json(tok_path).get("added_tokens") or []
-        special_ids = {t["id"] for t in added if t.get("special")}
+        tokenizer, tok_path, special_ids = read_tokenizer_json(model_dir)
 
         def token_id(token, needed_for):
             tid = tokenizer.token_to_id(token)
@@ -1229,16 +1234,7 @@ class InternVLProcessor:
     def from_dir(cls, model_dir, max_tiles=None):
         """Reads tokenizer.json, tokenizer_config.json, config.json and, when present, generation_config.json,
         preprocessor_config.json and the chat template of an -HF checkpoint folder."""
-        if not os.path.isdir(model_dir):
-            raise FileNotFoundError(f"model folder not found: {model_dir}")
-        tok_path = os.path.join(model_dir, "tokenizer.json")
-        if not os.path.isfile(tok_path):
-            raise FileNotFoundError(f"tokenizer.json not found in {model_dir}")
-        try:
-            tokenizer = Tokenizer.from_file(tok_path)
-        except Exception as e:  # tokenizers raises a bare Exception on malformed files
-            raise ValueError(f"cannot load {tok_path}: {e}") from None
-        special_ids = {t["id"] for t in _read_json(tok_path).get("added_tokens") or [] if t.get("special")}
+        tokenizer, tok_path, special_ids = read_tokenizer_json(model_dir)
 
         def token_id(token, needed_for):
             tid = tokenizer.token_to_id(token)
