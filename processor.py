@@ -1269,7 +1269,8 @@ class InternVLProcessor:
             stop += [token_id(t, "stop ids") for t in ("<|return|>", "<|endoftext|>", "<|call|>")]
             for t in ("<|start|>", "<|message|>", "<|end|>", "<|channel|>"):
                 token_id(t, "the harmony chat template")
-        else:
+        else:  # a gpt-oss vocabulary has no ChatML tokens unless the -HF conversion added them
+            token_id("<|im_start|>", "the ChatML chat template")
             stop += [token_id("<|im_end|>", "stop ids"), token_id("<|endoftext|>", "stop ids")]
         pre_path = os.path.join(model_dir, "preprocessor_config.json")
         image_cfg = InternVLImageConfig.from_file(pre_path) if os.path.isfile(pre_path) else InternVLImageConfig()

@@ -103,3 +103,22 @@ def test_calibrate_search_generate_skips(folder, proc, tmp_path, monkeypatch):
     assert r.returncode == 0, r.stderr
     m = re.search(r"skipped routed-expert slots: prefill ([\d.]+)%", r.stdout + r.stderr)
     assert m and float(m.group(1)) > 0, r.stdout + r.stderr
+
+
+def test_a_chatml_template_without_chatml_tokens_is_refused(folder, tmp_path):
+    """The -HF folder may ship ChatML (what ms-swift assumes) over a vocabulary without its tokens: the prompt would
+    then be tokenised into bytes. Refused in one line naming the token; a harmony template still works."""
+    copy = tmp_path / "chatml"
+    copy.mkdir()
+    for name in os.listdir(folder):
+        if name != "chat_template.jinja" and os.path.isfile(os.path.join(folder, name)):
+            os.symlink(os.path.join(folder, name), copy / name)
+    tok_cfg = json.load(open(os.path.join(folder, "tokenizer_config.json")))
+    os.remove(copy / "tokenizer_config.json")
+    chatml = open(os.path.join(ROOT, "configs", "internvl3_5_chat_template.jinja"), encoding="utf-8").read()
+    (copy / "tokenizer_config.json").write_text(json.dumps(dict(tok_cfg, chat_template=chatml)))
+    with pytest.raises(ValueError, match=r"has no token <\|im_start\|> \(needed for the ChatML chat template\)"):
+        processor.for_model(str(copy), "internvl")
+    r = run("generate.py", "--model", str(copy), "--prompt", "hi", "--max-new-tokens", "1")
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and "<|im_start|>" in err[0] and "Traceback" not in r.stderr, r.stderr
