@@ -7,7 +7,7 @@
 - A batch is each sample's prompt (the chat template with its images and question, as at inference) followed by
   its answer and the end-of-turn marker, left padded; the loss positions are the logits that predict the answer
   tokens and the end marker.
-- `kl_sum` computes KL(P || Q) from logits accurately in fp32 over a 150k vocabulary.
+- `kl_per_position` (and its sum `kl_sum`) computes KL(P || Q) from logits accurately in fp32 over a 150k vocabulary.
 
 calibrate.py, search.py and evaluate.py read their data through it (see their --help).
 """
@@ -355,14 +355,19 @@ def answer_logits(model, h, batch, copies=1):
 def _kl(z_p, z_q):
     p = z_p.softmax(-1)
     d = z_p - z_q  # [N, V]
-    return ((p * d).sum(-1) + torch.log1p((p * torch.expm1(-d)).sum(-1))).double().sum()
+    return ((p * d).sum(-1) + torch.log1p((p * torch.expm1(-d)).sum(-1))).double()  # [N]
 
 
-def kl_sum(logits_p, logits_q):
-    """Sum over positions of KL(P || Q) from logits [N, V], as E_p[d] + log E_p[exp(-d)] with d = z_p - z_q.
+def kl_per_position(logits_p, logits_q):
+    """KL(P || Q) [N] (float64) per position from logits [N, V], as E_p[d] + log E_p[exp(-d)] with d = z_p - z_q.
 
     This touches only the small differences d, so fp32 is accurate; the textbook sum p * (log p - log q) in fp32
     rounds log-probabilities near -12 (a 150k vocabulary) and is off by more than a small KL itself. A difference
     too large for fp32's exp falls back to fp64."""
     kl = _kl(logits_p.float(), logits_q.float())
-    return kl if torch.isfinite(kl) else _kl(logits_p.double(), logits_q.double())
+    return kl if torch.isfinite(kl).all() else _kl(logits_p.double(), logits_q.double())
+
+
+def kl_sum(logits_p, logits_q):
+    """Sum over positions of KL(P || Q) from logits [N, V] (kl_per_position)."""
+    return kl_per_position(logits_p, logits_q).sum()

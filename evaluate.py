@@ -7,11 +7,15 @@ the thresholds file's data section and checked by their hash) to the skip ratio 
 baselines.TOLERANCE; a rule whose ratio jumps over the target is reported at its nearest setting and marked. Then
 each policy is scored on the evaluation set (--data, else built-in synthetic samples unseen in calibration):
 
-    skip       skipped / total top-k slots of the prefill, all tokens, text and vision (router.SkipStats)
+    skip       skipped / total top-k slots of the prefill, all tokens, text and vision, and per layer
+               (router.SkipStats)
     KL         mean KL(P_unskipped || P_policy) over the teacher-forced answer tokens (search.Evaluator)
     top-1      share of those answer tokens whose argmax agrees with the unskipped model
     accuracy   share of greedy answers equal to the reference, case and punctuation ignored (--no-accuracy: skipped,
                it is one generation per sample and policy); retention = accuracy / unskipped accuracy, in %
+
+Each of KL, top-1, accuracy and retention comes with a 95% bootstrap interval over the evaluation questions
+(`ci95`; the same resamples for every policy, so retention is resampled paired with the unskipped accuracy).
 
 Fast where it can be: questions go --batch-size at a time through the scoring passes and the greedy generation
 (generate.py's batched generate, every row as alone); the unskipped answer logits are computed once per data set, in
@@ -62,21 +66,22 @@ def normalise_answer(text):
 
 
 def exact_match(model, proc, samples, policy, device, batch_size=64, on_batch=None):
-    """Share of samples whose greedy answer equals the reference answer (case and punctuation ignored), generated
+    """Per sample, whether its greedy answer equals the reference answer (case and punctuation ignored), generated
     in left-padded batches (generate.py's generate: every row as alone). The policy stays installed: every later
     pass installs its own. on_batch(n) is called after each batch of n samples."""
     router.install(model, policy)
-    hits = 0
+    hits = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
         batch = make_batch(chunk, proc, device, answers=False)
         tokens = generate(model, batch.input_ids, batch.attention_mask, stop_ids=proc.stop_token_ids,
                           max_new_tokens=max(len(proc.encode(s.answer)) for s in chunk) + 4, **batch.pixels)
         for s, row in zip(chunk, tokens):
-            hits += normalise_answer(proc.decode(until_stop(row, proc.stop_token_ids))) == normalise_answer(s.answer)
+            hits.append(normalise_answer(proc.decode(until_stop(row, proc.stop_token_ids))) ==
+                        normalise_answer(s.answer))
         if on_batch is not None:
             on_batch(len(chunk))
-    return hits / len(samples)
+    return hits
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -230,28 +235,35 @@ def fidelity(model, source, args, modes, doc, calib, evals, fits):
         progress.update(done[0], f"questions ({r['policy']})")
     for r, policy, ok in zip(rows, policies, fitted):
         if not ok:  # not fitted: the row says why
-            r.update(kl=None, top1=None, skip=dict(all=None, text=None, vision=None, text_vision=None), accuracy=None)
+            r.update(kl=None, top1=None, skip=dict(all=None, text=None, vision=None, text_vision=None),
+                     skip_per_layer=None, accuracy=None, ci95=None)
             continue
         if r["policy"] == "full":
             r.update(test_eval.unskipped)
             advance(len(evals))
         else:
             r.update(test_eval.score(policy, on_batch=advance))
-        r["accuracy"] = (exact_match(model, proc, evals, policy, args.device, args.batch_size, advance)
-                         if args.accuracy else None)
+        if args.accuracy:
+            r["per_question"]["correct"] = exact_match(model, proc, evals, policy, args.device, args.batch_size,
+                                                       advance)
+            r["accuracy"] = sum(r["per_question"]["correct"]) / len(evals)
+        else:
+            r["accuracy"] = None
     progress.update(progress.total, finished=True)
+    bootstrap_intervals([r for r in rows if r["kl"] is not None])
     full_acc = rows[0]["accuracy"]
     print(f"# fidelity on {args.data or 'built-in synthetic samples (seed 1)'} ({len(evals)} samples); every policy "
           f"fitted to MoDES's calibration skip ratio {target:.3f} (+- {baselines.TOLERANCE})")
     print("policy | hyperparameter | calib skip | matched | skip all | text | vision | KL | top-1 | accuracy | "
-          "retention")
+          "accuracy 95% CI | retention")
     for r in rows:
         r["retention"] = None if not full_acc or r["accuracy"] is None else 100 * r["accuracy"] / full_acc
         hyper = r["hyper"] if isinstance(r["hyper"], (list, tuple)) else [r["hyper"]]  # none, one or two numbers
         print(" | ".join([r["policy"], "/".join(fmt(h, ".4g") for h in hyper), fmt(r["calib_skip"], ".3f"),
                           "yes" if r["reached"] else "NO", fmt(r["skip"]["all"], ".3f"), fmt(r["skip"]["text"], ".3f"),
                           fmt(r["skip"]["vision"], ".3f"), fmt(r["kl"], ".4g"), fmt(r["top1"], ".3f"),
-                          fmt(r["accuracy"], ".3f"), fmt(r["retention"], ".1f")]))
+                          fmt(r["accuracy"], ".3f"), fmt_interval(r["ci95"] and r["ci95"]["accuracy"], ".3f"),
+                          fmt(r["retention"], ".1f")]))
     for r in rows:
         if r["note"]:
             print(f"# {r['policy']}: {r['note']}")
@@ -261,6 +273,40 @@ def fidelity(model, source, args, modes, doc, calib, evals, fits):
 
 def fmt(value, spec):
     return "-" if value is None else format(value, spec)
+
+
+def fmt_interval(interval, spec):
+    return "-" if interval is None else f"{format(interval[0], spec)}-{format(interval[1], spec)}"
+
+
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def bootstrap_intervals(rows, resamples=BOOTSTRAP_RESAMPLES, seed=0):
+    """Each row's 95% percentile bootstrap intervals over questions, in row["ci95"] (its per-question values leave
+    the row): every row sees the same resamples, so retention, a ratio to the unskipped row's accuracy, is resampled
+    paired. KL and top-1 are token means, resampled as ratios of sums (a question weighs its answer tokens)."""
+    n = len(rows[0]["per_question"]["tokens"])
+    pick = torch.randint(n, (resamples, n), generator=torch.Generator().manual_seed(seed))  # [R, Q] question indices
+
+    def resampled(values):
+        return torch.tensor(values, dtype=torch.float64)[pick].sum(1)  # [R]
+
+    def interval(statistic):
+        lo, hi = torch.quantile(statistic, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+        return [lo, hi]
+    tokens = resampled(rows[0]["per_question"]["tokens"])
+    full_correct = rows[0]["per_question"].get("correct")
+    full_acc = None if full_correct is None else resampled(full_correct) / n
+    for r in rows:
+        per_question = r.pop("per_question")
+        r["ci95"] = dict(kl=interval(resampled(per_question["kl_sum"]) / tokens),
+                         top1=interval(resampled(per_question["top1_hits"]) / tokens), accuracy=None, retention=None)
+        if "correct" in per_question:
+            accuracy = resampled(per_question["correct"]) / n
+            r["ci95"]["accuracy"] = interval(accuracy)
+            if bool((full_acc > 0).all()):  # a resample where the unskipped model answers nothing has no ratio
+                r["ci95"]["retention"] = interval(100 * accuracy / full_acc)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 from calibrate import add_model_args, calibrate, check_args, load_model
 import cli
-from data import add_data_args, answer_logits, kl_sum, load_samples, make_batch
+from data import add_data_args, answer_logits, kl_per_position, load_samples, make_batch
 from model import build, read_config
 import router
 from model import SPECIAL
@@ -92,14 +92,16 @@ def exhaustive_search(evaluate, n_text, n_vision, target, step=lambda q: None):
 
 class Evaluator:
     """(mean answer-token KL, top-1 agreement, prefill skip ratios) of a policy on this rank's shard of samples,
-    all-reduced over ranks, against the unskipped model. Built once for the model's current weights: batches,
-    vision features and the unskipped logits are kept on the host (they would go stale if the weights changed)."""
+    all-reduced over ranks, against the unskipped model, with each question's share (for bootstrap intervals). Built
+    once for the model's current weights: batches, vision features and the unskipped logits are kept on the host
+    (they would go stale if the weights changed)."""
 
     def __init__(self, model, proc, samples, alpha=None, batch_size=4, quiet=False):
         rank, self.world = cli.data_parallel(model)
         self.model = model
         self.device = model.lm_head.weight.device
         mine = cli.rank_items(samples, rank, self.world)
+        self.n_questions, first = len(samples), rank * math.ceil(len(samples) / self.world)  # rank_items' slice
         router.uninstall(model)
         stats = router.SkipStats(len(model.layers), self.device)
         self.batches = []
@@ -112,13 +114,18 @@ class Evaluator:
                 h = model.layers(*model.embed(batch.input_ids, batch.attention_mask, stats=stats, media=media,
                                               **batch.pixels))
                 original = answer_logits(model, h, batch)[0].cpu()  # [N, V]
-                self.batches.append((batch, move(media, "cpu"), original))
+                self.batches.append((batch, move(media, "cpu"), original, (first + start + batch.rows).cpu()))
                 progress.update(len(self.batches))
         progress.update(len(self.batches), finished=True)
         counts = cli.all_sum(stats.counts, self.world)[0].sum(0)  # [3 modalities, (skipped, total)] of the prefill
         self.ceiling = 1 - float(counts[SPECIAL, 1]) / max(1, float(counts[:, 1].sum()))  # special slots stay
         prefill = stats.summary()["prefill"]  # the unskipped model's score, from this pass: no second pass needed
-        self.unskipped = dict(kl=0.0, top1=1.0, skip={k: prefill[k] for k in SKIP_RATIOS})
+        questions = torch.cat([question for *_, question in self.batches]) if self.batches else torch.zeros(0).long()
+        tokens = torch.bincount(questions, minlength=self.n_questions).double()  # answer tokens per question
+        tokens = cli.all_sum(tokens.to(self.device), self.world).tolist()
+        self.unskipped = dict(kl=0.0, top1=1.0, skip={k: prefill[k] for k in SKIP_RATIOS},
+                              skip_per_layer=prefill["per_layer"],
+                              per_question=dict(kl_sum=[0.0] * len(tokens), top1_hits=tokens, tokens=tokens))
         self.policy = router.MoDES(0.0, 0.0, alpha) if alpha is not None else None
 
     def __call__(self, tau_text, tau_vision):
@@ -129,30 +136,41 @@ class Evaluator:
 
     def score(self, policy, on_batch=None):
         """One pass with `policy` installed (None = plain top-k) -> mean answer-token KL against the unskipped
-        model, top-1 agreement with it, and the prefill skip ratios (all, text, vision). on_batch(n) is called
-        after each batch of n samples (a progress line)."""
+        model, top-1 agreement with it, the prefill skip ratios (all, text, vision; and per layer), and per question
+        the KL sum, top-1 agreements and answer tokens. on_batch(n) is called after each batch of n samples."""
         model = self.model
         router.install(model, policy)
         stats = router.SkipStats(len(model.layers), self.device)
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # KL sum, top-1 agreements, answer tokens
+
+        def compare(batch, media, original):
+            h = model.layers(*model.embed(batch.input_ids, batch.attention_mask, stats=stats, media=media,
+                                          **batch.pixels))
+            logits = answer_logits(model, h, batch)[0]
+            if on_batch is not None:
+                on_batch(batch.input_ids.shape[0])
+            return kl_per_position(original, logits), (logits.argmax(-1) == original.argmax(-1)).double()
         try:
-            with torch.inference_mode():
-                for batch, media, original in self.batches:
-                    h = model.layers(*model.embed(batch.input_ids, batch.attention_mask, stats=stats,
-                                                  media=move(media, self.device), **batch.pixels))
-                    logits, original = answer_logits(model, h, batch)[0], original.to(self.device)
-                    sums[0] += kl_sum(original, logits)
-                    sums[1] += (logits.argmax(-1) == original.argmax(-1)).sum()
-                    sums[2] += len(batch.rows)
-                    if on_batch is not None:
-                        on_batch(batch.input_ids.shape[0])
+            kl, top1, tokens = self.per_question_sums(compare)
         finally:
             router.uninstall(model)
-        cli.all_sum(sums, self.world)
         cli.all_sum(stats.counts, self.world)
         prefill = stats.summary()["prefill"]
-        return dict(kl=float(sums[0] / sums[2]), top1=float(sums[1] / sums[2]),
-                    skip={k: prefill[k] for k in SKIP_RATIOS})
+        n = max(1.0, sum(tokens))
+        return dict(kl=sum(kl) / n, top1=sum(top1) / n, skip={k: prefill[k] for k in SKIP_RATIOS},
+                    skip_per_layer=prefill["per_layer"], per_question=dict(kl_sum=kl, top1_hits=top1, tokens=tokens))
+
+    def per_question_sums(self, compare):
+        """Per question, all-reduced over ranks: the sums of compare(batch, media, original)'s two per-position
+        values [N] over its answer tokens, and its answer tokens -> three lists of floats."""
+        sums = torch.zeros(3, self.n_questions, dtype=torch.float64, device=self.device)
+        with torch.inference_mode():
+            for batch, media, original, question in self.batches:
+                original, question = original.to(self.device), question.to(self.device)
+                first, second = compare(batch, move(media, self.device), original)
+                sums[0].index_add_(0, question, first.double())
+                sums[1].index_add_(0, question, second.double())
+                sums[2].index_add_(0, question, torch.ones(len(question), dtype=torch.float64, device=self.device))
+        return cli.all_sum(sums, self.world).tolist()
 
 
 def move(obj, device):

@@ -11,7 +11,10 @@ Each JSON file is recognised by its content, and gives one or more plot kinds:
               modality, prefill and decode
     bench     bench.py --json speed rows: vision + LM prefill and decode ms per policy, against the decode floor
     fidelity  evaluate.py --json: accuracy, retention, answer KL and top-1 agreement against skip ratio per
-              policy; the files of several --target values make the curves (the paper's Figure 1)
+              policy, with 95% bootstrap intervals where the files have them; the files of several --target values
+              make the curves (the paper's Figure 1)
+    layers    the same fidelity files, where they carry per-layer skip shares: MoDES's and DMT-without-GMLG's skipped
+              share per MoE layer, text and vision, at each target (`fidelity-layers.png`)
 
 A PNG is named after its source file and kind (`alpha.json` -> `alpha.alpha.png`); the fidelity files given together
 make one plot, `fidelity.png` when there are several. Figures have fixed sizes at 100 dpi (FIGSIZE), so a PNG's
@@ -38,7 +41,8 @@ import numpy as np
 FORMAT_KINDS = {"modes-alpha/1": "alpha", "modes-thresholds/1": "search"}
 
 DPI = 100
-FIGSIZE = {"alpha": (10, 5), "skip": (12, 6), "search": (18, 6), "bench": (12, 5), "fidelity": (12, 9)}
+FIGSIZE = {"alpha": (10, 5), "skip": (12, 6), "search": (18, 6), "bench": (12, 5), "fidelity": (12, 9),
+           "layers": (12, 8)}
 # fixed rc settings: a user's matplotlibrc (savefig.bbox: tight, another dpi or style) must not change the PNGs
 STYLE = {"savefig.bbox": "standard", "savefig.dpi": DPI, "font.size": 10, "axes.titlesize": 11,
          "figure.titlesize": 13, "axes.grid": False, "legend.fontsize": 9}
@@ -406,8 +410,38 @@ def fidelity_points(doc):
             continue
         point = dict(reached=r.get("reached") is not False, skip=number(skip, "all", f"{where}.skip"),
                      kl=number(r, "kl", where), top1=number(r, "top1", where),
-                     **{k: number(r, k, where, optional=True) for k in ("accuracy", "retention", "calib_skip")})
+                     **{k: number(r, k, where, optional=True) for k in ("accuracy", "retention", "calib_skip")},
+                     ci=intervals(r, where), layers=layer_shares(r, where))
         out.append((str(policy), point))
+    return out
+
+
+def intervals(row, where):
+    """{metric: (low, high)} of a row's ci95 (evaluate.py's bootstrap intervals; older files have none)."""
+    ci = row.get("ci95") or {}
+    if not isinstance(ci, dict):
+        raise ArtifactError(f"field '{where}.ci95' should be an object")
+    out = {}
+    for key, value in ci.items():
+        if value is not None:
+            if not isinstance(value, list) or len(value) != 2:
+                raise ArtifactError(f"field '{where}.ci95.{key}' should be [low, high]")
+            out[key] = tuple(finite(v, f"{where}.ci95.{key}") for v in value)
+    return out
+
+
+def layer_shares(row, where):
+    """{"text": [...], "vision": [...]} skipped share per MoE layer (None: nothing of that modality there), or None
+    where the row has no skip_per_layer (older files)."""
+    layers = row.get("skip_per_layer")
+    if layers is None:
+        return None
+    out = {}
+    for kind in ("text", "vision"):
+        values, name = field(layers, kind, f"{where}.skip_per_layer")
+        if not isinstance(values, list):
+            raise ArtifactError(f"field {name!r} should be a list")
+        out[kind] = [None if v is None else finite(v, name) for v in values]
     return out
 
 
@@ -441,6 +475,11 @@ def plot_fidelity(docs, path):
                 ax.plot([p["skip"] for p in pts], [p[key] for p in pts], marker="*" if mine else "o",
                         ms=11 if mine else 5, lw=2.5 if mine else 1.2, zorder=3 if mine else 2, color=color,
                         label=POLICY_LABELS.get(policy, policy))
+                bars = [p for p in pts if key in p["ci"]]  # 95% bootstrap intervals over the questions
+                if bars:
+                    ax.errorbar([p["skip"] for p in bars], [p[key] for p in bars], ls="none", color=color,
+                                yerr=np.abs(np.array([[p["ci"][key][0] - p[key], p["ci"][key][1] - p[key]]
+                                                      for p in bars]).T), capsize=3, lw=1, zorder=2)
                 missed = [p for p in pts if not p["reached"]]
                 ax.plot([p["skip"] for p in missed], [p[key] for p in missed], ls="none", marker="o", ms=9,
                         mfc="white", mec=color, zorder=4)
@@ -463,8 +502,43 @@ def plot_fidelity(docs, path):
         fitted = sorted(p["calib_skip"] for p in curves.get("modes", []) if p["calib_skip"] is not None)
         fitted = ", ".join(f"{s:.2f}" for s in fitted) or "?"
         missed = any(not p["reached"] for pts in curves.values() for p in pts)
+        has_ci = any(p["ci"] for pts in curves.values() for p in pts)
         fig.suptitle(f"Fidelity against skip ratio: every baseline fitted to MoDES's calibration skip ratio "
-                     f"({fitted})" + ("\nhollow: the nearest setting, target missed" if missed else ""))
+                     f"({fitted})" + ("\nhollow: the nearest setting, target missed" if missed else "")
+                     + ("\nbars: 95% bootstrap intervals over the questions" if has_ci else ""))
+    return path
+
+
+LAYER_POLICIES = ("modes", "dmt")  # the paper's GMLG question: the same two thresholds with and without alpha
+
+
+def plot_layers(docs, path):
+    """Skipped share per MoE layer, text and vision, of MoDES and DMT without GMLG at each target (one row per
+    fidelity file): where GMLG's layer factor moves the skips. Needs files with skip_per_layer."""
+    targets = []
+    for doc in docs:
+        points = dict(fidelity_points(doc))
+        if all(points.get(p, {}).get("layers") for p in LAYER_POLICIES):
+            targets.append((points["modes"].get("calib_skip") or points["modes"]["skip"], points))
+    if not targets:
+        raise ArtifactError("no fidelity file has per-layer skip shares of both MoDES and DMT (evaluate.py writes "
+                            "them since it records skip_per_layer)")
+    targets.sort(key=lambda t: t[0])
+    with drawing("layers", path) as fig:
+        axes = fig.subplots(len(targets), 2, squeeze=False, sharey=True)
+        for row, (target, points) in zip(axes, targets):
+            for ax, kind in zip(row, ("text", "vision")):
+                for k, policy in enumerate(LAYER_POLICIES):
+                    shares = points[policy]["layers"][kind]
+                    x = np.arange(len(shares)) + (k - 0.5) * 0.4
+                    ax.bar(x, [np.nan if v is None else v for v in shares], width=0.4,
+                           color="red" if policy == "modes" else "tab:gray", label=POLICY_LABELS[policy])
+                ax.set(title=f"{kind} tokens, target {target:.2f}", ylim=(0, 1.05), xlabel="MoE layer",
+                       ylabel="skipped share of routed slots", xticks=range(len(shares)))
+                ax.grid(alpha=0.3, axis="y")
+        fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside right center")
+        fig.suptitle("Skipped share per layer on the evaluation set: MoDES (alpha x routing weight)\nagainst "
+                     "the same two thresholds on the routing weight alone (DMT without GMLG)")
     return path
 
 
@@ -582,6 +656,9 @@ def main(args):
             print("note: the fidelity files come from different models; drawn together anyway", file=sys.stderr)
         try:
             print(f"wrote {plot_fidelity([doc for _, doc in fidelity], planned[-1][2])}")
+            if any(point["layers"] for _, doc in fidelity for _, point in fidelity_points(doc)):
+                layers = os.path.join(os.path.dirname(planned[-1][2]), "fidelity-layers.png")
+                print(f"wrote {plot_layers([doc for _, doc in fidelity], layers)}")
         except (ValueError, TypeError, KeyError, IndexError, ZeroDivisionError, OverflowError) as e:
             if isinstance(e, ArtifactError):
                 raise

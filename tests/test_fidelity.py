@@ -108,7 +108,31 @@ def test_exact_match_is_the_same_at_any_batch_size(monkeypatch):
     for b in (1, 3, 7):
         seen.clear()
         runs.append((evaluate.exact_match(model, proc, samples, policy, "cpu", batch_size=b), seen[0::2]))
-    assert runs[0] == runs[1] == runs[2] and runs[0][0] > 0.5  # generated answers first, then the reference
+    assert runs[0] == runs[1] == runs[2] and sum(runs[0][0]) > len(samples) / 2  # generated answers, then references
+
+
+def test_bootstrap_intervals_are_paired_and_the_binomial_width():
+    """400 questions: an unskipped row right on 300, a copy of it, and a policy right on every other question with
+    a KL of 0.1 per answer token. The copy's retention interval is a point (paired resamples); accuracy 0.75's
+    interval is the binomial one, 0.75 +- 1.96 sqrt(0.75 * 0.25 / 400) = +- 0.042; a constant per-token KL stays
+    constant whatever the questions' lengths."""
+    n = 400
+    tokens = [1.0 + 2 * (q % 2) for q in range(n)]
+    unskipped = dict(kl_sum=[0.0] * n, top1_hits=tokens, tokens=tokens, correct=[q < 300 for q in range(n)])
+    rows = [dict(per_question=unskipped), dict(per_question={**unskipped}),
+            dict(per_question=dict(kl_sum=[0.1 * t for t in tokens], top1_hits=[0.0] * n, tokens=tokens,
+                                   correct=[q % 2 == 0 for q in range(n)]))]
+    evaluate.bootstrap_intervals(rows)
+    assert all("per_question" not in r for r in rows)
+    full_ci, copy_ci, half_ci = (r["ci95"] for r in rows)
+    assert copy_ci["retention"] == pytest.approx([100.0, 100.0]) and copy_ci["accuracy"] == full_ci["accuracy"]
+    lo, hi = full_ci["accuracy"]
+    assert lo < 0.75 < hi and (hi - lo) / 2 == pytest.approx(0.042, rel=0.15)
+    assert half_ci["kl"] == pytest.approx([0.1, 0.1]) and half_ci["top1"] == [0.0, 0.0]
+    assert half_ci["retention"][0] < 100 * 0.5 / 0.75 < half_ci["retention"][1]
+    again = [dict(per_question={**unskipped})]
+    evaluate.bootstrap_intervals(again)
+    assert again[0]["ci95"] == full_ci  # seeded: the same resamples every run
 
 
 def test_linear_cka_hand_example():

@@ -111,6 +111,26 @@ def test_fidelity_with_baselines_that_miss_the_target(tmp_path):
 
 
 @needs_matplotlib
+def test_fidelity_intervals_and_layer_shares_from_evaluate_files(tmp_path, capsys):
+    """evaluate.py's files since the bootstrap intervals and per-layer skip shares (the committed tiny-vqa ones): the
+    command draws the curves with error bars and the per-layer figure of MoDES against DMT without GMLG."""
+    files = [os.path.join(ROOT, "benchmarks", "tiny-vqa", f"fidelity-{t}.json") for t in ("0.50", "0.75", "0.80")]
+    assert plot.cli([*files, "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"wrote {tmp_path / n}" for n in ("fidelity.png",
+                                                                                      "fidelity-layers.png")]
+    assert png_size(tmp_path / "fidelity-layers.png") == expected_size("layers")
+    points = dict(plot.fidelity_points(json.load(open(files[1]))))
+    lo, hi = points["modes"]["ci"]["accuracy"]
+    assert lo <= points["modes"]["accuracy"] <= hi and len(points["modes"]["layers"]["text"]) == 4
+    doc = json.load(open(files[1]))
+    doc["fidelity"][1]["ci95"]["kl"] = [0.1]
+    with pytest.raises(plot.ArtifactError, match=r"fidelity\[1\]\.ci95\.kl' should be \[low, high\]"):
+        plot.fidelity_points(doc)
+    with pytest.raises(plot.ArtifactError, match="no fidelity file has per-layer skip shares"):
+        plot.plot_layers([load(f) for f in FIDELITY], str(tmp_path / "layers.png"))  # files from before them
+
+
+@needs_matplotlib
 def test_folder_command_makes_every_plot(tmp_path, capsys, monkeypatch):
     import matplotlib
     art, out = tmp_path / "artifacts", tmp_path / "plots"

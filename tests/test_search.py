@@ -92,6 +92,27 @@ def tiny(tmp_path_factory):
     return dict(model=model, path=path, alpha=alpha, folder=folder, evaluate=evaluate, evaluator=evaluator)
 
 
+def test_per_question_sums_make_the_means_at_any_batch_size(tiny):
+    """score's per-question KL sums, top-1 agreements and answer tokens add up to its token means, and a question's
+    values do not depend on which batch it was in (the bootstrap intervals of evaluate.py resample them)."""
+    model, evaluator = tiny["model"], tiny["evaluator"]
+    policy = router.MoDES(0.02, 0.05, router.alpha_table(tiny["alpha"], model, "alpha"))
+    one = evaluator.score(policy)
+    proc = processor.for_model(tiny["path"], model.cfg.model_type)
+    three = search.Evaluator(model, proc, synthetic_samples(3), batch_size=3, quiet=True).score(policy)
+    per_question = one["per_question"]
+    assert len(per_question["tokens"]) == 3 and min(per_question["tokens"]) >= 1
+    assert sum(per_question["kl_sum"]) / sum(per_question["tokens"]) == pytest.approx(one["kl"], rel=1e-9)
+    assert sum(per_question["top1_hits"]) / sum(per_question["tokens"]) == pytest.approx(one["top1"], rel=1e-9)
+    assert one["kl"] > 0 and three["per_question"]["tokens"] == per_question["tokens"]
+    assert three["per_question"]["kl_sum"] == pytest.approx(per_question["kl_sum"], rel=1e-3, abs=1e-7)
+    assert three["per_question"]["top1_hits"] == per_question["top1_hits"]
+    unskipped = evaluator.unskipped["per_question"]
+    assert unskipped["tokens"] == per_question["tokens"] == unskipped["top1_hits"] and not any(unskipped["kl_sum"])
+    layers = one["skip_per_layer"]
+    assert len(layers["all"]) == len(model.layers) and all(0 <= x <= 1 for x in layers["all"] if x is not None)
+
+
 GRID_T = router.threshold_grid(4, x_max=0.71)
 GRID_V = router.threshold_grid(4, x_max=0.6)
 OFFICIAL = ["--text-range", "0", "0.71", "--vision-range", "0", "0.6"]  # the grids above, in the CLI
