@@ -1226,7 +1226,7 @@ class InternVLProcessor:
     nothing / `<|im_end|>`; harmony: `<|channel|>final<|message|>` / `<|return|>`)."""
 
     def __init__(self, tokenizer, *, image_token_id, pad_token_id, stop_token_ids, special_ids, tokens_per_tile,
-                 image_cfg=None, max_tiles=None, style="chatml"):
+                 image_cfg=None, video_cfg=None, max_tiles=None, style="chatml"):
         if style not in CHAT_STYLES:
             raise ValueError(f"chat style must be one of {', '.join(CHAT_STYLES)}, got {style!r}")
         self.style = style
@@ -1237,6 +1237,7 @@ class InternVLProcessor:
         self.special_ids = sorted(special_ids)
         self.tokens_per_tile = tokens_per_tile
         self.image_cfg = image_cfg or InternVLImageConfig()
+        self.video_cfg = video_cfg or self.image_cfg  # frames: the tile side, statistics and frame count
         if max_tiles is not None and max_tiles < 1:
             raise ValueError(f"max_tiles must be >= 1, got {max_tiles}")
         self.max_tiles = max_tiles  # a cap below the folder's max_patches: a 4:3 photo is 13 tiles at 12
@@ -1244,7 +1245,7 @@ class InternVLProcessor:
     @classmethod
     def from_dir(cls, model_dir, max_tiles=None):
         """Reads tokenizer.json, tokenizer_config.json, config.json and, when present, generation_config.json,
-        preprocessor_config.json and the chat template of an -HF checkpoint folder."""
+        preprocessor_config.json, video_preprocessor_config.json and the chat template of an -HF checkpoint folder."""
         tokenizer, tok_path, special_ids = read_tokenizer_json(model_dir)
 
         def token_id(token, needed_for):
@@ -1285,10 +1286,13 @@ class InternVLProcessor:
             stop += [token_id("<|im_end|>", "stop ids"), token_id("<|endoftext|>", "stop ids")]
         pre_path = os.path.join(model_dir, "preprocessor_config.json")
         image_cfg = InternVLImageConfig.from_file(pre_path) if os.path.isfile(pre_path) else InternVLImageConfig()
+        # transformers reads a video's settings from their own file first, then from the image processor's
+        vid_path = os.path.join(model_dir, "video_preprocessor_config.json")
+        video_cfg = InternVLImageConfig.from_file(vid_path) if os.path.isfile(vid_path) else image_cfg
         return cls(tokenizer, image_token_id=image_token_id, pad_token_id=token_id(pad, "pad_token"),
                    stop_token_ids=list(dict.fromkeys(int(s) for s in stop)), special_ids=special_ids,
-                   tokens_per_tile=config.get("image_seq_length", 256), image_cfg=image_cfg, max_tiles=max_tiles,
-                   style=style)
+                   tokens_per_tile=config.get("image_seq_length", 256), image_cfg=image_cfg, video_cfg=video_cfg,
+                   max_tiles=max_tiles, style=style)
 
     def encode(self, text):
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -1335,8 +1339,8 @@ class InternVLProcessor:
             if not isinstance(part["video"], (str, os.PathLike)):
                 raise ValueError(f"messages[{i}].content[{j}].video must be a path, got {type(part['video']).__name__}")
             frames, _ = load_video_frames(os.fspath(part["video"]))
-            keep = video_frame_indices(len(frames), self.image_cfg.num_frames)
-            tiles.append(internvl_frames([frames[k] for k in keep], self.image_cfg))
+            keep = video_frame_indices(len(frames), self.video_cfg.num_frames)
+            tiles.append(internvl_frames([frames[k] for k in keep], self.video_cfg))
             return "\n".join(f"Frame{k + 1}: " + self.image_block(1) for k in range(len(keep))) + "\n"
 
         prompt = self.render(messages, add_generation_prompt, expand=placeholder)  # also validates them

@@ -1,5 +1,8 @@
 """InternVL-3.5 preprocessing against transformers' GotOcr2ImageProcessorPil and InternVLProcessor (tiles, pixel
 values, prompt tokens) on the tiny-internvl folder's tokenizer and preprocessor files."""
+import json
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -89,6 +92,31 @@ def test_video_is_one_tile_per_sampled_frame(folder, tmp_path):
     # the frames' pixels against transformers' video processor: tests/test_internvl_video.py
     kept = [Image.open(frames / f"{k:02d}.png").convert("RGB") for k in (1, 3, 6, 8)]
     assert torch.equal(out["pixel_values"], processor.internvl_frames(kept, proc.image_cfg))
+
+
+def test_video_settings_come_from_their_own_file_first(folder, tmp_path):
+    """transformers' InternVL video processor reads video_preprocessor_config.json before the image processor's file:
+    its frame count and statistics win for videos, images keep theirs."""
+    copy = tmp_path / "with-video-config"
+    copy.mkdir()
+    for name in os.listdir(folder):
+        os.symlink(os.path.join(folder, name), copy / name)
+    (copy / "video_preprocessor_config.json").write_text(json.dumps({"num_frames": 3, "image_mean": [0.5] * 3,
+                                                                     "image_std": [0.5] * 3}))
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(10):
+        noise_image(64, 48, i).save(frames / f"{i:02d}.png")
+    proc = processor.for_model(str(copy), "internvl")
+    assert proc.video_cfg.num_frames == 3 and proc.image_cfg.num_frames == 32
+    assert proc.image_cfg.image_mean != (0.5, 0.5, 0.5)
+    out = proc.from_cli("describe", video=str(frames))
+    assert out["text"].count("Frame") == 3 and out["pixel_values"].shape[0] == 3
+    kept = [Image.open(frames / f"{k:02d}.png").convert("RGB") for k in processor.video_frame_indices(10, 3)]
+    assert torch.equal(out["pixel_values"], processor.internvl_frames(kept, proc.video_cfg))
+    (copy / "video_preprocessor_config.json").write_text(json.dumps({"num_frames": 0}))
+    with pytest.raises(ValueError, match=r"video_preprocessor_config.json: num_frames must be a positive number"):
+        processor.for_model(str(copy), "internvl")
 
 
 def test_bad_input_is_one_line(folder):
