@@ -176,11 +176,6 @@ class Experts(nn.Module):
         self.gate_up_proj_bias = nn.Parameter(torch.empty(n, 2 * hidden)) if bias else None  # [E, 2I]
         self.down_proj_bias = nn.Parameter(torch.empty(n, dim)) if bias else None  # [E, H]
 
-    @property
-    def biased(self):
-        """Biases or the clamped GLU: what moe_kernels' triton path does not implement."""
-        return self.gate_up_proj_bias is not None or self.clamp is not None
-
     def local(self, ids):
         """Expert ids [T, K] -> indices into this rank's experts; the other ranks' experts (and SKIP) become SKIP."""
         ids = ids - self.first
@@ -195,7 +190,7 @@ def routed_experts(x, experts, ids, weights, impl="ref"):
     b_gate_up, b_down = getattr(experts, "gate_up_proj_bias", None), getattr(experts, "down_proj_bias", None)
     clamp = getattr(experts, "clamp", None)
     if impl == "auto":
-        impl = moe_kernels.auto_path(x, ids, b_gate_up is not None or clamp is not None)
+        impl = moe_kernels.auto_path(x, ids)
     if impl != "ref":
         return moe_kernels.run(x, experts.gate_up_proj, experts.down_proj, ids, weights, impl, b_gate_up, b_down,
                                clamp)
@@ -810,8 +805,7 @@ def set_expert_impl(model, impl):
     """Route every MoE layer's expert compute through `impl` (EXPERT_IMPLS), checked once here."""
     check(impl in EXPERT_IMPLS, f"--expert-impl {impl!r}: choose one of {', '.join(EXPERT_IMPLS)}")
     if impl not in ("auto", "ref"):
-        biased = any(model.layers.layer(i).mlp.experts.biased for i in model.moe_layers())
-        moe_kernels.check_path(impl, model.lm_head.weight.device, biased)
+        moe_kernels.check_path(impl, model.lm_head.weight.device)
     for i in model.moe_layers():
         model.layers.layer(i).mlp.set_expert_impl(impl)
     return model

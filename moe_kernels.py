@@ -4,7 +4,8 @@ compiled, CUDA-graph-captured decode step. model.py stays eager and readable; th
 Expert paths take a fixed [T, K] table of (expert id, routing weight) per token, where a skipped (token, slot) pair
 carries a negative id (model.SKIP). Every shape depends on T and K only, never on how many slots were skipped, so
 one compiled graph (and one CUDA graph) serves any skip pattern. Skipped pairs are never multiplied, and an expert
-that no kept pair selects is never read.
+that no kept pair selects is never read. Every path also runs gpt-oss's experts: biases inside each kept expert (a
+skipped slot adds none) and the clamped GLU (glu).
 
   grouped  prefill: sort pairs by expert, skipped pairs last, two grouped matmuls over the kept rows
   gather   decode (gpt-fast style): gather each slot's expert weights, batched matmul
@@ -21,6 +22,7 @@ import name, and a kernels.py beside a script would shadow it. Nothing here impo
 """
 import importlib.util
 import os
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,14 +44,13 @@ _CPU_GROUPED_MM = torch.__version__ >= "2.9"  # grouped_mm has no CPU kernel bef
 _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # lets the triton path run on CPU tensors in tests
 
 
-def auto_path(x: Tensor, ids: Tensor, biased: bool = False) -> str:
+def auto_path(x: Tensor, ids: Tensor) -> str:
     """The path "auto" means for these tokens: "ref" (model.py's loop) on an eager CPU, measured there with bench.py
-    as faster than grouped (prefill) and gather (decode); else by the number of slots T * K, a static int. biased:
-    the experts have biases or the clamped GLU (gpt-oss), which the Triton kernel does not implement."""
+    as faster than grouped (prefill) and gather (decode); else by the number of slots T * K, a static int."""
     if x.device.type == "cpu" and not torch.compiler.is_compiling():
         return "ref"
     if ids.numel() <= DECODE_MAX_SLOTS:
-        if x.is_cuda and HAS_TRITON and not biased:
+        if x.is_cuda and HAS_TRITON:
             if not torch.compiler.is_compiling():  # a compiled caller built them before tracing (DecodeStep)
                 triton_kernels()
             return "triton"
@@ -57,12 +58,10 @@ def auto_path(x: Tensor, ids: Tensor, biased: bool = False) -> str:
     return "grouped"
 
 
-def check_path(path: str, device, biased: bool = False) -> None:
-    """Refuse, once when a path is chosen, what cannot run on `device` (or on experts with biases / the clamped GLU)."""
+def check_path(path: str, device) -> None:
+    """Refuse, once when a path is chosen, what cannot run on `device`."""
     if path not in PATHS:
         raise ValueError(f"expert path must be one of {PATHS}, got {path!r}")
-    if path == "triton" and biased:
-        raise ValueError("expert path triton does not implement expert biases or gpt-oss's clamped GLU; use gather")
     if path == "triton" and not (HAS_TRITON and (torch.device(device).type == "cuda" or _TRITON_INTERPRET)):
         raise ValueError("expert path triton needs a CUDA device and an importable triton (torch >= 2.6)")
     if path == "triton":
@@ -82,12 +81,12 @@ def glu(h: Tensor, I: int, clamp=None) -> Tensor:
 
 def run(x: Tensor, w_gate_up: Tensor, w_down: Tensor, ids: Tensor, weights: Tensor, path: str,
         b_gate_up: Tensor = None, b_down: Tensor = None, clamp=None) -> Tensor:
-    """sum_k weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)) over kept slots -> [T, H], x's dtype.
+    """sum_k weights[t, k] * down_e(glu(gate_up_e(x_t))) over kept slots -> [T, H], x's dtype.
 
     x [T, H]; w_gate_up [E, 2I, H] (gate rows first), contiguous; w_down [E, H, I], contiguous; ids [T, K] int64,
     negative where skipped; weights [T, K] fp32 final mixing coefficients, ignored (may be NaN) where skipped.
-    gpt-oss: biases b_gate_up [E, 2I] (gate then up) and b_down [E, H], added inside each expert (a skipped slot
-    adds neither), and clamp = (alpha, limit) for its GLU (see glu); the triton path takes none of them.
+    gpt-oss: biases b_gate_up [E, 2I] (gate then up) and b_down [E, H], contiguous, added inside each expert (a
+    skipped slot adds neither), and clamp = (alpha, limit) for its GLU (see glu); every path takes them.
     Shapes, dtypes and devices are the model's and were checked when it was loaded, not here on the hot path."""
     T, H = x.shape
     K = ids.shape[1]
@@ -103,8 +102,8 @@ def run(x: Tensor, w_gate_up: Tensor, w_down: Tensor, ids: Tensor, weights: Tens
     else:
         if not torch.compiler.is_compiling():  # under torch.compile they were built before tracing
             triton_kernels()
-        y = torch.ops.moe_kernels.slot_experts(x.contiguous(), w_gate_up, w_down, ids.contiguous(),
-                                               weights.contiguous())  # [S, H] fp32, zero rows where skipped
+        y = torch.ops.moe_kernels.slot_experts(  # [S, H] fp32, zero rows where skipped
+            x.contiguous(), w_gate_up, w_down, ids.contiguous(), weights.contiguous(), b_gate_up, b_down, clamp)
         out = y.view(T, K, H).sum(1)
     return out.to(x.dtype)
 
@@ -194,9 +193,9 @@ def triton_kernels():
     import triton.language as tl
 
     @triton.jit
-    def _slot_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, K, H, I,
-                             BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
-        # program (s, n): act[s, n-tile] = silu(gate) * up of slot s's expert for token s // K
+    def _slot_gate_up_kernel(x_ptr, w_ptr, b_ptr, ids_ptr, act_ptr, K, H, I, alpha, limit,
+                             BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BIAS: tl.constexpr, CLAMP: tl.constexpr):
+        # program (s, n): act[s, n-tile] = glu(gate, up) of slot s's expert for token s // K
         s = tl.program_id(0)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         e = tl.load(ids_ptr + s)
@@ -212,12 +211,23 @@ def triton_kernels():
             gate += tl.sum(tl.load(w_gate + h[None, :], mask=mask, other=0.0).to(tl.float32) * xv[None, :], axis=1)
             up += tl.sum(tl.load(w_gate + I * H + h[None, :], mask=mask, other=0.0).to(tl.float32) * xv[None, :],
                          axis=1)
-        tl.store(act_ptr + s * I + n, gate * tl.sigmoid(gate) * up, mask=n < I)
+        # BIAS and CLAMP are constexpr: without them (Qwen, Kimi) neither branch is compiled in
+        if BIAS:
+            b_mask = n < tl.where(e < 0, 0, I)  # a skipped slot's negative id is no row: it reads no bias
+            gate += tl.load(b_ptr + e * 2 * I + n, mask=b_mask, other=0.0).to(tl.float32)
+            up += tl.load(b_ptr + e * 2 * I + I + n, mask=b_mask, other=0.0).to(tl.float32)
+        if CLAMP:  # gpt-oss's clamped GLU, as glu() writes it
+            gate = tl.minimum(gate, limit)
+            up = tl.minimum(tl.maximum(up, -limit), limit)
+            act = (up + 1) * (gate * tl.sigmoid(gate * alpha))
+        else:
+            act = gate * tl.sigmoid(gate) * up
+        tl.store(act_ptr + s * I + n, act, mask=n < I)
 
     @triton.jit
-    def _slot_down_kernel(act_ptr, w_ptr, ids_ptr, rw_ptr, y_ptr, H, I,
-                          BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr):
-        # program (s, n): y[s, n-tile] = weight[s] * down(act[s]), zeros for a skipped slot
+    def _slot_down_kernel(act_ptr, w_ptr, b_ptr, ids_ptr, rw_ptr, y_ptr, H, I,
+                          BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BIAS: tl.constexpr):
+        # program (s, n): y[s, n-tile] = weight[s] * (down(act[s]) + bias), zeros for a skipped slot
         s = tl.program_id(0)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         e = tl.load(ids_ptr + s)
@@ -229,21 +239,30 @@ def triton_kernels():
             a = tl.load(act_ptr + s * I + i, mask=i < I, other=0.0)
             mask = (n[:, None] < H) & (i[None, :] < I)
             acc += tl.sum(tl.load(w_row + i[None, :], mask=mask, other=0.0).to(tl.float32) * a[None, :], axis=1)
+        if BIAS:
+            acc += tl.load(b_ptr + e * H + n, mask=n < tl.where(e < 0, 0, H), other=0.0).to(tl.float32)
         y = tl.where(e < 0, 0.0, acc * tl.load(rw_ptr + s))  # the weight of a skipped slot may be NaN
         tl.store(y_ptr + s * H + n, y, mask=n < H)
 
+    # The optional arguments are gpt-oss's: biases [E, 2I] and [E, H], contiguous, and clamp = (alpha, limit); the
+    # schema reads them as Tensor? and float[]?. Absent, they reach the kernels as None, which Triton specialises
+    # as a constant: the Qwen / Kimi kernels get no extra argument and, with BIAS and CLAMP False, no extra code.
     @torch.library.triton_op("moe_kernels::slot_experts", mutates_args={})
-    def _slot_experts(x: Tensor, w_gate_up: Tensor, w_down: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
+    def _slot_experts(x: Tensor, w_gate_up: Tensor, w_down: Tensor, ids: Tensor, weights: Tensor,
+                      b_gate_up: Optional[Tensor] = None, b_down: Optional[Tensor] = None,
+                      clamp: Optional[Sequence[float]] = None) -> Tensor:
         T, H = x.shape
         I, K = w_down.shape[2], ids.shape[1]
         act = torch.empty(T * K, I, dtype=torch.float32, device=x.device)  # [S, I]
         y = torch.empty(T * K, H, dtype=torch.float32, device=x.device)  # [S, H]
         (n_gu, k_gu), (n_d, k_d) = TRITON_TILES["gate_up"], TRITON_TILES["down"]
         launch = dict(num_warps=TRITON_TILES["num_warps"], num_stages=TRITON_TILES["num_stages"])
+        alpha, limit = (None, None) if clamp is None else clamp
         torch.library.wrap_triton(_slot_gate_up_kernel)[(T * K, triton.cdiv(I, n_gu))](
-            x, w_gate_up, ids, act, K, H, I, BLOCK_N=n_gu, BLOCK_H=k_gu, **launch)
+            x, w_gate_up, b_gate_up, ids, act, K, H, I, alpha, limit, BLOCK_N=n_gu, BLOCK_H=k_gu,
+            BIAS=b_gate_up is not None, CLAMP=clamp is not None, **launch)
         torch.library.wrap_triton(_slot_down_kernel)[(T * K, triton.cdiv(H, n_d))](
-            act, w_down, ids, weights, y, H, I, BLOCK_N=n_d, BLOCK_I=k_d, **launch)
+            act, w_down, b_down, ids, weights, y, H, I, BLOCK_N=n_d, BLOCK_I=k_d, BIAS=b_down is not None, **launch)
         return y
 
     _TRITON.update(triton=triton, gate_up=_slot_gate_up_kernel, down=_slot_down_kernel, op=_slot_experts)

@@ -16,6 +16,7 @@ from model import load, set_expert_impl
 from test_internvl_model import IMG_CONTEXT, TILE, assert_logits_close, image_prompt, pixels
 
 WINDOW = 4
+TRITON_ON_CPU = moe_kernels.HAS_TRITON and moe_kernels._TRITON_INTERPRET
 
 
 def tiny_config():
@@ -146,7 +147,9 @@ def test_greedy_generation_matches_oracle(oracle):
     assert len(set(out.tolist())) > 1, "degenerate generation cannot catch mistakes"
 
 
-@pytest.mark.parametrize("impl", ["grouped", "gather"])
+# the triton path runs on a CPU only through Triton's interpreter (TRITON_INTERPRET=1); tests/test_kernels.py, which
+# CI runs that way, also decodes a gpt-oss model with it
+@pytest.mark.parametrize("impl", ["grouped", "gather"] + (["triton"] if TRITON_ON_CPU else []))
 def test_kernel_paths_and_skipping(oracle, impl):
     _, disk, _ = oracle
     ours = load(disk, dtype=torch.float32)
@@ -165,13 +168,6 @@ def test_kernel_paths_and_skipping(oracle, impl):
         torch.testing.assert_close(fast, skipped, rtol=1e-5, atol=1e-5)
     assert 0 < stats.summary()["prefill"]["all"] < 1
     assert (skipped - ref).abs().max() > 1e-3  # skipping changes the output
-
-
-def test_triton_path_is_refused(oracle):
-    _, disk, _ = oracle
-    ours = load(disk, dtype=torch.float32)
-    with pytest.raises(ValueError, match="triton does not implement expert biases"):
-        moe_kernels.check_path("triton", "cuda", biased=ours.layers[0].mlp.experts.biased)
 
 
 def test_mxfp4_is_refused(oracle, tmp_path):

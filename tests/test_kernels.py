@@ -1,7 +1,8 @@
 """moe_kernels.py's expert paths against model.py's readable loop in fp32 (itself checked against a dense fp64
-reference), skip semantics, NaN safety, graph counts under torch.compile, path checks. CPU, tiny sizes; the triton
-path runs here only with triton installed and TRITON_INTERPRET=1. The one CUDA test is marked gpu: benchmarks/gpu.sh
-runs it."""
+reference), skip semantics, NaN safety, graph counts under torch.compile, path checks, gpt-oss's biased experts with
+the clamped GLU on every path. CPU, tiny sizes; the triton path runs here only with triton installed and
+TRITON_INTERPRET=1, where a small gpt-oss model also decodes through it. The one CUDA test is marked gpu:
+benchmarks/gpu.sh runs it."""
 import functools
 from types import SimpleNamespace
 
@@ -10,8 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounter
 
+import model
 import moe_kernels
+import router
+from generate import generate
 from model import SKIP, routed_experts
+from support import tiny
 
 
 def moe_experts(x, w_gate_up, w_down, ids, weights, path):
@@ -212,16 +217,16 @@ def test_cuda_bf16_paths_match_loop(path):
 # gpt-oss's experts: biases inside each expert and the clamped GLU (alpha 1.702, limit 7), a small limit here so
 # that the clamps bind on these inputs
 CLAMP = (1.702, 0.7)
-BIASED_PATHS = ["grouped", "gather", "auto"]
+BIASED_PATHS = ["grouped", "gather", "auto"] + (["triton"] if TRITON_ON_CPU else [])
 
 
-def biased_case(T, K, E, pattern, dtype=torch.float32, seed=0):
-    x, w_gate_up, w_down, ids, weights = make_case(T, K, E, pattern, dtype, seed)
+def biased_case(T, K, E, pattern, dtype=torch.float32, seed=0, h=H, i=I, bias=True, clamp=CLAMP):
+    x, w_gate_up, w_down, ids, weights = make_case(T, K, E, pattern, dtype, seed, h, i)
     g = torch.Generator().manual_seed(seed + 100)
-    b_gate_up = torch.randn(E, 2 * I, generator=g).to(dtype)
-    b_down = torch.randn(E, H, generator=g).to(dtype)
+    b_gate_up = torch.randn(E, 2 * i, generator=g).to(dtype) if bias else None
+    b_down = torch.randn(E, h, generator=g).to(dtype) if bias else None
     return x, SimpleNamespace(gate_up_proj=w_gate_up, down_proj=w_down, gate_up_proj_bias=b_gate_up,
-                              down_proj_bias=b_down, clamp=CLAMP), ids, weights
+                              down_proj_bias=b_down, clamp=clamp), ids, weights
 
 
 def dense_biased_reference(x, experts, ids, weights):
@@ -229,9 +234,9 @@ def dense_biased_reference(x, experts, ids, weights):
     up = up.clamp(-limit, limit), (up + 1) * gate * sigmoid(alpha * gate)); shares no code with moe_kernels.py."""
     alpha, limit = experts.clamp
     x = x.double()
-    T, E = x.shape[0], experts.gate_up_proj.shape[0]
+    T, E, i = x.shape[0], experts.gate_up_proj.shape[0], experts.down_proj.shape[2]
     h = torch.einsum("th,ejh->tej", x, experts.gate_up_proj.double()) + experts.gate_up_proj_bias.double()
-    gate, up = h[..., :I].clamp(max=limit), h[..., I:].clamp(-limit, limit)
+    gate, up = h[..., :i].clamp(max=limit), h[..., i:].clamp(-limit, limit)
     act = (up + 1) * gate * torch.sigmoid(alpha * gate)
     y = torch.einsum("tei,ehi->teh", act, experts.down_proj.double()) + experts.down_proj_bias.double()
     keep = ids != SKIP
@@ -251,6 +256,8 @@ def test_biased_clamped_loop_matches_dense_reference(case):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES)
 def test_biased_clamped_path_matches_loop(case, dtype, path):
+    if path == "triton" and case[0] * case[1] > 64:
+        pytest.skip("the Triton interpreter is too slow for prefill sizes")
     x, experts, ids, weights = biased_case(*case, dtype)
     ref = routed_experts(x.float(), SimpleNamespace(**{k: v.float() if torch.is_tensor(v) else v
                                                        for k, v in vars(experts).items()}), ids.long(), weights, "ref")
@@ -264,15 +271,54 @@ def test_biased_skip_adds_no_bias(path):
     # a skipped slot contributes nothing, its expert's biases included: all skipped -> exact zeros
     x, experts, ids, weights = biased_case(7, 6, 16, "all")
     assert routed_experts(x, experts, ids.long(), weights, path).abs().max() == 0
-    x, experts, ids, weights = biased_case(33, 8, 64, "none", seed=3)
+    x, experts, ids, weights = biased_case(33 if path != "triton" else 5, 8, 64, "none", seed=3)
     skipped = torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) < 0.7
     out_skip = routed_experts(x, experts, ids.long().masked_fill(skipped, SKIP), weights, path)
     out_zero = routed_experts(x, experts, ids.long(), weights.masked_fill(skipped, 0.0), path)
     assert_close(out_skip, out_zero, 1e-6, path)
 
 
-def test_triton_refused_for_biased_experts():
-    with pytest.raises(ValueError, match="triton does not implement expert biases"):
-        moe_kernels.check_path("triton", "cuda", biased=True)
-    ids = torch.zeros(1, 4, dtype=torch.long)
-    assert moe_kernels.auto_path(torch.zeros(1, 8), ids, biased=True) == "ref"  # eager CPU
+@pytest.mark.skipif(not TRITON_ON_CPU, reason="the triton path runs on a CPU only under TRITON_INTERPRET=1")
+@pytest.mark.parametrize("bias,clamp", [(True, CLAMP), (True, None), (False, CLAMP)], ids=["both", "bias", "clamp"])
+@pytest.mark.parametrize("T,K,pattern", [(1, 4, "random"), (3, 2, "empty_tokens"), (4, 1, "random"),
+                                         (5, 8, "sparse88"), (2, 6, "all")])
+@pytest.mark.parametrize("h,i", [(37, 45), (130, 33)])
+def test_triton_biased_clamped_odd_sizes(h, i, T, K, pattern, bias, clamp):
+    """H and I off TRITON_TILES' multiples (partial output tiles; H = 130 takes two reduction chunks), each flag
+    alone and both, in fp32 against the loop and the gather path. Unused experts' weights and biases, and skipped
+    slots' routing weights, are NaN for the kernel: none of them may reach the output."""
+    x, experts, ids, weights = biased_case(T, K, 16, pattern, seed=T + K, h=h, i=i, bias=bias, clamp=clamp)
+    ref = routed_experts(x, experts, ids.long(), weights, "ref")
+    assert_close(routed_experts(x, experts, ids.long(), weights, "gather"), ref, TOL[torch.float32], "gather")
+    unused = torch.ones(16, dtype=torch.bool)
+    unused[ids[ids != SKIP].long()] = False
+    poisoned = SimpleNamespace(**{k: v.clone() if torch.is_tensor(v) else v for k, v in vars(experts).items()})
+    for t in vars(poisoned).values():
+        if torch.is_tensor(t):
+            t[unused] = float("nan")
+    out = routed_experts(x, poisoned, ids.long(), weights.masked_fill(ids == SKIP, float("nan")), "triton")
+    assert_close(out, ref, TOL[torch.float32], f"triton {h}x{i} {T}x{K} {pattern}")
+
+
+@pytest.mark.skipif(not TRITON_ON_CPU, reason="the triton path runs on a CPU only under TRITON_INTERPRET=1")
+def test_gpt_oss_model_decodes_the_same_tokens_on_the_triton_path():
+    """tiny-internvl-gpt-oss's decoder, made smaller (2 layers, 8 experts top-4, widths off the tiles, a clamp limit
+    that binds), with MoDES-style skipping on: greedy decoding through the triton path (prefill and every decode
+    step) gives the reference loop's tokens, and the prompt's logits agree in fp32."""
+    raw = tiny.internvl_gpt_oss_config()
+    raw["text_config"].update(vocab_size=512, hidden_size=72, intermediate_size=40, num_hidden_layers=2,
+                              layer_types=["sliding_attention", "full_attention"], num_local_experts=8,
+                              swiglu_limit=1.0)
+    net = tiny.random_weights(model.build(model.config_from_dict(raw, "tiny"), "cpu", torch.float32))
+    router.install(net, router.Threshold(0.3))
+    prompt = torch.tensor([[5, 17, 33, 2, 250, 9, 41, 7]])
+    runs = {}
+    for impl in ["ref", "triton"]:
+        stats = router.SkipStats(len(net.layers))
+        with torch.no_grad():
+            tokens = generate(model.set_expert_impl(net, impl), prompt, max_new_tokens=6, stats=stats)[0].tolist()
+            runs[impl] = tokens, net(prompt), stats.summary()["total"]["all"]
+    assert runs["triton"][0] == runs["ref"][0]
+    assert len(set(runs["ref"][0])) > 1, "degenerate generation cannot catch mistakes"
+    assert_close(runs["triton"][1], runs["ref"][1], TOL[torch.float32], "prompt logits")
+    assert 0 < runs["triton"][2] < 1 and runs["triton"][2] == runs["ref"][2]  # slots were skipped, the same ones
