@@ -1,5 +1,5 @@
-"""One model over several processes (parallel.py's Shard): 2 processes on CPU with gloo against one process, for both
-tiny models. torchrun runs this file as a script (the __main__ block), once: each rank writes what it computed and
+"""One model over several processes (parallel.py's Shard): 2 processes on CPU with gloo against one process, for the
+tiny models of every family (InternVL with both decoders). torchrun runs this file as a script (the __main__ block), once: each rank writes what it computed and
 what it loaded, then runs generate.py's command line; the tests compare that with the same computation in the test
 process, which holds the whole model.
 """
@@ -26,7 +26,7 @@ from support import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD = 2
-NAMES = ("tiny-qwen", "tiny-kimi")
+NAMES = ("tiny-qwen", "tiny-kimi", "tiny-internvl", "tiny-internvl-gpt-oss")
 
 
 def skip_policy(model):
@@ -62,7 +62,7 @@ def compute(name, shard):
     experts, attn = model.layers[1].mlp.experts, model.layers[1].self_attn
     out["own"] = dict(first=experts.first, gate_up_proj=experts.gate_up_proj.clone(),
                       embed_rows=model.embed_tokens.weight[[0, -1]].clone(),
-                      heads=(attn.k_proj if name == "tiny-qwen" else attn.kv_b_proj).weight.clone())
+                      heads=(attn.kv_b_proj if name == "tiny-kimi" else attn.k_proj).weight.clone())
     return out
 
 
@@ -151,22 +151,26 @@ def test_calibration_similarity_and_search_equal_one_process(ranks, whole, name)
 def test_each_rank_loads_only_its_part(ranks, whole, name):
     path = tiny.resolve(name)
     cfg = read_config(path)
-    E = cfg.num_experts if name == "tiny-qwen" else cfg.n_routed_experts
+    E = cfg.n_routed_experts if name == "tiny-kimi" else cfg.num_experts
     with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
         embed = f.get_tensor(next(n for n in f.keys() if n.endswith("embed_tokens.weight")))
         for r, rank in enumerate(ranks):
             own = rank[name]["own"]
-            assert rank[name]["params"].keys() == whole[name]["params"].keys()
+            # a bias after an all-reduce lives on rank 0 only (gpt-oss's o_proj): the ranks' outputs are summed
+            summed_bias = {n for n in whole[name]["params"] if n.endswith("o_proj.bias")} if r > 0 else set()
+            assert rank[name]["params"].keys() == whole[name]["params"].keys() - summed_bias
             # routed experts: the contiguous range r * E/2 .. (r + 1) * E/2 - 1, as stored in the checkpoint
             assert own["first"] == r * E // WORLD
             if name == "tiny-qwen":
                 stored = f.get_tensor("model.language_model.layers.1.mlp.experts.gate_up_proj")[
                     r * E // WORLD:(r + 1) * E // WORLD].transpose(1, 2)  # the hub stores x @ W
-            else:
+            elif name == "tiny-kimi":
                 first = r * E // WORLD
                 stored = torch.stack([torch.cat([
                     f.get_tensor(f"language_model.model.layers.1.mlp.experts.{e}.{p}_proj.weight")
                     for p in ("gate", "up")]) for e in range(first, first + E // WORLD)])
+            else:  # InternVL: the whole model's experts, this rank's range of them (the layouts: test_internvl_*)
+                stored = whole[name]["own"]["gate_up_proj"][r * E // WORLD:(r + 1) * E // WORLD]
             assert torch.equal(own["gate_up_proj"], stored)
             # vocabulary rows r * V/2 .. (r + 1) * V/2 - 1
             V = cfg.vocab_size
@@ -175,6 +179,9 @@ def test_each_rank_loads_only_its_part(ranks, whole, name):
             if name == "tiny-qwen":
                 k = f.get_tensor("model.language_model.layers.1.self_attn.k_proj.weight")
                 assert torch.equal(own["heads"], k.view(2, -1, k.shape[1])[r])
+            elif name != "tiny-kimi":  # InternVL's kv heads, split like Qwen's
+                k = whole[name]["own"]["heads"]
+                assert torch.equal(own["heads"], k.view(cfg.num_key_value_heads, -1, k.shape[1])[r])  # 2 kv heads
             else:
                 kv_b = f.get_tensor("language_model.model.layers.1.self_attn.kv_b_proj.weight")
                 assert torch.equal(own["heads"], kv_b.view(WORLD, -1, kv_b.shape[1])[r])
