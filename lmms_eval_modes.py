@@ -12,11 +12,12 @@ works as with `python -m lmms_eval` (also under `torchrun --nproc_per_node N`: l
 model per process).
 
 --model_args (comma separated key=value):
-    pretrained    checkpoint folder or built-in name (tiny-vqa, tiny-qwen, tiny-kimi)   default tiny-qwen
+    pretrained    checkpoint folder or built-in name (tiny-vqa, tiny-qwen, ...)       default tiny-qwen
     thresholds    search.py's thresholds file: MoDES skips experts (none: the unskipped model)
     device        cpu, cuda or cuda:N (under torchrun each rank's LOCAL_RANK GPU)    default cuda if there is one
     dtype         float32 or bfloat16                                                 default bfloat16 on cuda
     max_frames    frames sampled from a video file (mp4, ... decoded with PyAV)      default 32
+    max_tiles     InternVL-3.5: at most this many 448 px tiles per image             default the folder's (12)
     expert_impl   as generate.py --expert-impl; compile as generate.py --compile (default: on for cuda)
 
 What the class does: generate_until (images, videos, greedy, cut at the task's `until` strings, its
@@ -80,7 +81,7 @@ class Modes(lmms):
     is_simple = True
 
     def __init__(self, pretrained="tiny-qwen", thresholds=None, device=None, dtype=None, batch_size=1,
-                 max_frames=32, expert_impl="auto", compile=None, **kwargs):
+                 max_frames=32, max_tiles=None, expert_impl="auto", compile=None, **kwargs):
         super().__init__()
         self._rank, self._world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -95,7 +96,8 @@ class Modes(lmms):
         self.compile = self._device.type == "cuda" if compile is None else bool(compile)
         self.path = tiny.resolve(os.path.expanduser(str(pretrained)))
         cfg = modelling.read_config(self.path)
-        self.proc = processor.for_model(self.path, cfg.model_type)
+        max_tiles = cli.check_max_tiles(None if max_tiles is None else int(max_tiles))
+        self.proc = processor.for_model(self.path, cfg.model_type, max_tiles)
         # the thresholds are checked against the architecture before the weights load
         policy = router.load_thresholds(thresholds, modelling.build(cfg, "meta")) if thresholds else None
         net = modelling.load(self.path, str(self._device), cli.DTYPES[dtype], Shard(),

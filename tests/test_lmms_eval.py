@@ -161,6 +161,20 @@ def test_loglikelihood_prefers_the_answer(task):
         assert out[i * len(choices) + choices.index(doc["answer"])][1]  # greedy decoding gives it too
 
 
+def test_max_tiles_caps_internvl_images():
+    """model_args max_tiles reaches InternVL's processor (a 4:3 photo is 13 tiles at the folder's 12); 0 is refused
+    in one line, as --max-tiles is."""
+    from lmms_eval_modes import Modes
+    from PIL import Image
+    photo = Image.new("RGB", (1600, 1200), "gray")
+    message = [{"role": "user", "content": [{"type": "image", "image": photo}, {"type": "text", "text": "what?"}]}]
+    capped = Modes(pretrained="tiny-internvl", device="cpu", max_tiles="6")
+    assert capped.proc.max_tiles == 6 and capped.proc(message)["pixel_values"].shape[0] == 7  # 3 x 2 + thumbnail
+    assert Modes(pretrained="tiny-internvl", device="cpu").proc(message)["pixel_values"].shape[0] == 13
+    with pytest.raises(ValueError, match="--max-tiles must be >= 1, got 0"):
+        Modes(pretrained="tiny-internvl", device="cpu", max_tiles="0")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # export: the task's documents as calibration data
 
