@@ -493,7 +493,8 @@ def transformers_row(model, source, ids, pixels, args):
         return dict(ttft=tp, decode=timed(lambda: steps(out), args.device)[1] / args.decode_steps)
     text = hf.config.text_config
     return dict(medians(run, args)[0], transformers=dict(
-        version=transformers.__version__, attention=text._attn_implementation, experts=text._experts_implementation))
+        version=transformers.__version__, attention=getattr(text, "_attn_implementation", None),
+        experts=getattr(text, "_experts_implementation", None)))  # private fields: an older release may lack one
 
 
 def speed(model, source, load_s, host_load, args, modes):
