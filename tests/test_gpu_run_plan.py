@@ -179,6 +179,7 @@ def test_gpu_tests_step_selects_every_gpu_test_and_no_cpu_one():
     assert r.returncode in (0, 5), r.stdout + r.stderr  # 5: nothing selected, which the assertions below refuse
     chosen = {line.split("[")[0] for line in r.stdout.splitlines() if "::" in line}
     assert chosen == {"tests/test_kernels.py::test_cuda_bf16_paths_match_loop",
+                      "tests/test_kernels.py::test_cuda_bf16_biased_paths_match_loop",
                       "tests/test_gpu.py::test_graphed_decode_matches_eager_teacher_forced",
                       "tests/test_gpu.py::test_expert_paths_at_real_shapes",
                       "tests/test_decode_compile.py::test_triton_path_clones_no_weights_when_compiled"}, r.stdout

@@ -300,6 +300,31 @@ def test_triton_biased_clamped_odd_sizes(h, i, T, K, pattern, bias, clamp):
     assert_close(out, ref, TOL[torch.float32], f"triton {h}x{i} {T}x{K} {pattern}")
 
 
+@pytest.mark.gpu  # benchmarks/gpu.sh's checks command runs it with tests/test_gpu.py
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("path", ["grouped", "gather", "triton", "auto"])
+def test_cuda_bf16_biased_paths_match_loop(path):
+    """gpt-oss's experts (biases, clamped GLU) in bf16 on the GPU against the fp32 loop. Skipped slots' routing
+    weights are NaN (run's contract lets them be); for the Triton kernel unused experts' weights and biases are NaN
+    too: on a GPU, unlike under the interpreter, a load the kernel fails to mask reads them."""
+    if path == "triton" and not moe_kernels.HAS_TRITON:
+        pytest.skip("triton is not installed")
+    for T, K, pattern, h, i in [(1, 4, "random", H, I), (5, 8, "sparse88", 130, 33), (3, 2, "all", 37, 45),
+                                (257, 8, "sparse88", H, I)]:
+        x, experts, ids, weights = biased_case(T, K, 16, pattern, seed=T + K, h=h, i=i)
+        ref = routed_experts(x, experts, ids.long(), weights, "ref")
+        unused = torch.ones(16, dtype=torch.bool)
+        unused[ids[ids != SKIP].long()] = False
+        cuda = SimpleNamespace(**{k: v.to("cuda", torch.bfloat16) if torch.is_tensor(v) else v
+                                  for k, v in vars(experts).items()})
+        for t in vars(cuda).values():
+            if torch.is_tensor(t) and path == "triton":
+                t[unused.cuda()] = float("nan")
+        out = routed_experts(x.to("cuda", torch.bfloat16), cuda, ids.long().cuda(),
+                             weights.masked_fill(ids == SKIP, float("nan")).cuda(), path).float().cpu()
+        assert_close(out, ref, TOL[torch.bfloat16], f"{path} {h}x{i} {T}x{K} {pattern}")
+
+
 @pytest.mark.skipif(not TRITON_ON_CPU, reason="the triton path runs on a CPU only under TRITON_INTERPRET=1")
 def test_gpt_oss_model_decodes_the_same_tokens_on_the_triton_path():
     """tiny-internvl-gpt-oss's decoder, made smaller (2 layers, 8 experts top-4, widths off the tiles, a clamp limit
