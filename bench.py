@@ -43,11 +43,8 @@ import argparse
 import contextlib
 import json
 import os
-import platform
-import resource
 import statistics
 import sys
-import time
 import traceback
 
 import torch
@@ -56,115 +53,14 @@ import baselines
 import cli
 import processor
 import moe_kernels
-from model import EXPERT_IMPLS, build, checkpoint_names, interleave, load, read_config, set_expert_impl
+from model import EXPERT_IMPLS, build, load, read_config, set_expert_impl
 from parallel import Shard
 from support import plot
+from support.compare import transformers_model, transformers_prompt
+from support.measure import copy_bandwidth, free_bytes, host_peak_bytes, machine, step_memory, timed
 import router
 from support import tiny
-import internvl
 import kimi_vl
-import qwen3_vl_moe
-
-
-def timed(fn, device):
-    """(result, seconds) of fn(), synchronised on CUDA."""
-    sync = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
-    sync()
-    t0 = time.perf_counter()
-    out = fn()
-    sync()
-    return out, time.perf_counter() - t0
-
-
-def host_peak_bytes():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def copy_bandwidth(device, n_bytes=1 << 28):
-    """(bytes/s of a device-to-device copy, read + write: the ceiling a decode step can reach, how it was timed).
-    On CUDA, events around 10 back-to-back copies (a host timer around one copy reads ~10 % low there)."""
-    x, y = torch.empty(2, n_bytes // 4, dtype=torch.float32, device=device)  # source and target
-    if not device.startswith("cuda"):
-        times = [timed(lambda: y.copy_(x), device)[1] for _ in range(5)]
-        return 2 * n_bytes / statistics.median(times[1:]), "host"
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(6):
-        start.record()
-        for _ in range(10):
-            y.copy_(x)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / 10)
-    return 2 * n_bytes / statistics.median(times[1:]), "cuda events"
-
-
-@contextlib.contextmanager
-def quiet_stderr():
-    """File descriptor 2 silenced within the block: torch's CPU profiler prints start and stop lines from C++ on every
-    use, noise around the table. Python errors are raised, and printed after the block, as usual."""
-    sys.stderr.flush()
-    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(null)
-
-
-def step_memory(fn, token, device):
-    """(peak bytes above what was allocated before the call, bytes still allocated after it, its output dropped) of
-    fn(token): from the CUDA allocator's counters (its peak counter is reset), or on a CPU from the profiler's
-    record of each allocation. A CUDA graph allocates its memory pool when captured, on its first call."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn(token)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before, torch.cuda.memory_allocated() - before
-    with quiet_stderr(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                                profile_memory=True) as prof:
-        fn(token)
-    level = peak = 0
-    for size in allocation_sizes(prof):
-        level += size
-        peak = max(peak, level)
-    return peak, level
-
-
-def allocation_sizes(prof):
-    """Each allocation (bytes > 0) and release (< 0) a profiler with profile_memory=True recorded, in order."""
-    from torch._C._profiler import _EventType
-
-    def walk(nodes):
-        for n in nodes:
-            yield n
-            yield from walk(n.children)
-    events = [e for e in walk(prof.profiler.kineto_results.experimental_event_tree()) if e.tag == _EventType.Allocation]
-    return [e.extra_fields.alloc_size for e in sorted(events, key=lambda e: e.start_time_ns)]
-
-
-def machine(device):
-    """What the numbers were measured on: processor or GPU, cores and threads, and torch's parallel settings."""
-    info = dict(torch=torch.__version__, python=platform.python_version(), cores=os.cpu_count(),
-                threads=torch.get_num_threads(), interop_threads=torch.get_num_interop_threads())
-    if device.startswith("cuda"):
-        props = torch.cuda.get_device_properties(device)
-        info.update(device=props.name, memory_bytes=props.total_memory, cuda=torch.version.cuda,
-                    capability=f"{props.major}.{props.minor}",
-                    triton=moe_kernels.triton_kernels()["triton"].__version__ if moe_kernels.HAS_TRITON else None)
-    elif os.path.isfile("/proc/cpuinfo"):  # Linux names the processor there
-        with open("/proc/cpuinfo") as f:
-            info["device"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
-    info["device"] = info.get("device") or platform.processor() or platform.machine()
-    info["blas"] = next((part.split("=", 1)[1] for part in torch.__config__.show().replace(",", " ").split()
-                         if part.startswith("BLAS_INFO=")), None)
-    info["parallel"] = next((line.split(":", 1)[1].strip() for line in torch.__config__.parallel_info().splitlines()
-                             if line.startswith("ATen parallel backend")), None)
-    return info
 
 
 def build_model(args, source, shard):
@@ -215,18 +111,6 @@ def synthetic_inputs(model, args, batch, device=None, length_only=False):
     if length_only:
         return len(row)
     return torch.tensor([row] * batch, device=device), {k: t.to(device) for k, t in pixels().items()}
-
-
-def free_bytes(device):
-    """Memory free for this run on `device`: the CUDA driver's count, or the host's available memory (what the
-    kernel can give without swapping: MemAvailable, else free pages)."""
-    if device.startswith("cuda"):
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def check_fits(skeleton, what, args):
@@ -429,52 +313,6 @@ def roofline(model, args, row, bandwidth):
     return dict(decode_bytes_per_step=step_bytes, decode_gb_per_s=step_bytes / row["decode_ms"] * 1e-6,
                 decode_floor_ms=floor_ms, decode_pct_of_floor=100 * floor_ms / row["decode_ms"],
                 prefill_tflops=flops / row["prefill_ms"] * 1e-9)
-
-
-@torch.no_grad()
-def transformers_model(model, source, device):
-    """transformers' own model of the same config (source: a config.json or a checkpoint folder) holding our
-    weights: Qwen3VLMoeForConditionalGeneration, or InternVLForConditionalGeneration for either InternVL decoder.
-    Every tensor is our parameter itself (assigned, not copied) but gpt-oss's gate_up_proj and gate_up_proj_bias:
-    transformers holds those x @ W with gate and up interleaved, which no view of ours gives, so they are copied,
-    two thirds of the expert weights in memory again (about 24 GiB in bf16 for GPT-OSS-20B). gpt-oss's down_proj is
-    shared as a transposed view: the strides transformers' grouped_mm reads Qwen's experts with."""
-    cli.check(not isinstance(model, kimi_vl.KimiVL), "--compare-transformers: transformers has no Kimi-VL class "
-              "(Kimi-VL runs there only as the hub's trust_remote_code)")
-    cli.check(model.shard.world == 1, "--compare-transformers: one process only (not under torchrun)")
-    import transformers
-    if isinstance(model, internvl.InternVL):
-        hf_class, hf_config = transformers.InternVLForConditionalGeneration, transformers.InternVLConfig
-        names = checkpoint_names(model, (internvl.IN_MEMORY, False))  # transformers' names, stacked experts
-    else:
-        hf_class, hf_config = transformers.Qwen3VLMoeForConditionalGeneration, transformers.Qwen3VLMoeConfig
-        names = checkpoint_names(model)
-    weights = {name: model.get_parameter(ours) for name, (ours, _) in names.items()}
-    if isinstance(model, internvl.InternVLGptOss):  # from ours: nn.Linear orientation, gate rows then up rows
-        for name, t in weights.items():
-            if name.endswith("experts.gate_up_proj"):
-                weights[name] = interleave(t.transpose(1, 2))
-            elif name.endswith("experts.gate_up_proj_bias"):
-                weights[name] = interleave(t)
-            elif name.endswith("experts.down_proj"):
-                weights[name] = t.transpose(1, 2)
-    raw = cli.read_json(source if source.endswith(".json") else os.path.join(source, "config.json"), "config")
-    with torch.device("meta"):
-        hf = hf_class(hf_config(**raw)).eval()
-    hf.load_state_dict(weights, strict=True, assign=True)
-    for mod in hf.modules():  # rotary tables are buffers that the state dict does not carry: rebuild them
-        for name in [name for name, buf in mod.named_buffers(recurse=False) if buf.is_meta]:
-            setattr(mod, name, getattr(type(mod)(mod.config), name).to(device))
-    hf.tie_weights()
-    return hf
-
-
-def transformers_prompt(model, ids, pixels):
-    """The arguments of transformers' forward for our prompt (ids, pixels: synthetic_inputs). Qwen3-VL's 3-D
-    rotary finds the image tokens by their type; InternVL's 1-D positions need nothing beside the tiles."""
-    if isinstance(model, qwen3_vl_moe.Qwen3VLMoe):
-        return dict(input_ids=ids, mm_token_type_ids=(ids == model.cfg.image_token_id).long(), **pixels)
-    return dict(input_ids=ids, **pixels)
 
 
 @torch.no_grad()

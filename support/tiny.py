@@ -25,7 +25,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 import model
 import cli
 from cli import write_atomic
-from processor import KIMI_PAT_STR, cache_dir
+from kimi_tokenizer import KIMI_PAT_STR, cache_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 SHIPPED = {"tiny-vqa": os.path.join(ROOT, "checkpoints", "tiny-vqa")}

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import bench
+from support import measure
 
 
 def records(text):
@@ -66,16 +67,16 @@ def test_row_lines_keep_the_numbers_before_the_long_lists():
 
 
 def test_copy_bandwidth_says_how_it_was_timed():
-    bandwidth, timer = bench.copy_bandwidth("cpu", 1 << 20)
+    bandwidth, timer = measure.copy_bandwidth("cpu", 1 << 20)
     assert bandwidth > 0 and timer == "host"
     if torch.cuda.is_available():
-        assert bench.copy_bandwidth("cuda", 1 << 24)[1] == "cuda events"
+        assert measure.copy_bandwidth("cuda", 1 << 24)[1] == "cuda events"
 
 
 def test_step_memory_sees_every_allocation_on_a_cpu():
     w = torch.randn(256, 1024)
-    peak, retained = bench.step_memory(lambda t: (w.clone() * 2).sum() + t, torch.ones(()), "cpu")
+    peak, retained = measure.step_memory(lambda t: (w.clone() * 2).sum() + t, torch.ones(()), "cpu")
     assert peak >= 2 * w.nbytes and retained == 0  # the clone and its double, both released
     kept = []
-    peak, retained = bench.step_memory(lambda t: kept.append(w + t), torch.ones(()), "cpu")
+    peak, retained = measure.step_memory(lambda t: kept.append(w + t), torch.ones(()), "cpu")
     assert peak == retained == w.nbytes

@@ -1,5 +1,5 @@
 """bench.py --compare-transformers times the same computation as ours: transformers' model that
-bench.transformers_model builds gives our prefill logits on bench's own inputs (fp32), holds our tensors (only
+compare.transformers_model builds gives our prefill logits on bench's own inputs (fp32), holds our tensors (only
 gpt-oss's interleaved gate/up is a copy), and loads strictly at the real InternVL sizes; the transformers row runs
 for both InternVL decoders; Kimi-VL is refused in one line."""
 import json
@@ -10,7 +10,7 @@ import torch
 
 import bench
 from model import build, load, read_config
-from support import tiny
+from support import compare, tiny
 from test_internvl_model import assert_logits_close
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -35,9 +35,9 @@ def test_transformers_model_is_our_model(name):
     args = bench_args("--model", name)
     bench.check_args(args)
     ids, pixels = bench.synthetic_inputs(ours, args, 1)
-    hf = bench.transformers_model(ours, source, "cpu")
+    hf = compare.transformers_model(ours, source, "cpu")
     with torch.no_grad():
-        assert_logits_close(ours(ids, **pixels), hf(**bench.transformers_prompt(ours, ids, pixels)).logits)
+        assert_logits_close(ours(ids, **pixels), hf(**compare.transformers_prompt(ours, ids, pixels)).logits)
     gate_up = [f"model.language_model.layers.{i}.mlp.experts.gate_up_proj{b}" for i in range(len(ours.layers))
                for b in ("", "_bias")]
     assert copied(hf, ours) == (sorted(gate_up) if name == "tiny-internvl-gpt-oss" else [])
@@ -48,7 +48,7 @@ def test_real_size_names_and_shapes_load_strictly(config):
     """On the meta device. The tiny models' experts have 2I = H, so there only the logits, not the shapes, would
     catch a gate_up_proj in the wrong orientation."""
     path = os.path.join(CONFIGS, f"{config}.json")
-    hf = bench.transformers_model(build(read_config(path), "meta"), path, "meta")
+    hf = compare.transformers_model(build(read_config(path), "meta"), path, "meta")
     assert hf.config.text_config.model_type == read_config(path).decoder
 
 
@@ -65,4 +65,4 @@ def test_transformers_row_runs(name, capsys):
 def test_kimi_is_refused_in_one_line():
     path = os.path.join(CONFIGS, "kimi_vl_a3b.json")
     with pytest.raises(ValueError, match="^--compare-transformers: transformers has no Kimi-VL class [^\n]*$"):
-        bench.transformers_model(build(read_config(path), "meta"), path, "meta")
+        compare.transformers_model(build(read_config(path), "meta"), path, "meta")

@@ -13,7 +13,7 @@ import router
 from generate import generate
 from model import family, load, read_config, set_expert_impl
 from qwen_oracle import image_prompt, make_oracle, pixels
-from support import tiny
+from support import measure, tiny
 
 
 class CountingBackend:
@@ -153,14 +153,14 @@ def test_compiled_step_copies_no_expert_weights(compiled_qwen):
             step(token)
     experts = [model.layers[i].mlp.experts for i in model.moe_layers()]
     smallest = min(min(e.gate_up_proj.nbytes, e.down_proj.nbytes) for e in experts)
-    sizes = bench.allocation_sizes(prof)
+    sizes = measure.allocation_sizes(prof)
     assert sizes and max(sizes) < smallest, (max(sizes), smallest)  # not one layer's stacked experts, let alone all
     # the same detector sees a compiled copy of one weight
     clone = torch.compile(lambda w: w.clone(), fullgraph=True)
     clone(experts[0].down_proj)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         clone(experts[0].down_proj)
-    assert max(bench.allocation_sizes(prof)) >= experts[0].down_proj.nbytes
+    assert max(measure.allocation_sizes(prof)) >= experts[0].down_proj.nbytes
 
 
 class H100Target:

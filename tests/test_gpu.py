@@ -21,7 +21,7 @@ import bench
 import moe_kernels
 import router
 from model import SKIP, build, config_from_dict, routed_experts, set_expert_impl
-from support import tiny
+from support import measure, tiny
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,7 +54,7 @@ def test_graphed_decode_matches_eager_teacher_forced(name, compile):
     smallest = min(min(e.gate_up_proj.nbytes, e.down_proj.nbytes) for e in experts)
     with torch.no_grad():
         token = model(ids, cache=cache, last_only=True)[:, -1:].argmax(-1)
-        peak, retained = bench.step_memory(step, token, "cuda")  # compiles and captures
+        peak, retained = measure.step_memory(step, token, "cuda")  # compiles and captures
         assert peak < smallest, (peak, retained, smallest)
         check = bench.teacher_forced_check(model, step, cache, ids, {}, 8, bench.CHECK_RTOL["bfloat16"])
         assert check["ok"], check

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import tiktoken
 
-import processor
+import kimi_tokenizer
 from support import tiny
 
 FIXTURES = Path(__file__).parent / "fixtures" / "kimi_vl"
@@ -40,7 +40,7 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ours(tiny_dir):
-    return processor.load_kimi_tokenizer(tiny_dir)
+    return kimi_tokenizer.load_kimi_tokenizer(tiny_dir)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def test_decode_matches_tiktoken(tiny_dir, ours, ref):
 
 
 def test_tiny_vocabulary_layout(tiny_dir, ours):
-    assert processor.KIMI_PAT_STR == PAT_STR
+    assert kimi_tokenizer.KIMI_PAT_STR == PAT_STR
     ranks = read_ranks(tiny_dir / "tiktoken.model")
     assert sorted(ranks.values()) == list(range(len(ranks)))
     assert {bytes([b]) for b in range(256)} <= set(ranks)
@@ -139,16 +139,16 @@ def test_merges_cover_every_split():
     """'abc' was learned as ab+c, but tiktoken also reaches it as a+bc when 'bc' ranks first."""
     ranks = {bytes([b]): b for b in range(256)} | {b"bc": 256, b"ab": 257, b"abc": 258}
     specials = {300: "<|x|>"}
-    tok = processor.convert_tiktoken(ranks, specials, PAT_STR)
+    tok = kimi_tokenizer.convert_tiktoken(ranks, specials, PAT_STR)
     ref = tiktoken.Encoding("abc", pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens={"<|x|>": 300})
     for text in ["abcd", "abc", "xabcx abcabc<|x|>", "zabcd"]:
         assert tok.encode(text, add_special_tokens=False).ids == ref.encode(text, allowed_special="all"), text
 
 
 def test_split_long_runs_hand_worked():
-    assert processor.split_long_runs("aaaaa  bb", 3) == ["aaa", "aa  bb"]
-    assert processor.split_long_runs("     x", 2) == ["  ", "  ", " x"]
-    assert processor.split_long_runs("ab cd", 2) == ["ab cd"]
+    assert kimi_tokenizer.split_long_runs("aaaaa  bb", 3) == ["aaa", "aa  bb"]
+    assert kimi_tokenizer.split_long_runs("     x", 2) == ["  ", "  ", " x"]
+    assert kimi_tokenizer.split_long_runs("ab cd", 2) == ["ab cd"]
 
 
 def test_long_runs_are_encoded_in_pieces(ours):
@@ -158,17 +158,17 @@ def test_long_runs_are_encoded_in_pieces(ours):
 
 def test_cache_is_reused_and_keyed_by_vocabulary(tmp_path):
     tiny.write_kimi_tokenizer(tmp_path)
-    processor.load_kimi_tokenizer(tmp_path)
+    kimi_tokenizer.load_kimi_tokenizer(tmp_path)
     (cached,) = tmp_path.glob("tokenizer.modes-*.json")
     # plant a different tokenizer under the same key: a reload must read it, not reconvert
     ranks = {bytes([b]): b for b in range(256)}
-    planted = processor.convert_tiktoken(ranks, processor.read_special_tokens(tmp_path / "tokenizer_config.json"))
+    planted = kimi_tokenizer.convert_tiktoken(ranks, kimi_tokenizer.read_special_tokens(tmp_path / "tokenizer_config.json"))
     cached.write_text(planted.to_str())
-    assert processor.load_kimi_tokenizer(tmp_path).encode("the") == [ord("t"), ord("h"), ord("e")]
+    assert kimi_tokenizer.load_kimi_tokenizer(tmp_path).encode("the") == [ord("t"), ord("h"), ord("e")]
     # a changed vocabulary gets its own cache file
     with open(tmp_path / "tiktoken.model", "a") as f:
         f.write(f"{base64.b64encode(b'zzq').decode()} 9999\n")
-    tok = processor.load_kimi_tokenizer(tmp_path)
+    tok = kimi_tokenizer.load_kimi_tokenizer(tmp_path)
     assert len(list(tmp_path.glob("tokenizer.modes-*.json"))) == 2
     assert tok.encode("zzq") == [9999]
     assert not list(tmp_path.glob("*.tmp"))
@@ -178,12 +178,12 @@ def test_cache_falls_back_when_checkpoint_folder_is_not_writable(tmp_path, monke
     model_dir, cache = tmp_path / "model", tmp_path / "cache"
     tiny.write_kimi_tokenizer(model_dir)
     monkeypatch.setenv("MODES_CACHE", str(cache))
-    processor.load_kimi_tokenizer(model_dir)
+    kimi_tokenizer.load_kimi_tokenizer(model_dir)
     (name,) = [p.name for p in model_dir.glob("tokenizer.modes-*.json")]
     (model_dir / name).unlink()
     # tests run as root, which ignores chmod; a folder squatting on the cache name makes the write fail
     (model_dir / name).mkdir()
-    tok = processor.load_kimi_tokenizer(model_dir)
+    tok = kimi_tokenizer.load_kimi_tokenizer(model_dir)
     assert (cache / name).is_file()
     assert tok.encode("<|im_end|>") == [163586]
     assert not list(model_dir.glob("*.tmp")) and not list(cache.glob("*.tmp"))
@@ -191,14 +191,14 @@ def test_cache_falls_back_when_checkpoint_folder_is_not_writable(tmp_path, monke
 
 def test_missing_tiktoken_model(tmp_path):
     with pytest.raises(FileNotFoundError, match=re.escape(f"no tiktoken.model in {tmp_path}")):
-        processor.load_kimi_tokenizer(tmp_path)
+        kimi_tokenizer.load_kimi_tokenizer(tmp_path)
 
 
 def test_missing_tokenizer_config(tmp_path):
     tiny.write_kimi_tokenizer(tmp_path)
     (tmp_path / "tokenizer_config.json").unlink()
     with pytest.raises(FileNotFoundError, match="tokenizer_config.json"):
-        processor.load_kimi_tokenizer(tmp_path)
+        kimi_tokenizer.load_kimi_tokenizer(tmp_path)
 
 
 @pytest.mark.parametrize("bad_line", ["YWJj", "YWJj 12 extra", "not*base64 12", "YWJj twelve", "YWJj -3", "YQ== 0"])
@@ -209,13 +209,13 @@ def test_malformed_tiktoken_line_names_file_and_line(tmp_path, bad_line):
     lines.insert(2, bad_line)  # becomes line 3
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"tiktoken\.model:3: "):
-        processor.load_kimi_tokenizer(tmp_path)
+        kimi_tokenizer.load_kimi_tokenizer(tmp_path)
 
 
 def test_rank_inside_special_block_is_rejected():
     ranks = {bytes([b]): b for b in range(256)}
     with pytest.raises(ValueError, match="collides with the special-token block at 200"):
-        processor.convert_tiktoken(ranks, {200: "<|x|>"})
+        kimi_tokenizer.convert_tiktoken(ranks, {200: "<|x|>"})
 
 
 def test_bad_tokenizer_config(tmp_path):
@@ -223,17 +223,17 @@ def test_bad_tokenizer_config(tmp_path):
     config = tmp_path / "tokenizer_config.json"
     config.write_text("{not json")
     with pytest.raises(ValueError, match="tokenizer_config.json: cannot read added_tokens_decoder"):
-        processor.load_kimi_tokenizer(tmp_path)
+        kimi_tokenizer.load_kimi_tokenizer(tmp_path)
     config.write_text(json.dumps({"added_tokens_decoder": {}}))
     with pytest.raises(ValueError, match="tokenizer_config.json: added_tokens_decoder is empty"):
-        processor.load_kimi_tokenizer(tmp_path)
+        kimi_tokenizer.load_kimi_tokenizer(tmp_path)
 
 
 def test_special_block_grows_to_cover_named_ids(tmp_path):
     config = tmp_path / "tokenizer_config.json"
     named = {"1000": {"content": "[BOS]"}, "1257": {"content": "<|x|>"}}
     config.write_text(json.dumps({"added_tokens_decoder": named}))
-    special = processor.read_special_tokens(config)
+    special = kimi_tokenizer.read_special_tokens(config)
     assert min(special) == 1000 and max(special) == 1257 and len(special) == 258
     assert special[1001] == "<|reserved_token_1001|>" and special[1257] == "<|x|>"
 
@@ -241,4 +241,4 @@ def test_special_block_grows_to_cover_named_ids(tmp_path):
 def test_special_token_that_is_already_a_bpe_token_is_rejected():
     ranks = {bytes([b]): b for b in range(256)} | {b"[BOS]": 256}
     with pytest.raises(ValueError, match=r"special token '\[BOS\]' landed on id 256, expected 300"):
-        processor.convert_tiktoken(ranks, {300: "[BOS]"})
+        kimi_tokenizer.convert_tiktoken(ranks, {300: "[BOS]"})

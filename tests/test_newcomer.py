@@ -15,7 +15,7 @@ from model import EXPERT_IMPLS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["generate.py", "calibrate.py", "search.py", "bench.py", "support/plot.py", "support/train_vqa.py"]
-LIBRARIES = ["baselines.py", "cli.py", "data.py", "internvl.py", "kimi_vl.py", "model.py",
+LIBRARIES = ["baselines.py", "cli.py", "data.py", "internvl.py", "kimi_tokenizer.py", "kimi_vl.py", "model.py",
              "moe_kernels.py", "parallel.py", "processor.py", "qwen3_vl_moe.py", "router.py"]
 NEW_SCRIPTS = ["evaluate.py", "lmms_eval_modes.py"]  # being written: a script once it is there
 
