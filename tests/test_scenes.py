@@ -174,3 +174,31 @@ def test_scenes_are_a_data_source_of_the_scripts():
     test = data.read_samples("scenes-test")
     assert len(test) >= 2000 and data.data_hash(test) == data.data_hash(data.read_samples("scenes-test"))
     assert all(s.images and s.answer.endswith(".") for s in test[:50])
+
+
+def test_aux_labels_name_each_objects_attributes_and_place():
+    """Every visual token over an object carries that object's colour, kind, size and grid slot; tokens over
+    background carry 0 in every group. A 16 px token lies in one 48 px slot, so its place is its own slot."""
+    from support import train_scenes
+    from support.train_scenes import AUX_GROUPS, ScenesData
+
+    class Cells:  # the only part of ScenesData.aux_labels that the processor sets: px per side of a visual token
+        cell = 16
+    for seed in range(5):
+        desc = scenes.scene(seed)
+        image, ids = scenes.render(desc)
+        labels = ScenesData.aux_labels(Cells, desc, ids)  # [81, 5]
+        g = scenes.SIZE // Cells.cell
+        assert labels.shape == (g * g, len(AUX_GROUPS)) == (81, 5)
+        seen = set()
+        for t, row in enumerate(labels.tolist()):
+            if row[0] == 0:
+                assert row == [0] * 5
+                continue
+            colour, kind, size, r, c = (list(group)[v - 1] for group, v in zip(AUX_GROUPS, row))
+            assert (r, c) == ((t // g) // 3, (t % g) // 3)
+            o = next(o for o in desc["objects"] if (o["row"], o["col"]) == (r, c))
+            assert (o["colour"], o["kind"], o["size"]) == (colour, kind, size)
+            seen.add((r, c))
+        assert seen == {(o["row"], o["col"]) for o in desc["objects"]}, "every object is labelled somewhere"
+    assert train_scenes.AUX_CLASSES == (6, 14, 3, 4, 4)
