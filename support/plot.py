@@ -16,6 +16,10 @@ Each JSON file is recognised by its content, and gives one or more plot kinds:
     layers    the same fidelity files, where they carry per-layer skip shares: MoDES's and DMT-without-GMLG's skipped
               share per MoE layer, text and vision, at each target (`fidelity-layers.png`)
 
+`--table` prints the fidelity files as one markdown table instead (the README's tables are this output): per policy
+and target, the skip ratio over all routed slots (text / vision) and over text + vision slots, answer KL, top-1
+agreement, accuracy and retention with their 95% intervals; ⚠ marks a baseline that missed the target.
+
 A PNG is named after its source file and kind (`alpha.json` -> `alpha.alpha.png`); the fidelity files given together
 make one plot, `fidelity.png` when there are several. Figures have fixed sizes at 100 dpi (FIGSIZE), so a PNG's
 pixel size is known in advance. matplotlib is needed only to draw and is imported there, never at import time.
@@ -25,6 +29,7 @@ Examples
     python support/plot.py runs/ --out plots/
     python support/plot.py fid-0.3.json fid-0.5.json fid-0.7.json --out plots/     # fidelity curves over three targets
     python support/plot.py alpha.json --alpha-scale log
+    python support/plot.py runs/vqa/fidelity-0.50.json runs/vqa/fidelity-0.75.json --table    # markdown, no drawing
     python -c "import json; from support import plot; plot.plot_alpha(json.load(open('alpha.json')), 'alpha.png')"
 """
 import argparse
@@ -51,6 +56,10 @@ STYLE = {"savefig.bbox": "standard", "savefig.dpi": DPI, "font.size": 10, "axes.
 POLICY_LABELS = {"modes": "MoDES (GMLG + DMT)", "threshold+gmlg": "threshold + GMLG", "dmt": "DMT without GMLG",
                  "naee": "NAEE", "mc-moe": "MC-MoE", "diep": "DiEP"}
 MODALITY_COLORS = {"text": "tab:blue", "vision": "tab:orange"}
+# the table's policy names (markdown)
+TABLE_LABELS = {"full": "no skipping", "modes": "**MoDES** (GMLG + DMT)", "threshold+gmlg":
+                "threshold + GMLG (per-layer α)", "dmt": "DMT without GMLG", "naee": "NAEE", "mc-moe": "MC-MoE",
+                "diep": "DiEP"}
 
 
 class ArtifactError(ValueError):
@@ -400,20 +409,22 @@ def plot_bench(doc, path):
 
 
 def fidelity_points(doc):
-    """(policy, point) of each row of one evaluate.py document; accuracy, retention and calib_skip may be
-    null or absent. A baseline that could not be fitted (`reached` false, no skip ratio) has no point."""
-    out = []
-    for r, where in entries(doc, "fidelity"):
-        policy, _ = field(r, "policy", where)
-        skip, _ = field(r, "skip", where)
-        if r.get("reached") is False and isinstance(skip, dict) and skip.get("all") is None:  # no setting found
-            continue
-        point = dict(reached=r.get("reached") is not False, skip=number(skip, "all", f"{where}.skip"),
-                     kl=number(r, "kl", where), top1=number(r, "top1", where),
-                     **{k: number(r, k, where, optional=True) for k in ("accuracy", "retention", "calib_skip")},
-                     ci=intervals(r, where), layers=layer_shares(r, where))
-        out.append((str(policy), point))
-    return out
+    """(policy, point) of each row of one evaluate.py document that has a point (fidelity_point)."""
+    rows = [(str(field(r, "policy", where)[0]), fidelity_point(r, where)) for r, where in entries(doc, "fidelity")]
+    return [(policy, point) for policy, point in rows if point is not None]
+
+
+def fidelity_point(r, where):
+    """One evaluate.py row as a point; accuracy, retention and calib_skip may be null or absent. A baseline that could
+    not be fitted (`reached` false, no skip ratio) has none."""
+    skip, _ = field(r, "skip", where)
+    if r.get("reached") is False and isinstance(skip, dict) and skip.get("all") is None:  # no setting found
+        return None
+    return dict(reached=r.get("reached") is not False, skip=number(skip, "all", f"{where}.skip"),
+                **{k: number(skip, k, f"{where}.skip", optional=True) for k in ("text", "vision", "text_vision")},
+                kl=number(r, "kl", where), top1=number(r, "top1", where),
+                **{k: number(r, k, where, optional=True) for k in ("accuracy", "retention", "calib_skip")},
+                ci=intervals(r, where), layers=layer_shares(r, where))
 
 
 def intervals(row, where):
@@ -542,6 +553,35 @@ def plot_layers(docs, path):
     return path
 
 
+def fidelity_table(docs):
+    """The markdown table of evaluate.py documents: the unskipped row once, then every other row of each document
+    (one per target) in order. A number and its interval share a format: skip ratios, top-1 and accuracy to three
+    decimals, KL to three significant digits, retention in % to one decimal; "–" where nothing was measured."""
+    def value(point, key, spec, unit=""):
+        x = point.get(key)
+        if x is None:
+            return "–"
+        ci = point["ci"].get(key)
+        return format(x, spec) + unit + (f" ({format(ci[0], spec)}–{format(ci[1], spec)})" if ci else "")
+
+    lines = ["| target | policy | skip: all (text / vision) | text + vision | answer KL | top-1 agreement | accuracy "
+             "| retention |", "|---|---|---|---|---|---|---|---|"]
+    for d, doc in enumerate(docs):
+        target = number(doc, "target")
+        for r, where in entries(doc, "fidelity"):
+            policy = str(field(r, "policy", where)[0])
+            if policy == "full" and d > 0:
+                continue
+            p = fidelity_point(r, where) or dict(ci={})
+            lines.append("| " + " | ".join([
+                "–" if policy == "full" else f"{target:.2f}",
+                TABLE_LABELS.get(policy, policy) + ("" if r.get("reached") is not False else " ⚠"),
+                f"{value(p, 'skip', '.3f')} ({value(p, 'text', '.3f')} / {value(p, 'vision', '.3f')})",
+                value(p, "text_vision", ".3f"), value(p, "kl", ".3g"), value(p, "top1", ".3f"),
+                value(p, "accuracy", ".3f"), value(p, "retention", ".1f", "%")]) + " |")
+    return "\n".join(lines)
+
+
 def png_name(source, kind, out_dir=None):
     stem = os.path.splitext(os.path.basename(source))[0]
     return os.path.join(out_dir if out_dir is not None else os.path.dirname(source), f"{stem}.{kind}.png")
@@ -594,6 +634,22 @@ def plot_artifact(path, out_dir, alpha_scale="auto"):
 # Command line
 
 
+def table(paths):
+    """fidelity_table of the evaluate.py files among paths, each checked and named in an error."""
+    docs = []
+    for path, _ in json_files(paths):
+        doc = read_artifact(path)
+        if "fidelity" not in kinds(doc)[0]:
+            raise ArtifactError(f"{path}: not an evaluate.py fidelity file (--table reads only those)")
+        try:
+            fidelity_points(doc)
+            number(doc, "target")
+        except ArtifactError as e:
+            raise ArtifactError(f"{path}: {e}") from None
+        docs.append(doc)
+    return fidelity_table(docs)
+
+
 def json_files(paths):
     """(file, named directly) for each path, a folder giving the *.json files in it and in its sub-folders (not
     hidden ones), in name order; a file named twice is read once."""
@@ -621,6 +677,9 @@ def json_files(paths):
 
 
 def main(args):
+    if args.table:
+        print(table(args.paths))
+        return
     require_matplotlib()  # first, so that a missing install is the only line printed
     if args.out is not None:
         check_out_dir(args.out)
@@ -681,6 +740,8 @@ def parser():
                                 formatter_class=HelpFormatter)
     p.add_argument("paths", nargs="+", help="artifact folders (their *.json files and their sub-folders') or JSON files")
     p.add_argument("--out", help="folder for the PNGs; made if missing (default: next to each JSON file)")
+    p.add_argument("--table", action="store_true", help="print the fidelity files as one markdown table instead of "
+                   "drawing (no matplotlib needed)")
     p.add_argument("--alpha-scale", default="auto", choices=["auto", "linear", "log"],
                    help="alpha axis; auto is log when the values span more than two decades")
     return p

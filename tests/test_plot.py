@@ -305,3 +305,48 @@ def test_bench_error_rows_are_named_not_drawn(tmp_path):
     out = str(tmp_path / "bench.png")
     assert png_size(plot.plot_bench(doc, out)) == expected_size("bench")
     assert png_size(plot.plot_skip(doc, str(tmp_path / "skip.png"))) == expected_size("skip")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --table: the README's fidelity tables are the command's output
+
+
+def readme_table(heading_line):
+    """The markdown table rows after the README line that starts with heading_line."""
+    lines = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(heading_line))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append(line)
+    return rows
+
+
+def test_readme_tiny_vqa_table_is_the_committed_files(capsys):
+    """Every number of README's tiny-vqa table comes from benchmarks/tiny-vqa/fidelity-*.json, as printed by
+    `support/plot.py --table` (no matplotlib needed)."""
+    files = [os.path.join(ROOT, "benchmarks", "tiny-vqa", f"fidelity-{t}.json") for t in ("0.50", "0.75", "0.80")]
+    assert plot.cli([*files, "--table"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == readme_table("| target | policy | skip: all (text / vision)")
+    assert len(printed) == 2 + 1 + 3 * 8
+    assert printed[2].startswith("| – | no skipping | 0.000 (0.000 / 0.000) | 0.000 | 0 (0–0) | 1.000 (1.000–1.000)")
+
+
+def test_table_formats_missing_numbers_and_refuses_other_files(tmp_path, capsys):
+    doc = dict(load(FIDELITY[1]), target=0.5)  # a file from before the intervals (no brackets) and the target field
+    doc["fidelity"][3].update(reached=False, hyper=None, calib_skip=None, kl=None, top1=None, accuracy=None,
+                              retention=None, skip=dict(all=None, text=None, vision=None))
+    doc["fidelity"][2]["reached"] = False
+    lines = plot.fidelity_table([doc, doc]).splitlines()
+    assert len(lines) == 2 + 1 + 2 * (len(doc["fidelity"]) - 1), "the unskipped row once"
+    assert lines[5].endswith(" ⚠ | – (– / –) | – | – | – | – | – |")
+    assert " ⚠ | " in lines[4] and "(" not in lines[4].split(" | ", 4)[4]
+    for name, content, message in [("alpha.json", load("alpha.json"), "not an evaluate.py fidelity file (--table reads only those)"),
+                                    ("notarget.json", {k: v for k, v in doc.items() if k != "target"},
+                                     "missing field 'target'")]:
+        path = tmp_path / name
+        path.write_text(json.dumps(content))
+        assert plot.cli([str(path), "--table"]) == 2
+        assert capsys.readouterr().err == f"error: {path}: {message}\n"
