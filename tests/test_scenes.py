@@ -76,7 +76,7 @@ def expected_key(objects, question):
     if question == "How many objects are there?":
         return NUMBERS[len(objects)]
     if question == "What is the sum of the digits?":
-        assert len(digits) >= 2
+        assert 2 <= len(digits) <= scenes.MAX_SUMMED
         return str(sum(digits))
     if m := re.fullmatch(r"How many (\w+) objects are there\?", question):
         return NUMBERS[sum(o["colour"] == m[1] for o in objects)]
