@@ -113,9 +113,9 @@ def split_of(seed):
 def scene_seeds(split, n=None):
     """The scene seeds of a split: n (default SPLIT_SIZE[split]) consecutive seeds from the split's first."""
     n = SPLIT_SIZE[split] if n is None else n
-    if not 0 < n <= (SPLITS["val"] if split == "test" else SPLITS["train"] - SPLITS["val"] if split == "val"
-                     else 2**31 - SPLITS["train"]):
-        raise ValueError(f"{n} scenes do not fit in the {split} split's seed range")
+    room = {"test": SPLITS["val"], "val": SPLITS["train"] - SPLITS["val"], "train": 2**31 - SPLITS["train"]}[split]
+    if not 0 < n <= room:
+        raise ValueError(f"{n} scenes do not fit in the {split} split's seed range (1 to {room:,})")
     return range(SPLITS[split], SPLITS[split] + n)
 
 
@@ -312,6 +312,9 @@ def export(split, out_dir, n_scenes=None):
 
 def main(args):
     if args.show is not None:
+        if not 0 <= args.show < 2**31:
+            raise ValueError(f"--show {args.show}: a scene seed is 0 to 2**31 - 1 (test from 0, val from "
+                             f"{SPLITS['val']:,}, train from {SPLITS['train']:,})")
         d = scene(args.show)
         print(json.dumps(d))
         for q in questions(d):
@@ -319,6 +322,9 @@ def main(args):
         return
     if args.out is None:
         raise ValueError("give --out DIR (or --show SEED)")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a file; name a folder")
+    scene_seeds(args.split, args.scenes)  # the count checked before anything is written
     n = export(args.split, args.out, args.scenes)
     types = Counter(q["type"] for _, q in split_questions(args.split, args.scenes))
     print(f"{args.out}/questions.jsonl: {n} questions on {len(scene_seeds(args.split, args.scenes))} {args.split} "

@@ -202,3 +202,23 @@ def test_aux_labels_name_each_objects_attributes_and_place():
             seen.add((r, c))
         assert seen == {(o["row"], o["col"]) for o in desc["objects"]}, "every object is labelled somewhere"
     assert train_scenes.AUX_CLASSES == (6, 14, 3, 4, 4)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--show", "-5"], "--show -5: a scene seed is 0 to 2**31 - 1"),
+    (["--split", "val", "--scenes", "999999", "--out", "{out}"], "999999 scenes do not fit in the val split's seed "
+                                                                  "range (1 to 900,000)"),
+    (["--split", "test", "--scenes", "0", "--out", "{out}"], "0 scenes do not fit"),
+    (["--out", "{file}"], "is a file; name a folder"),
+    (["--split", "test"], "give --out DIR (or --show SEED)"),
+])
+def test_export_command_refuses_bad_input_in_one_line(tmp_path, argv, message):
+    import subprocess
+    import sys
+    (tmp_path / "f").write_text("x")
+    argv = [a.format(out=tmp_path / "out", file=tmp_path / "f") for a in argv]
+    r = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                     "support", "scenes.py"), *argv],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and message in r.stderr
+    assert len(r.stderr.splitlines()) == 1 and not (tmp_path / "out").exists()
