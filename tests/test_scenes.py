@@ -164,7 +164,7 @@ def test_train_scenes_resumes_bit_for_bit(tmp_path):
     weights = [(d / "ckpt" / "model.safetensors").read_bytes() for d in (straight, chunked)]
     assert weights[0] == weights[1]
     readme = (chunked / "ckpt" / "README.md").read_text()  # one command line here (pytest's), so one group
-    assert "steps 0-3 in 3 chunk(s)" in readme and "seed 0, 3 steps of 2 questions" in readme
+    assert "steps 0-3 in 3 chunk(s)" in readme and "seed 0, 3 steps of 2 scenes" in readme
     with pytest.raises(ValueError, match="exists"):
         train_scenes.main(train_scenes.parse_args(args + ["--resume"]))
 
@@ -222,3 +222,39 @@ def test_export_command_refuses_bad_input_in_one_line(tmp_path, argv, message):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and message in r.stderr
     assert len(r.stderr.splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_training_conversation_is_the_chat_template(tmp_path):
+    """A training sequence is one scene's questions as the multi-turn chat the processor renders for those messages
+    (its first turn the single-question prompt that inference uses), with exactly the answers and their <|im_end|>
+    as targets, in an order that changes from step to step."""
+    from processor import QwenProcessor
+    from support import train_scenes
+    from support.train_scenes import ScenesData
+    args = ["--steps", "1", "--batch-size", "2", "--layers", "1", "--experts", "4", "--top-k", "2", "--hidden", "64",
+            "--vision-depth", "1", "--vision-width", "32", "--train-scenes", "4", "--val-scenes", "0",
+            "--eval-scenes", "0", "--vocab", "300", "--work-dir", str(tmp_path), "--out", str(tmp_path / "ckpt")]
+    train_scenes.main(train_scenes.parse_args(args))
+    proc = QwenProcessor.from_dir(str(tmp_path / "ckpt"))
+    data = ScenesData(proc, "train", 4)
+    assert [len(s) for s in data.scenes] == [5] * 4 and sorted(sum(data.scenes, [])) == list(range(len(data)))
+    order = data.scenes[1][::-1]
+    desc = data.items[order[0]][0]
+    tokens, targets = data.conversation(order)
+    messages = []
+    for t, j in enumerate(order):
+        q = data.items[j][1]
+        content = ([{"type": "image", "image": scenes.render(desc)[0]}] if t == 0 else []) + [
+            {"type": "text", "text": q["question"]}]
+        messages += [{"role": "user", "content": content}, {"role": "assistant", "content": q["answer"]}]
+    full = proc(messages, add_generation_prompt=False)["input_ids"].tolist()
+    assert tokens == full[:-1] and full[-1:] == proc.encode("\n"), "the template's last newline is not trained"
+    assert len(targets) == len(tokens)
+    answers = [t for t in targets if t != -100]
+    assert answers == sum((data.answer(data.items[j][1]["answer"]) for j in order), [])
+    first = data.items[order[0]][1]["question"]
+    assert tokens[:len(data.prompt(first))] == data.prompt(first)
+    b = data.conversations([1], step=0)
+    orders = {tuple(data.conversations([1], step)["input_ids"][0].tolist()) for step in range(4)}
+    assert len(orders) > 1, "the question order is drawn afresh each step"
+    assert b["aux"].shape == (81, 5) and b["targets"].shape == b["input_ids"].shape
