@@ -23,8 +23,7 @@ and test scenes, the handwritten digit scans disjoint from the test ones), each 
 questions in a fresh order every time it is drawn, as instruction data for real VLMs is: the image's tokens are
 computed once for five answers, so a step of 16 scenes (80 questions) takes about what 32 single questions took
 (2.67 against 2.85 s on 2 threads). The first run, one question per sequence, was at 0.57 validation accuracy after
-2,750 steps of 32. Validation and the test
-accuracy ask one question per prompt, as every script does.
+2,750 steps of 32. Validation and the test accuracy ask one question per prompt, as every script does.
 
 Resumable: the state (model, optimiser, step, elapsed time, validation history) goes to --work-dir every
 --save-every steps and when --max-minutes runs out; --resume continues from it bit for bit in data order. The
@@ -124,10 +123,10 @@ class ScenesData:
         t0 = time.perf_counter()
         self.proc, self.split = proc, split
         self.items = scenes.split_questions(split, n_scenes)  # [(scene description, question)]
-        self.scenes = {}  # scene seed -> indices of its questions in items, in the generator's order
+        by_seed = {}
         for j, (d, _) in enumerate(self.items):
-            self.scenes.setdefault(d["seed"], []).append(j)
-        self.scenes = list(self.scenes.values())
+            by_seed.setdefault(d["seed"], []).append(j)
+        self.scenes = list(by_seed.values())  # per scene, its questions' indices in items, in the generator's order
         self.im_end = proc.tokenizer.token_to_id("<|im_end|>")
         self.prompts, self.answers, self.turns = {}, {}, {}
         probe = proc.from_cli("", images=[scenes.render(self.items[0][0])[0]])
@@ -447,7 +446,8 @@ def readme(s, raw, name):
         f"of width {v['hidden_size']}, {v['patch_size']} px patches, DeepStack after {v['deepstack_visual_indexes']}",
         f"- {s['parameters']:,} parameters, model.safetensors {s['safetensors_bytes']:,} bytes (bf16)",
         f"- special tokens: {100 * s['special_share']:.2f}% of the routed tokens of prompt + answer",
-        f"- seed {s['seed']}, {s['steps']} steps of {s['batch_size']} scenes (a conversation of their questions each), training wall time "
+        f"- seed {s['seed']}, {s['steps']} steps of {s['batch_size']} scenes (a conversation of their questions each), "
+        f"training wall time "
         f"{fmt_s(s['train_s'])} ({s['train_s']:.0f} s) in {len(s['chunks'])} chunk(s)",
         "",
         "## Commands and machines, chunk by chunk",
@@ -560,7 +560,8 @@ def parse_args(argv=None):
     g.add_argument("--lr", type=float, default=2e-3)
     g.add_argument("--warmup", type=int, default=200)
     g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--aux-weight", type=float, default=1.0, help="weight of the per-visual-token colour, kind, size and place loss")
+    g.add_argument("--aux-weight", type=float, default=1.0,
+                   help="weight of the per-visual-token colour, kind, size and place loss")
     g.add_argument("--balance-weight", type=float, default=0.01, help="weight of the router load-balancing loss")
     g.add_argument("--train-scenes", type=int, default=scenes.SPLIT_SIZE["train"])
     g.add_argument("--val-scenes", type=int, default=scenes.SPLIT_SIZE["val"], help="0 = no validation")

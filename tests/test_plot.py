@@ -331,7 +331,8 @@ def test_readme_tiny_vqa_table_is_the_committed_files(capsys):
     printed = capsys.readouterr().out.splitlines()
     assert printed == readme_table("| target | policy | skip: all (text / vision)")
     assert len(printed) == 2 + 1 + 3 * 8
-    assert printed[2].startswith("| – | no skipping | 0.000 (0.000 / 0.000) | 0.000 | 0 (0–0) | 1.000 (1.000–1.000)")
+    assert printed[2].startswith("| – | no skipping | 0.000 (0.000 / 0.000) | 0.000 | 0 (0–0) | 1.000 "
+                                 "(1.000–1.000)")
 
 
 def test_table_formats_missing_numbers_and_refuses_other_files(tmp_path, capsys):
@@ -343,7 +344,8 @@ def test_table_formats_missing_numbers_and_refuses_other_files(tmp_path, capsys)
     assert len(lines) == 2 + 1 + 2 * (len(doc["fidelity"]) - 1), "the unskipped row once"
     assert lines[5].endswith(" ⚠ | – (– / –) | – | – | – | – | – |")
     assert " ⚠ | " in lines[4] and "(" not in lines[4].split(" | ", 4)[4]
-    for name, content, message in [("alpha.json", load("alpha.json"), "not an evaluate.py fidelity file (--table reads only those)"),
+    for name, content, message in [("alpha.json", load("alpha.json"),
+                                     "not an evaluate.py fidelity file (--table reads only those)"),
                                     ("notarget.json", {k: v for k, v in doc.items() if k != "target"},
                                      "missing field 'target'")]:
         path = tmp_path / name
