@@ -4,10 +4,12 @@ resumable chunks, into a Hugging Face folder.
 tiny-vqa (train_vqa.py) is 4 MoE layers of 32 experts, top-4, with 16 visual tokens and one-word answers: special
 tokens are 17 % of its routed slots and the answer KL covers two positions. This model is built to be evidence about
 the real ones (Qwen3-VL-30B-A3B: 48 layers, 128 experts, top-8):
-- 12 MoE layers of 64 routed experts, top-8, hidden 128, expert width 32 (10.8M parameters, about 22 MB in bf16);
+- 12 MoE layers of 64 routed experts, top-8, hidden 128, expert width 32, a vision tower of 6 blocks of width 128
+  (12.5M parameters, 24 MiB in bf16);
 - 144 px scenes with 8 px patches: 81 visual tokens per image, so vision tokens dominate the prompt and special
   tokens are about 5 % of the routed slots (printed at start: `special tokens`);
-- sentence answers of 5 to 12 tokens (the key word scored by exact match of the whole normalised sentence).
+- sentence answers of 5 to 20 tokens, reasoning first where the key word needs two facts (support/scenes.py),
+  scored by exact match of the whole normalised sentence.
 
 How it trains is train_vqa.py's recipe, whose pieces it imports (weight init, router taps and Switch balance loss,
 learning-rate schedule, progress line, reload check): teacher-forced answer cross-entropy on prompts made by
@@ -17,7 +19,9 @@ size and grid row and column of the object covering it, read off the scene's obj
 learns to see every object and keeps where it is. Without the size and place labels (a first run, 2,750 steps) the
 model learnt counting and colours but answered every left-of, above and larger question the same way: rotary
 positions tell attention how far apart two tokens are, not where an attended object sits, so the place has to be
-in the visual token's features.
+in the visual token's features. With them, after 1,200 steps the auxiliary head read colour, size, row and column
+right on 98 to 99 % of the cells of digits, their kind on 50 %: the vision tower is 128 wide (64 then) for the
+digits, which name objects in every question type; that costs 13 % more time per step (2.56 against 2.26 s).
 Training batches are scenes drawn from 50,000 train scenes rendered on the fly (scene seeds are disjoint from the val
 and test scenes, the handwritten digit scans disjoint from the test ones), each scene one multi-turn chat of its five
 questions in a fresh order every time it is drawn, as instruction data for real VLMs is: the image's tokens are
@@ -39,6 +43,7 @@ Examples
 """
 import argparse
 import collections
+import hashlib
 import json
 import os
 import platform
@@ -307,6 +312,8 @@ def train(args):
     ids = tiny.write_qwen_tokenizer(stage, vocab_size=args.vocab, texts=tokenizer_texts(args.train_scenes),
                                     first_added_id=None, model_max_length=4096)
     vocab_size = -(-(max(ids.values()) + 1) // 64) * 64  # rows past the tokenizer are padding
+    with open(os.path.join(stage, "tokenizer.json"), "rb") as f:  # learnt from the task's text: changes with it
+        tokenizer_sha = hashlib.sha256(f.read()).hexdigest()
     raw = scenes_config(ids, vocab_size, args)
     write_folder(stage, raw, ids, args)
     proc = QwenProcessor.from_dir(stage)
@@ -333,6 +340,8 @@ def train(args):
     step, elapsed_before, history, chunks = 0, 0.0, [], []
     if args.resume and os.path.isfile(state_path):
         st = torch.load(state_path, weights_only=False)
+        cli.check(st.get("tokenizer") == tokenizer_sha, f"{state_path}: made for other questions or answers (its "
+                  f"tokenizer differs); delete it or drop --resume")
         if st["settings"] != settings(args) or st["raw_config"] != raw:
             diff = {k: (v, settings(args).get(k)) for k, v in st["settings"].items() if settings(args).get(k) != v}
             raise ValueError(f"{state_path}: made with other settings {diff or '(config)'}; delete it or drop "
@@ -352,7 +361,8 @@ def train(args):
         tmp = state_path + ".tmp"
         torch.save(dict(model=net.state_dict(), aux_head=aux_head.state_dict(), opt=opt.state_dict(), step=step,
                         elapsed_s=elapsed_before + time.perf_counter() - t_loop, torch_rng=torch.get_rng_state(),
-                        settings=settings(args), raw_config=raw, history=history, chunks=chunks), tmp)
+                        settings=settings(args), raw_config=raw, tokenizer=tokenizer_sha, history=history,
+                        chunks=chunks), tmp)
         os.replace(tmp, state_path)
 
     def order(epoch):  # the data order is a function of (seed, epoch), so a resumed run sees the same batches
@@ -547,7 +557,7 @@ def parse_args(argv=None):
     g.add_argument("--experts", type=int, default=64)
     g.add_argument("--expert-width", type=int, default=32, help="moe_intermediate_size, the routed experts' width")
     g.add_argument("--top-k", type=int, default=8)
-    g.add_argument("--vision-width", type=int, default=64)
+    g.add_argument("--vision-width", type=int, default=128)
     g.add_argument("--vision-depth", type=int, default=6)
     g.add_argument("--vocab", type=int, default=512, help="BPE vocabulary size before the added tokens")
     g.add_argument("--image-size", type=int, default=scenes.SIZE, help="pixel budget side (the scenes' size: no "
