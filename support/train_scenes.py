@@ -45,6 +45,7 @@ import argparse
 import collections
 import hashlib
 import json
+import math
 import os
 import platform
 import random
@@ -65,8 +66,8 @@ from generate import generate  # noqa: E402
 from model import load, read_config, save_checkpoint  # noqa: E402
 from processor import QwenProcessor, special_token_ids  # noqa: E402
 from support import scenes, tiny  # noqa: E402
-from support.train_vqa import (Progress, balance_loss, check_reload, expert_loads, fmt_s, init_weights,  # noqa: E402
-                               lr_at, router_logits, write_folder)
+from support.train_vqa import (Progress, balance_loss, check_numbers, check_reload, expert_loads, fmt_s,  # noqa: E402
+                               init_weights, lr_at, router_logits, write_folder)
 
 NAME = "scenes-12x64"
 DEFAULT_OUT = os.path.join(tiny.ROOT, "checkpoints", NAME)
@@ -303,8 +304,6 @@ def train(args):
     torch.manual_seed(args.seed)
     state_path = os.path.join(args.work_dir, "train_state.pt")
     stage = os.path.join(args.work_dir, "checkpoint")  # the folder being built; moved to --out when complete
-    cli.check(not os.path.exists(args.out), f"--out {args.out} exists; the finished checkpoint is moved there, so "
-              f"delete it or name another folder")
     cli.check(args.resume or not os.path.exists(state_path),
               f"{state_path} exists: continue it with --resume, or delete it to start over")
 
@@ -528,7 +527,38 @@ def evaluate(path, split="test", n_scenes=None, batch_size=50, dtype="float32"):
                 dtype=dtype, per_type={k: round(correct[k] / asked[k], 4) for k in scenes.QUESTION_TYPES if asked[k]})
 
 
+def check_args(args):
+    """Every argument, before anything is read or written."""
+    check_numbers(args, ("steps", "batch_size", "hidden", "layers", "experts", "expert_width", "top_k", "vision_width",
+                         "vision_depth", "vocab", "image_size", "patch_size", "save_every", "val_every", "log_every",
+                         "train_scenes"), ("warmup", "val_scenes", "eval_scenes", "time_steps"))
+    cli.check(args.vision_width % 16 == 0, f"--vision-width {args.vision_width} must be a multiple of 16: 4 heads, "
+              f"each rotating its dimensions in pairs over rows and columns")
+    cli.check(args.image_size == scenes.SIZE and scenes.SLOT % (2 * args.patch_size) == 0,
+              f"--image-size {args.image_size} --patch-size {args.patch_size}: the {scenes.SIZE} px scenes are not "
+              f"resized and each {scenes.SLOT} px slot must be whole visual tokens of 2 x 2 patches")
+    cli.check(args.max_minutes is None or (math.isfinite(args.max_minutes) and args.max_minutes >= 0),
+              f"--max-minutes must be finite and >= 0, got {args.max_minutes}")
+    for name, split in (("train_scenes", "train"), ("val_scenes", "val"), ("eval_scenes", "test")):
+        try:
+            if getattr(args, name):
+                scenes.scene_seeds(split, getattr(args, name))
+        except ValueError as e:
+            raise ValueError(f"--{name.replace('_', '-')}: {e}") from None
+    for name in ("out", "work_dir", "model"):
+        cli.check_input_path(getattr(args, name), f"--{name.replace('_', '-')}")
+    if args.eval_only:
+        path = args.model or args.out
+        cli.check(os.path.isfile(os.path.join(path, "config.json")), f"--eval-only: {path} is not a checkpoint folder")
+        return
+    cli.check(args.model is None, "--model is the folder --eval-only evaluates; training writes --out")
+    cli.check(not os.path.exists(args.out), f"--out {args.out} exists; the finished checkpoint is moved there, so "
+              f"delete it or name another folder")
+    cli.check_output(os.path.join(args.work_dir, "train_state.pt"), "--work-dir")
+
+
 def main(args):
+    check_args(args)
     cli.set_threads(args.threads)
     if args.eval_only:
         result = evaluate(args.model or args.out, n_scenes=args.eval_scenes, dtype=args.dtype)

@@ -578,13 +578,11 @@ def evaluate(path, n=None, seed=0, batch_size=64, dtype="float32"):
     return result
 
 
-def check_args(args):
-    """Every argument, before anything is read or written: a refused run leaves no trace."""
-    positive = ("steps", "batch_size", "hidden", "layers", "experts", "expert_width", "top_k", "image_size",
-                "patch_size", "val_every", "log_every", "eval_batch_size")
+def check_numbers(args, positive, non_negative):
+    """The numeric arguments both training scripts share, and theirs: counts >= 1 or >= 0, finite rates."""
     for name in positive:
         cli.check(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("save_every", "warmup", "train_images", "val_images"):
+    for name in non_negative:
         cli.check(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     for name in ("lr", "weight_decay", "aux_weight", "balance_weight"):
         v = getattr(args, name)
@@ -593,6 +591,13 @@ def check_args(args):
     cli.check(args.top_k <= args.experts, f"--top-k {args.top_k} exceeds --experts {args.experts}")
     cli.check(args.image_size % (2 * args.patch_size) == 0, f"--image-size {args.image_size} must be a multiple of "
               f"2 x --patch-size ({2 * args.patch_size}): the vision tower merges 2 x 2 patches")
+
+
+def check_args(args):
+    """Every argument, before anything is read or written: a refused run leaves no trace."""
+    check_numbers(args, ("steps", "batch_size", "hidden", "layers", "experts", "expert_width", "top_k", "image_size",
+                         "patch_size", "val_every", "log_every", "eval_batch_size"),
+                  ("save_every", "warmup", "train_images", "val_images"))
     cli.check(args.eval_n is None or args.eval_n >= 1 or (args.eval_n == 0 and not args.eval_only),
               f"--eval-n {args.eval_n}: must be >= 1{'' if args.eval_only else ' (0: no evaluation after training)'}")
     cli.set_threads(args.threads)

@@ -256,6 +256,33 @@ def test_export_command_refuses_bad_input_in_one_line(tmp_path, argv, message):
     assert len(r.stderr.splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--top-k", "80"], "--top-k 80 exceeds --experts 64"),
+    (["--vision-width", "100"], "--vision-width 100 must be a multiple of 16"),
+    (["--image-size", "128"], "--image-size 128 --patch-size 8: the 144 px scenes are not resized"),
+    (["--patch-size", "16"], "--image-size 144 must be a multiple of 2 x --patch-size (32)"),
+    (["--patch-size", "9"], "each 48 px slot must be whole visual tokens"),
+    (["--lr", "nan"], "--lr must be finite and > 0, got nan"),
+    (["--max-minutes", "-1"], "--max-minutes must be finite and >= 0, got -1.0"),
+    (["--train-scenes", "3000000000"], "--train-scenes: 3000000000 scenes do not fit in the train split's seed range"),
+    (["--eval-scenes", "200000"], "--eval-scenes: 200000 scenes do not fit in the test split"),
+    (["--out", "{file}"], "exists; the finished checkpoint is moved there"),
+    (["--eval-only", "--model", "{work}/nothing"], "is not a checkpoint folder"),
+])
+def test_train_command_refuses_bad_input_in_one_line(tmp_path, argv, message):
+    import subprocess
+    import sys
+    (tmp_path / "f").write_text("x")
+    argv = [a.format(file=tmp_path / "f", work=tmp_path / "work") for a in argv]
+    defaults = ["--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "out")]
+    r = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                     "support", "train_scenes.py"), *defaults, *argv],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1 and not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
+
+
 def test_training_conversation_is_the_chat_template(tmp_path):
     """A training sequence is one scene's questions as the multi-turn chat the processor renders for those messages
     (its first turn the single-question prompt that inference uses), with exactly the answers and their <|im_end|>
