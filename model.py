@@ -198,18 +198,21 @@ def routed_experts(x, experts, ids, weights, impl="ref"):
     # moe_kernels.py has the sync-free paths.
     T, H = x.shape
     I = experts.down_proj.shape[-1]
+    # one view per expert up front: indexing the stacked weight per expert would make training's backward zero-fill
+    # a whole [E, ...] gradient for every expert used (half of a training step's time); unbind's stacks them once
+    gate_up_proj, down_proj = experts.gate_up_proj.unbind(0), experts.down_proj.unbind(0)
     out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
     for e in ids.unique().tolist():
         if e == SKIP:
             continue
         tok, slot = torch.where(ids == e)  # [n], [n]
         if b_gate_up is None and clamp is None:  # Qwen, Kimi
-            gate, up = (x[tok] @ experts.gate_up_proj[e].T).split(I, dim=-1)  # [n, I] each
-            y = (F.silu(gate) * up) @ experts.down_proj[e].T  # [n, H]
+            gate, up = (x[tok] @ gate_up_proj[e].T).split(I, dim=-1)  # [n, I] each
+            y = (F.silu(gate) * up) @ down_proj[e].T  # [n, H]
         else:  # gpt-oss: biases inside the expert, clamped GLU
-            h = x[tok] @ experts.gate_up_proj[e].T  # [n, 2I]
+            h = x[tok] @ gate_up_proj[e].T  # [n, 2I]
             h = h if b_gate_up is None else h + b_gate_up[e]
-            y = moe_kernels.glu(h, I, clamp) @ experts.down_proj[e].T  # [n, H]
+            y = moe_kernels.glu(h, I, clamp) @ down_proj[e].T  # [n, H]
             y = y if b_down is None else y + b_down[e]
         out.index_add_(0, tok, y.float() * weights[tok, slot, None])
     return out.to(x.dtype)
