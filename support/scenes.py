@@ -207,21 +207,23 @@ def there_are(n, words):
 
 
 def ask(kind, objects, rng):
-    """One question of type `kind` about the objects as (question, answer, key word), or None if the scene cannot
-    ask it. Random choices are drawn from rng."""
+    """One question of type `kind` about the objects as (question, answer, key word, refs), or None if the scene
+    cannot ask it: refs [[name, object index]] are the objects the answer names, in the order it names them (what
+    training's grounding labels need). Random choices are drawn from rng."""
     n = len(objects)
     digits = [o for o in objects if o["kind"] in DIGITS]
     if kind == "count_all":
-        return "How many objects are there?", there_are(n, ("object", "objects")), NUMBER_WORDS[n]
+        return "How many objects are there?", there_are(n, ("object", "objects")), NUMBER_WORDS[n], []
     if kind == "count_colour":
         c = rng.choice(list(COLOURS))
         k = sum(o["colour"] == c for o in objects)
-        return f"How many {c} objects are there?", there_are(k, (f"{c} object", f"{c} objects")), NUMBER_WORDS[k]
+        return (f"How many {c} objects are there?", there_are(k, (f"{c} object", f"{c} objects")), NUMBER_WORDS[k],
+                [])
     if kind == "count_kind":
         group = rng.choice(SHAPES + ("digit", "shape"))
         k = (len(digits) if group == "digit" else n - len(digits) if group == "shape"
              else sum(o["kind"] == group for o in objects))
-        return f"How many {group}s are there?", there_are(k, (group, group + "s")), NUMBER_WORDS[k]
+        return f"How many {group}s are there?", there_are(k, (group, group + "s")), NUMBER_WORDS[k], []
     if kind in ("colour_of", "kind_of"):
         use = ("kind", "size") if kind == "colour_of" else ("colour", "size")
         named = [(i, d) for i in range(n) if (d := describe(objects, i, use))]
@@ -230,9 +232,9 @@ def ask(kind, objects, rng):
         i, d = rng.choice(named)
         o = objects[i]
         if kind == "colour_of":
-            return f"What colour is the {d}?", f"The {d} is {o['colour']}.", o["colour"]
+            return f"What colour is the {d}?", f"The {d} is {o['colour']}.", o["colour"], [[d, i]]
         what = f"the digit {o['kind']}" if o["kind"] in DIGITS else f"a {o['kind']}"
-        return f"What is the {d}?", f"The {d} is {what}.", o["kind"]
+        return f"What is the {d}?", f"The {d} is {what}.", o["kind"], [[d, i]]
     if kind in ("left_of", "above", "larger"):
         key = {"left_of": "col", "above": "row", "larger": "size"}[kind]
         use = ("kind", "colour") if kind == "larger" else ("kind", "colour", "size")
@@ -249,13 +251,13 @@ def ask(kind, objects, rng):
         place = PLACE[key]
         question = (f"Is the {a} larger than the {b}?" if kind == "larger"
                     else f"Is the {a} {'left of' if kind == 'left_of' else 'above'} the {b}?")
-        return question, f"The {a} is {place[p[key]]} and the {b} {place[q[key]]}, so {yes}.", yes
+        return question, f"The {a} is {place[p[key]]} and the {b} {place[q[key]]}, so {yes}.", yes, [[a, i], [b, j]]
     if kind == "digit_sum":
         if not 2 <= len(digits) <= MAX_SUMMED:
             return None
         s = str(sum(int(o["kind"]) for o in digits))
         listed = ", ".join(o["kind"] for o in digits[:-1]) + " and " + digits[-1]["kind"]
-        return "What is the sum of the digits?", f"The digits are {listed}, so the sum is {s}.", s
+        return "What is the sum of the digits?", f"The digits are {listed}, so the sum is {s}.", s, []
     if kind == "digit_add":
         by_colour = Counter(o["colour"] for o in digits)
         unique = [o for o in digits if by_colour[o["colour"]] == 1]
@@ -265,19 +267,19 @@ def ask(kind, objects, rng):
         s = str(int(a["kind"]) + int(b["kind"]))
         return (f"What is the {a['colour']} digit plus the {b['colour']} digit?",
                 f"The {a['colour']} digit is {a['kind']} and the {b['colour']} digit is {b['kind']}, so the answer "
-                f"is {s}.", s)
+                f"is {s}.", s, [[f"{o['colour']} digit", objects.index(o)] for o in (a, b)])
     raise ValueError(f"unknown question type {kind!r}")
 
 
 def questions(desc, n=QUESTIONS_PER_SCENE):
-    """Up to n questions of different types about the scene: [{type, question, answer, key}], the types tried in
+    """Up to n questions of different types about the scene: [{type, question, answer, key, refs}], the types tried in
     an order drawn from the scene's seed, the inapplicable ones passed over."""
     rng = random.Random(f"questions {desc['seed']}")
     out = []
     for kind in rng.sample(QUESTION_TYPES, len(QUESTION_TYPES)):
         qa = ask(kind, desc["objects"], rng)
         if qa is not None:
-            out.append(dict(type=kind, question=qa[0], answer=qa[1], key=qa[2]))
+            out.append(dict(type=kind, question=qa[0], answer=qa[1], key=qa[2], refs=qa[3]))
         if len(out) == n:
             break
     return out

@@ -63,10 +63,10 @@ NUMBERS = ("no", "one", "two", "three", "four", "five", "six")
 
 
 def find(objects, phrase):
-    """The one object a phrase ("large red circle", "green 7", "small object") names."""
+    """The one object a phrase ("large red circle", "green 7", "small object", "red digit") names."""
     *attrs, noun = phrase.split()
-    hits = [o for o in objects
-            if (noun == "object" or o["kind"] == noun) and all(a in (o["size"], o["colour"]) for a in attrs)]
+    hits = [o for o in objects if (noun == "object" or o["kind"] == noun or noun == "digit" and o["kind"].isdigit())
+            and all(a in (o["size"], o["colour"]) for a in attrs)]
     assert len(hits) == 1, (phrase, objects)
     return hits[0]
 
@@ -111,6 +111,10 @@ def test_answers_follow_from_the_scene(split):
         words = re.findall(r"\w+", q["answer"].lower())
         assert key in words, (d, q)
         assert_reasoning_is_the_scene(d["objects"], q)
+        start = 0
+        for name, i in q["refs"]:  # the objects the answer names, in its order (training's grounding labels)
+            assert find(d["objects"], name) is d["objects"][i], (d, q)
+            start = q["answer"].lower().index("the " + name, start) + 1
 
 
 def assert_reasoning_is_the_scene(objects, q):
@@ -299,7 +303,7 @@ def test_training_conversation_is_the_chat_template(tmp_path):
     assert [len(s) for s in data.scenes] == [5] * 4 and sorted(sum(data.scenes, [])) == list(range(len(data)))
     order = data.scenes[1][::-1]
     desc = data.items[order[0]][0]
-    tokens, targets = data.conversation(order)
+    tokens, targets, names = data.conversation(order)
     messages = []
     for t, j in enumerate(order):
         q = data.items[j][1]
@@ -317,3 +321,46 @@ def test_training_conversation_is_the_chat_template(tmp_path):
     orders = {tuple(data.conversations([1], step)["input_ids"][0].tolist()) for step in range(4)}
     assert len(orders) > 1, "the question order is drawn afresh each step"
     assert b["aux"].shape == (81, 5) and b["targets"].shape == b["input_ids"].shape
+    # grounding labels: each name's last token is where the answer has just said "the <name>", labelled with the
+    # attributes of the object the question generator meant
+    refs = [ref for j in order for ref in data.items[j][1]["refs"]]
+    assert len(names) == len(refs) > 0
+    objects = desc["objects"]
+    for (p, i), (name, i_ref) in zip(names, refs):
+        assert i == i_ref and find(objects, name) is objects[i]
+        assert proc.decode(tokens[:p + 1]).lower().endswith("the " + name) and targets[p] != -100
+    labels = train_scenes.object_labels(desc)
+    assert [[list(g)[v - 1] for g, v in zip(train_scenes.AUX_GROUPS, row)] for row in labels[1:].tolist()] == [
+        [o["colour"], o["kind"], o["size"], o["row"], o["col"]] for o in objects]
+    b = data.conversations([1, 2], step=0)
+    assert b["name_at"].shape == (b["name_labels"].shape[0], 2) and b["name_labels"].shape[1] == 5
+
+
+def test_grounding_split_forward_is_the_models_forward(tmp_path):
+    """Training reads the grounding head between two halves of the layer loop (here after layer 0 of 3, with
+    DeepStack features joining after layers 0, 1 and 2, so on both sides); the loss it trains is the plain
+    forward's, so the checkpoint is the function that was trained."""
+    import torch
+
+    import qwen3_vl_moe
+    from model import read_config
+    from processor import QwenProcessor
+    from support import train_scenes
+    from support.train_scenes import ScenesData
+    args = ["--steps", "1", "--batch-size", "2", "--layers", "3", "--experts", "4", "--top-k", "2", "--hidden", "64",
+            "--vision-depth", "4", "--vision-width", "32", "--train-scenes", "4", "--val-scenes", "0",
+            "--eval-scenes", "0", "--vocab", "300", "--work-dir", str(tmp_path), "--out", str(tmp_path / "ckpt")]
+    train_scenes.main(train_scenes.parse_args(args))
+    proc = QwenProcessor.from_dir(str(tmp_path / "ckpt"))
+    net = qwen3_vl_moe.Qwen3VLMoe(read_config(str(tmp_path / "ckpt" / "config.json"))).float()
+    train_scenes.init_weights(net, 3, 0)
+    data = ScenesData(proc, "train", 4)
+    b = data.conversations([0, 1], step=0)
+    heads = [torch.nn.Linear(64, sum(train_scenes.AUX_CLASSES)) for _ in range(2)]
+    with torch.no_grad():
+        ce, aux, name, bal, acc = train_scenes.forward_losses(net, *heads, 1, b)
+        logits = net(b["input_ids"], b["attention_mask"], **b["pixels"])
+    tgt = b["targets"]
+    torch.testing.assert_close(ce, torch.nn.functional.cross_entropy(logits.flatten(0, 1), tgt.flatten(),
+                                                                      ignore_index=-100))
+    assert torch.isfinite(name) and name > 0
