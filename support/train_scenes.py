@@ -199,17 +199,19 @@ class ScenesData:
 
     def names(self, answer, refs):
         """[(position in the answer's tokens, object index)]: the last token of each object name the answer states
-        ("the large red circle"), where the grounding head reads what the model knows of that object."""
-        if answer not in self.name_cache:
+        ("the large red circle"), where the grounding head reads what the model knows of that object. The same
+        answer in another scene can name other objects: only the positions are cached."""
+        key = (answer, tuple(name for name, _ in refs))
+        if key not in self.name_cache:
             ids, found, start = self.answer(answer), [], 0
-            for name, i in refs:
+            for name, _ in refs:
                 start = answer.lower().index(f"the {name}", start) + len(f"the {name}")
                 prefix = self.proc.encode(answer[:start])
                 if ids[:len(prefix)] != prefix:  # a word-level BPE never merges across the space that follows
                     raise ValueError(f"{answer!r}: the tokens of {answer[:start]!r} are not a prefix of the answer's")
-                found.append((len(prefix) - 1, i))
-            self.name_cache[answer] = found
-        return self.name_cache[answer]
+                found.append(len(prefix) - 1)
+            self.name_cache[key] = found
+        return [(p, i) for p, (_, i) in zip(self.name_cache[key], refs)]
 
     def batch(self, idx):
         """Right-padded teacher-forcing batch of single questions (items idx): input_ids, attention_mask, targets

@@ -332,6 +332,8 @@ def test_training_conversation_is_the_chat_template(tmp_path):
     labels = train_scenes.object_labels(desc)
     assert [[list(g)[v - 1] for g, v in zip(train_scenes.AUX_GROUPS, row)] for row in labels[1:].tolist()] == [
         [o["colour"], o["kind"], o["size"], o["row"], o["col"]] for o in objects]
+    same = "The triangle is red."  # the same answer in two scenes, about each scene's own triangle
+    assert data.names(same, [["triangle", 4]])[0][1] == 4 and data.names(same, [["triangle", 1]])[0][1] == 1
     b = data.conversations([1, 2], step=0)
     assert b["name_at"].shape == (b["name_labels"].shape[0], 2) and b["name_labels"].shape[1] == 5
 
