@@ -296,7 +296,8 @@ def forward_losses(net, aux_head, name_head, name_layer, b):
         logits = net.head(net.layers(mid, ctx, name_layer))
     named = mid[b["name_at"][:, 0], b["name_at"][:, 1]]  # [m, H], the last token of each object name
     zn = name_head(named).split(AUX_CLASSES, dim=-1)
-    name = sum(F.cross_entropy(zg, b["name_labels"][:, g]) for g, zg in enumerate(zn))
+    name = sum(F.cross_entropy(zg, b["name_labels"][:, g]) for g, zg in enumerate(zn)) if len(named) else \
+        torch.zeros(())  # a batch of counting questions only names nothing (an empty mean would be nan)
     tgt = b["targets"]
     ce = F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=-100)
     scored = tgt != -100

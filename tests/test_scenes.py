@@ -366,3 +366,7 @@ def test_grounding_split_forward_is_the_models_forward(tmp_path):
     torch.testing.assert_close(ce, torch.nn.functional.cross_entropy(logits.flatten(0, 1), tgt.flatten(),
                                                                       ignore_index=-100))
     assert torch.isfinite(name) and name > 0
+    counting = [j for j, (_, q) in enumerate(data.items) if q["type"].startswith("count")][:2]
+    with torch.no_grad():
+        _, _, name, _, _ = train_scenes.forward_losses(net, *heads, 1, data.batch(counting))
+    assert name == 0, "a batch that names no object has no grounding loss, not nan"
