@@ -27,7 +27,8 @@ A second auxiliary head (also discarded) teaches grounding: at the last token of
 layers predicts that object's colour, kind, size, row and column. Without it, a run at step 1,300 answered "What
 colour is the triangle?" with the colour of some object in the scene every time but of the named one only 45 % of
 the time, one-word names included (0.61 with two objects, 0.37 with six): it saw the objects and had not learnt to
-find the one a name means, the look-up every question type but counting rests on.
+find the one a name means, the look-up every question type but counting rests on. With the head, validation at step
+500 was 0.477 against 0.344 (colour_of 0.69 against 0.42, left of 0.52 against 0.18).
 Training batches are scenes drawn from 50,000 train scenes rendered on the fly (scene seeds are disjoint from the val
 and test scenes, the handwritten digit scans disjoint from the test ones), each scene one multi-turn chat of its five
 questions in a fresh order every time it is drawn, as instruction data for real VLMs is: the image's tokens are
@@ -35,7 +36,8 @@ computed once for five answers, so a step of 16 scenes (80 questions) takes abou
 (2.67 against 2.85 s on 2 threads). The first run, one question per sequence, was at 0.57 validation accuracy after
 2,750 steps of 32. Validation and the test accuracy ask one question per prompt, as every script does. (The step
 times above were measured before model.py's expert loop stopped zero-filling a whole weight gradient per expert;
-since then a step takes 2.44 s on 2 threads, the full 8,000 steps about 5.4 h.)
+since then, with the grounding head, `--time-steps 8` measures 2.29 s per step on 2 threads, and the run's first 700
+steps averaged 2.9 s, validation included: the full 8,000 steps take about 6.5 h.)
 
 Resumable: the state (model, optimiser, step, elapsed time, validation history) goes to --work-dir every
 --save-every steps and when --max-minutes runs out; --resume continues from it bit for bit in data order. The
