@@ -93,7 +93,8 @@ AUX_CLASSES = tuple(1 + len(g) for g in AUX_GROUPS)
 
 def scenes_config(ids, vocab_size, args):
     """config.json in the hub's qwen3_vl_moe dialect: every decoder layer MoE; vision positions for the image
-    size's patch grid; DeepStack from three vision blocks spread over the tower (Qwen3-VL-30B: 8, 16, 24 of 27)."""
+    size's patch grid; DeepStack from three vision blocks spread over the tower (Qwen3-VL-30B: 8, 16, 24 of 27),
+    fewer in a decoder of fewer layers (each feature joins after its own decoder layer)."""
     H, side = args.hidden, args.image_size // args.patch_size
     d = args.vision_depth
     return {
@@ -115,7 +116,8 @@ def scenes_config(ids, vocab_size, args):
             "intermediate_size": 2 * args.vision_width, "hidden_act": "gelu_pytorch_tanh", "in_channels": 3,
             "patch_size": args.patch_size, "temporal_patch_size": 2, "spatial_merge_size": 2,
             "out_hidden_size": H, "num_position_embeddings": side * side,
-            "deepstack_visual_indexes": sorted({d // 4, d // 2, 3 * d // 4}), "initializer_range": 0.02},
+            "deepstack_visual_indexes": sorted({d // 4, d // 2, 3 * d // 4})[:args.layers],
+            "initializer_range": 0.02},
         "dtype": "bfloat16",
     }
 

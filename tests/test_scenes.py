@@ -370,3 +370,16 @@ def test_grounding_split_forward_is_the_models_forward(tmp_path):
     with torch.no_grad():
         _, _, name, _, _ = train_scenes.forward_losses(net, *heads, 1, data.batch(counting))
     assert name == 0, "a batch that names no object has no grounding loss, not nan"
+
+
+def test_docstring_smoke_example_trains(tmp_path):
+    """The docstring's small example (2 decoder layers under the default 6-block vision tower, whose three DeepStack
+    features need three layers) runs as written: DeepStack takes as many features as there are layers."""
+    from support import train_scenes
+    text = train_scenes.__doc__.replace("\\\n", " ")
+    line = next(ln for ln in text.splitlines() if "train_scenes.py --steps 3" in ln)
+    argv = line.split("train_scenes.py", 1)[1].split("#")[0].replace("/tmp/scenes-smoke", str(tmp_path)).split()
+    assert "--layers" in argv and "--vision-depth" not in argv
+    train_scenes.main(train_scenes.parse_args(argv))
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert len(config["vision_config"]["deepstack_visual_indexes"]) == config["text_config"]["num_hidden_layers"] == 2
