@@ -249,15 +249,21 @@ def test_aux_labels_name_each_objects_attributes_and_place():
     (["--split", "test"], "give --out DIR (or --show SEED)"),
 ])
 def test_export_command_refuses_bad_input_in_one_line(tmp_path, argv, message):
-    import subprocess
-    import sys
     (tmp_path / "f").write_text("x")
     argv = [a.format(out=tmp_path / "out", file=tmp_path / "f") for a in argv]
+    assert_refused_in_one_line("scenes.py", argv, message)
+    assert not (tmp_path / "out").exists()
+
+
+def assert_refused_in_one_line(script, argv, message):
+    """support/<script> run with argv ends with exit status 2 and one `error:` line holding message."""
+    import subprocess
+    import sys
     r = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                                     "support", "scenes.py"), *argv],
+                                                     "support", script), *argv],
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and r.stderr.startswith("error: ") and message in r.stderr
-    assert len(r.stderr.splitlines()) == 1 and not (tmp_path / "out").exists()
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1, r.stderr
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -275,16 +281,11 @@ def test_export_command_refuses_bad_input_in_one_line(tmp_path, argv, message):
     (["--eval-only", "--model", "{work}/nothing"], "is not a checkpoint folder"),
 ])
 def test_train_command_refuses_bad_input_in_one_line(tmp_path, argv, message):
-    import subprocess
-    import sys
     (tmp_path / "f").write_text("x")
     argv = [a.format(file=tmp_path / "f", work=tmp_path / "work") for a in argv]
     defaults = ["--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "out")]
-    r = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                                     "support", "train_scenes.py"), *defaults, *argv],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
-    assert len(r.stderr.splitlines()) == 1 and not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
+    assert_refused_in_one_line("train_scenes.py", defaults + argv, message)
+    assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
 
 
 def test_training_conversation_is_the_chat_template(tmp_path):
