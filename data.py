@@ -34,6 +34,23 @@ class Sample:
     images: list
     video: str = None
     where: str = ""  # "file:line" or "synthetic 3", for messages and the data hash
+    key: str = None  # the answer's key word, if only it is scored (evaluate.py: answer_is_right)
+
+
+def normalised_words(text):
+    """The words of an answer as they are compared: lower case, punctuation dropped."""
+    return "".join(c for c in text.lower() if c.isalnum() or c.isspace()).split()
+
+
+def answer_is_right(generated, sample):
+    """Exact match, case and punctuation ignored: of the whole answer, or where the sample has a key word, of that
+    word in its place, i.e. the generated answer ends with the key and the words the reference has after it, whatever
+    comes before ("..., so the sum is 12." is right with a wrong digit listed: the key word is what is scored)."""
+    got, ref = normalised_words(generated), normalised_words(sample.answer)
+    if sample.key is None:
+        return got == ref
+    tail = ref[len(ref) - 1 - ref[::-1].index(normalised_words(sample.key)[0]):]  # from the key's last occurrence
+    return got[len(got) - len(tail):] == tail if len(got) >= len(tail) else False
 
 
 def check_image(path, where):
@@ -62,8 +79,9 @@ def check_video(path, where):
 
 
 def read_jsonl(path):
-    """Samples of a JSONL file: {"image": path or [paths], "video": path, "question": str, "answer": str} per line,
-    paths relative to the file. Blank lines are skipped; any other problem names its line."""
+    """Samples of a JSONL file: {"image": path or [paths], "video": path, "question": str, "answer": str, "key": str}
+    per line (image, video and key optional), paths relative to the file; key is one word of the answer, the word
+    that is scored. Blank lines are skipped; any other problem names its line."""
     if os.path.isdir(path):
         raise IsADirectoryError(f"data file {path}: is a folder, expected a JSONL file")
     if not os.path.isfile(path):
@@ -87,6 +105,10 @@ def read_jsonl(path):
             for key in ("question", "answer"):
                 check(isinstance(row.get(key), str) and row[key].strip(),
                       f"{where}: '{key}' must be a non-empty string")
+            key = row.get("key")
+            check(key is None or isinstance(key, str) and len(normalised_words(key)) == 1 and
+                  normalised_words(key)[0] in normalised_words(row["answer"]),
+                  f"{where}: 'key' must be one word of the answer, got {key!r}")
             images = row.get("image") or []
             images = [images] if isinstance(images, str) else images
             check(isinstance(images, list) and all(isinstance(p, str) for p in images),
@@ -99,7 +121,7 @@ def read_jsonl(path):
             if video is not None:
                 video = os.path.join(folder, video)
                 check_video(video, where)
-            samples.append(Sample(row["question"], row["answer"], images, video, where))
+            samples.append(Sample(row["question"], row["answer"], images, video, where, key))
     check(samples, f"{path}: no samples")
     return samples
 

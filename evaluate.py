@@ -11,8 +11,9 @@ each policy is scored on the evaluation set (--data, else built-in synthetic sam
                (router.SkipStats)
     KL         mean KL(P_unskipped || P_policy) over the teacher-forced answer tokens (search.Evaluator)
     top-1      share of those answer tokens whose argmax agrees with the unskipped model
-    accuracy   share of greedy answers equal to the reference, case and punctuation ignored (--no-accuracy: skipped,
-               it is one generation per sample and policy); retention = accuracy / unskipped accuracy, in %
+    accuracy   share of greedy answers equal to the reference, case and punctuation ignored, or where a sample has
+               a key word (the scenes task; a JSONL "key"), ending with it as the reference does (--no-accuracy:
+               skipped, it is one generation per sample and policy); retention = accuracy / unskipped accuracy, in %
 
 Each of KL, top-1, accuracy and retention comes with a 95% bootstrap interval over the evaluation questions
 (`ci95`; the same resamples for every policy, so retention is resampled paired with the unskipped accuracy).
@@ -50,7 +51,7 @@ import processor
 import router
 import search
 from calibrate import calibrate
-from data import BUILT_IN, make_batch, read_samples, same_data, select, synthetic_samples
+from data import BUILT_IN, answer_is_right, make_batch, read_samples, same_data, select, synthetic_samples
 from generate import generate, until_stop
 from model import EXPERT_IMPLS, build, load, read_config, set_expert_impl
 from parallel import Shard
@@ -61,14 +62,10 @@ from support import plot, tiny
 # Exact-match accuracy
 
 
-def normalise_answer(text):
-    return " ".join("".join(c for c in text.lower() if c.isalnum() or c.isspace()).split())
-
-
 def exact_match(model, proc, samples, policy, device, batch_size=64, on_batch=None):
-    """Per sample, whether its greedy answer equals the reference answer (case and punctuation ignored), generated
-    in left-padded batches (generate.py's generate: every row as alone). The policy stays installed: every later
-    pass installs its own. on_batch(n) is called after each batch of n samples."""
+    """Per sample, whether its greedy answer is right (data.py's answer_is_right: the whole answer, or its key word),
+    generated in left-padded batches (generate.py's generate: every row as alone). The policy stays installed: every
+    later pass installs its own. on_batch(n) is called after each batch of n samples."""
     router.install(model, policy)
     hits = []
     for start in range(0, len(samples), batch_size):
@@ -77,8 +74,7 @@ def exact_match(model, proc, samples, policy, device, batch_size=64, on_batch=No
         tokens = generate(model, batch.input_ids, batch.attention_mask, stop_ids=proc.stop_token_ids,
                           max_new_tokens=max(len(proc.encode(s.answer)) for s in chunk) + 4, **batch.pixels)
         for s, row in zip(chunk, tokens):
-            hits.append(normalise_answer(proc.decode(until_stop(row, proc.stop_token_ids))) ==
-                        normalise_answer(s.answer))
+            hits.append(answer_is_right(proc.decode(until_stop(row, proc.stop_token_ids)), s))
         if on_batch is not None:
             on_batch(len(chunk))
     return hits

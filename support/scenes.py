@@ -3,9 +3,10 @@
 A scene is a 144 x 144 picture of 2 to 6 objects on a 3 x 3 grid of 48 px slots: coloured shapes (circle, square,
 triangle, drawn like easy-VQA's) and coloured handwritten digits (the 1,797 8 x 8 scans of the UCI digits set that
 scikit-learn's wheel bundles), each small or large, placed with jitter inside its slot. The questions need the image
-and a step of reasoning. Every answer is a short sentence with one key word; where the key word needs two facts
-about the image (relations, arithmetic), the sentence states them first, each right after the name of its object,
-and the key word comes last:
+and a step of reasoning. Every answer is a short sentence with one key word, the word that is scored (a generated
+answer is right when it ends with the key word and the reference's words after it: data.py's answer_is_right);
+where the key word needs two facts about the image (relations, arithmetic), the sentence states them first, each
+right after the name of its object, and the key word comes last:
 
 type | question | answer (key word in capitals here)
 ---|---|---
@@ -292,14 +293,14 @@ def split_questions(split, n_scenes=None):
 
 def samples(split, n_scenes=None):
     """data.py Samples of a split's first n_scenes scenes (default SAMPLE_SCENES[split]: all of test and val, the
-    first 2,000 train scenes, 124 MB of images), one per question, with the rendered scene as a PIL image (one
-    image object per scene); `where` names the scene and question type."""
+    first 2,000 train scenes, 124 MB of images), one per question with its key word, with the rendered scene as a PIL
+    image (one image object per scene); `where` names the scene and question type."""
     from data import Sample
     out, image, seed = [], None, None
     for d, q in split_questions(split, SAMPLE_SCENES[split] if n_scenes is None else n_scenes):
         if d["seed"] != seed:
             image, seed = render(d)[0], d["seed"]
-        out.append(Sample(q["question"], q["answer"], [image], None, f"scenes {split} {seed} {q['type']}"))
+        out.append(Sample(q["question"], q["answer"], [image], None, f"scenes {split} {seed} {q['type']}", q["key"]))
     return out
 
 

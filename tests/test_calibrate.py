@@ -211,10 +211,11 @@ def test_jsonl_reader(tmp_path):
     Image.new("RGB", (40, 30), (10, 200, 30)).save(tmp_path / "img" / "a.png")
     lines = ['{"image": "img/a.png", "question": "What colour?", "answer": "Green."}', "",
              '{"image": ["img/a.png", "img/a.png"], "question": "Same?", "answer": "Yes."}',
-             '{"question": "No image?", "answer": "Right."}']
+             '{"question": "No image?", "answer": "Right."}',
+             '{"question": "How many?", "answer": "There are Two.", "key": "two"}']
     (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
     samples = read_jsonl(str(tmp_path / "d.jsonl"))
-    assert [len(s.images) for s in samples] == [1, 2, 0]
+    assert [len(s.images) for s in samples] == [1, 2, 0, 0] and [s.key for s in samples] == [None] * 3 + ["two"]
     assert samples[0].images[0] == str(tmp_path / "img" / "a.png") and samples[1].where.endswith(":3")
 
 
@@ -234,6 +235,9 @@ def test_jsonl_reader(tmp_path):
      r"image"),
     ('{"video": "missing.gif", "question": "q", "answer": "a"}', ValueError, r"d\.jsonl:2: file not found: "),
     (b'{"question": "\xff", "answer": "a"}', ValueError, r"d\.jsonl:2: not UTF-8 text"),
+    ('{"question": "q", "answer": "a b", "key": "c"}', ValueError, r"d\.jsonl:2: 'key' must be one word of the answer"),
+    ('{"question": "q", "answer": "a b", "key": "a b"}', ValueError, r"d\.jsonl:2: 'key' must be one word of the"),
+    ('{"question": "q", "answer": "a b", "key": 1}', ValueError, r"d\.jsonl:2: 'key' must be one word of the answer"),
 ])
 def test_jsonl_errors_name_the_line(tmp_path, line, error, message):
     from PIL import Image

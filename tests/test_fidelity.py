@@ -11,6 +11,7 @@ import torch
 import baselines
 import cli
 import evaluate
+from data import Sample, answer_is_right
 from model import read_config
 from support import tiny
 
@@ -102,13 +103,13 @@ def test_exact_match_is_the_same_at_any_batch_size(monkeypatch):
     samples = read_samples("easy-vqa-test")[:7]
     policy = router.MoDES(0.02, 0.5, torch.rand(len(model.layers), 2, generator=torch.Generator().manual_seed(0)))
     seen = []
-    normalise = evaluate.normalise_answer
-    monkeypatch.setattr(evaluate, "normalise_answer", lambda text: seen.append(text) or normalise(text))
+    is_right = evaluate.answer_is_right
+    monkeypatch.setattr(evaluate, "answer_is_right", lambda text, sample: seen.append(text) or is_right(text, sample))
     runs = []
     for b in (1, 3, 7):
         seen.clear()
-        runs.append((evaluate.exact_match(model, proc, samples, policy, "cpu", batch_size=b), seen[0::2]))
-    assert runs[0] == runs[1] == runs[2] and sum(runs[0][0]) > len(samples) / 2  # generated answers, then references
+        runs.append((evaluate.exact_match(model, proc, samples, policy, "cpu", batch_size=b), list(seen)))
+    assert runs[0] == runs[1] == runs[2] and sum(runs[0][0]) > len(samples) / 2  # hits and generated answers
 
 
 def test_bootstrap_intervals_are_paired_and_the_binomial_width():
@@ -147,10 +148,21 @@ def test_linear_cka_hand_example():
     assert gamma.shape == (1, 4, 4)
 
 
-def test_exact_match_ignores_case_punctuation_and_spacing():
-    assert evaluate.normalise_answer("  The shape is RED. ") == "the shape is red"
-    assert evaluate.normalise_answer("a,b  c!") == evaluate.normalise_answer("ab c")
-    assert evaluate.normalise_answer("red") != evaluate.normalise_answer("reds")
+def test_answer_is_right_whole_answer_or_key_word_in_its_place():
+    plain = Sample("q", "The shape is RED.", [])
+    assert answer_is_right("  the shape is red ", plain) and answer_is_right("The shape, is red!", plain)
+    assert not answer_is_right("red", plain) and not answer_is_right("The shape is reds.", plain)
+    total = Sample("q", "The digits are 3, 5 and 4, so the sum is 12.", [], key="12")
+    assert answer_is_right("The digits are 3, 6 and 3, so the sum is 12.", total)  # the key scored, not the reasoning
+    assert answer_is_right("so the sum is 12", total) and answer_is_right("12.", total)
+    assert not answer_is_right("The digits are 3, 5 and 4, so the sum is 11.", total)
+    assert not answer_is_right("The sum is 12, the digits are 3, 5 and 4.", total) and not answer_is_right("", total)
+    count = Sample("q", "There are two red objects.", [], key="two")
+    assert answer_is_right("There are TWO red objects", count) and not answer_is_right("There are three red objects",
+                                                                                        count)
+    assert not answer_is_right("There are two blue objects.", count)  # the words after the key are the reference's
+    twice = Sample("q", "one two one three", [], key="One")  # the key's last occurrence is its place
+    assert answer_is_right("x one three", twice) and not answer_is_right("one two one four", twice)
 
 
 def test_generate_with_thresholds_reports_skip_ratio(thresholds):

@@ -164,7 +164,8 @@ def test_samples_and_jsonl_read_back(tmp_path):
     read = read_jsonl(str(tmp_path / "questions.jsonl"))
     direct = scenes.samples("val", 3)
     assert n == len(read) == len(direct) >= 3
-    assert [(s.question, s.answer) for s in read] == [(s.question, s.answer) for s in direct]
+    assert [(s.question, s.answer, s.key) for s in read] == [(s.question, s.answer, s.key) for s in direct]
+    assert all(s.key for s in direct)  # scored by the key word, read back from the JSONL too
     row = json.loads((tmp_path / "questions.jsonl").read_text().splitlines()[0])
     assert {"image", "question", "answer", "type", "key", "scene"} <= set(row)
 
@@ -384,3 +385,9 @@ def test_docstring_smoke_example_trains(tmp_path):
     train_scenes.main(train_scenes.parse_args(argv))
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert len(config["vision_config"]["deepstack_visual_indexes"]) == config["text_config"]["num_hidden_layers"] == 2
+    test = json.loads((tmp_path / "ckpt" / "training.json").read_text())["test"]
+    assert test["questions"] == len(scenes.split_questions("test", 2))
+    assert 0 <= test["sentence_accuracy"] <= test["accuracy"] <= 1  # a right sentence has its key word right
+    assert set(test["per_type"]) == set(test["sentence_per_type"])
+    readme = (tmp_path / "ckpt" / "README.md").read_text()
+    assert "the key word in its place" in readme and "the whole sentence" in readme
