@@ -50,7 +50,7 @@ def answer_is_right(generated, sample):
     if sample.key is None:
         return got == ref
     tail = ref[len(ref) - 1 - ref[::-1].index(normalised_words(sample.key)[0]):]  # from the key's last occurrence
-    return got[len(got) - len(tail):] == tail if len(got) >= len(tail) else False
+    return len(got) >= len(tail) and got[len(got) - len(tail):] == tail
 
 
 def check_image(path, where):
