@@ -40,7 +40,9 @@ since then, with the grounding head, `--time-steps 8` measures 2.29 s per step o
 steps averaged 2.9 s, validation included: the full 8,000 steps take about 6.5 h.)
 
 Resumable: the state (model, optimiser, step, elapsed time, validation history) goes to --work-dir every
---save-every steps and when --max-minutes runs out; --resume continues from it bit for bit in data order. The
+--save-every steps and when --max-minutes runs out; --resume continues from it bit for bit in data order. Only
+--steps may change on resume: the cosine is then recomputed over the new total from the resumed step on (the
+learning rate jumps to the new schedule's value there), and the README records each schedule. The
 checkpoint folder is staged in the work dir and moved to --out by one rename only when the last step is done, with
 a README recording the command, seed, steps, wall time and machine.
 
@@ -384,22 +386,30 @@ def train(args):
                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95))
 
-    step, elapsed_before, history, chunks = 0, 0.0, [], []
+    step, elapsed_before, history, chunks, schedule = 0, 0.0, [], [], [[0, args.steps]]
     if args.resume and os.path.isfile(state_path):
         st = torch.load(state_path, weights_only=False)
         cli.check(st.get("tokenizer") == tokenizer_sha, f"{state_path}: made for other questions or answers (its "
                   f"tokenizer differs); delete it or drop --resume")
-        if st["settings"] != settings(args) or st["raw_config"] != raw:
-            diff = {k: (v, settings(args).get(k)) for k, v in st["settings"].items() if settings(args).get(k) != v}
+        diff = {k: (v, settings(args).get(k)) for k, v in st["settings"].items()
+                if settings(args).get(k) != v and k != "steps"}  # the schedule's length may change, below
+        if diff or st["raw_config"] != raw:
             raise ValueError(f"{state_path}: made with other settings {diff or '(config)'}; delete it or drop "
                              f"--resume")
+        cli.check(args.steps >= st["step"], f"--steps {args.steps}: {state_path} is already at step {st['step']}")
         net.load_state_dict(st["model"])
         aux_head.load_state_dict(st["aux_head"])
         name_head.load_state_dict(st["name_head"])
         opt.load_state_dict(st["opt"])
         step, elapsed_before, history, chunks = st["step"], st["elapsed_s"], st["history"], st["chunks"]
+        schedule = st.get("schedule", [[0, st["settings"]["steps"]]])
         torch.set_rng_state(st["torch_rng"])
         print(f"resumed from {state_path} at step {step} ({fmt_s(elapsed_before)} trained so far)", file=sys.stderr)
+        if args.steps != schedule[-1][1]:  # the cosine is recomputed over the new total from here on
+            before = lr_at(step, argparse.Namespace(**{**vars(args), "steps": schedule[-1][1]}))
+            schedule.append([step, args.steps])
+            print(f"--steps {schedule[-2][1]} -> {args.steps}: the learning rate at step {step} goes from "
+                  f"{before:.3g} to {lr_at(step, args):.3g}", file=sys.stderr)
     chunks.append(dict(start_step=step, command=" ".join(["python"] + sys.argv), machine=machine(),
                        started=now_iso()))
 
@@ -411,7 +421,7 @@ def train(args):
                         opt=opt.state_dict(), step=step,
                         elapsed_s=elapsed_before + time.perf_counter() - t_loop, torch_rng=torch.get_rng_state(),
                         settings=settings(args), raw_config=raw, tokenizer=tokenizer_sha, history=history,
-                        chunks=chunks), tmp)
+                        chunks=chunks, schedule=schedule), tmp)
         os.replace(tmp, state_path)
 
     def order(epoch):  # the data order is a function of (seed, epoch), so a resumed run sees the same batches
@@ -459,10 +469,10 @@ def train(args):
                 return
     train_s = elapsed_before + time.perf_counter() - t_loop
     save_state()  # the finished state, so the folder can be rebuilt from it
-    finish(net, raw, args, stage, data, history, chunks, train_s, n_params, share_all)
+    finish(net, raw, args, stage, data, history, chunks, schedule, train_s, n_params, share_all)
 
 
-def finish(net, raw, args, stage, data, history, chunks, train_s, n_params, special_share):
+def finish(net, raw, args, stage, data, history, chunks, schedule, train_s, n_params, special_share):
     """Expert loads, the bf16 folder with its reload check and README, the test accuracy; then the folder is moved
     to --out by one rename."""
     net.eval()
@@ -478,7 +488,8 @@ def finish(net, raw, args, stage, data, history, chunks, train_s, n_params, spec
         result["model"] = os.path.basename(os.path.abspath(args.out))
     summary = dict(steps=args.steps, batch_size=args.batch_size, seed=args.seed, train_s=round(train_s, 1),
                    parameters=n_params, safetensors_bytes=os.path.getsize(os.path.join(stage, "model.safetensors")),
-                   special_share=round(special_share, 4), history=history, chunks=chunks, test=result,
+                   special_share=round(special_share, 4), history=history, chunks=chunks, schedule=schedule,
+                   test=result,
                    expert_load_max_x_E=[round(float(x.max() * E), 2) for x in loads],
                    expert_load_min_x_E=[round(float(x.min() * E), 2) for x in loads])
     cli.write_json(os.path.join(stage, "training.json"), summary)
@@ -509,6 +520,9 @@ def readme(s, raw, name):
         f"- seed {s['seed']}, {s['steps']} steps of {s['batch_size']} scenes (a conversation of their questions each), "
         f"training wall time "
         f"{fmt_s(s['train_s'])} ({s['train_s']:.0f} s) in {len(s['chunks'])} chunk(s)",
+        "- learning rate: warm-up, then a cosine to a tenth over the steps --steps gave "
+        + ", then ".join(f"from step {start:,}: {total:,}" for start, total in s["schedule"])
+        + (" (changed on resume: the cosine recomputed over the new total)" if len(s["schedule"]) > 1 else ""),
         "",
         "## Commands and machines, chunk by chunk",
         "",

@@ -4,11 +4,13 @@ import hashlib
 import json
 import os
 import re
+import types
 from collections import Counter
 
 import pytest
 
 pytest.importorskip("sklearn")  # the handwritten digits ship inside scikit-learn's wheel
+import torch  # noqa: E402
 
 from support import scenes  # noqa: E402
 
@@ -192,6 +194,31 @@ def test_train_scenes_resumes_bit_for_bit(tmp_path):
         train_scenes.main(train_scenes.parse_args(args + ["--resume"]))
 
 
+def test_train_scenes_steps_may_change_on_resume(tmp_path, capsys):
+    """--steps is the one setting a resume may change: from the resumed step on the optimiser gets the cosine over
+    the new total, a total below the state's step is refused, and the README records both schedules."""
+    from support import train_scenes
+    from support.train_vqa import lr_at
+
+    def run(steps, *more):
+        train_scenes.main(train_scenes.parse_args([
+            "--steps", str(steps), "--batch-size", "2", "--layers", "1", "--experts", "4", "--top-k", "2", "--hidden",
+            "64", "--vision-depth", "1", "--vision-width", "32", "--train-scenes", "4", "--val-scenes", "0",
+            "--eval-scenes", "0", "--vocab", "300", "--warmup", "1", "--work-dir", str(tmp_path), "--out",
+            str(tmp_path / "ckpt"), "--max-minutes", "0", *more]))  # one step per call
+    run(6)
+    run(6, "--resume")
+    with pytest.raises(ValueError, match=r"--steps 1: .*train_state\.pt is already at step 2"):
+        run(1, "--resume")
+    capsys.readouterr()
+    run(3, "--resume")  # step 3 of 3: done
+    old, new = (lr_at(2, types.SimpleNamespace(lr=2e-3, warmup=1, steps=n)) for n in (6, 3))
+    assert f"--steps 6 -> 3: the learning rate at step 2 goes from {old:.3g} to {new:.3g}" in capsys.readouterr().err
+    state = torch.load(tmp_path / "train_state.pt", weights_only=False)
+    assert state["opt"]["param_groups"][0]["lr"] == new != old and state["schedule"] == [[0, 6], [2, 3]]
+    assert "from step 0: 6, then from step 2: 3 (changed on resume" in (tmp_path / "ckpt" / "README.md").read_text()
+
+
 def test_train_scenes_refuses_to_resume_on_other_text(tmp_path, monkeypatch):
     """Changed questions or answers retrain the tokenizer under the same settings: the state is refused, not
     continued with its token ids meaning other words."""
@@ -344,8 +371,6 @@ def test_grounding_split_forward_is_the_models_forward(tmp_path):
     """Training reads the grounding head between two halves of the layer loop (here after layer 0 of 3, with
     DeepStack features joining after layers 0, 1 and 2, so on both sides); the loss it trains is the plain
     forward's, so the checkpoint is the function that was trained."""
-    import torch
-
     import qwen3_vl_moe
     from model import read_config
     from processor import QwenProcessor
