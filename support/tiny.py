@@ -28,7 +28,7 @@ from cli import write_atomic
 from kimi_tokenizer import KIMI_PAT_STR, cache_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
-SHIPPED = {"tiny-vqa": os.path.join(ROOT, "checkpoints", "tiny-vqa")}
+SHIPPED = {name: os.path.join(ROOT, "checkpoints", name) for name in ("tiny-vqa", "scenes-12x64")}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -311,10 +311,12 @@ def test_bench_error_rows_are_named_not_drawn(tmp_path):
 # --table: the README's fidelity tables are the command's output
 
 
-def readme_table(heading_line):
-    """The markdown table rows after the README line that starts with heading_line."""
+def readme_table(section, heading_line):
+    """The markdown table rows from the first README line that starts with heading_line in the section headed
+    section."""
     lines = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(heading_line))
+    first = lines.index(section)
+    start = next(i for i, line in enumerate(lines) if i > first and line.startswith(heading_line))
     rows = []
     for line in lines[start:]:
         if not line.startswith("|"):
@@ -329,10 +331,24 @@ def test_readme_tiny_vqa_table_is_the_committed_files(capsys):
     files = [os.path.join(ROOT, "benchmarks", "tiny-vqa", f"fidelity-{t}.json") for t in ("0.50", "0.75", "0.80")]
     assert plot.cli([*files, "--table"]) == 0
     printed = capsys.readouterr().out.splitlines()
-    assert printed == readme_table("| target | policy | skip: all (text / vision)")
+    assert printed == readme_table("## MoDES on the trained tiny model", "| target | policy | skip: all")
     assert len(printed) == 2 + 1 + 3 * 8
     assert printed[2].startswith("| – | no skipping | 0.000 (0.000 / 0.000) | 0.000 | 0 (0–0) | 1.000 "
                                  "(1.000–1.000)")
+
+
+def test_readme_scenes_table_is_the_committed_files(capsys):
+    """README's deep-model table is benchmarks/scenes-12x64/fidelity-*.json as printed, each file scored on at least
+    2,000 held-out questions with every policy in it."""
+    import baselines
+    files = [os.path.join(ROOT, "benchmarks", "scenes-12x64", f"fidelity-{t}.json") for t in ("0.50", "0.75", "0.88")]
+    for f in files:
+        doc = load(f)
+        assert doc["eval_n"] >= 2000 and doc["eval_data"] == "scenes-test", f
+        assert {row["policy"] for row in doc["fidelity"]} == {"full", "modes", *baselines.BASELINES}, f
+    assert plot.cli([*files, "--table"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == readme_table("## MoDES on a deep model: scenes-12x64", "| target | policy | skip: all")
 
 
 def test_table_formats_missing_numbers_and_refuses_other_files(tmp_path, capsys):

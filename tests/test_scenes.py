@@ -14,6 +14,9 @@ import torch  # noqa: E402
 
 from support import scenes  # noqa: E402
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEEP = os.path.join(ROOT, "checkpoints", "scenes-12x64")  # the shipped deep demo model
+
 
 def test_same_seed_same_bytes(tmp_path):
     assert scenes.scene(123) == scenes.scene(123) != scenes.scene(124)
@@ -219,6 +222,22 @@ def test_train_scenes_steps_may_change_on_resume(tmp_path, capsys):
     assert "from step 0: 6, then from step 2: 3 (changed on resume" in (tmp_path / "ckpt" / "README.md").read_text()
 
 
+def test_train_scenes_stop_after_a_step(tmp_path, capsys):
+    """--stop-after ends a chunk at a given step (the shipped checkpoint changed its schedule at one), and must lie
+    between the step a run starts at and --steps."""
+    from support import train_scenes
+    args = ["--batch-size", "2", "--layers", "1", "--experts", "4", "--top-k", "2", "--hidden", "64", "--vision-depth",
+            "1", "--vision-width", "32", "--train-scenes", "4", "--val-scenes", "0", "--eval-scenes", "0", "--vocab",
+            "300", "--warmup", "1", "--work-dir", str(tmp_path), "--out", str(tmp_path / "ckpt")]
+    train_scenes.main(train_scenes.parse_args(args + ["--steps", "6", "--stop-after", "2"]))
+    assert "stopped as asked at step 2/6" in capsys.readouterr().err
+    assert torch.load(tmp_path / "train_state.pt", weights_only=False)["step"] == 2
+    with pytest.raises(ValueError, match=r"--stop-after 2: must lie after the step the run starts at \(2\)"):
+        train_scenes.main(train_scenes.parse_args(args + ["--steps", "6", "--stop-after", "2", "--resume"]))
+    train_scenes.main(train_scenes.parse_args(args + ["--steps", "3", "--resume"]))
+    assert json.loads((tmp_path / "ckpt" / "training.json").read_text())["schedule"] == [[0, 6], [2, 3]]
+
+
 def test_train_scenes_refuses_to_resume_on_other_text(tmp_path, monkeypatch):
     """Changed questions or answers retrain the tokenizer under the same settings: the state is refused, not
     continued with its token ids meaning other words."""
@@ -416,3 +435,58 @@ def test_docstring_smoke_example_trains(tmp_path):
     assert set(test["per_type"]) == set(test["sentence_per_type"])
     readme = (tmp_path / "ckpt" / "README.md").read_text()
     assert "the key word in its place" in readme and "the whole sentence" in readme
+
+
+def test_shipped_deep_checkpoint_is_in_the_real_regime():
+    """What issue 24 asks of the deep demo model: >= 12 MoE layers of >= 64 experts, top-8, <= 30 MB, special tokens
+    <= ~6 % of the routed slots, >= 90 % unskipped exact-match accuracy on >= 2,000 held-out test questions."""
+    from model import read_config
+    cfg = read_config(DEEP)
+    assert os.path.getsize(os.path.join(DEEP, "model.safetensors")) <= 30 * 2**20
+    assert cfg.num_hidden_layers >= 12 and all(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    assert cfg.num_experts >= 64 and cfg.num_experts_per_tok == 8
+    summary = json.loads(open(os.path.join(DEEP, "training.json")).read())
+    assert summary["special_share"] <= 0.06
+    assert summary["test"]["questions"] >= 2000 and summary["test"]["accuracy"] >= 0.90
+
+
+def test_shipped_deep_checkpoint_is_a_transformers_checkpoint():
+    """transformers reads the folder as it is and computes the same logits on a held-out test scene."""
+    transformers = pytest.importorskip("transformers")
+    from model import load
+    from processor import QwenProcessor
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        hf = transformers.Qwen3VLMoeForConditionalGeneration.from_pretrained(DEEP, dtype=torch.float32).eval()
+        ours = load(DEEP, dtype=torch.float32)
+        d, q = scenes.split_questions("test", 1)[0]
+        b = QwenProcessor.from_dir(DEEP).from_cli(q["question"], images=[scenes.render(d)[0]])
+        with torch.no_grad():
+            want = hf(input_ids=b["input_ids"][None], pixel_values=b["pixel_values"],
+                      image_grid_thw=b["image_grid_thw"], mm_token_type_ids=b["mm_token_type_ids"][None]).logits
+            got = ours(b["input_ids"][None], pixel_values=b["pixel_values"], image_grid_thw=b["image_grid_thw"])
+    finally:
+        torch.set_num_threads(n)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_shipped_deep_checkpoint_answers_from_the_command_line(tmp_path):
+    """`generate.py --model scenes-12x64` answers the questions of a held-out test scene, exported as the README
+    shows, right by their key word: at least all but one (its test accuracy is in its README)."""
+    import subprocess
+    import sys
+    from data import Sample, answer_is_right
+    scenes.export("test", str(tmp_path), n_scenes=1)
+    rows = [json.loads(line) for line in (tmp_path / "questions.jsonl").read_text().splitlines()]
+    argv = [sys.executable, "generate.py", "--model", "scenes-12x64", "--image", str(tmp_path / rows[0]["image"]),
+            "--max-new-tokens", "48", "--threads", "1"]
+    for row in rows:
+        argv += ["--prompt", row["question"]]
+    r = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "random weights" not in r.stderr, r.stderr
+    answers = r.stdout.strip().splitlines()
+    assert len(answers) == len(rows) >= 4, r.stdout
+    right = [answer_is_right(a, Sample(row["question"], row["answer"], [], key=row["key"]))
+             for a, row in zip(answers, rows)]
+    assert sum(right) >= len(rows) - 1, list(zip(answers, (row["answer"] for row in rows)))
