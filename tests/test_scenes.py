@@ -4,6 +4,8 @@ import hashlib
 import json
 import os
 import re
+import subprocess
+import sys
 import types
 from collections import Counter
 
@@ -304,11 +306,8 @@ def test_export_command_refuses_bad_input_in_one_line(tmp_path, argv, message):
 
 def assert_refused_in_one_line(script, argv, message):
     """support/<script> run with argv ends with exit status 2 and one `error:` line holding message."""
-    import subprocess
-    import sys
-    r = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                                     "support", script), *argv],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "support", script), *argv], capture_output=True, text=True,
+                       timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
     assert len(r.stderr.splitlines()) == 1, r.stderr
 
@@ -450,32 +449,25 @@ def test_shipped_deep_checkpoint_is_in_the_real_regime():
     assert summary["test"]["questions"] >= 2000 and summary["test"]["accuracy"] >= 0.90
 
 
-def test_shipped_deep_checkpoint_is_a_transformers_checkpoint():
+def test_shipped_deep_checkpoint_is_a_transformers_checkpoint(one_thread):
     """transformers reads the folder as it is and computes the same logits on a held-out test scene."""
     transformers = pytest.importorskip("transformers")
     from model import load
     from processor import QwenProcessor
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        hf = transformers.Qwen3VLMoeForConditionalGeneration.from_pretrained(DEEP, dtype=torch.float32).eval()
-        ours = load(DEEP, dtype=torch.float32)
-        d, q = scenes.split_questions("test", 1)[0]
-        b = QwenProcessor.from_dir(DEEP).from_cli(q["question"], images=[scenes.render(d)[0]])
-        with torch.no_grad():
-            want = hf(input_ids=b["input_ids"][None], pixel_values=b["pixel_values"],
-                      image_grid_thw=b["image_grid_thw"], mm_token_type_ids=b["mm_token_type_ids"][None]).logits
-            got = ours(b["input_ids"][None], pixel_values=b["pixel_values"], image_grid_thw=b["image_grid_thw"])
-    finally:
-        torch.set_num_threads(n)
+    hf = transformers.Qwen3VLMoeForConditionalGeneration.from_pretrained(DEEP, dtype=torch.float32).eval()
+    ours = load(DEEP, dtype=torch.float32)
+    d, q = scenes.split_questions("test", 1)[0]
+    b = QwenProcessor.from_dir(DEEP).from_cli(q["question"], images=[scenes.render(d)[0]])
+    with torch.no_grad():
+        want = hf(input_ids=b["input_ids"][None], pixel_values=b["pixel_values"], image_grid_thw=b["image_grid_thw"],
+                  mm_token_type_ids=b["mm_token_type_ids"][None]).logits
+        got = ours(b["input_ids"][None], pixel_values=b["pixel_values"], image_grid_thw=b["image_grid_thw"])
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_shipped_deep_checkpoint_answers_from_the_command_line(tmp_path):
     """`generate.py --model scenes-12x64` answers the questions of a held-out test scene, exported as the README
     shows, right by their key word: at least all but one (its test accuracy is in its README)."""
-    import subprocess
-    import sys
     from data import Sample, answer_is_right
     scenes.export("test", str(tmp_path), n_scenes=1)
     rows = [json.loads(line) for line in (tmp_path / "questions.jsonl").read_text().splitlines()]

@@ -25,15 +25,6 @@ CKPT = os.path.join(ROOT, "checkpoints", "tiny-vqa")
 QUESTIONS = [0, 1, 3, 4, 8, 11, 12, 19, 44, 54, 72, 102, 103, 147, 314]
 
 
-@pytest.fixture
-def one_thread():
-    """These ops are tiny: on a 2-core machine that is busy with something else, two threads stall for seconds."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def answer(model, proc, question, image):
     batch = proc.from_cli(question, images=[image])
     out = generate(model, batch["input_ids"][None], max_new_tokens=4, stop_ids=proc.stop_token_ids,
